@@ -1,0 +1,34 @@
+"""The ``MODEL.CLS_LOSS`` config namespace of ap_loss_d2 (yaml configs).
+
+LazyConfig ``.py`` configs pass the same values as constructor arguments of the models.
+"""
+from detectron2.config import CfgNode as CN
+
+# Valid values of MODEL.CLS_LOSS.NAME, per meta-architecture family.
+RETINANET_LOSSES = ("ap", "auc", "focal", "ce_ohem")
+ROI_HEAD_LOSSES = ("ap", "auc", "ce")
+STEPS = ("linear", "heaviside", "sigmoid")
+
+
+def add_ap_loss_config(cfg):
+    """Add ap_loss_d2's keys to a Detectron2 config (in place). Touches no Detectron2 key."""
+    cfg.MODEL.CLS_LOSS = CN()
+    # Classification loss: "ap" (AP-loss), "auc" (AUC-loss, Eq. 7), "focal" (RetinaNet's own,
+    # RetinaNet only), "ce_ohem" (softmax CE + 3:1 online hard negative mining, RetinaNet only),
+    # "ce" (softmax CE over K+1 classes, Faster R-CNN box head only).
+    cfg.MODEL.CLS_LOSS.NAME = "ap"
+    # Width delta of the piecewise step function (Eq. 21); also bounds the non-trivial negatives.
+    cfg.MODEL.CLS_LOSS.DELTA = 1.0
+    # Use interpolated AP (Sec. 3.4.3, Algorithm 1); AP-loss only.
+    cfg.MODEL.CLS_LOSS.INTERPOLATE = True
+    # Step function replacing Heaviside: "linear" (Eq. 21), "heaviside" (Eq. 4), "sigmoid" (Eq. 54).
+    cfg.MODEL.CLS_LOSS.STEP = "linear"
+    # Slope parameter k of the sigmoid step (Eq. 54), used when STEP == "sigmoid".
+    cfg.MODEL.CLS_LOSS.SIGMOID_K = 0.5
+    # Weight of the classification loss in the total loss.
+    cfg.MODEL.CLS_LOSS.WEIGHT = 1.0
+    # Negatives kept per positive by "ce_ohem" (the paper's CE+OHEM baseline uses 3:1).
+    cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO = 3.0
+    # Rank the scores of all processes' images together (exact, across GPUs and machines).
+    cfg.MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES = False
+    return cfg

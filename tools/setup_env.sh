@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Build (or re-check) the project's environment. Idempotent: a second run only verifies.
+#
+#   bash tools/setup_env.sh              # project-local .venv (default)
+#   VENV=/path/to/env bash tools/setup_env.sh
+#   AP_LOSS_D2_DETECTRON2=official|pypi bash tools/setup_env.sh   # force a Detectron2 path
+#
+# Detectron2 is resolved by tools/install_detectron2.py in this order:
+#   1. a Detectron2 already importable in the environment is kept as it is;
+#   2. the official source (git+https://github.com/facebookresearch/detectron2.git), if reachable;
+#   3. the PyPI fallback: the `pb1-detectron2==0.6` sdist (v0.6 Python sources) built with a
+#      placeholder `_C` and the pins in tools/d2_fallback/constraints.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+# torch/torchvision installed when the environment has none. CUDA users: install the torch
+# build matching their driver first (https://pytorch.org), it is then kept.
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+
+log() { echo "[setup] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+  log "installing $TORCH_SPEC"
+  # numpy<1.24 is what Detectron2 v0.6 (the offline fallback) needs; newer Detectron2 keeps working with it.
+  "${PIP[@]}" install $TORCH_SPEC "numpy<1.24"
+else
+  log "torch/torchvision present: $("$PY" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')"
+fi
+
+"$PY" tools/install_detectron2.py
+
+if ! "$PY" -c "import ap_loss_d2, pytest" >/dev/null 2>&1 \
+   || [ "$("$PY" -c 'import ap_loss_d2, os; print(os.path.dirname(os.path.dirname(ap_loss_d2.__file__)))')" != "$(pwd)" ]; then
+  log "installing ap_loss_d2 (editable) with test extras"
+  "${PIP[@]}" install --no-build-isolation -e ".[test]"
+else
+  log "ap_loss_d2 already installed from $(pwd)"
+fi
+"$PY" -m ap_loss_d2.env --short
