@@ -1,0 +1,4 @@
+"""Classification losses as pure functions of tensors (no Detectron2 needed)."""
+from .ranking import STEPS, ap_loss, auc_loss
+
+__all__ = ["ap_loss", "auc_loss", "STEPS"]
