@@ -313,8 +313,11 @@ def test_no_positives(kind):
     fn = ap_loss if kind == "ap" else auc_loss
     for t in ([0, 0, -1, 0], [-1, -1, -1, -1]):
         x = torch.tensor([0.3, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
-        loss = fn(x, torch.tensor(t))
+        stats = {}
+        loss = fn(x, torch.tensor(t), stats=stats)
         assert float(loss) == 0.0
+        # N_hat is defined relative to min_P s: with no positives it is empty
+        assert stats["num_pos"] == 0 and stats["num_neg_nontrivial"] == 0, stats
         assert loss.requires_grad, "zero loss must stay attached to the graph"
         loss.backward()
         assert x.grad is not None and not x.grad.any()
@@ -376,6 +379,100 @@ def test_positive_loop_matches_oracle():
     loss = loop(x, torch.zeros(10, dtype=torch.long))
     loss.backward()
     assert float(loss) == 0.0 and not x.grad.any()
+
+
+def _dense_reference(kind, s, t, delta=1.0, interpolate=True, step="linear", sigmoid_k=0.5):
+    """Vectorised |P| x |N^| float64 version of the oracle, for larger inputs (checked against
+    the oracle below)."""
+    s = torch.as_tensor(np.asarray(s), dtype=torch.float64).reshape(-1)
+    t = torch.as_tensor(np.asarray(t)).reshape(-1)
+    grad = torch.zeros_like(s)
+    pos_mask = t == 1
+    m = int(pos_mask.sum())
+    if m == 0:
+        return 0.0, grad.numpy()
+
+    def f(x):
+        if step == "linear":
+            return torch.clamp(x / (2 * delta) + 0.5, 0.0, 1.0)
+        if step == "heaviside":
+            return (x >= 0).to(x.dtype)
+        return torch.sigmoid(x / sigmoid_k)
+
+    p = s[pos_mask]
+    nhat_mask = (t == 0) & (s >= p.min() - delta)
+    F = f(s[nhat_mask][None, :] - p[:, None])  # |P| x |N^|
+    b = F.sum(1)
+    if kind == "ap":
+        order = torch.argsort(p, stable=True)
+        a = 1.0 + f(p[None, :] - p[:, None]).sum(1) - f(torch.zeros((), dtype=torch.float64))
+        denom = a + b
+        prec = a / denom
+        pi = torch.cummax(prec[order], 0).values if interpolate else prec[order]
+        prec_interp = torch.empty_like(prec)
+        prec_interp[order] = pi
+        scale = torch.where(prec < prec_interp, (1 - prec_interp) / (1 - prec),
+                            torch.ones_like(prec))
+        w = scale / denom
+    else:
+        n_all = int((t == 0).sum())
+        if n_all == 0:
+            return 0.0, grad.numpy()
+        w = torch.full_like(p, 1.0 / n_all)
+    rows = b * w
+    grad[pos_mask] = -rows / m
+    grad[nhat_mask] = (F * w[:, None]).sum(0) / m
+    return float(rows.sum() / m), grad.numpy()
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_dense_reference_matches_oracle(step):
+    for i, kind in enumerate(["normal", "ties"]):
+        s, t = _random_case(40 + i, (2, 30, 4), pos_frac=0.1, kind=kind)
+        for interpolate in (True, False):
+            exp = ap_oracle(s, t, delta=0.5, interpolate=interpolate, step=step)
+            got = _dense_reference("ap", s, t, delta=0.5, interpolate=interpolate, step=step)
+            np.testing.assert_allclose(got[0], exp[0], rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(got[1].reshape(s.shape), exp[1], rtol=1e-10, atol=1e-15)
+        exp = auc_oracle(s, t, delta=0.5, step=step)
+        got = _dense_reference("auc", s, t, delta=0.5, step=step)
+        np.testing.assert_allclose(got[0], exp[0], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got[1].reshape(s.shape), exp[1], rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_larger_inputs_against_dense_reference(step, kind):
+    """~20k entries, ~400 positives (many breakpoints), vs the dense float64 reference."""
+    ap_loss, auc_loss = _impl()
+    for shift in (0.0, 2.0):
+        s, t = _random_case(7 + int(shift), (4, 1000, 5), pos_frac=0.02, ign_frac=0.01,
+                            kind=kind, pos_shift=shift)
+        if kind == "ties":
+            s = s * 2.0  # grid of 1/2 over [-4, 4]: ties and exact +-delta gaps
+        for interpolate in (True, False):
+            exp_loss, exp_grad = _dense_reference("ap", s, t, delta=1.0,
+                                                  interpolate=interpolate, step=step)
+            loss, grad, _ = _run(ap_loss, s, t, delta=1.0, interpolate=interpolate, step=step)
+            np.testing.assert_allclose(float(loss), exp_loss, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(grad.numpy().reshape(-1), exp_grad, rtol=1e-9,
+                                       atol=1e-12)
+        exp_loss, exp_grad = _dense_reference("auc", s, t, delta=1.0, step=step)
+        loss, grad, _ = _run(auc_loss, s, t, delta=1.0, step=step)
+        np.testing.assert_allclose(float(loss), exp_loss, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(grad.numpy().reshape(-1), exp_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_targets_dtypes():
+    ap_loss, auc_loss = _impl()
+    s, t = _random_case(31, (2, 30, 3), pos_frac=0.1)
+    ref_loss, ref_grad, _ = _run(ap_loss, s, t)
+    for dt in (torch.int8, torch.int32, torch.float32):
+        x = torch.as_tensor(s).requires_grad_(True)
+        loss = ap_loss(x, torch.as_tensor(t).to(dt))
+        loss.backward()
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-12, err_msg=str(dt))
+        np.testing.assert_allclose(x.grad.numpy(), ref_grad.numpy(), rtol=1e-12, atol=1e-15)
 
 
 # ---------------------------------------------------------------------------------------------

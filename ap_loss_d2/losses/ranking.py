@@ -192,9 +192,9 @@ def _ranking_loss_and_grad(logits, targets, kind, opts):
     """Returns (loss float64 0-dim, gradient in logits dtype and shape, |P|, |N^|).
 
     Negatives are processed in chunks of the flattened input, twice: pass 1 finds the
-    non-trivial ones and accumulates their per-positive sums ``b_i``; pass 2 writes their
-    gradients. Between the passes only their positions and segment indices are kept (int32
-    where they fit), so the extra memory stays a small multiple of the logits.
+    non-trivial ones and accumulates their per-positive sums ``b_i``; pass 2 selects them again
+    and writes their gradients. Between the passes only their segment indices are kept (int16
+    while |P| < 16k), so the extra memory stays a small multiple of the logits.
     """
     from . import distributed as dist_utils
 
@@ -202,7 +202,8 @@ def _ranking_loss_and_grad(logits, targets, kind, opts):
     x = logits.reshape(-1)
     t = targets.reshape(-1)
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    grad = torch.zeros_like(logits)
+    # contiguous whatever the logits' strides: flat position i of `grad` is entry i of `x`
+    grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     pos_idx = torch.nonzero(t == 1).squeeze(1)
     p_all, offset = dist_utils.gather_positive_scores(x[pos_idx].double(), group)
     m = p_all.numel()
@@ -212,19 +213,19 @@ def _ranking_loss_and_grad(logits, targets, kind, opts):
     p, order = torch.sort(p_all, stable=True)
     kernel = _make_kernel(opts, p)
     threshold = p[0] - opts.delta
-    index_dtype = torch.int32 if x.numel() < 2**31 else torch.int64
+    chunk = _chunk_size(x.numel())
+    chunks = [(x[i : i + chunk], t[i : i + chunk], i) for i in range(0, x.numel(), chunk)]
     b = torch.zeros_like(p)
-    kept = []  # per chunk: (start, positions in chunk, segment indices)
-    for start in range(0, x.numel(), _chunk_size(x.numel())):
-        xc, tc = x[start : start + _chunk_size(x.numel())], t[start : start + _chunk_size(x.numel())]
-        idx, s = _nontrivial_negatives(xc, tc, threshold)
-        if idx.numel() == 0:
-            continue
+    segments = []  # per chunk: segment index of each non-trivial negative, in a small int type
+    n_neg = 0
+    for xc, tc, _ in chunks:
+        _, s = _nontrivial_negatives(xc, tc, threshold)
         b_part, seg = kernel.accumulate(s)
         b += b_part
-        kept.append((start, idx.to(index_dtype), None if seg is None else seg.to(index_dtype)))
+        n_neg += s.numel()
+        segments.append(None if seg is None else seg.to(_small_index_dtype(kernel.num_segments)))
     b = dist_utils.all_reduce_sum(b, group)
-    n_neg = dist_utils.all_reduce_count(sum(k[1].numel() for k in kept), group, x.device)
+    n_neg = dist_utils.all_reduce_count(n_neg, group, x.device)
 
     if kind == "ap":
         a = (1.0 - kernel.f0) + kernel.accumulate(p)[0]
@@ -245,16 +246,26 @@ def _ranking_loss_and_grad(logits, targets, kind, opts):
 
     flat = grad.view(-1)
     coefficients = kernel.coefficients(w / m)
-    for start, idx, seg in kept:
-        idx = idx.long() + start
-        g_neg = kernel.evaluate(coefficients, x[idx].double(), seg)
-        flat.index_copy_(0, idx, g_neg.to(flat.dtype))
+    for (xc, tc, start), seg in zip(chunks, segments):
+        # the same selection as in pass 1 (deterministic), rather than keeping its positions
+        idx, s = _nontrivial_negatives(xc, tc, threshold)
+        if idx.numel():
+            g_neg = kernel.evaluate(coefficients, s, seg)
+            flat.index_copy_(0, idx + start, g_neg.to(flat.dtype))
     if pos_idx.numel():
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(m, device=order.device)
         mine = inverse[offset : offset + pos_idx.numel()]
         flat.index_copy_(0, pos_idx, g_pos[mine].to(flat.dtype))
     return loss, grad, m, n_neg
+
+
+def _small_index_dtype(n):
+    """Smallest signed integer dtype holding 0..n (segment indices kept between passes)."""
+    for dtype in (torch.int16, torch.int32):
+        if n <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
 
 
 def _chunk_size(numel):
@@ -355,6 +366,7 @@ class _LinearStep:
         self.win_hi = position[m:] + 1
         self.r, self.order = r, order
         self.segment = _SegmentIndex(r)
+        self.num_segments = 2 * m + 1
 
     def accumulate(self, q):
         """(sum_j f(q_j - p_i) for each positive i, segment index of each q_j)."""
@@ -396,6 +408,7 @@ class _HeavisideStep:
         # H(s - p_i) = 1  <=>  #{p <= s} >= #{p <= p_i}
         self.first_above = torch.searchsorted(p, p, right=True)
         self.segment = _SegmentIndex(p)
+        self.num_segments = self.m + 1
 
     def accumulate(self, q):
         if q.numel() == 0:
@@ -418,6 +431,7 @@ class _SigmoidStep:
     """
 
     f0 = 0.5
+    num_segments = 0
 
     def __init__(self, p, k):
         self.p, self.k = p, k

@@ -1,0 +1,65 @@
+"""Data for ap_loss_d2: the embedded synthetic shapes dataset and SSD-style augmentation.
+
+Importing this package registers (lazily, nothing is generated until first use) the Detectron2
+datasets ``synth_shapes_train``, ``synth_shapes_val`` (COCO format) and ``synth_shapes_voc_train``,
+``synth_shapes_voc_val`` (Pascal VOC format) of the default :class:`SyntheticShapesSpec`; see
+:mod:`ap_loss_d2.data.synthetic` for the cache location and :mod:`ap_loss_d2.data.mapper` for the
+``AP_LOSS_INPUT`` config keys.
+"""
+from .mapper import (
+    AUGMENTATIONS,
+    BoxAwareDatasetMapper,
+    add_ap_loss_data_config,
+    build_train_mapper,
+)
+from .synthetic import (
+    CLASSES,
+    DATASET_NAMES,
+    DEFAULT_SPEC,
+    SyntheticShapesSpec,
+    dataset_root,
+    ensure_synthetic_dataset,
+    generate_synthetic_dataset,
+    load_synthetic_coco,
+    load_synthetic_voc,
+    load_validated_coco_json,
+    load_validated_voc_instances,
+    register_synthetic_shapes,
+)
+from .transforms import (
+    CenterKeepingCropTransform,
+    ExpandTransform,
+    MinIoURandomCrop,
+    PhotometricDistort,
+    PhotometricTransform,
+    RandomExpand,
+    build_ssd_augmentation,
+)
+
+__all__ = [
+    "AUGMENTATIONS",
+    "BoxAwareDatasetMapper",
+    "CLASSES",
+    "CenterKeepingCropTransform",
+    "DATASET_NAMES",
+    "DEFAULT_SPEC",
+    "ExpandTransform",
+    "MinIoURandomCrop",
+    "PhotometricDistort",
+    "PhotometricTransform",
+    "RandomExpand",
+    "SyntheticShapesSpec",
+    "add_ap_loss_data_config",
+    "build_ssd_augmentation",
+    "build_train_mapper",
+    "dataset_root",
+    "ensure_synthetic_dataset",
+    "generate_synthetic_dataset",
+    "load_synthetic_coco",
+    "load_synthetic_voc",
+    "load_validated_coco_json",
+    "load_validated_voc_instances",
+    "register_synthetic_shapes",
+]
+
+register_synthetic_shapes()
