@@ -1,0 +1,106 @@
+"""Training with yacs (``.yaml``) configs: config set-up with validation, and the Trainer."""
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+
+from ..config import RETINANET_LOSSES, ROI_HEAD_LOSSES, add_ap_loss_config
+from ..data import AUGMENTATIONS, add_ap_loss_data_config, build_train_mapper
+from ..evaluation import build_evaluator
+from ..losses import STEPS
+from ..modeling import APLossRetinaNet
+
+__all__ = [
+    "Trainer",
+    "get_ap_loss_cfg",
+    "setup_cfg",
+    "valid_cls_losses",
+    "validate_cfg",
+]
+
+
+def get_ap_loss_cfg():
+    """Detectron2's default config plus ap_loss_d2's ``MODEL.CLS_LOSS`` and ``AP_LOSS_INPUT``."""
+    cfg = get_cfg()
+    add_ap_loss_config(cfg)
+    add_ap_loss_data_config(cfg)
+    return cfg
+
+
+def _registered(registry, name):
+    try:
+        return registry.get(name)
+    except KeyError:
+        return None
+
+
+def valid_cls_losses(cfg):
+    """The values ``MODEL.CLS_LOSS.NAME`` may take for the model of ``cfg``.
+
+    Returns None when the model does not read ``MODEL.CLS_LOSS`` (e.g. stock Detectron2 models)
+    or its meta-architecture is not registered (``build_model`` reports that).
+    """
+    arch = _registered(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
+    if arch is None:
+        return None
+    if issubclass(arch, APLossRetinaNet):
+        return RETINANET_LOSSES
+    if issubclass(arch, GeneralizedRCNN):
+        heads = _registered(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
+        if heads is not None and heads.__module__.split(".")[0] == "ap_loss_d2":
+            return ROI_HEAD_LOSSES
+    return None
+
+
+def validate_cfg(cfg):
+    """Check ap_loss_d2's keys of a merged config; raise ValueError naming the valid values.
+
+    Unknown keys are already rejected by yacs when merging (``KeyError: Non-existent config
+    key``); this catches bad values before anything is built.
+    """
+    c = cfg.MODEL.CLS_LOSS
+    valid = valid_cls_losses(cfg)
+    if valid is not None and c.NAME not in valid:
+        raise ValueError(
+            f"MODEL.CLS_LOSS.NAME={c.NAME!r} is not valid for MODEL.META_ARCHITECTURE="
+            f"{cfg.MODEL.META_ARCHITECTURE!r}; valid names: {', '.join(valid)}"
+        )
+    if c.STEP not in STEPS:
+        raise ValueError(f"MODEL.CLS_LOSS.STEP={c.STEP!r}; valid steps: {', '.join(STEPS)}")
+    for key in ("DELTA", "SIGMOID_K", "OHEM_NEG_POS_RATIO"):
+        if not c[key] > 0:
+            raise ValueError(f"MODEL.CLS_LOSS.{key}={c[key]!r} must be > 0")
+    aug = cfg.AP_LOSS_INPUT.AUGMENTATION
+    if aug not in AUGMENTATIONS:
+        raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={aug!r}; valid values: {', '.join(AUGMENTATIONS)}")
+    if not cfg.AP_LOSS_INPUT.FIXED_SIZE > 0:
+        raise ValueError(f"AP_LOSS_INPUT.FIXED_SIZE={cfg.AP_LOSS_INPUT.FIXED_SIZE!r} must be > 0")
+    return cfg
+
+
+def setup_cfg(args):
+    """Build, validate and freeze the config of ``args`` (``config_file``, ``opts``), then run
+    Detectron2's ``default_setup`` (logging, output dir, config dump, seed)."""
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    validate_cfg(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection and training mapper
+    (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.AP_LOSS_INPUT.AUGMENTATION == "ssd":
+            return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+        return super().build_train_loader(cfg)

@@ -1,0 +1,151 @@
+"""Training with LazyConfig (``.py``) configs, in the style of Detectron2's
+``tools/lazyconfig_train_net.py``.
+
+A config provides ``model``, ``optimizer``, ``lr_multiplier``, ``dataloader.{train,test,evaluator}``
+and ``train`` (Detectron2's ``configs/common/train.py`` keys: ``output_dir``, ``init_checkpoint``,
+``max_iter``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
+``device``).
+"""
+import inspect
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    create_ddp_model,
+    default_setup,
+    default_writers,
+    hooks,
+)
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.registry import locate
+
+from ..config import RETINANET_LOSSES
+from ..losses import STEPS
+from ..modeling import APLossRetinaNet
+
+__all__ = [
+    "build_lazy_model",
+    "do_test_lazy",
+    "do_train_lazy",
+    "setup_lazy_cfg",
+    "validate_lazy_cfg",
+]
+
+logger = logging.getLogger("detectron2")
+
+
+def _target_class(node):
+    target = node.get("_target_", None) if hasattr(node, "get") else None
+    if isinstance(target, str):
+        target = locate(target)
+    return target if inspect.isclass(target) else None
+
+
+def validate_lazy_cfg(cfg):
+    """Check the AP-loss arguments of ``cfg.model`` before anything is built (ValueError)."""
+    model = cfg.get("model", None)
+    target = _target_class(model) if model is not None else None
+    if target is not None and issubclass(target, APLossRetinaNet):
+        name = model.get("cls_loss", "ap")
+        if name not in RETINANET_LOSSES:
+            raise ValueError(
+                f"model.cls_loss={name!r} is not valid for {target.__name__}; valid names: "
+                f"{', '.join(RETINANET_LOSSES)}"
+            )
+        step = model.get("step", "linear")
+        if step not in STEPS:
+            raise ValueError(f"model.step={step!r}; valid steps: {', '.join(STEPS)}")
+    return cfg
+
+
+def setup_lazy_cfg(args):
+    """Load ``args.config_file``, apply ``args.opts`` (``key=value``), validate, ``default_setup``."""
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    validate_lazy_cfg(cfg)
+    default_setup(cfg, args)
+    return cfg
+
+
+def build_lazy_model(cfg):
+    """Instantiate ``cfg.model`` on ``cfg.train.device``."""
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    return model
+
+
+def do_test_lazy(cfg, model):
+    """Run ``cfg.dataloader.evaluator`` on ``cfg.dataloader.test``; None without an evaluator."""
+    if "evaluator" in cfg.dataloader:
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+        print_csv_format(ret)
+        return ret
+    return None
+
+
+def _build_trainer(cfg, model, data_loader, optimizer):
+    if not cfg.train.amp.enabled:
+        return SimpleTrainer(model, data_loader, optimizer)
+    kwargs = {}
+    precision = cfg.train.amp.get("precision", None)
+    if precision is not None and "precision" in inspect.signature(AMPTrainer.__init__).parameters:
+        import torch
+
+        kwargs["precision"] = getattr(torch, precision) if isinstance(precision, str) else precision
+    return AMPTrainer(model, data_loader, optimizer, **kwargs)
+
+
+def do_train_lazy(cfg, args):
+    """Train ``cfg`` (resuming from ``cfg.train.output_dir`` when ``args.resume``).
+
+    Returns the results of the last evaluation (None if no evaluator ran).
+    """
+    model = build_lazy_model(cfg)
+    logger.info("Model:\n{}".format(model))
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = _build_trainer(cfg, model, train_loader, optim)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+
+    results = {}
+
+    def test_and_keep():
+        ret = do_test_lazy(cfg, model)
+        results["last"] = ret
+        return ret
+
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, test_and_keep),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        # The checkpoint stores the iteration that just finished: start at the next one.
+        start_iter = trainer.iter + 1
+    else:
+        start_iter = 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return results.get("last")

@@ -1,0 +1,95 @@
+"""Evaluators chosen by a dataset's ``evaluator_type`` metadata (Detectron2's convention).
+
+Works with Detectron2's built-in COCO / Pascal VOC registrations (under ``$DETECTRON2_DATASETS``)
+and with ap_loss_d2's embedded synthetic datasets (generated on first use).
+"""
+import inspect
+import os
+from pathlib import Path
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+from ..env import has_compiled_ops
+
+__all__ = ["SUPPORTED_EVALUATOR_TYPES", "build_evaluator", "get_evaluator"]
+
+#: Values of ``MetadataCatalog.get(name).evaluator_type`` that :func:`get_evaluator` handles.
+SUPPORTED_EVALUATOR_TYPES = ("coco", "pascal_voc")
+
+
+def _ensure_files(metadata):
+    """Generate an embedded synthetic dataset before an evaluator reads its files.
+
+    ``COCOEvaluator`` opens ``json_file`` in its constructor, but the synthetic datasets are only
+    generated when their DatasetCatalog entry is first called. Other datasets are left alone.
+    """
+    spec = metadata.get("synthetic_spec", None)
+    if spec is None:
+        return
+    from ..data import SyntheticShapesSpec, ensure_synthetic_dataset
+
+    folder = Path(metadata.get("dataset_root"))
+    ensure_synthetic_dataset(SyntheticShapesSpec(**spec), root=folder.parent)
+
+
+def _coco_evaluator(dataset_name, output_dir, distributed, max_dets_per_image):
+    kwargs = {"distributed": distributed, "output_dir": output_dir}
+    params = inspect.signature(COCOEvaluator.__init__).parameters
+    if "use_fast_impl" in params:
+        # The fast (C++) COCOeval needs Detectron2's compiled ops.
+        kwargs["use_fast_impl"] = has_compiled_ops()
+    if max_dets_per_image is not None and "max_dets_per_image" in params:
+        kwargs["max_dets_per_image"] = max_dets_per_image
+    return COCOEvaluator(dataset_name, **kwargs)
+
+
+def get_evaluator(dataset_name, output_dir=None, distributed=True, max_dets_per_image=None):
+    """The evaluator of one dataset, selected by its metadata ``evaluator_type``.
+
+    Args:
+        dataset_name (str): a registered Detectron2 dataset name (a one-element list is accepted,
+            as LazyConfig test loaders may name their dataset that way).
+        output_dir (str or None): where ``COCOEvaluator`` writes ``coco_instances_results.json``.
+        distributed (bool): gather predictions of all processes (``COCOEvaluator``).
+        max_dets_per_image (int or None): detections per image kept by ``COCOEvaluator``
+            (Detectron2's default when None).
+
+    Usable from LazyConfig files: ``L(get_evaluator)(dataset_name="${..test.dataset.names}")``.
+    """
+    if not isinstance(dataset_name, str):
+        names = list(dataset_name)
+        if len(names) != 1:
+            raise ValueError(f"One evaluator evaluates one dataset; got {names}")
+        dataset_name = names[0]
+    if dataset_name not in DatasetCatalog.list():
+        raise KeyError(
+            f"Dataset {dataset_name!r} is not registered in Detectron2's DatasetCatalog "
+            f"(did you import ap_loss_d2.data, or set $DETECTRON2_DATASETS for the built-in ones?)"
+        )
+    metadata = MetadataCatalog.get(dataset_name)
+    evaluator_type = metadata.get("evaluator_type", None)
+    if evaluator_type not in SUPPORTED_EVALUATOR_TYPES:
+        raise NotImplementedError(
+            f"No evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r}; "
+            f"supported evaluator types: {', '.join(SUPPORTED_EVALUATOR_TYPES)}"
+        )
+    _ensure_files(metadata)
+    if evaluator_type == "coco":
+        return _coco_evaluator(dataset_name, output_dir, distributed, max_dets_per_image)
+    return PascalVOCDetectionEvaluator(dataset_name)
+
+
+def build_evaluator(cfg, dataset_name, output_folder=None):
+    """``DefaultTrainer.build_evaluator`` for yacs configs: :func:`get_evaluator` writing to
+    ``output_folder`` (default ``cfg.OUTPUT_DIR/inference``), keeping
+    ``cfg.TEST.DETECTIONS_PER_IMAGE`` detections per image for COCO.
+    """
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    return get_evaluator(
+        dataset_name,
+        output_dir=output_folder,
+        distributed=True,
+        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )

@@ -1,0 +1,324 @@
+"""Helpers shared by the studies: runs (config + checkpoint) to models, dataset subsets, tables.
+
+A *run* is given on the command line as ``CONFIG:WEIGHTS[:LABEL]`` (a yacs ``.yaml`` config,
+a checkpoint, an optional label) or as a training output folder ``RUN_DIR[:LABEL]`` (its
+``config.yaml`` and its last checkpoint, as written by ``train_net.py``). The label defaults to
+the paper's name of ``MODEL.CLS_LOSS.NAME`` ("AP-Loss", "Focal Loss", ...).
+
+Every study writes ``<name>.json`` with ``"study": "<name>"`` at the top, a markdown table
+``<name>.md`` and, where useful, PNG figures listed under ``"figures"`` (paths relative to the
+JSON's folder); :mod:`ap_loss_d2.studies.report` collects them.
+"""
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "LOSS_LABELS",
+    "RunSpec",
+    "build_model_for_run",
+    "dataset_subset",
+    "fmt_num",
+    "load_cfg",
+    "loss_label",
+    "markdown_table",
+    "parse_run_spec",
+    "progress",
+    "pyplot",
+    "resolve_run",
+    "save_checkpoint",
+    "to_jsonable",
+    "unique_labels",
+    "write_json",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The paper's names of the classification losses (``MODEL.CLS_LOSS.NAME``).
+LOSS_LABELS = {
+    "ap": "AP-Loss",
+    "auc": "AUC-Loss",
+    "focal": "Focal Loss",
+    "ce_ohem": "CE-Loss + OHEM",
+    "ce": "CE-Loss",
+    "ap_approx": "AP-Loss (approx. gradient)",
+    "ap_hinge": "AP-Loss (structured hinge)",
+}
+
+
+def progress(study: str, msg: str) -> None:
+    """One progress line on stderr, ``[study] msg``."""
+    print(f"[{study}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    """One model to study: a config file, a checkpoint ("" = the config's MODEL.WEIGHTS) and an
+    optional label."""
+
+    config: str
+    weights: str = ""
+    label: Optional[str] = None
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    marker = run_dir / "last_checkpoint"  # written by Detectron2's Checkpointer
+    if marker.is_file():
+        name = marker.read_text().strip()
+        if name and (run_dir / name).is_file():
+            return str(run_dir / name)
+    final = run_dir / "model_final.pth"
+    if final.is_file():
+        return str(final)
+    ckpts = sorted(run_dir.glob("model_*.pth"))
+    if ckpts:
+        return str(ckpts[-1])
+    raise FileNotFoundError(f"{run_dir} holds no checkpoint (last_checkpoint, model_*.pth)")
+
+
+def parse_run_spec(text: str) -> RunSpec:
+    """``CONFIG:WEIGHTS[:LABEL]`` or ``RUN_DIR[:LABEL]`` -> :class:`RunSpec`.
+
+    ``WEIGHTS`` may be empty (``CONFIG:``, ``CONFIG::LABEL``): the config's ``MODEL.WEIGHTS``
+    is used. A ``RUN_DIR`` is a training output folder with ``config.yaml`` and checkpoints.
+    """
+    parts = text.split(":")
+    if os.path.isdir(parts[0]):
+        if len(parts) > 2:
+            raise ValueError(f"run {text!r}: expected RUN_DIR[:LABEL]")
+        run_dir = Path(parts[0])
+        config = run_dir / "config.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"run {text!r}: {config} does not exist")
+        label = parts[1] if len(parts) == 2 and parts[1] else None
+        return RunSpec(str(config), _last_checkpoint(run_dir), label)
+    if len(parts) not in (2, 3):
+        raise ValueError(
+            f"run {text!r}: expected CONFIG:WEIGHTS[:LABEL] (WEIGHTS may be empty) or RUN_DIR"
+        )
+    config, weights = parts[0], parts[1]
+    label = parts[2] if len(parts) == 3 and parts[2] else None
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"run {text!r}: config {config} does not exist")
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"run {text!r}: weights {weights} do not exist")
+    return RunSpec(config, weights, label)
+
+
+def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None):
+    """ap_loss_d2's yacs config of ``config_file`` with ``opts`` (``KEY VALUE`` ...) merged,
+    validated and frozen. ``device`` overrides ``MODEL.DEVICE``."""
+    if not str(config_file).endswith((".yaml", ".yml")):
+        raise ValueError(
+            f"{config_file}: the studies take yacs (.yaml) configs; for a LazyConfig run use "
+            "the config.yaml that train_net.py wrote into its output folder"
+        )
+    from ..engine import get_ap_loss_cfg, validate_cfg
+
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    if device:
+        cfg.MODEL.DEVICE = device
+    validate_cfg(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def loss_label(cfg) -> str:
+    """The paper's name of the classification loss of ``cfg`` (or the meta-architecture)."""
+    name = cfg.MODEL.get("CLS_LOSS", {}).get("NAME", None) if hasattr(cfg, "MODEL") else None
+    if name is None:
+        return str(cfg.MODEL.META_ARCHITECTURE)
+    return LOSS_LABELS.get(name, name)
+
+
+def build_model_for_run(cfg, weights: str):
+    """Detectron2's ``build_model(cfg)`` in eval mode with ``weights`` (or ``cfg.MODEL.WEIGHTS``)
+    loaded by ``DetectionCheckpointer``; random initialisation when both are empty."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    model = build_model(cfg)
+    weights = weights or cfg.MODEL.WEIGHTS
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    else:
+        logger.warning("No weights given: the model keeps its random initialisation")
+    model.eval()
+    return model
+
+
+def resolve_run(spec: RunSpec, opts: Sequence[str] = (), device: Optional[str] = None):
+    """``(cfg, label)`` of a :class:`RunSpec`."""
+    cfg = load_cfg(spec.config, opts, device)
+    return cfg, spec.label or loss_label(cfg)
+
+
+def unique_labels(labels: Iterable[str]) -> List[str]:
+    """Make labels unique by appending `` (2)``, `` (3)``... to repeats."""
+    seen, out = {}, []
+    for lab in labels:
+        n = seen.get(lab, 0) + 1
+        seen[lab] = n
+        out.append(lab if n == 1 else f"{lab} ({n})")
+    return out
+
+
+def save_checkpoint(model, path) -> str:
+    """Save ``model``'s weights with ``DetectionCheckpointer`` as ``path`` (a ``.pth``)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    DetectionCheckpointer(model, save_dir=str(path.parent)).save(path.stem)
+    return str(path.parent / (path.stem + ".pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset subsets (evaluate on the first N images with the dataset's own evaluator)
+# ---------------------------------------------------------------------------------------------
+def _reregister(name, loader, metadata):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
+
+
+def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str:
+    """Name of a registered dataset holding the first ``max_images`` images of ``dataset_name``
+    (``dataset_name`` itself when ``max_images`` is None or not smaller than the dataset).
+
+    The subset keeps the metadata of the original, with the evaluator's ground truth restricted
+    to the same images: for ``evaluator_type == "coco"`` a filtered copy of ``json_file`` in
+    ``workdir``; for ``"pascal_voc"`` a folder in ``workdir`` with a link to the original
+    ``Annotations`` and its own ``ImageSets/Main/<split>.txt``.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if max_images is None:
+        return dataset_name
+    dicts = DatasetCatalog.get(dataset_name)
+    if max_images >= len(dicts):
+        return dataset_name
+    if max_images < 1:
+        raise ValueError(f"max_images={max_images} must be >= 1")
+    subset = dicts[:max_images]
+    meta = MetadataCatalog.get(dataset_name).as_dict()
+    meta.pop("name", None)
+    kind = meta.get("evaluator_type")
+    name = f"{dataset_name}__first{max_images}"
+    workdir = Path(workdir) / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    if kind == "coco":
+        # (DatasetCatalog.get above generated an embedded synthetic dataset if needed)
+        with open(meta["json_file"]) as f:
+            raw = json.load(f)
+        ids = {d["image_id"] for d in subset}
+        raw["images"] = [im for im in raw["images"] if im["id"] in ids]
+        raw["annotations"] = [a for a in raw.get("annotations", []) if a["image_id"] in ids]
+        json_file = workdir / "instances.json"
+        json_file.write_text(json.dumps(raw))
+        meta["json_file"] = str(json_file)
+    elif kind == "pascal_voc":
+        voc = workdir / "VOC"
+        (voc / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+        link = voc / "Annotations"
+        if not link.exists():
+            os.symlink(os.path.abspath(os.path.join(meta["dirname"], "Annotations")), link)
+        (voc / "ImageSets" / "Main" / f"{meta['split']}.txt").write_text(
+            "".join(f"{d['image_id']}\n" for d in subset)
+        )
+        meta["dirname"] = str(voc)
+    else:
+        raise NotImplementedError(
+            f"Cannot take a subset of {dataset_name!r} (evaluator_type={kind!r}); "
+            "supported: coco, pascal_voc"
+        )
+    _reregister(name, lambda: subset, meta)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def fmt_num(x, digits: int = 1) -> str:
+    """``x`` with ``digits`` decimals; "-" for None/NaN; integers as integers."""
+    if x is None:
+        return "-"
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    x = float(x)
+    if math.isnan(x):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence],
+                   align: Optional[str] = None) -> str:
+    """A GitHub markdown table. ``align``: one of "l"/"r"/"c" per column (default: first column
+    left, the others right)."""
+    if align is None:
+        align = "l" + "r" * (len(headers) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
+             "| " + " | ".join(marks[a] for a in align) + " |"]
+    for r in rows:
+        lines.append("| " + " | ".join(esc(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def to_jsonable(obj):
+    """Recursively convert numpy / torch scalars and arrays, paths and tuples for ``json``."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if hasattr(obj, "item") and hasattr(obj, "dim") and obj.dim() == 0:  # torch scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,344 @@
+"""Time and memory cost of the losses (the paper's Sec. 4.3: Fig. 10, Fig. 9 and Fig. 11).
+
+``python -m ap_loss_d2.studies.cost [--run-dir RUN_DIR[:LABEL] ...] [--metrics FILE[:LABEL] ...]
+[--benchmark benchmark.json] --output-dir DIR``
+
+* Training runs (Fig. 10): from each run's ``metrics.json`` (Detectron2's ``JSONWriter``: one
+  JSON object per line; entries of the same iteration are merged, later lines win) the series
+  ``cls_loss/time`` (classification loss forward time, written by ``APLossRetinaNet``),
+  ``time`` (whole iteration), ``cls_loss/num_neg_nontrivial`` and ``cls_loss/num_pos`` against
+  the iteration; table of first/last/mean/min/max. Note that Detectron2 writes the median over
+  its smoothing window (20 iterations) for these scalars, not single iterations' values.
+* Loss benchmark (Fig. 9 and 11): from a ``benchmark.json`` of ``python -m
+  ap_loss_d2.benchmark``: extra peak memory (MB) and forward+backward time of every loss
+  against the batch size, per device and number of positives.
+
+Outputs in ``--output-dir``: ``cost.json``, ``cost.md``, ``cost_training.png`` (two panels:
+times; non-trivial negatives) and ``cost_benchmark.png`` (memory and time vs batch size).
+"""
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .common import (
+    LOSS_LABELS,
+    markdown_table,
+    progress,
+    pyplot,
+    timestamp,
+    unique_labels,
+    write_json,
+)
+
+__all__ = [
+    "METRIC_KEYS",
+    "benchmark_markdown",
+    "benchmark_tables",
+    "fmt_mb",
+    "fmt_ms",
+    "fmt_value",
+    "load_metrics",
+    "main",
+    "series",
+    "summarize_series",
+    "training_table",
+]
+
+STUDY = "cost"
+#: metrics.json keys traced against the iteration.
+METRIC_KEYS = ("cls_loss/time", "time", "cls_loss/num_neg_nontrivial", "cls_loss/num_pos")
+
+
+def fmt_value(v) -> str:
+    """Table format: integral values as integers, >= 100 with 1 decimal, else 4 decimals."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    v = float(v)
+    if v.is_integer():
+        return str(int(v))
+    if abs(v) >= 100:
+        return f"{v:.1f}"
+    return f"{v:.4f}"
+
+
+def load_metrics(path):
+    """``metrics.json`` -> ``({iteration: merged entry}, number of unreadable lines skipped)``."""
+    by_iter: Dict[int, dict] = {}
+    skipped = 0
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1  # e.g. a line cut by an interrupted run
+                continue
+            if not isinstance(entry, dict) or "iteration" not in entry:
+                skipped += 1
+                continue
+            by_iter.setdefault(int(entry["iteration"]), {}).update(entry)
+    return dict(sorted(by_iter.items())), skipped
+
+
+def series(metrics: Dict[int, dict], key: str):
+    """``(iterations, values)`` of ``key`` (iterations where it was logged)."""
+    its = [it for it, e in metrics.items() if isinstance(e.get(key), (int, float))]
+    return its, [float(metrics[it][key]) for it in its]
+
+
+def summarize_series(its: List[int], vals: List[float]) -> Optional[dict]:
+    if not vals:
+        return None
+    return dict(n=len(vals), first_iter=its[0], last_iter=its[-1], start=vals[0], end=vals[-1],
+                mean=sum(vals) / len(vals), min=min(vals), max=max(vals))
+
+
+def _label_for(metrics_path: Path, label: Optional[str]) -> str:
+    if label:
+        return label
+    cfg = metrics_path.parent / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(cfg.read_text()) or {}
+        except yaml.YAMLError:
+            data = {}
+        name = ((data.get("MODEL") or {}).get("CLS_LOSS") or {}).get("NAME")
+        if name:
+            return LOSS_LABELS.get(name, name)
+    return metrics_path.parent.name
+
+
+def _split_label(text: str):
+    path, sep, label = text.partition(":")
+    return path, (label or None)
+
+
+def analyse_run(metrics_path: Path, label: str) -> dict:
+    metrics, skipped = load_metrics(metrics_path)
+    run = {"label": label, "metrics": str(metrics_path), "skipped_lines": skipped, "series": {},
+           "summary": {}}
+    for key in METRIC_KEYS:
+        its, vals = series(metrics, key)
+        if vals:
+            run["series"][key] = {"iterations": its, "values": vals}
+            run["summary"][key] = summarize_series(its, vals)
+    lt, it = run["summary"].get("cls_loss/time"), run["summary"].get("time")
+    run["loss_share_of_iteration"] = (lt["mean"] / it["mean"]
+                                      if lt and it and it["mean"] > 0 else None)
+    return run
+
+
+def training_table(runs) -> str:
+    rows = []
+    for run in runs:
+        for key in METRIC_KEYS:
+            s = run["summary"].get(key)
+            if s:
+                rows.append([run["label"], key, s["n"], f"{s['first_iter']}-{s['last_iter']}",
+                             fmt_value(s["start"]), fmt_value(s["end"]), fmt_value(s["mean"]),
+                             fmt_value(s["min"]), fmt_value(s["max"])])
+    return markdown_table(["Run", "metric", "points", "iterations", "start", "end", "mean",
+                           "min", "max"], rows)
+
+
+def benchmark_tables(bench: dict) -> Dict[str, dict]:
+    """{"<device>, <P> positives": {"images": [...], "memory_mb": {loss: [...]},
+    "time_s": {loss: [...]}}} from a benchmark.json."""
+    groups: Dict[str, dict] = {}
+    losses = bench.get("losses") or []
+    for row in sorted(bench["results"], key=lambda r: (r["device"], r["positives"], r["images"])):
+        key = f"{row['device']}, {row['positives']} positives"
+        g = groups.setdefault(key, {"device": row["device"], "positives": row["positives"],
+                                    "images": [], "memory_mb": {n: [] for n in losses},
+                                    "time_s": {n: [] for n in losses},
+                                    "extrapolated": {n: [] for n in losses}})
+        g["images"].append(row["images"])
+        for n in losses:
+            e = row["losses"].get(n, {})
+            g["memory_mb"][n].append(e.get("extra_peak_mb"))
+            g["time_s"][n].append(e.get("time_s"))
+            g["extrapolated"][n].append(bool(e.get("extrapolated", False)))
+    return groups
+
+
+def benchmark_markdown(groups, losses, field, title, fmt):
+    """One markdown table per (device, positives) group: batch size x loss (``field``)."""
+    parts = []
+    for key, g in groups.items():
+        extrap = g.get("extrapolated", {}) if field == "time_s" else {}
+
+        def cell(n, i):
+            flags = extrap.get(n) or []
+            return fmt(g[field][n][i]) + ("*" if i < len(flags) and flags[i] else "")
+
+        rows = [[g["images"][i]] + [cell(n, i) for n in losses] for i in range(len(g["images"]))]
+        parts += [f"**{title}, {key}**", "",
+                  markdown_table(["batch size"] + [LOSS_LABELS_BENCH.get(n, n) for n in losses],
+                                 rows), ""]
+    return "\n".join(parts)
+
+
+LOSS_LABELS_BENCH = {
+    "focal": "Focal loss",
+    "ce_ohem": "CE + OHEM 3:1",
+    "ap_loss": "AP-loss",
+    "auc_loss": "AUC-loss",
+    "ap_positive_loop": "AP-loss (loop on positives)",
+}
+
+
+def fmt_mb(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def fmt_ms(v):
+    return "-" if v is None else f"{v * 1e3:.2f}"
+
+
+def plot_training(runs, path):
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, run in enumerate(runs):
+        c = colors[k % len(colors)]
+        s = run["series"]
+        if "cls_loss/time" in s:
+            a.plot(s["cls_loss/time"]["iterations"], s["cls_loss/time"]["values"], "-", color=c,
+                   label=f"{run['label']}: loss")
+        if "time" in s:
+            a.plot(s["time"]["iterations"], s["time"]["values"], "--", color=c,
+                   label=f"{run['label']}: iteration")
+        if "cls_loss/num_neg_nontrivial" in s:
+            b.plot(s["cls_loss/num_neg_nontrivial"]["iterations"],
+                   s["cls_loss/num_neg_nontrivial"]["values"], "-", color=c,
+                   label=f"{run['label']}: non-trivial negatives")
+        if "cls_loss/num_pos" in s:
+            b.plot(s["cls_loss/num_pos"]["iterations"], s["cls_loss/num_pos"]["values"], ":",
+                   color=c, label=f"{run['label']}: positives")
+    a.set_xlabel("iteration")
+    a.set_ylabel("time (s)")
+    a.set_title("Time cost of the loss and of the iteration (Fig. 10)", fontsize=9)
+    b.set_xlabel("iteration")
+    b.set_ylabel("anchors per batch")
+    b.set_title("Non-trivial negatives |N^| and positives |P|", fontsize=9)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if b.get_lines() and all(min(line.get_ydata()) > 0 for line in b.get_lines()):
+        b.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_benchmark(groups, losses, path):
+    plt = pyplot()
+    n = len(groups)
+    fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 8), squeeze=False)
+    for j, (key, g) in enumerate(groups.items()):
+        for row, field, ylabel, scale in ((0, "memory_mb", "extra peak memory (MB)", 1.0),
+                                          (1, "time_s", "forward + backward time (ms)", 1e3)):
+            ax = axes[row][j]
+            for name in losses:
+                pts = [(x, y * scale) for x, y in zip(g["images"], g[field][name]) if y is not None]
+                extrap = row == 1 and any(g.get("extrapolated", {}).get(name, []))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if extrap else "-o",
+                            ms=3, label=LOSS_LABELS_BENCH.get(name, name)
+                            + (" (extrapolated)" if extrap else ""))
+            ax.set_xticks(g["images"])
+            ax.set_xlabel("batch size (images)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(("Memory (Fig. 9)" if row == 0 else "Time (Fig. 11)") + f": {key}",
+                         fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", action="append", default=[], metavar="RUN_DIR[:LABEL]",
+                   help="training output folder with metrics.json (repeatable)")
+    p.add_argument("--metrics", action="append", default=[], metavar="FILE[:LABEL]",
+                   help="a metrics.json file (repeatable)")
+    p.add_argument("--benchmark", default=None, help="benchmark.json of ap_loss_d2.benchmark")
+    p.add_argument("--output-dir", default="output/cost")
+    args = p.parse_args(argv)
+    if not (args.run_dir or args.metrics or args.benchmark):
+        p.error("give at least one of --run-dir, --metrics, --benchmark")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = []
+    for text in args.run_dir:
+        d, label = _split_label(text)
+        inputs.append((Path(d) / "metrics.json", label))
+    for text in args.metrics:
+        f, label = _split_label(text)
+        inputs.append((Path(f), label))
+    for f, _ in inputs:
+        if not f.is_file():
+            raise SystemExit(f"{f} does not exist")
+    labels = unique_labels([_label_for(f, lab) for f, lab in inputs])
+    report = {"study": STUDY, "created": timestamp(), "runs": [], "benchmark": None,
+              "figures": []}
+    md = []
+    for (f, _), label in zip(inputs, labels):
+        progress(STUDY, f"{label}: reading {f}")
+        report["runs"].append(analyse_run(f, label))
+    if report["runs"]:
+        plot_training(report["runs"], out / "cost_training.png")
+        report["figures"].append("cost_training.png")
+        md += ["## Time cost during training (Fig. 10)", "",
+               "Values as logged in metrics.json (Detectron2 logs the median over its smoothing "
+               "window). Times in seconds.", "", training_table(report["runs"]), ""]
+        shares = [(r["label"], r["loss_share_of_iteration"]) for r in report["runs"]
+                  if r["loss_share_of_iteration"] is not None]
+        if shares:
+            md += ["Mean loss time / mean iteration time: "
+                   + ", ".join(f"{lab} {s:.3f}" for lab, s in shares), ""]
+        md += ["![training cost](cost_training.png)", ""]
+    if args.benchmark:
+        progress(STUDY, f"reading {args.benchmark}")
+        bench = json.loads(Path(args.benchmark).read_text())
+        groups = benchmark_tables(bench)
+        losses = bench.get("losses") or []
+        report["benchmark"] = {"path": os.path.abspath(args.benchmark),
+                               "config": bench.get("config"),
+                               "memory_method": bench.get("memory_method"),
+                               "losses": losses, "groups": groups}
+        plot_benchmark(groups, losses, out / "cost_benchmark.png")
+        report["figures"].append("cost_benchmark.png")
+        md += ["## Memory cost of the losses (Fig. 9)", "",
+               "Extra peak memory of one forward + backward of the loss (MB), from "
+               f"`{args.benchmark}`.", "",
+               benchmark_markdown(groups, losses, "memory_mb", "Extra memory (MB)", fmt_mb),
+               "## Time cost of the losses (Fig. 11)", "",
+               benchmark_markdown(groups, losses, "time_s", "Forward + backward time (ms)", fmt_ms),
+               "\\* extrapolated from a subset of the positives (see benchmark.json).", "",
+               "![loss benchmark](cost_benchmark.png)", ""]
+    write_json(out / "cost.json", report)
+    (out / "cost.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md), flush=True)
+    progress(STUDY, f"wrote {out / 'cost.json'}, {out / 'cost.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""One markdown page from several training runs and their studies (the paper's Table 2 & co).
+
+``python -m ap_loss_d2.studies.report RUN_DIR [RUN_DIR ...] [--studies DIR ...]
+--output report.md``
+
+For every ``RUN_DIR`` (an output folder of ``train_net.py``):
+
+* ``config.yaml``: ``MODEL.CLS_LOSS.NAME`` gives the row label (the paper's loss names),
+  ``MODEL.META_ARCHITECTURE`` and ``DATASETS.TEST`` the column group;
+* ``metrics.json``: the last logged ``bbox/AP``, ``bbox/AP50``, ``bbox/AP75`` (COCOEvaluator and
+  PascalVOCDetectionEvaluator write the same keys; with several test datasets Detectron2 logs
+  ``<dataset>/bbox/AP`` and each dataset becomes its own column group);
+* study outputs found in the folder or below it (up to 3 levels): ``robustness.json``,
+  ``score_distribution.json``, ``cost.json`` (and the PNGs they list); ``--studies`` adds
+  folders holding study outputs that were written elsewhere (e.g. a robustness study of several
+  runs).
+
+The page has Table 2 (AP / AP50 / AP75 per loss and detector + dataset), a per-run detail
+table, then each study's table with its pictures (links relative to the report's folder).
+"""
+import argparse
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List
+
+from .common import LOSS_LABELS, fmt_num, markdown_table, progress, timestamp
+
+__all__ = ["STUDY_FILES", "collect_run", "find_studies", "last_bbox_metrics", "main",
+           "render_report"]
+
+STUDY = "report"
+STUDY_FILES = ("robustness.json", "score_distribution.json", "cost.json")
+METRICS = ("AP", "AP50", "AP75")
+#: Row order of Table 2.
+PAPER_ORDER = ("CE-Loss + OHEM", "CE-Loss", "Focal Loss", "AUC-Loss", "AP-Loss")
+DETECTOR_NAMES = {"APLossRetinaNet": "RetinaNet", "RetinaNet": "RetinaNet",
+                  "GeneralizedRCNN": "Faster R-CNN"}
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        progress(STUDY, f"cannot parse {path}: {e}")
+        return {}
+
+
+def last_bbox_metrics(metrics_path: Path) -> Dict[str, dict]:
+    """{dataset prefix ("" for single-dataset keys): {"AP": v, "AP50": v, "AP75": v,
+    "iteration": it}} with the last logged value of each key."""
+    out: Dict[str, dict] = OrderedDict()
+    if not metrics_path.is_file():
+        return out
+    with open(metrics_path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            for key, value in entry.items():
+                for m in METRICS:
+                    suffix = f"bbox/{m}"
+                    if key == suffix or key.endswith("/" + suffix):
+                        prefix = key[: -len(suffix)].rstrip("/")
+                        d = out.setdefault(prefix, {})
+                        d[m] = value
+                        d["iteration"] = entry.get("iteration")
+    return out
+
+
+def collect_run(run_dir: Path) -> List[dict]:
+    """Table-2 rows of one run folder (one per evaluated dataset; one with no numbers if none)."""
+    cfg = _read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    model = cfg.get("MODEL") or {}
+    loss = (model.get("CLS_LOSS") or {}).get("NAME")
+    arch = model.get("META_ARCHITECTURE", "?")
+    tests = list((cfg.get("DATASETS") or {}).get("TEST") or [])
+    label = LOSS_LABELS.get(loss, loss) if loss else run_dir.name
+    metrics = last_bbox_metrics(run_dir / "metrics.json")
+    if not metrics:
+        metrics = {"": {}}
+    rows = []
+    for prefix, values in metrics.items():
+        dataset = prefix or (tests[0] if tests else "?")
+        rows.append({"run_dir": str(run_dir), "label": label, "cls_loss": loss,
+                     "detector": DETECTOR_NAMES.get(arch, arch), "dataset": dataset,
+                     "iteration": values.get("iteration"),
+                     **{m: values.get(m) for m in METRICS}})
+    return rows
+
+
+def find_studies(folder: Path, max_depth: int = 3) -> List[Path]:
+    """Study JSON files (:data:`STUDY_FILES`) in ``folder`` and up to ``max_depth`` levels below."""
+    found = []
+    base_depth = len(folder.resolve().parts)
+    for root, dirs, files in os.walk(folder):
+        depth = len(Path(root).resolve().parts) - base_depth
+        if depth >= max_depth:
+            dirs[:] = []
+        dirs.sort()
+        for name in sorted(files):
+            if name in STUDY_FILES:
+                found.append(Path(root) / name)
+    return found
+
+
+def _ordered_labels(labels):
+    known = [lab for lab in PAPER_ORDER if lab in labels]
+    return known + [lab for lab in labels if lab not in known]
+
+
+def table2(rows, digits) -> str:
+    """Rows: losses; column groups: (detector, dataset), each with AP, AP50, AP75."""
+    groups = list(OrderedDict.fromkeys((r["detector"], r["dataset"]) for r in rows))
+    # disambiguate rows sharing a label within a group
+    seen = {}
+    for r in rows:
+        key = (r["label"], r["detector"], r["dataset"])
+        seen[key] = seen.get(key, 0) + 1
+    for r in rows:
+        dup = seen[(r["label"], r["detector"], r["dataset"])] > 1
+        r["row"] = f"{r['label']} ({Path(r['run_dir']).name})" if dup else r["label"]
+    row_names = _ordered_labels(list(OrderedDict.fromkeys(r["row"] for r in rows)))
+    headers = ["Training Loss"] + [f"{m} ({det} + {ds})" for det, ds in groups for m in METRICS]
+    table = []
+    for name in row_names:
+        cells = [name]
+        for det, ds in groups:
+            match = [r for r in rows
+                     if r["row"] == name and (r["detector"], r["dataset"]) == (det, ds)]
+            for m in METRICS:
+                cells.append(fmt_num(match[0][m], digits) if match else "-")
+        table.append(cells)
+    return markdown_table(headers, table)
+
+
+def details_table(rows, digits, rel) -> str:
+    body = [[r["label"], r["detector"], r["dataset"], fmt_num(r["iteration"]),
+             *(fmt_num(r[m], digits) for m in METRICS), f"`{rel(r['run_dir'])}`"] for r in rows]
+    return markdown_table(["Training Loss", "detector", "test set", "iteration", *METRICS,
+                           "run folder"], body, align="lllrrrrl")
+
+
+def _figures(data, json_path: Path, rel):
+    lines = []
+    for fig in data.get("figures", []):
+        p = json_path.parent / fig
+        if p.is_file():
+            lines.append(f"![{fig}]({rel(p)})")
+    return lines
+
+
+def _render_study(data, json_path: Path, digits, rel) -> List[str]:
+    kind = data.get("study")
+    src = f"Source: [`{rel(json_path)}`]({rel(json_path)})"
+    if kind == "robustness":
+        from .robustness import build_table
+
+        title = f"### Robustness (Table 3): {data.get('metric', 'AP50')} on `{data.get('dataset')}`"
+        if data.get("max_images"):
+            title += f" (first {data['max_images']} images)"
+        return [title, "", build_table(data, digits=digits), "", src, "",
+                *_figures(data, json_path, rel), ""]
+    if kind == "score_distribution":
+        from .score_distribution import build_table
+
+        return [f"### Score distribution (Fig. 7) on `{data.get('dataset')}` "
+                f"({data.get('images')} images)", "",
+                "Mean score of the ground-truth class per IoU bin; anchors with score >= "
+                f"{data.get('high_score')} at IoU < {data.get('low_iou')}.", "",
+                build_table(data), "", src, "", *_figures(data, json_path, rel), ""]
+    if kind == "cost":
+        from . import cost
+
+        out = ["### Time and memory cost (Fig. 10, 9, 11)", ""]
+        if data.get("runs"):
+            out += [cost.training_table(data["runs"]), ""]
+        b = data.get("benchmark")
+        if b:
+            out += [cost.benchmark_markdown(b["groups"], b["losses"], "memory_mb",
+                                            "Extra memory (MB)", cost.fmt_mb),
+                    cost.benchmark_markdown(b["groups"], b["losses"], "time_s",
+                                            "Forward + backward time (ms)", cost.fmt_ms)]
+            if any(any(f) for g in b["groups"].values()
+                   for f in g.get("extrapolated", {}).values()):
+                out += ["\\* extrapolated from a subset of the positives.", ""]
+        return out + [src, "", *_figures(data, json_path, rel), ""]
+    return []
+
+
+def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results") -> str:
+    base = output.parent.resolve()
+
+    def rel(p):
+        return os.path.relpath(Path(p).resolve(), base)
+
+    md = [f"# {title}", "", f"Generated {timestamp()} by `python -m ap_loss_d2.studies.report`.",
+          "", "## Detection accuracy (Table 2)", ""]
+    if rows:
+        md += [table2(rows, digits), "", "Last evaluation logged in each run's metrics.json "
+               "(bbox AP over IoU 0.50:0.95, AP50, AP75; %).", "",
+               details_table(rows, digits, rel), ""]
+    else:
+        md += ["No runs.", ""]
+    by_kind = OrderedDict((k, []) for k in ("robustness", "score_distribution", "cost"))
+    for path, data in studies:
+        by_kind.setdefault(data.get("study"), []).append((path, data))
+    headings = {"robustness": "## Robustness", "score_distribution": "## Score distribution",
+                "cost": "## Memory and time cost"}
+    for kind, items in by_kind.items():
+        if not items:
+            continue
+        md += [headings.get(kind, f"## {kind}"), ""]
+        for path, data in items:
+            md += _render_study(data, path, digits, rel)
+    return "\n".join(md).rstrip() + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train_net.py output folders")
+    p.add_argument("--studies", nargs="*", default=[], metavar="DIR",
+                   help="more folders with study outputs (robustness.json, ...)")
+    p.add_argument("--output", default="report.md", help="markdown file to write")
+    p.add_argument("--digits", type=int, default=1, help="decimals of AP numbers")
+    p.add_argument("--title", default="AP-loss: results")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output = Path(args.output)
+    rows, study_paths = [], []
+    for d in args.run_dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise SystemExit(f"{d} is not a folder")
+        r = collect_run(d)
+        progress(STUDY, f"{d}: {r[0]['label']}, {len(r)} evaluated dataset(s)")
+        rows += r
+        study_paths += find_studies(d)
+    for d in args.studies:
+        study_paths += find_studies(Path(d))
+    studies, seen = [], set()
+    for p in study_paths:
+        key = p.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            progress(STUDY, f"skipping {p}: {e}")
+            continue
+        if isinstance(data, dict) and data.get("study") in ("robustness", "score_distribution",
+                                                               "cost"):
+            studies.append((p, data))
+            progress(STUDY, f"found {data['study']} study {p}")
+    text = render_report(rows, studies, output, args.digits, args.title)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    progress(STUDY, f"wrote {output} ({len(rows)} rows, {len(studies)} studies)")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""IoU vs. classification score of anchors (the paper's Fig. 7).
+
+``python -m ap_loss_d2.studies.score_distribution --run CONFIG:WEIGHTS[:LABEL] [--run ...]
+[--dataset NAME] [--max-images N] [--zero-iou-samples K] --output-dir DIR``
+
+For every image of the dataset (the first ``--max-images``) the model's own anchors (its
+``anchor_generator``) are compared with the ground truth resized like the input
+(``pairwise_iou``; the model's ``anchor_matcher`` gives the fg/bg/ignore label). Every anchor
+whose IoU with its best ground-truth box is > 0 is recorded with
+
+* ``iou``: that IoU;
+* ``score``: its classification score for the class of that box: ``sigmoid`` of the class
+  logit (AP-, AUC-, focal loss), or for ``ce_ohem`` models the softmax over
+  ``[0, logits]`` (background logit fixed at zero, as in training);
+* ``max_score``: its highest score over all classes; ``match_label``: 1 fg, 0 bg, -1 ignored.
+
+Anchors with IoU 0 have no ground-truth class: for them ``score`` is the highest score over the
+classes present in the image. ``--zero-iou-samples`` of them per image are recorded (uniformly,
+seeded), each with ``weight`` = (IoU-0 anchors of the image) / (recorded ones) so that weighted
+sums estimate the whole set; other pairs have weight 1. Statistics of *all* IoU-0 anchors are
+computed exactly on the fly (``zero_iou``).
+
+Only RetinaNet-style dense detectors (``anchor_generator``, ``head``, ``head_in_features``)
+are supported.
+
+Outputs in ``--output-dir``: per run ``score_<label>.npz`` (the recorded pairs) and
+``score_<label>.png`` (scatter, IoU on x, score on y, with the mean score per IoU bin), the
+combined ``score_distribution.png``, ``score_distribution.json`` (per run: weighted count and
+mean score in the IoU bins [0, 0.1), ..., [0.9, 1.0]; high-score low-IoU anchor counts) and
+``score_distribution.md``.
+"""
+import argparse
+import re
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data.detection_utils import build_augmentation
+from detectron2.structures import Boxes, pairwise_iou
+
+from .common import (
+    build_model_for_run,
+    fmt_num,
+    markdown_table,
+    parse_run_spec,
+    progress,
+    pyplot,
+    resolve_run,
+    timestamp,
+    unique_labels,
+    write_json,
+)
+
+__all__ = ["BIN_EDGES", "collect_pairs", "main", "score_mode_of", "summarize"]
+
+STUDY = "score_distribution"
+#: IoU bin edges: [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0] (the last bin includes 1).
+BIN_EDGES = np.linspace(0.0, 1.0, 11)
+PAIR_KEYS = ("iou", "score", "max_score", "match_label", "weight", "image_index")
+
+
+def score_mode_of(cfg) -> str:
+    """"softmax" for ``ce_ohem`` models (zero background logit), else "sigmoid"."""
+    return "softmax" if cfg.MODEL.CLS_LOSS.NAME == "ce_ohem" else "sigmoid"
+
+
+def _check_model(model):
+    for attr in ("anchor_generator", "head", "head_in_features", "anchor_matcher",
+                 "preprocess_image", "backbone"):
+        if not hasattr(model, attr):
+            raise TypeError(
+                f"{type(model).__name__} has no {attr!r}: the score distribution supports "
+                "RetinaNet-style dense detectors only"
+            )
+
+
+def _flatten(per_level, num_classes):
+    """(N, A*K, H, W) per level -> (N, sum H*W*A, K), in the anchor generator's order."""
+    out = []
+    for x in per_level:
+        n, _, h, w = x.shape
+        x = x.view(n, -1, num_classes, h, w).permute(0, 3, 4, 1, 2)
+        out.append(x.reshape(n, -1, num_classes))
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def image_scores(model, inputs, score_mode: str):
+    """``(anchors Boxes (R, 4), probs (R, K))`` of one mapped input dict."""
+    images = model.preprocess_image([inputs])
+    feats = model.backbone(images.tensor)
+    feats = [feats[f] for f in model.head_in_features]
+    anchors = Boxes.cat(model.anchor_generator(feats))
+    logits, _ = model.head(feats)
+    logits = _flatten(logits, model.num_classes)[0].float()
+    if score_mode == "softmax":
+        z = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+        probs = torch.softmax(z, dim=1)[:, 1:]
+    else:
+        probs = torch.sigmoid(logits)
+    return anchors, probs
+
+
+def collect_pairs(model, cfg, dicts, zero_iou_samples=200, seed=0, score_mode="sigmoid",
+                  high_score=0.5, log_every=10):
+    """Record (IoU, score) pairs of ``model`` on the dataset dicts ``dicts`` (see module doc).
+
+    Returns ``(pairs, totals)``: ``pairs`` a dict of equal-length numpy arrays
+    (:data:`PAIR_KEYS`), ``totals`` exact counts over all anchors (``images``,
+    ``images_without_gt``, ``anchors``, ``zero_iou_anchors``, ``zero_iou_score_sum``,
+    ``zero_iou_high_score``).
+    """
+    _check_model(model)
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=build_augmentation(cfg, False))
+    device = next(model.parameters()).device
+    acc = {k: [] for k in PAIR_KEYS}
+    totals = dict(images=0, images_without_gt=0, anchors=0, zero_iou_anchors=0,
+                  zero_iou_score_sum=0.0, zero_iou_high_score=0)
+    for i, record in enumerate(dicts):
+        inputs = mapper(record)
+        gt = inputs["instances"]
+        totals["images"] += 1
+        if len(gt) == 0:
+            totals["images_without_gt"] += 1
+            continue
+        anchors, probs = image_scores(model, inputs, score_mode)
+        gt_boxes = gt.gt_boxes.to(device)
+        gt_classes = gt.gt_classes.to(device)
+        iou = pairwise_iou(gt_boxes, anchors)  # (G, R)
+        matched, labels = model.anchor_matcher(iou)
+        best_iou = iou.max(dim=0).values
+        totals["anchors"] += len(best_iou)
+
+        pos = best_iou > 0
+        idx = torch.nonzero(pos).squeeze(1)
+        cls = gt_classes[matched[idx]]
+        present = torch.unique(gt_classes)
+
+        zero = torch.nonzero(~pos).squeeze(1)
+        zero_scores = probs[zero][:, present].max(dim=1).values if len(zero) else probs.new_zeros(0)
+        totals["zero_iou_anchors"] += len(zero)
+        totals["zero_iou_score_sum"] += float(zero_scores.double().sum())
+        totals["zero_iou_high_score"] += int((zero_scores >= high_score).sum())
+        k = len(zero) if zero_iou_samples < 0 else min(zero_iou_samples, len(zero))
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
+        pick = torch.randperm(len(zero), generator=g)[:k].to(zero.device)
+        zidx = zero[pick]
+
+        all_idx = torch.cat([idx, zidx])
+        acc["iou"].append(best_iou[all_idx].cpu().numpy())
+        acc["score"].append(torch.cat([probs[idx, cls], zero_scores[pick]]).cpu().numpy())
+        acc["max_score"].append(probs[all_idx].max(dim=1).values.cpu().numpy())
+        acc["match_label"].append(labels[all_idx].cpu().numpy().astype(np.int8))
+        w_zero = len(zero) / k if k else 0.0
+        acc["weight"].append(np.concatenate([np.ones(len(idx)), np.full(k, w_zero)]))
+        acc["image_index"].append(np.full(len(all_idx), i, dtype=np.int32))
+        if log_every and (i + 1) % log_every == 0:
+            progress(STUDY, f"    {i + 1}/{len(dicts)} images")
+    dtypes = dict(iou=np.float32, score=np.float32, max_score=np.float32, match_label=np.int8,
+                  weight=np.float64, image_index=np.int32)
+    pairs = {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k]))
+             for k, v in acc.items()}
+    return pairs, totals
+
+
+def bin_index(iou: np.ndarray) -> np.ndarray:
+    """Bin of each IoU: i for ``BIN_EDGES[i] <= iou < BIN_EDGES[i + 1]``; IoU 1 in the last."""
+    return np.clip(np.searchsorted(BIN_EDGES, iou, side="right") - 1, 0, len(BIN_EDGES) - 2)
+
+
+def summarize(pairs: Dict[str, np.ndarray], totals: dict, high_score=0.5, low_iou=0.4) -> dict:
+    """Summary numbers of one run's pairs (all weighted by ``pairs["weight"]``)."""
+    iou = pairs["iou"].astype(np.float64)
+    score = pairs["score"].astype(np.float64)
+    w = pairs["weight"]
+    b = bin_index(iou)
+    bins = []
+    for i in range(len(BIN_EDGES) - 1):
+        m = b == i
+        wc = float(w[m].sum())
+        bins.append(dict(
+            lo=float(BIN_EDGES[i]), hi=float(BIN_EDGES[i + 1]), count=int(m.sum()),
+            weighted_count=wc,
+            mean_score=float((w[m] * score[m]).sum() / wc) if wc > 0 else None,
+            frac_high_score=float(w[m & (score >= high_score)].sum() / wc) if wc > 0 else None,
+        ))
+    low_nonzero = (iou > 0) & (iou < low_iou)
+    hs_nonzero = int((low_nonzero & (score >= high_score)).sum())
+    low_total = int(low_nonzero.sum()) + totals["zero_iou_anchors"]
+    hs_total = hs_nonzero + totals["zero_iou_high_score"]
+    fg = pairs["match_label"] == 1
+    nz = totals["zero_iou_anchors"]
+    return {
+        "bins": bins,
+        "positives": dict(count=int(fg.sum()),
+                          mean_score=float(score[fg].mean()) if fg.any() else None),
+        "zero_iou": dict(anchors=nz, recorded=int((iou == 0).sum()),
+                         mean_score=totals["zero_iou_score_sum"] / nz if nz else None,
+                         high_score=totals["zero_iou_high_score"]),
+        "high_score_low_iou": dict(
+            iou_below=low_iou, score_at_least=high_score,
+            count_nonzero_iou=hs_nonzero, count_zero_iou=totals["zero_iou_high_score"],
+            count=hs_total, low_iou_anchors=low_total,
+            fraction=hs_total / low_total if low_total else None),
+    }
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "run"
+
+
+def _bin_centres():
+    return (BIN_EDGES[:-1] + BIN_EDGES[1:]) / 2
+
+
+def _scatter(ax, pairs, summary, label, high_score, max_points, seed):
+    n = len(pairs["iou"])
+    sel = np.arange(n)
+    if n > max_points:
+        sel = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    fg = pairs["match_label"][sel] == 1
+    ax.scatter(pairs["iou"][sel][~fg], pairs["score"][sel][~fg], s=2, alpha=0.25, c="tab:blue",
+               linewidths=0, rasterized=True, label="bg / ignored anchors")
+    ax.scatter(pairs["iou"][sel][fg], pairs["score"][sel][fg], s=2, alpha=0.35, c="tab:red",
+               linewidths=0, rasterized=True, label="fg anchors")
+    means = [b["mean_score"] if b["mean_score"] is not None else np.nan for b in summary["bins"]]
+    ax.plot(_bin_centres(), means, "k-o", ms=3, lw=1, label="mean score per IoU bin")
+    ax.axhline(high_score, color="gray", lw=0.6, ls="--")
+    ax.set_xlim(-0.02, 1.0)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("IoU with matched ground truth")
+    ax.set_ylabel("score of the ground-truth class")
+    hs = summary["high_score_low_iou"]
+    ax.set_title(f"{label}\nscore>={hs['score_at_least']} at IoU<{hs['iou_below']}: "
+                 f"{hs['count']}", fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def plot_run(pairs, summary, label, path, high_score, max_points=50000, seed=0):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 4.2))
+    _scatter(ax, pairs, summary, label, high_score, max_points, seed)
+    ax.legend(fontsize=7, loc="upper left", markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_all(runs_data, path, high_score, max_points=50000, seed=0):
+    plt = pyplot()
+    n = len(runs_data)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 4.0), squeeze=False)
+    for ax, (label, pairs, summary) in zip(axes[0], runs_data):
+        _scatter(ax, pairs, summary, label, high_score, max_points, seed)
+    ax = axes[0][-1]
+    for label, _, summary in runs_data:
+        means = [b["mean_score"] if b["mean_score"] is not None else np.nan
+                 for b in summary["bins"]]
+        ax.plot(_bin_centres(), means, "-o", ms=3, label=label)
+    ax.set_xlabel("IoU bin")
+    ax.set_ylabel("mean score (weighted)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("mean score per IoU bin", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_table(report, digits=3):
+    bins = report["runs"][0]["summary"]["bins"] if report["runs"] else []
+    headers = (["Training Loss"]
+               + [f"[{b['lo']:.1f}, {b['hi']:.1f}" + ("]" if b["hi"] >= 1 else ")") for b in bins]
+               + ["high score, low IoU", "fraction"])
+    rows = []
+    for run in report["runs"]:
+        s = run["summary"]
+        hs = s["high_score_low_iou"]
+        rows.append([run["label"]] + [fmt_num(b["mean_score"], digits) for b in s["bins"]]
+                    + [fmt_num(hs["count"]), fmt_num(hs["fraction"], 5)])
+    return markdown_table(headers, rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.score_distribution",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", required=True, metavar="CONFIG:WEIGHTS[:LABEL]",
+                   help="a checkpoint (repeatable); also RUN_DIR[:LABEL]")
+    p.add_argument("--dataset", default=None,
+                   help="registered dataset (default: the first run's DATASETS.TEST[0])")
+    p.add_argument("--max-images", type=int, default=50, help="first N images (-1: all)")
+    p.add_argument("--zero-iou-samples", type=int, default=200,
+                   help="IoU-0 anchors recorded per image (-1: all)")
+    p.add_argument("--high-score", type=float, default=0.5, help="'high score' threshold")
+    p.add_argument("--low-iou", type=float, default=0.4,
+                   help="'low IoU' threshold (RetinaNet's background threshold)")
+    p.add_argument("--score", choices=["auto", "sigmoid", "softmax"], default="auto",
+                   help="auto: softmax with zero background logit for ce_ohem, else sigmoid")
+    p.add_argument("--max-plot-points", type=int, default=50000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="override MODEL.DEVICE")
+    p.add_argument("--output-dir", default="output/score_distribution")
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                   help="config overrides for every run (KEY VALUE ...), after the options")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [parse_run_spec(r) for r in args.run]
+    resolved = [resolve_run(s, args.opts, args.device) for s in specs]
+    labels = unique_labels([lab for _, lab in resolved])
+    dataset = args.dataset or resolved[0][0].DATASETS.TEST[0]
+    dicts = DatasetCatalog.get(dataset)
+    if args.max_images is not None and args.max_images >= 0:
+        dicts = dicts[:args.max_images]
+    report = {
+        "study": STUDY, "created": timestamp(), "dataset": dataset, "images": len(dicts),
+        "zero_iou_samples": args.zero_iou_samples, "high_score": args.high_score,
+        "low_iou": args.low_iou, "seed": args.seed,
+        "bin_edges": BIN_EDGES.tolist(), "runs": [], "figures": [],
+    }
+    runs_data = []
+    for k, (spec, (cfg, _), label) in enumerate(zip(specs, resolved, labels)):
+        mode = score_mode_of(cfg) if args.score == "auto" else args.score
+        progress(STUDY, f"({k + 1}/{len(specs)}) {label}: {len(dicts)} images of {dataset}, "
+                        f"{mode} scores")
+        model = build_model_for_run(cfg, spec.weights)
+        pairs, totals = collect_pairs(model, cfg, dicts, args.zero_iou_samples, args.seed, mode,
+                                      args.high_score)
+        summary = summarize(pairs, totals, args.high_score, args.low_iou)
+        slug = _slug(label)
+        np.savez_compressed(out / f"score_{slug}.npz", **pairs)
+        plot_run(pairs, summary, label, out / f"score_{slug}.png", args.high_score,
+                 args.max_plot_points, args.seed)
+        report["figures"].append(f"score_{slug}.png")
+        report["runs"].append({
+            "label": label, "config": spec.config, "weights": spec.weights or cfg.MODEL.WEIGHTS,
+            "cls_loss": cfg.MODEL.CLS_LOSS.NAME, "score_mode": mode, "pairs": f"score_{slug}.npz",
+            "figure": f"score_{slug}.png", "totals": totals, "summary": summary,
+        })
+        runs_data.append((label, pairs, summary))
+        hs = summary["high_score_low_iou"]
+        progress(STUDY, f"    {len(pairs['iou'])} pairs recorded; {hs['count']} anchors with "
+                        f"score >= {args.high_score} at IoU < {args.low_iou}")
+        del model
+    plot_all(runs_data, out / "score_distribution.png", args.high_score, args.max_plot_points,
+             args.seed)
+    report["figures"].insert(0, "score_distribution.png")
+    table = build_table(report)
+    md = [f"## Score distribution (Fig. 7) on `{dataset}` ({len(dicts)} images)", "",
+          "Mean score of the ground-truth class per IoU bin (IoU-0 anchors weighted by their "
+          f"sampling rate), and anchors with score >= {args.high_score} at IoU < {args.low_iou} "
+          "(exact count; fraction of all anchors with IoU below that).", "", table, "",
+          "![score distribution](score_distribution.png)"]
+    write_json(out / "score_distribution.json", report)
+    (out / "score_distribution.md").write_text("\n".join(md) + "\n")
+    print(table, flush=True)
+    progress(STUDY, f"wrote {out / 'score_distribution.json'}, {out / 'score_distribution.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""RetinaNet with AP-loss, paper settings (Sec. 4.1.1), as a LazyConfig ``model``.
+
+Detectron2's model-zoo RetinaNet (``common/models/retinanet.py``: ResNet-50-FPN, frozen BN,
+P3-P7) with the meta-architecture swapped to ``APLossRetinaNet``; the AP-loss options are plain
+constructor arguments of ``APLossRetinaNet``.
+"""
+from detectron2 import model_zoo
+
+from ap_loss_d2.modeling import APLossRetinaNet
+
+model = model_zoo.get_config("common/models/retinanet.py").model
+model._target_ = APLossRetinaNet
+
+# 2 sub-octave scales 2^(k/2), k <= 1, x 3 aspect ratios per FPN level: 6 anchors per location.
+model.anchor_generator.sizes = [[x, x * 2 ** 0.5] for x in [32, 64, 128, 256, 512]]
+model.anchor_generator.aspect_ratios = [0.5, 1.0, 2.0]
+model.head.num_anchors = 6
+model.backbone.bottom_up.freeze_at = 2  # stem + res2 frozen; all BN layers frozen (FrozenBN)
+model.test_nms_thresh = 0.5  # per-class NMS with IoU 0.5
+
+# Classification loss: "ap", "auc", "focal" or "ce_ohem" (see APLossRetinaNet).
+model.cls_loss = "ap"
+model.cls_loss_weight = 1.0
+model.delta = 1.0  # piecewise step function width (Eq. 21)
+model.interpolate = True  # interpolated AP (Sec. 3.4.3)
+model.step = "linear"

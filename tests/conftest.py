@@ -1,0 +1,39 @@
+"""Shared test set-up.
+
+The embedded synthetic datasets (``synth_shapes_*``) are registered at ``import ap_loss_d2.data``
+with the cache root read from ``$AP_LOSS_D2_DATASETS`` at that moment. Unless the caller set it,
+point it at a temporary folder for the whole session (before any test module is imported) so
+that tests never write into the working tree; the default dataset is generated there once.
+"""
+import os
+import shutil
+import tempfile
+
+import pytest
+
+_session_dirs = []
+
+
+def pytest_configure(config):
+    if not os.environ.get("AP_LOSS_D2_DATASETS"):
+        path = tempfile.mkdtemp(prefix="ap_loss_d2_test_datasets_")
+        os.environ["AP_LOSS_D2_DATASETS"] = path
+        _session_dirs.append(path)
+
+
+def pytest_unconfigure(config):
+    while _session_dirs:
+        path = _session_dirs.pop()
+        if os.environ.get("AP_LOSS_D2_DATASETS") == path:
+            del os.environ["AP_LOSS_D2_DATASETS"]
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset_dir():
+    """Folder of the default synthetic dataset (generated once per session), used by the
+    registered ``synth_shapes_*`` names in this process and in subprocesses (same env)."""
+    pytest.importorskip("detectron2")
+    from ap_loss_d2.data import ensure_synthetic_dataset
+
+    return ensure_synthetic_dataset()

@@ -1,0 +1,260 @@
+"""Every config in configs/ loads and builds its model (CPU, no weights); paper settings;
+config-time validation of ap_loss_d2's keys."""
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("detectron2")
+
+import torch  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from ap_loss_d2.config import RETINANET_LOSSES  # noqa: E402
+from ap_loss_d2.engine import (  # noqa: E402
+    get_ap_loss_cfg,
+    setup_cfg,
+    valid_cls_losses,
+    validate_cfg,
+    validate_lazy_cfg,
+)
+from ap_loss_d2.modeling import APLossRetinaNet  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+YAML_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in CONFIGS.rglob("*.yaml"))
+LAZY_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in CONFIGS.rglob("*.py"))
+TINY_YAML = REPO / "tests" / "configs" / "tiny_synth_retinanet.yaml"
+
+VOC_IMAGES, COCO_IMAGES = 16551, 117266  # VOC07+12 trainval, COCO trainval35k
+TABLE2_LOSSES = ("ap", "auc", "focal", "ce_ohem")  # the losses compared in the paper's Table 2
+
+
+def load_yaml_cfg(path, opts=()):
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(str(REPO / path))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_configs_found():
+    names = {Path(p).name for p in YAML_CONFIGS}
+    for loss in TABLE2_LOSSES:
+        assert f"retinanet_R_50_FPN_160e_voc0712_{loss}.yaml" in names
+        assert f"retinanet_R_50_FPN_100e_coco_{loss}.yaml" in names
+    for res in ("500", "800"):
+        assert f"retinanet_R_101_FPN_160e_voc0712_ap{res}.yaml" in names
+        assert f"retinanet_R_101_FPN_100e_coco_ap{res}.yaml" in names
+    lazy = {Path(p).name for p in LAZY_CONFIGS}
+    for name in ("retinanet_R_50_FPN_160e_voc0712_ap.py", "retinanet_R_50_FPN_160e_voc0712_focal.py",
+                 "retinanet_R_50_FPN_100e_coco_ap.py"):
+        assert name in lazy
+
+
+@pytest.mark.parametrize("path", YAML_CONFIGS)
+def test_bases_stay_in_repo(path):
+    base = yaml.unsafe_load((REPO / path).read_text()).get("_BASE_")
+    if base is None:
+        return
+    assert "://" not in base, f"{path}: _BASE_ {base!r} is not a local file"
+    target = (REPO / path).parent.joinpath(base).resolve()
+    assert target.is_file(), f"{path}: _BASE_ {base!r} does not exist"
+    assert REPO in target.parents, f"{path}: _BASE_ {base!r} points outside the repository"
+
+
+@pytest.mark.parametrize("path", YAML_CONFIGS)
+def test_yaml_config_builds(path):
+    cfg = load_yaml_cfg(path)
+    validate_cfg(cfg)
+    model = build_model(cfg)
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
+    if isinstance(model, APLossRetinaNet):
+        assert model.cls_loss == cfg.MODEL.CLS_LOSS.NAME
+
+
+PAPER_YAML = [
+    p
+    for p in YAML_CONFIGS
+    if p.startswith(("configs/VOC-Detection/", "configs/COCO-Detection/"))
+    and Path(p).name.startswith("retinanet_R_")
+]
+
+
+@pytest.mark.parametrize("path", PAPER_YAML)
+def test_paper_settings(path):
+    """Sec. 4.1: the settings shared by all RetinaNet paper configs."""
+    cfg = load_yaml_cfg(path)
+    m, s = cfg.MODEL, cfg.SOLVER
+    assert m.META_ARCHITECTURE == "APLossRetinaNet"
+    assert m.RESNETS.NORM == "FrozenBN" and m.BACKBONE.FREEZE_AT == 2
+    assert m.RESNETS.DEPTH == (101 if "R_101" in path else 50)
+    assert m.ANCHOR_GENERATOR.ASPECT_RATIOS == [[0.5, 1.0, 2.0]]
+    assert len(m.ANCHOR_GENERATOR.SIZES) == 5
+    for level, sizes in enumerate(m.ANCHOR_GENERATOR.SIZES):
+        base = 32 * 2**level
+        assert sizes == pytest.approx([base, base * 2**0.5], rel=1e-4)
+    assert m.RETINANET.NMS_THRESH_TEST == 0.5
+    assert m.CLS_LOSS.DELTA == 1.0 and m.CLS_LOSS.INTERPOLATE and m.CLS_LOSS.STEP == "linear"
+    assert (s.BASE_LR, s.IMS_PER_BATCH, s.MOMENTUM, s.WEIGHT_DECAY, s.GAMMA) == (0.001, 16, 0.9, 1e-4, 0.1)
+    assert cfg.AP_LOSS_INPUT.AUGMENTATION == "ssd"
+    assert m.WEIGHTS == ""  # patched by the test; the file itself names the ImageNet weights
+    raw = (REPO / path).read_text() + (REPO / path).parent.joinpath(
+        yaml.unsafe_load((REPO / path).read_text())["_BASE_"]).read_text()
+    assert "ImageNetPretrained" in raw or "Base-" in raw
+    if path.endswith("500.yaml") or path.endswith("800.yaml"):
+        size = 512 if path.endswith("500.yaml") else 800
+        assert cfg.AP_LOSS_INPUT.FIXED_SIZE == size
+        assert cfg.INPUT.MIN_SIZE_TEST == (500 if size == 512 else 800)
+    else:
+        assert cfg.AP_LOSS_INPUT.FIXED_SIZE == 512 and cfg.INPUT.MIN_SIZE_TEST == 600
+    if "voc0712" in path:
+        images, epochs, drops = VOC_IMAGES, 160, (110, 140)
+        assert m.RETINANET.NUM_CLASSES == 20
+        assert cfg.DATASETS.TRAIN == ("voc_2007_trainval", "voc_2012_trainval")
+        assert cfg.DATASETS.TEST == ("voc_2007_test",)
+    else:
+        images, epochs, drops = COCO_IMAGES, 100, (60, 80)
+        assert m.RETINANET.NUM_CLASSES == 80
+    assert s.MAX_ITER == math.ceil(epochs * images / 16)
+    assert s.STEPS == tuple(round(e * images / 16 + 1e-9) for e in drops)
+
+
+def test_imagenet_weights_named_in_paper_configs():
+    for path in PAPER_YAML:
+        cfg = get_ap_loss_cfg()
+        cfg.merge_from_file(str(REPO / path))
+        depth = "101" if "R_101" in path else "50"
+        assert cfg.MODEL.WEIGHTS == f"detectron2://ImageNetPretrained/MSRA/R-{depth}.pkl"
+
+
+@pytest.mark.parametrize("dataset", ["160e_voc0712", "100e_coco"])
+def test_loss_twins_differ_only_in_loss(dataset):
+    """Paper Table 2: the four losses are trained with identical settings."""
+    folder = "VOC-Detection" if "voc" in dataset else "COCO-Detection"
+    dumps = {}
+    for loss in TABLE2_LOSSES:
+        cfg = load_yaml_cfg(f"configs/{folder}/retinanet_R_50_FPN_{dataset}_{loss}.yaml")
+        assert cfg.MODEL.CLS_LOSS.NAME == loss
+        cfg.MODEL.CLS_LOSS.NAME = "-"
+        dumps[loss] = cfg.dump()
+    assert len(set(dumps.values())) == 1
+
+
+@pytest.mark.parametrize("path", LAZY_CONFIGS)
+def test_lazy_config_builds(path):
+    cfg = LazyConfig.load(str(REPO / path))
+    if "/common/" in path:
+        return  # building blocks, imported by the configs next to them
+    assert {"model", "dataloader", "optimizer", "lr_multiplier", "train"} <= set(cfg.keys())
+    validate_lazy_cfg(cfg)
+    model = instantiate(cfg.model)
+    assert isinstance(model, torch.nn.Module)
+
+
+LAZY_RETINANET = [p for p in LAZY_CONFIGS if Path(p).name.startswith("retinanet_R_")]
+
+
+@pytest.mark.parametrize("path", LAZY_RETINANET)
+def test_lazy_paper_settings(path):
+    cfg = LazyConfig.load(str(REPO / path))
+    model = instantiate(cfg.model)
+    assert isinstance(model, APLossRetinaNet)
+    assert model.cls_loss == cfg.model.cls_loss == Path(path).stem.rsplit("_", 1)[-1]
+    assert model.anchor_generator.num_anchors == [6] * 5
+    assert model.test_nms_thresh == 0.5
+    assert model.ranking_options["delta"] == 1.0
+    assert cfg.optimizer.lr == 0.001 and cfg.optimizer.weight_decay == 1e-4
+    assert cfg.optimizer.momentum == 0.9 and cfg.dataloader.train.total_batch_size == 16
+    assert cfg.dataloader.train.mapper.augmentations.cfg_or_size == 512
+    assert cfg.dataloader.test.mapper.augmentations[0].short_edge_length == 600
+    assert cfg.train.init_checkpoint == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    images = VOC_IMAGES if "voc0712" in path else COCO_IMAGES
+    epochs = 160 if "voc0712" in path else 100
+    assert cfg.train.max_iter == math.ceil(epochs * images / 16)
+    assert model.num_classes == (20 if "voc0712" in path else 80)
+
+
+def test_lazy_twin_matches_yaml():
+    """The LazyConfig and yaml VOC AP-loss configs describe the same model and schedule."""
+    lazy = LazyConfig.load(str(CONFIGS / "lazy" / "retinanet_R_50_FPN_160e_voc0712_ap.py"))
+    cfg = load_yaml_cfg("configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml")
+    torch.manual_seed(0)
+    a = instantiate(lazy.model)
+    b = build_model(cfg)
+    assert a.cls_loss == b.cls_loss and a.num_classes == b.num_classes
+    assert a.ranking_options == b.ranking_options
+    for x, y in zip(a.anchor_generator.cell_anchors, b.anchor_generator.cell_anchors):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-3)
+    shapes_a = {k: v.shape for k, v in a.state_dict().items()}
+    shapes_b = {k: v.shape for k, v in b.state_dict().items()}
+    assert shapes_a == shapes_b
+    assert lazy.train.max_iter == cfg.SOLVER.MAX_ITER
+    assert list(lazy.lr_multiplier.scheduler.milestones[:-1]) == list(cfg.SOLVER.STEPS)
+    assert lazy.dataloader.test.mapper.augmentations[0].short_edge_length == cfg.INPUT.MIN_SIZE_TEST
+
+
+def _args(config_file, *opts):
+    return argparse.Namespace(config_file=str(config_file), opts=list(opts), eval_only=False, resume=False)
+
+
+def test_unknown_loss_name_fails_at_setup(tmp_path):
+    with pytest.raises(ValueError) as e:
+        setup_cfg(_args(TINY_YAML, "MODEL.CLS_LOSS.NAME", "hinge", "OUTPUT_DIR", str(tmp_path)))
+    msg = str(e.value)
+    assert "hinge" in msg and "APLossRetinaNet" in msg
+    assert ", ".join(RETINANET_LOSSES) in msg
+    assert not any(tmp_path.iterdir()), "failed before default_setup wrote anything"
+
+
+def test_unknown_loss_name_in_yaml_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{TINY_YAML}"\nMODEL:\n  CLS_LOSS:\n    NAME: "ce"\n')
+    with pytest.raises(ValueError, match="valid names: " + ", ".join(RETINANET_LOSSES)):
+        setup_cfg(_args(bad, "OUTPUT_DIR", str(tmp_path / "out")))
+
+
+def test_unknown_cls_loss_key_fails(tmp_path):
+    # yacs: KeyError from a file, AssertionError from a command-line list
+    with pytest.raises((KeyError, AssertionError), match="MODEL.CLS_LOSS.GAMMA"):
+        setup_cfg(_args(TINY_YAML, "MODEL.CLS_LOSS.GAMMA", "2.0"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{TINY_YAML}"\nMODEL:\n  CLS_LOSS:\n    DELTAA: 1.0\n')
+    with pytest.raises(KeyError, match="MODEL.CLS_LOSS.DELTAA"):
+        setup_cfg(_args(bad))
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        (["MODEL.CLS_LOSS.STEP", "cubic"], "valid steps: linear, heaviside, sigmoid"),
+        (["MODEL.CLS_LOSS.DELTA", "0.0"], "DELTA"),
+        (["AP_LOSS_INPUT.AUGMENTATION", "mosaic"], "default, ssd"),
+    ],
+)
+def test_bad_values_fail(opts, match):
+    with pytest.raises(ValueError, match=match):
+        setup_cfg(_args(TINY_YAML, *opts))
+
+
+def test_stock_models_ignore_cls_loss_name():
+    cfg = load_yaml_cfg("configs/Base-RetinaNet.yaml", ["MODEL.CLS_LOSS.NAME", "anything"])
+    assert valid_cls_losses(cfg) is None
+    validate_cfg(cfg)
+
+
+def test_lazy_unknown_loss_fails():
+    cfg = LazyConfig.load(str(CONFIGS / "lazy" / "retinanet_R_50_FPN_160e_voc0712_ap.py"))
+    cfg.model.cls_loss = "hinge"
+    with pytest.raises(ValueError, match="valid names: " + ", ".join(RETINANET_LOSSES)):
+        validate_lazy_cfg(cfg)

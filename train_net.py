@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Train / evaluate Detectron2 detectors with AP-loss.
+
+Accepts both config systems of Detectron2:
+
+* ``.yaml`` (yacs): ``python train_net.py --config-file configs/VOC-Detection/....yaml``
+  [``--eval-only MODEL.WEIGHTS path/model_final.pth``] [``--resume``] [``KEY VALUE`` ...]
+* ``.py`` (LazyConfig): ``python train_net.py --config-file configs/lazy/....py``
+  [``--eval-only train.init_checkpoint=path/model_final.pth``] [``--resume``] [``key=value`` ...]
+
+The training logic lives in :mod:`ap_loss_d2.engine`; this script only wires it to the command
+line, like Detectron2's ``tools/train_net.py`` and ``tools/lazyconfig_train_net.py``.
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import create_ddp_model, default_argument_parser, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from ap_loss_d2.engine import (
+    Trainer,
+    build_lazy_model,
+    do_test_lazy,
+    do_train_lazy,
+    setup_cfg,
+    setup_lazy_cfg,
+)
+
+
+def main_lazy(args):
+    cfg = setup_lazy_cfg(args)
+    if args.eval_only:
+        model = create_ddp_model(build_lazy_model(cfg))
+        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        res = do_test_lazy(cfg, model)
+        print(res)
+        return res
+    return do_train_lazy(cfg, args)
+
+
+def main(args):
+    if args.config_file.endswith(".py"):
+        return main_lazy(args)
+    cfg = setup_cfg(args)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
