@@ -11,12 +11,12 @@ Accepts both config systems of Detectron2:
 The training logic lives in :mod:`ap_loss_d2.engine`; this script only wires it to the command
 line, like Detectron2's ``tools/train_net.py`` and ``tools/lazyconfig_train_net.py``.
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import create_ddp_model, default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from ap_loss_d2.engine import (
+    SafeDetectionCheckpointer,
     Trainer,
     build_lazy_model,
     do_test_lazy,
@@ -30,7 +30,7 @@ def main_lazy(args):
     cfg = setup_lazy_cfg(args)
     if args.eval_only:
         model = create_ddp_model(build_lazy_model(cfg))
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        SafeDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
         res = do_test_lazy(cfg, model)
         print(res)
         return res
@@ -44,7 +44,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -1,9 +1,11 @@
 """Training entry points: yacs (``Trainer``, ``setup_cfg``) and LazyConfig (``do_train_lazy``,
 ``do_test_lazy``). ``train_net.py`` at the repository root wires them to the command line."""
+from .checkpoint import SafeDetectionCheckpointer
 from .defaults import Trainer, get_ap_loss_cfg, setup_cfg, valid_cls_losses, validate_cfg
 from .lazy import build_lazy_model, do_test_lazy, do_train_lazy, setup_lazy_cfg, validate_lazy_cfg
 
 __all__ = [
+    "SafeDetectionCheckpointer",
     "Trainer",
     "build_lazy_model",
     "do_test_lazy",

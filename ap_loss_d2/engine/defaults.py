@@ -1,4 +1,6 @@
 """Training with yacs (``.yaml``) configs: config set-up with validation, and the Trainer."""
+import weakref
+
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
@@ -8,8 +10,9 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from ..config import RETINANET_LOSSES, ROI_HEAD_LOSSES, add_ap_loss_config
 from ..data import AUGMENTATIONS, add_ap_loss_data_config, build_train_mapper
 from ..evaluation import build_evaluator
-from ..losses import STEPS
+from ..losses import STEPS, NonFiniteLogitsError
 from ..modeling import APLossRetinaNet
+from .checkpoint import SafeDetectionCheckpointer
 
 __all__ = [
     "Trainer",
@@ -92,8 +95,28 @@ def setup_cfg(args):
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection and training mapper
-    (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``)."""
+    """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection, training mapper
+    (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``) and checkpointer
+    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading)."""
+
+    def build_hooks(self):
+        # atomic checkpoint writes and weights-only loading (see .checkpoint), used by resume,
+        # MODEL.WEIGHTS and the periodic checkpointer hook built below
+        self.checkpointer = SafeDetectionCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except (NonFiniteLogitsError, FloatingPointError) as e:
+            last = self.checkpointer.get_checkpoint_file() or "none saved yet"
+            raise FloatingPointError(
+                f"Training stopped at iteration {self.iter}: NaN or Inf in the model's outputs or "
+                f"losses. Nothing was saved for this iteration; the last good checkpoint is "
+                f"{last} (continue with --resume, e.g. with a lower SOLVER.BASE_LR).\nCause: {e}"
+            ) from e
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

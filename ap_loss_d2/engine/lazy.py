@@ -9,7 +9,6 @@ and ``train`` (Detectron2's ``configs/common/train.py`` keys: ``output_dir``, ``
 import inspect
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -26,6 +25,7 @@ from detectron2.utils.registry import locate
 from ..config import RETINANET_LOSSES
 from ..losses import STEPS
 from ..modeling import APLossRetinaNet
+from .checkpoint import SafeDetectionCheckpointer
 
 __all__ = [
     "build_lazy_model",
@@ -115,7 +115,7 @@ def do_train_lazy(cfg, args):
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = _build_trainer(cfg, model, train_loader, optim)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
 
     results = {}
 

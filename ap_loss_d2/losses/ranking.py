@@ -44,13 +44,17 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ap_loss", "auc_loss", "STEPS", "SIGMOID_CHUNK_BYTES"]
+__all__ = ["ap_loss", "auc_loss", "NonFiniteLogitsError", "STEPS", "SIGMOID_CHUNK_BYTES"]
 
 STEPS = ("linear", "heaviside", "sigmoid")
 #: Cap on the temporary memory of one chunk of the sigmoid step (bytes).
 SIGMOID_CHUNK_BYTES = 256 * 2**20
 # Uniform grid cells per breakpoint for the segment lookup table (see _SegmentIndex).
 _GRID_CELLS_PER_BREAKPOINT = 64
+
+
+class NonFiniteLogitsError(ValueError):
+    """The logits given to a ranking loss hold NaN or Inf."""
 
 
 def ap_loss(
@@ -166,7 +170,7 @@ def _validate(logits, targets):
         return
     if not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).sum())
-        raise ValueError(f"{bad} of {logits.numel()} logits are NaN or Inf")
+        raise NonFiniteLogitsError(f"{bad} of {logits.numel()} logits are NaN or Inf")
     if targets.dtype == torch.bool:
         raise ValueError("targets must hold 1 (positive), 0 (negative), -1 (ignored); got a bool tensor")
     if targets.is_floating_point():

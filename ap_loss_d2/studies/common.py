@@ -147,7 +147,7 @@ def loss_label(cfg) -> str:
 def build_model_for_run(cfg, weights: str):
     """Detectron2's ``build_model(cfg)`` in eval mode with ``weights`` (or ``cfg.MODEL.WEIGHTS``)
     loaded by ``DetectionCheckpointer``; random initialisation when both are empty."""
-    from detectron2.checkpoint import DetectionCheckpointer
+    from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer as DetectionCheckpointer
     from detectron2.modeling import build_model
 
     model = build_model(cfg)
@@ -178,7 +178,7 @@ def unique_labels(labels: Iterable[str]) -> List[str]:
 
 def save_checkpoint(model, path) -> str:
     """Save ``model``'s weights with ``DetectionCheckpointer`` as ``path`` (a ``.pth``)."""
-    from detectron2.checkpoint import DetectionCheckpointer
+    from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer as DetectionCheckpointer
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
