@@ -1,0 +1,472 @@
+#!/usr/bin/env python
+"""RoI-sampling study of the paper's supplementary A4.3 (Table 14, Fig. 13).
+
+Faster R-CNN is trained with ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE`` in ``--sizes`` (default
+512 1024 1536 2048 3072 4096) and ``POSITIVE_FRACTION`` 1.0 (no positive/negative ratio
+constraint: all positives, the rest negatives), once per classification loss in ``--losses``
+(default: ``ce`` = stock Faster R-CNN, ``ap`` = AP-loss), then each model is evaluated on
+``DATASETS.TEST``. Writes into ``--output-dir``:
+
+* ``roi_sampling_study.md``   the table (AP, AP50, AP75 per setting and loss, like Table 14)
+* ``roi_sampling_study.json`` the same numbers (plus the evaluator's full output per run)
+* ``roi_sampling_study.png``  AP vs #RoIs per image, one line per loss (like Fig. 13)
+* ``<loss>_rois<size>/``      one Detectron2 output directory per run
+
+Each run is trained by ``train_net.py`` (Detectron2's ``DefaultTrainer`` through
+``ap_loss_d2.engine.Trainer``) in a subprocess, one after the other, with ``--num-gpus`` passed
+on, and evaluated here with the project's evaluator (``Trainer.test``, i.e.
+``ap_loss_d2.evaluation.build_evaluator``) on ``model_final.pth``; the numbers in the report
+are that evaluator's output. The training subprocess gets ``DATASETS.TEST ()`` so the test set
+is evaluated once.
+
+Resuming: rerunning the same command skips finished runs (those whose ``study_eval.json``
+exists), evaluates runs that finished training, and continues interrupted runs from their last
+checkpoint (``train_net.py --resume``). A run directory remembers its settings
+(``study_run.json``); rerunning with different settings into it is refused.
+
+Each run also sets ``MODEL.RPN.POST_NMS_TOPK_TRAIN`` to at least the RoI batch size, otherwise
+the number of proposals (1000 per image in Detectron2's FPN configs) would cap the sampled RoIs.
+The number of RoIs actually sampled per image (Detectron2's ``roi_head/num_{fg,bg}_samples``,
+from the run's ``metrics.json``) is reported too: on small images there may be fewer proposals
+than requested.
+
+Defaults: a CPU-sized setting, ``configs/FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml``
+(ResNet-18-FPN trained from scratch on the embedded synthetic shapes dataset
+``synth_shapes_train`` -> ``synth_shapes_val``, 128px images, 4 images per batch, 600
+iterations). Its cost grows with the number of RoIs (RoIAlign and the box head): roughly
+1 CPU-second per iteration at 512 RoIs per image and 5 at 4096 (about 3000 sampled: 128px
+images have fewer proposals), i.e. a few CPU-hours for the 12 default runs. Shorten it with
+``--iters`` / ``--sizes``, or add ``MODEL.DEVICE cuda``. The paper's setting (R50-FPN,
+VOC 07+12 -> 07 test)::
+
+    python tools/roi_sampling_study.py --num-gpus 8 \\
+        --config configs/FasterRCNN/faster_rcnn_R_50_FPN_18k_voc0712_ce.yaml \\
+        --output-dir output/roi_sampling_study_voc MODEL.DEVICE cuda
+
+Trailing ``KEY VALUE`` pairs are config overrides applied to every run, after the study's own
+(so they win).
+"""
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "FasterRCNN" / "faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
+DEFAULT_TRAIN_NET = REPO / "train_net.py"
+DEFAULT_SIZES = (512, 1024, 1536, 2048, 3072, 4096)
+DEFAULT_LOSSES = ("ce", "ap")
+POSITIVE_FRACTION = 1.0
+METRICS = ("AP", "AP50", "AP75")
+LOSS_LABELS = {
+    "ce": "Faster R-CNN (CE)",
+    "ap": "Faster R-CNN + AP-loss",
+    "auc": "Faster R-CNN + AUC-loss",
+}
+
+RUN_FILE = "study_run.json"  # the settings of a run directory
+EVAL_FILE = "study_eval.json"  # the evaluator's output for a finished run
+REPORT = "roi_sampling_study"
+
+
+def build_parser():
+    from ap_loss_d2.config import ROI_HEAD_LOSSES
+
+    parser = argparse.ArgumentParser(
+        description="Train and evaluate Faster R-CNN (CE vs AP-loss) for several numbers of "
+        "sampled RoIs per image (paper supplementary A4.3, Table 14 / Fig. 13).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+        help="values of MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
+    add("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=ROI_HEAD_LOSSES,
+        help="values of MODEL.CLS_LOSS.NAME")
+    add("--config", default=str(DEFAULT_CONFIG), help="yaml config of a model with APLossROIHeads")
+    add("--iters", type=int, default=None,
+        help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (None: the config's)")
+    add("--output-dir", default="output/roi_sampling_study", help="report and run directories")
+    add("--num-gpus", type=int, default=1, help="passed to train_net.py")
+    add("--train-net", default=str(DEFAULT_TRAIN_NET),
+        help="training script taking Detectron2's default_argument_parser arguments")
+    add("--verbose", action="store_true",
+        help="also print the training and evaluation logs (always written to files)")
+    add("opts", nargs=argparse.REMAINDER, default=[],
+        help="config overrides 'KEY VALUE ...' applied to every run (last)")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------------
+
+
+def _merged_cfg(config_file, opts):
+    from ap_loss_d2.engine import get_ap_loss_cfg
+
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def scaled_steps(steps, max_iter, iters):
+    """``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters``, kept strictly
+    increasing and inside ``(0, iters)`` (what Detectron2's multi-step scheduler accepts)."""
+    out = []
+    for s in steps:
+        s = int(round(s * iters / max_iter))
+        if 0 < s < iters and (not out or s > out[-1]):
+            out.append(s)
+    while out and len(out) + 1 > iters:
+        out.pop()
+    return tuple(out)
+
+
+def run_overrides(base_cfg, loss, size, iters):
+    """The study's overrides of one run (the user's overrides are appended after them)."""
+    # fmt: off
+    opts = [
+        "MODEL.CLS_LOSS.NAME", loss,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(size),
+        "MODEL.ROI_HEADS.POSITIVE_FRACTION", str(POSITIVE_FRACTION),
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", str(max(base_cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, size)),
+    ]
+    # fmt: on
+    if iters is not None:
+        steps = scaled_steps(base_cfg.SOLVER.STEPS, base_cfg.SOLVER.MAX_ITER, iters)
+        opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", repr(steps)]
+    return opts
+
+
+def run_name(loss, size):
+    return f"{loss}_rois{size}"
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+# ------------------------------------------------------------------------------------------------
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, data):
+    """Write atomically (a rename), so an interrupted write never leaves a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_finite_or_none(data), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _finite_or_none(x):
+    """NaN/Inf -> None (strict JSON), recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
+def _last_checkpoint(run_dir):
+    f = Path(run_dir) / "last_checkpoint"
+    return f.read_text().strip() if f.exists() else None
+
+
+def train(settings, run_dir, train_net, num_gpus, verbose=False):
+    """Train one run with ``train_net.py --resume`` (a no-op resume on an empty directory).
+
+    The subprocess's output goes to ``run_dir/train_stdout.log``, and to the console too with
+    ``verbose`` (Detectron2 also writes ``log.txt`` and ``metrics.json`` there).
+    """
+    # fmt: off
+    cmd = [
+        sys.executable, str(train_net),
+        "--config-file", settings["config"],
+        "--num-gpus", str(num_gpus),
+        "--resume",
+        *settings["overrides"],
+        "OUTPUT_DIR", str(run_dir),
+        "DATASETS.TEST", "()",  # evaluated once, by evaluate()
+    ]
+    # fmt: on
+    log_path = Path(run_dir) / "train_stdout.log"
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if verbose:
+                    sys.stdout.write(line)
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: stop our training process too
+                proc.terminate()
+                proc.wait()
+    if returncode != 0:
+        tail = log_path.read_text().splitlines()[-30:]
+        raise RuntimeError(
+            f"training failed (exit code {returncode}); last lines of {log_path}:\n"
+            + "\n".join(tail)
+        )
+    final = Path(run_dir) / "model_final.pth"
+    if not final.exists():
+        raise RuntimeError(f"training ended without writing {final}; see {log_path}")
+
+
+def evaluate(settings, run_dir):
+    """Evaluate ``run_dir/model_final.pth`` with the project's evaluator; returns its output."""
+    from ap_loss_d2.engine import Trainer, validate_cfg
+    from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer
+
+    cfg = _merged_cfg(settings["config"], settings["overrides"])
+    cfg.OUTPUT_DIR = str(run_dir)
+    cfg.MODEL.WEIGHTS = str(Path(run_dir) / "model_final.pth")
+    validate_cfg(cfg)
+    cfg.freeze()
+    model = Trainer.build_model(cfg)
+    SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
+    return Trainer.test(cfg, model)
+
+
+def bbox_metrics(results, test_datasets):
+    """AP/AP50/AP75 of ``Trainer.test``'s output (``{"bbox": ...}`` for one test dataset,
+    ``{dataset: {"bbox": ...}}`` for several: the first is used)."""
+    if "bbox" not in results:
+        results = results[test_datasets[0]]
+    return {k: float(results["bbox"][k]) for k in METRICS}
+
+
+def mean_sampled_rois(run_dir):
+    """Mean RoIs sampled per image during training, from Detectron2's ``metrics.json``
+    (``roi_head/num_fg_samples + roi_head/num_bg_samples``); None if not logged."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.exists():
+        return None
+    values = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interruption
+                continue
+            if "roi_head/num_fg_samples" in record and "roi_head/num_bg_samples" in record:
+                values.append(record["roi_head/num_fg_samples"] + record["roi_head/num_bg_samples"])
+    return sum(values) / len(values) if values else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _fmt(x, digits=2):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def markdown_table(records, sizes, losses):
+    by_key = {(r["loss"], r["batch_size_per_image"]): r for r in records}
+    head = ["#RoIs/img"]
+    for loss in losses:
+        label = LOSS_LABELS.get(loss, loss)
+        head += [f"{label} {m}" for m in METRICS] + [f"{label} sampled"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size in sizes:
+        row = [str(size)]
+        for loss in losses:
+            r = by_key.get((loss, size))
+            row += [_fmt(r[m]) if r else "-" for m in METRICS]
+            row.append(_fmt(r["mean_sampled_rois_per_image"], 0) if r else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(output_dir, records, meta):
+    """Write the markdown table, the JSON and the plot of the runs finished so far."""
+    output_dir = Path(output_dir)
+    sizes, losses = meta["sizes"], meta["losses"]
+    _write_json(output_dir / f"{REPORT}.json", {**meta, "metrics": list(METRICS), "runs": records})
+    total = len(sizes) * len(losses)
+    overrides = " ".join(meta["overrides"])
+    lines = [
+        "# RoI-sampling study (paper supplementary A4.3, Table 14 / Fig. 13)",
+        "",
+        f"- config: `{meta['config']}`",
+        f"- overrides: `{overrides}`" if overrides else "- overrides: none",
+        f"- {meta['iters']} iterations per run, ROI_HEADS.POSITIVE_FRACTION {POSITIVE_FRACTION}",
+        f"- evaluated on {', '.join(meta['test_datasets'])}; {len(records)}/{total} runs finished",
+        "",
+        "AP, AP50, AP75 of each run (the evaluator's output); 'sampled': mean number of RoIs per "
+        "image actually sampled during training.",
+        "",
+        markdown_table(records, sizes, losses),
+    ]
+    (output_dir / f"{REPORT}.md").write_text("\n".join(lines))
+    plot(output_dir / f"{REPORT}.png", records, sizes, losses)
+
+
+def plot(path, records, sizes, losses):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for loss in losses:
+        points = sorted(
+            (r["batch_size_per_image"], r["AP"])
+            for r in records
+            if r["loss"] == loss and r["AP"] is not None and math.isfinite(r["AP"])
+        )
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=LOSS_LABELS.get(loss, loss))
+    ax.set_xticks(sorted(sizes))
+    ax.set_xlabel("number of RoI samples per image")
+    ax.set_ylabel("AP")
+    ax.set_title("AP vs #RoIs in the second stage (positive fraction 1.0)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def _log_detectron2(path, verbose):
+    """Send Detectron2's logs of the evaluations to ``path`` (and to the console if verbose)."""
+    d2 = logging.getLogger("detectron2")
+    d2.setLevel(logging.INFO)
+    path = str(Path(path).resolve())
+    if not any(getattr(h, "baseFilename", None) == path for h in d2.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s"))
+        d2.addHandler(handler)
+    if verbose and not any(type(h) is logging.StreamHandler for h in d2.handlers):
+        d2.addHandler(logging.StreamHandler(sys.stdout))
+
+
+def _say(msg):
+    print(f"[roi_sampling_study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    opts = list(args.opts)
+    if opts and opts[0] == "--":
+        opts = opts[1:]
+    if len(opts) % 2:
+        raise SystemExit(f"config overrides must be KEY VALUE pairs, got {opts}")
+    if any(s <= 0 for s in args.sizes):
+        raise SystemExit(f"--sizes must be positive, got {args.sizes}")
+    if args.iters is not None and args.iters <= 0:
+        raise SystemExit(f"--iters must be positive, got {args.iters}")
+    sizes = sorted(set(args.sizes))
+    losses = list(dict.fromkeys(args.losses))
+    config = str(Path(args.config).resolve())
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _log_detectron2(output_dir / "eval_log.txt", args.verbose)
+
+    base = _merged_cfg(config, opts)
+    meta = {
+        "config": config,
+        "iters": args.iters if args.iters is not None else base.SOLVER.MAX_ITER,
+        "sizes": sizes,
+        "losses": losses,
+        "positive_fraction": POSITIVE_FRACTION,
+        "overrides": opts,
+        "test_datasets": list(base.DATASETS.TEST),
+    }
+    if not meta["test_datasets"]:
+        raise SystemExit("the config has no DATASETS.TEST to evaluate on")
+
+    runs = [(loss, size) for size in sizes for loss in losses]
+    records = []
+    start = time.perf_counter()
+    for i, (loss, size) in enumerate(runs, 1):
+        tag = f"[{i}/{len(runs)}] {loss} rois={size}"
+        run_dir = output_dir / run_name(loss, size)
+        run_dir.mkdir(exist_ok=True)
+        overrides = run_overrides(base, loss, size, args.iters) + opts
+        settings = {"config": config, "overrides": overrides}
+        run_file = run_dir / RUN_FILE
+        if run_file.exists():
+            previous = _read_json(run_file)
+            if previous != settings:
+                raise SystemExit(
+                    f"{run_dir} holds a run with other settings:\n  {previous}\n"
+                    f"now:\n  {settings}\nuse another --output-dir or delete that directory"
+                )
+        else:
+            _write_json(run_file, settings)
+
+        eval_file = run_dir / EVAL_FILE
+        if eval_file.exists():
+            record = _read_json(eval_file)
+            _say(f"{tag}: done before, AP={_fmt(record['AP'])}")
+            records.append(record)
+            continue
+
+        if not (run_dir / "model_final.pth").exists():
+            last = _last_checkpoint(run_dir)
+            _say(
+                f"{tag}: training" + (f" (resuming from {last})" if last else "")
+                + f", log: {run_dir / 'log.txt'}"
+            )
+            t0 = time.perf_counter()
+            train(settings, run_dir, args.train_net, args.num_gpus, args.verbose)
+            _say(f"{tag}: trained in {time.perf_counter() - t0:.0f}s")
+        _say(f"{tag}: evaluating on {', '.join(meta['test_datasets'])}")
+        if args.verbose:
+            results = evaluate(settings, run_dir)
+        else:  # pycocotools prints its tables: keep them in the evaluation log
+            with open(output_dir / "eval_log.txt", "a") as f, contextlib.redirect_stdout(f):
+                results = evaluate(settings, run_dir)
+        record = {
+            "loss": loss,
+            "batch_size_per_image": size,
+            **bbox_metrics(results, meta["test_datasets"]),
+            "mean_sampled_rois_per_image": mean_sampled_rois(run_dir),
+            "output_dir": str(run_dir),
+            "results": results,
+        }
+        record = _finite_or_none(record)
+        _write_json(eval_file, record)
+        records.append(record)
+        write_report(output_dir, records, meta)
+        _say(
+            f"{tag}: " + " ".join(f"{m}={_fmt(record[m])}" for m in METRICS)
+            + f" ({time.perf_counter() - start:.0f}s elapsed)"
+        )
+
+    write_report(output_dir, records, meta)
+    _say(f"table: {output_dir / (REPORT + '.md')}")
+    _say(f"plot:  {output_dir / (REPORT + '.png')}")
+    print(markdown_table(records, sizes, losses), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()
