@@ -5,7 +5,7 @@ LazyConfig ``.py`` configs pass the same values as constructor arguments of the 
 from detectron2.config import CfgNode as CN
 
 # Valid values of MODEL.CLS_LOSS.NAME, per meta-architecture family.
-RETINANET_LOSSES = ("ap", "auc", "focal", "ce_ohem")
+RETINANET_LOSSES = ("ap", "auc", "focal", "ce_ohem", "ap_approx", "ap_hinge")
 ROI_HEAD_LOSSES = ("ap", "auc", "ce")
 STEPS = ("linear", "heaviside", "sigmoid")
 
@@ -15,7 +15,9 @@ def add_ap_loss_config(cfg):
     cfg.MODEL.CLS_LOSS = CN()
     # Classification loss: "ap" (AP-loss), "auc" (AUC-loss, Eq. 7), "focal" (RetinaNet's own,
     # RetinaNet only), "ce_ohem" (softmax CE + 3:1 online hard negative mining, RetinaNet only),
-    # "ce" (softmax CE over K+1 classes, Faster R-CNN box head only).
+    # "ce" (softmax CE over K+1 classes, Faster R-CNN box head only), and the alternative AP-loss
+    # optimisers of Fig. 8, RetinaNet only: "ap_approx" (approximate gradient: sigmoid-smoothed AP
+    # with SIGMOID_K, -log(AP + eps)), "ap_hinge" (structured hinge-loss upper bound, SVM-AP).
     cfg.MODEL.CLS_LOSS.NAME = "ap"
     # Width delta of the piecewise step function (Eq. 21); also bounds the non-trivial negatives.
     cfg.MODEL.CLS_LOSS.DELTA = 1.0
@@ -27,6 +29,8 @@ def add_ap_loss_config(cfg):
     cfg.MODEL.CLS_LOSS.SIGMOID_K = 0.5
     # Weight of the classification loss in the total loss.
     cfg.MODEL.CLS_LOSS.WEIGHT = 1.0
+    # Weight of the box-regression loss; 0 turns it off as in the paper's Fig. 8 study.
+    cfg.MODEL.CLS_LOSS.BOX_REG_WEIGHT = 1.0
     # Negatives kept per positive by "ce_ohem" (the paper's CE+OHEM baseline uses 3:1).
     cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO = 3.0
     # Rank the scores of all processes' images together (exact, across GPUs and machines).

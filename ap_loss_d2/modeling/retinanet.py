@@ -14,6 +14,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..config import RETINANET_LOSSES
 from ..losses import ap_loss, auc_loss
+from ..losses.alternatives import ap_loss_approx_gradient, ap_loss_structured_hinge
 from ..losses.distributed import resolve_group
 from ..losses.ohem import ce_ohem_loss
 from .labels import ranking_targets
@@ -27,10 +28,12 @@ class APLossRetinaNet(RetinaNet):
 
     ``cls_loss``: ``"ap"`` (AP-loss), ``"auc"`` (AUC-loss), ``"focal"`` (stock RetinaNet,
     identical losses), ``"ce_ohem"`` (softmax CE with a fixed zero background logit and 3:1
-    online hard negative mining). For the ranking losses every anchor is replicated per class
-    (paper Fig. 3: 1 for its matched class, 0 for the other classes and for background anchors,
-    -1 for ignored anchors) and all images, FPN levels and classes of the batch are ranked
-    together. Inference is unchanged (per-class sigmoid scores).
+    online hard negative mining), ``"ap_approx"`` / ``"ap_hinge"`` (AP-loss optimised by the
+    approximate gradient / the structured hinge loss, the alternatives of Fig. 8; see
+    :mod:`ap_loss_d2.losses.alternatives`). For the ranking losses every anchor is replicated
+    per class (paper Fig. 3: 1 for its matched class, 0 for the other classes and for
+    background anchors, -1 for ignored anchors) and all images, FPN levels and classes of the
+    batch are ranked together. Inference is unchanged (per-class sigmoid scores).
     """
 
     @configurable
@@ -39,6 +42,7 @@ class APLossRetinaNet(RetinaNet):
         *,
         cls_loss: str = "ap",
         cls_loss_weight: float = 1.0,
+        box_reg_weight: float = 1.0,
         delta: float = 1.0,
         interpolate: bool = True,
         step: str = "linear",
@@ -51,6 +55,7 @@ class APLossRetinaNet(RetinaNet):
         Args:
             cls_loss: one of ``RETINANET_LOSSES``.
             cls_loss_weight: weight of the classification loss.
+            box_reg_weight: weight of the box-regression loss (0 turns it off, Fig. 8 study).
             delta, interpolate, step, sigmoid_k: AP-/AUC-loss options (see ``ap_loss``).
             ohem_neg_pos_ratio: negatives kept per positive by ``"ce_ohem"``.
             rank_across_processes: rank all processes' images together (exact).
@@ -64,6 +69,7 @@ class APLossRetinaNet(RetinaNet):
             )
         self.cls_loss = cls_loss
         self.cls_loss_weight = cls_loss_weight
+        self.box_reg_weight = box_reg_weight
         self.ranking_options = dict(delta=delta, step=step, sigmoid_k=sigmoid_k)
         if cls_loss == "ap":
             self.ranking_options["interpolate"] = interpolate
@@ -77,6 +83,7 @@ class APLossRetinaNet(RetinaNet):
         ret.update(
             cls_loss=c.NAME,
             cls_loss_weight=c.WEIGHT,
+            box_reg_weight=c.BOX_REG_WEIGHT,
             delta=c.DELTA,
             interpolate=c.INTERPOLATE,
             step=c.STEP,
@@ -93,6 +100,7 @@ class APLossRetinaNet(RetinaNet):
         if self.cls_loss == "focal":
             out = super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
             storage.put_scalar("cls_loss/time", time.perf_counter() - start)
+            out["loss_box_reg"] = out["loss_box_reg"] * self.box_reg_weight
             return out
 
         num_images = len(gt_labels)
@@ -105,6 +113,13 @@ class APLossRetinaNet(RetinaNet):
         logits = cat(pred_logits, dim=1)  # (N, R, K)
         if self.cls_loss == "ce_ohem":
             loss_cls = ce_ohem_loss(logits, gt_labels, neg_pos_ratio=self.ohem_neg_pos_ratio)
+        elif self.cls_loss in ("ap_approx", "ap_hinge"):
+            targets = ranking_targets(gt_labels, self.num_classes)
+            if self.cls_loss == "ap_approx":
+                k = self.ranking_options["sigmoid_k"]
+                loss_cls = ap_loss_approx_gradient(logits, targets, sigmoid_k=k)
+            else:
+                loss_cls = ap_loss_structured_hinge(logits, targets)
         else:
             stats = {}
             fn = ap_loss if self.cls_loss == "ap" else auc_loss
@@ -121,7 +136,7 @@ class APLossRetinaNet(RetinaNet):
         loss_box_reg = self.box_regression_loss(anchors, pred_anchor_deltas, gt_boxes, pos_mask)
         return {
             "loss_cls": loss_cls * self.cls_loss_weight,
-            "loss_box_reg": loss_box_reg / normalizer,
+            "loss_box_reg": loss_box_reg / normalizer * self.box_reg_weight,
         }
 
     def box_regression_loss(self, anchors, pred_anchor_deltas, gt_boxes, fg_mask):
