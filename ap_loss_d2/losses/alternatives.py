@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint
 
+from .ranking import validate_ranking_inputs
+
 __all__ = [
     "ap_loss_approx_gradient",
     "ap_loss_structured_hinge",
@@ -30,34 +32,6 @@ __all__ = [
 APPROX_CHUNK_BYTES = 256 * 2 ** 20
 # (rows x |P u N|) temporaries alive at once in one chunk (difference, sigmoid, its gradient).
 _APPROX_TEMPORARIES = 3
-
-
-def _check(logits, targets):
-    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise ValueError("logits and targets must be tensors")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    if logits.shape != targets.shape:
-        raise ValueError(
-            f"logits and targets must have the same shape, got {tuple(logits.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
-    if targets.device != logits.device:
-        raise ValueError(f"logits are on {logits.device} but targets on {targets.device}")
-    if targets.dtype == torch.bool:
-        raise ValueError(
-            "targets must hold 1 (positive), 0 (negative), -1 (ignored); got a bool tensor"
-        )
-    if targets.numel():
-        invalid = (targets != 0) & (targets != 1) & (targets != -1)
-        if bool(invalid.any()):
-            raise ValueError(
-                f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
-                f"{int(invalid.sum())} other labels, e.g. "
-                f"{torch.unique(targets[invalid])[:10].tolist()}"
-            )
-        if not bool(torch.isfinite(logits.detach()).all()):
-            raise ValueError("logits contain NaN or Inf")
 
 
 def _zero(logits):
@@ -108,7 +82,7 @@ def smoothed_ap(
     forward and backward (the chunk is recomputed in backward): extra memory ``O(|P| + |V|)``
     plus one chunk.
     """
-    _check(logits, targets)
+    validate_ranking_inputs(logits, targets)
     if not float(sigmoid_k) > 0:
         raise ValueError(f"sigmoid_k must be > 0, got {sigmoid_k}")
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -161,7 +135,7 @@ def ap_loss_approx_gradient(
 
     Complexity: as :func:`smoothed_ap`, ``O(|P| (|P| + |N|))`` time, one chunk of extra memory.
     """
-    _check(logits, targets)
+    validate_ranking_inputs(logits, targets)
     if stats is not None:
         stats.update(num_pos=int((targets == 1).sum()), num_neg=int((targets == 0).sum()))
     if not bool((targets == 1).any()):
@@ -322,5 +296,5 @@ def ap_loss_structured_hinge(
     Complexity: ``O(|P| log |P| + (|P| + |N|) log |N|)`` time (two sorts, then the divide and
     conquer of :func:`hinge_most_violating_interleaving`), ``O(|P| + |N|)`` extra memory.
     """
-    _check(logits, targets)
+    validate_ranking_inputs(logits, targets)
     return _StructuredHinge.apply(logits, targets, stats)

@@ -44,7 +44,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ap_loss", "auc_loss", "NonFiniteLogitsError", "STEPS", "SIGMOID_CHUNK_BYTES"]
+__all__ = [
+    "ap_loss",
+    "auc_loss",
+    "NonFiniteLogitsError",
+    "STEPS",
+    "SIGMOID_CHUNK_BYTES",
+    "validate_ranking_inputs",
+]
 
 STEPS = ("linear", "heaviside", "sigmoid")
 #: Cap on the temporary memory of one chunk of the sigmoid step (bytes).
@@ -141,7 +148,7 @@ class _RankingLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, kind, opts):
         start = time.perf_counter()
-        _validate(logits, targets)
+        validate_ranking_inputs(logits, targets)
         loss, grad, n_pos, n_neg = _ranking_loss_and_grad(logits.detach(), targets.detach(), kind, opts)
         ctx.save_for_backward(grad)
         if opts.stats is not None:
@@ -154,7 +161,10 @@ class _RankingLoss(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None
 
 
-def _validate(logits, targets):
+def validate_ranking_inputs(logits, targets):
+    """Raise a ValueError naming the problem unless ``logits``/``targets`` are valid inputs of a
+    ranking loss: same shape and device, floating logits without NaN/Inf
+    (:class:`NonFiniteLogitsError`, with their count), labels in {1, 0, -1}."""
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise ValueError("logits and targets must be tensors")
     if not logits.is_floating_point():

@@ -13,11 +13,9 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.utils.events import get_event_storage
 
 from ..config import RETINANET_LOSSES
-from ..losses import ap_loss, auc_loss
 from ..losses.alternatives import ap_loss_approx_gradient, ap_loss_structured_hinge
-from ..losses.distributed import resolve_group
 from ..losses.ohem import ce_ohem_loss
-from .labels import ranking_targets
+from .labels import ranking_loss, ranking_targets
 
 __all__ = ["APLossRetinaNet"]
 
@@ -121,17 +119,14 @@ class APLossRetinaNet(RetinaNet):
             else:
                 loss_cls = ap_loss_structured_hinge(logits, targets)
         else:
-            stats = {}
-            fn = ap_loss if self.cls_loss == "ap" else auc_loss
-            loss_cls = fn(
+            loss_cls = ranking_loss(
+                self.cls_loss,
                 logits,
-                ranking_targets(gt_labels, self.num_classes),
-                stats=stats,
-                process_group=resolve_group(self.rank_across_processes),
+                gt_labels,
+                self.num_classes,
+                rank_across_processes=self.rank_across_processes,
                 **self.ranking_options,
             )
-            storage.put_scalar("cls_loss/num_pos", stats["num_pos"])
-            storage.put_scalar("cls_loss/num_neg_nontrivial", stats["num_neg_nontrivial"])
         storage.put_scalar("cls_loss/time", time.perf_counter() - start)
         loss_box_reg = self.box_regression_loss(anchors, pred_anchor_deltas, gt_boxes, pos_mask)
         return {

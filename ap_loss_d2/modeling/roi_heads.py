@@ -48,9 +48,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
 from ..config import ROI_HEAD_LOSSES
-from ..losses import ap_loss, auc_loss
-from ..losses.distributed import resolve_group
-from .labels import ranking_targets
+from .labels import ranking_loss
 
 __all__ = ["APLossFastRCNNOutputLayers", "APLossROIHeads"]
 
@@ -160,17 +158,14 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
             gt_classes = torch.empty(0, dtype=torch.int64, device=scores.device)
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
 
-        stats = {}
-        fn = ap_loss if self.cls_loss == "ap" else auc_loss
-        loss_cls = fn(
+        loss_cls = ranking_loss(
+            self.cls_loss,
             scores,
-            ranking_targets(gt_classes, self.num_classes),
-            stats=stats,
-            process_group=resolve_group(self.rank_across_processes),
+            gt_classes,
+            self.num_classes,
+            rank_across_processes=self.rank_across_processes,
             **self.ranking_options,
         )
-        storage.put_scalar("cls_loss/num_pos", stats["num_pos"])
-        storage.put_scalar("cls_loss/num_neg_nontrivial", stats["num_neg_nontrivial"])
         storage.put_scalar("cls_loss/time", time.perf_counter() - start)
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
         if fg.any():
