@@ -11,8 +11,14 @@ The ranking losses need, besides each process's own entries, only:
 Negatives never travel. Everything derived from these (precision, interpolation, the
 per-positive weights) is computed identically on every rank, so the loss value is identical
 on every rank and each rank's gradient equals its slice of the gradient of one process ranking
-the concatenated batch. Per iteration a process sends about ``8 * (|P| + 4)`` bytes to the
-all-reduces plus its own positives to the all-gather (ring algorithms move about twice that).
+the concatenated batch.
+
+Bytes per process and iteration: ``8`` (its positive count) + ``8 * max_r |P_r|`` (its padded
+positive scores) to the all-gathers, ``8 * |P|`` (the b_i) + ``8``-``16`` (counts) to the
+all-reduces; a ring all-reduce puts about ``2 (W - 1) / W`` times its buffer on the wire. E.g.
+RetinaNet at 8 images x 49,104 anchors x 20 classes on W = 8 processes with |P| = 2,000 (250
+per process): 8 + 2,000 + 16,000 + 16 = ~18 KB of buffers, ~30 KB on the wire, against ~31 MB
+for gathering the logits.
 With ``group=None`` or a single process every function here is a no-op.
 """
 import torch
