@@ -1,6 +1,9 @@
-"""The ``MODEL.CLS_LOSS`` config namespace of ap_loss_d2 (yaml configs).
+"""ap_loss_d2's config keys (yaml configs): ``MODEL.CLS_LOSS.*`` (the loss) and
+``AP_LOSS_INPUT.*`` (the paper's SSD-style training input), both added by
+:func:`add_ap_loss_config`. Nothing is added inside Detectron2's own namespaces.
 
-LazyConfig ``.py`` configs pass the same values as constructor arguments of the models.
+LazyConfig ``.py`` configs pass the same values as constructor arguments of the models and of
+the SSD mapper.
 """
 from detectron2.config import CfgNode as CN
 
@@ -11,7 +14,9 @@ STEPS = ("linear", "heaviside", "sigmoid")
 
 
 def add_ap_loss_config(cfg):
-    """Add ap_loss_d2's keys to a Detectron2 config (in place). Touches no Detectron2 key."""
+    """Add ap_loss_d2's keys to a Detectron2 config (in place, idempotent; returns ``cfg``)."""
+    if "CLS_LOSS" in cfg.MODEL:
+        return cfg
     cfg.MODEL.CLS_LOSS = CN()
     # Classification loss: "ap" (AP-loss), "auc" (AUC-loss, Eq. 7), "focal" (RetinaNet's own,
     # RetinaNet only), "ce_ohem" (softmax CE + 3:1 online hard negative mining, RetinaNet only),
@@ -35,4 +40,14 @@ def add_ap_loss_config(cfg):
     cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO = 3.0
     # Rank the scores of all processes' images together (exact, across GPUs and machines).
     cfg.MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES = False
+
+    cfg.AP_LOSS_INPUT = CN()
+    # Training augmentation: "default" = Detectron2's DatasetMapper from INPUT.* (resize shortest
+    # edge, flip, optional crop); "ssd" = SSD's pipeline as in the paper (photometric distortion,
+    # zoom-out, min-IoU random crop, resize to FIXED_SIZE x FIXED_SIZE, horizontal flip).
+    cfg.AP_LOSS_INPUT.AUGMENTATION = "default"
+    # Side of the square training input of the "ssd" augmentation (the paper uses 512).
+    cfg.AP_LOSS_INPUT.FIXED_SIZE = 512
+    # Largest zoom-out (canvas / image side) of the "ssd" augmentation's expand step (SSD: 4).
+    cfg.AP_LOSS_INPUT.EXPAND_MAX_RATIO = 4.0
     return cfg

@@ -17,6 +17,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # no
 from detectron2.data.datasets import load_coco_json, load_voc_instances  # noqa: E402
 from detectron2.structures import BoxMode  # noqa: E402
 
+from ap_loss_d2.config import add_ap_loss_config  # noqa: E402
 from ap_loss_d2.data import (  # noqa: E402
     CLASSES,
     DATASET_NAMES,
@@ -28,7 +29,6 @@ from ap_loss_d2.data import (  # noqa: E402
     PhotometricTransform,
     RandomExpand,
     SyntheticShapesSpec,
-    add_ap_loss_data_config,
     build_ssd_augmentation,
     build_train_mapper,
     dataset_root,
@@ -384,8 +384,8 @@ def test_photometric_distort_keeps_boxes_and_range():
 
 def test_config_and_train_mapper(tiny_root):
     cfg = get_cfg()
-    add_ap_loss_data_config(cfg)
-    add_ap_loss_data_config(cfg)  # idempotent
+    add_ap_loss_config(cfg)
+    add_ap_loss_config(cfg)  # idempotent
     assert (cfg.AP_LOSS_INPUT.AUGMENTATION, cfg.AP_LOSS_INPUT.FIXED_SIZE) == ("default", 512)
     mapper = build_train_mapper(cfg)
     assert type(mapper) is DatasetMapper
@@ -410,7 +410,7 @@ def test_config_and_train_mapper(tiny_root):
 
 def test_mapper_drops_boxes_whose_centre_leaves_the_crop(tmp_path):
     cfg = get_cfg()
-    add_ap_loss_data_config(cfg)
+    add_ap_loss_config(cfg)
     img, _ = _white_box_image()
 
     class FixedCrop(T.Augmentation):

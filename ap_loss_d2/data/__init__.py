@@ -9,7 +9,6 @@ datasets ``synth_shapes_train``, ``synth_shapes_val`` (COCO format) and ``synth_
 from .mapper import (
     AUGMENTATIONS,
     BoxAwareDatasetMapper,
-    add_ap_loss_data_config,
     build_train_mapper,
 )
 from .synthetic import (
@@ -49,7 +48,6 @@ __all__ = [
     "PhotometricTransform",
     "RandomExpand",
     "SyntheticShapesSpec",
-    "add_ap_loss_data_config",
     "build_ssd_augmentation",
     "build_train_mapper",
     "dataset_root",

@@ -1,6 +1,5 @@
-"""The ``AP_LOSS_INPUT`` config namespace and the training ``DatasetMapper`` built from it.
-
-``add_ap_loss_data_config(cfg)`` adds (no key inside Detectron2's own namespaces)::
+"""The training ``DatasetMapper`` built from the ``AP_LOSS_INPUT`` keys (added by
+:func:`ap_loss_d2.config.add_ap_loss_config`)::
 
     AP_LOSS_INPUT.AUGMENTATION      "default" | "ssd"
     AP_LOSS_INPUT.FIXED_SIZE        512
@@ -15,7 +14,6 @@ with ``augmentations=build_ssd_augmentation(cfg, True)``. Pass it to
 from typing import Optional
 
 import numpy as np
-from detectron2.config import CfgNode as CN
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
@@ -24,29 +22,12 @@ from .transforms import build_ssd_augmentation
 
 __all__ = [
     "AUGMENTATIONS",
-    "add_ap_loss_data_config",
     "BoxAwareDatasetMapper",
     "build_train_mapper",
 ]
 
 #: Valid values of ``AP_LOSS_INPUT.AUGMENTATION``.
 AUGMENTATIONS = ("default", "ssd")
-
-
-def add_ap_loss_data_config(cfg):
-    """Add the ``AP_LOSS_INPUT`` namespace (in place; returns ``cfg``). Idempotent."""
-    if "AP_LOSS_INPUT" in cfg:
-        return cfg
-    cfg.AP_LOSS_INPUT = CN()
-    # Training augmentation: "default" = Detectron2's DatasetMapper from INPUT.* (resize shortest
-    # edge, flip, optional crop); "ssd" = SSD's pipeline as in the paper (photometric distortion,
-    # zoom-out, min-IoU random crop, resize to FIXED_SIZE x FIXED_SIZE, horizontal flip).
-    cfg.AP_LOSS_INPUT.AUGMENTATION = "default"
-    # Side of the square training input of the "ssd" augmentation (the paper uses 512).
-    cfg.AP_LOSS_INPUT.FIXED_SIZE = 512
-    # Largest zoom-out (canvas / image side) of the "ssd" augmentation's expand step (SSD: 4).
-    cfg.AP_LOSS_INPUT.EXPAND_MAX_RATIO = 4.0
-    return cfg
 
 
 class _BoxFeedingAugmentationList(T.AugmentationList):

@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
 from ..config import RETINANET_LOSSES, ROI_HEAD_LOSSES, add_ap_loss_config
-from ..data import AUGMENTATIONS, add_ap_loss_data_config, build_train_mapper
+from ..data import AUGMENTATIONS, build_train_mapper
 from ..evaluation import build_evaluator
 from ..losses import STEPS, NonFiniteLogitsError
 from ..modeling import APLossRetinaNet
@@ -24,10 +24,9 @@ __all__ = [
 
 
 def get_ap_loss_cfg():
-    """Detectron2's default config plus ap_loss_d2's ``MODEL.CLS_LOSS`` and ``AP_LOSS_INPUT``."""
+    """Detectron2's default config plus ap_loss_d2's keys (``add_ap_loss_config``)."""
     cfg = get_cfg()
     add_ap_loss_config(cfg)
-    add_ap_loss_data_config(cfg)
     return cfg
 
 
