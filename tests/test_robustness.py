@@ -21,7 +21,7 @@ from ap_loss_d2.studies.common import (  # noqa: E402
     save_checkpoint,
 )
 
-QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1200it_synth_ap.yaml"
+QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 TINY = SyntheticShapesSpec(seed=11, image_size=64, num_train=2, num_val=3, min_objects=2,
                            max_objects=4, max_size=24)
 PREFIX = "robtest_shapes"

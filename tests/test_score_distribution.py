@@ -12,7 +12,7 @@ from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # no
 from ap_loss_d2.studies import score_distribution as sd  # noqa: E402
 from ap_loss_d2.studies.common import build_model_for_run, load_cfg, save_checkpoint  # noqa: E402
 
-QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1200it_synth_ap.yaml"
+QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 TINY = SyntheticShapesSpec(seed=12, image_size=64, num_train=2, num_val=3, min_objects=2,
                            max_objects=4, max_size=24)
 PREFIX = "scoretest_shapes"

@@ -3,7 +3,7 @@
     python tools/main_job.py                       # AP-loss (what `make main` runs)
     python tools/main_job.py MODEL.CLS_LOSS.NAME focal OUTPUT_DIR output/main_job_focal
 
-Runs ``train_net.py`` on ``configs/quick/retinanet_R_18_FPN_1200it_synth_ap.yaml`` (extra
+Runs ``train_net.py`` on ``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml`` (extra
 arguments are passed on as config overrides), which generates the embedded dataset on first
 use, trains, evaluates with Detectron2's COCOEvaluator, and then prints the AP table and the
 wall time. The evaluation numbers are read back from the run's ``metrics.json``.
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "quick" / "retinanet_R_18_FPN_1200it_synth_ap.yaml"
+CONFIG = REPO / "configs" / "quick" / "retinanet_R_18_FPN_1000it_synth_ap.yaml"
 
 
 def last_eval(metrics_file: Path):

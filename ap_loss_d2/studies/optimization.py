@@ -46,7 +46,7 @@ other settings is refused.
 (the per-batch value is noisy); the last value is reported too.
 
 Default setting (CPU, minutes per run on 2 cores): the quick config
-``configs/quick/retinanet_R_18_FPN_1200it_synth_ap.yaml`` (ResNet-18-FPN from scratch,
+``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml`` (ResNet-18-FPN from scratch,
 ``synth_shapes_train``, 192 px, batch 8, about 4.5k anchors per image) for ``--iters 200``
 (``SOLVER.STEPS``/``WARMUP_ITERS`` scaled from the config's schedule). Example::
 
@@ -94,7 +94,7 @@ __all__ = [
 logger = logging.getLogger("ap_loss_d2.optimization_study")
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / "configs" / "quick" / "retinanet_R_18_FPN_1200it_synth_ap.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "quick" / "retinanet_R_18_FPN_1000it_synth_ap.yaml"
 DEFAULT_METHODS = ("ap", "ap_approx", "ap_hinge")
 DEFAULT_NEGATIVES = ("100", "300", "1000", "all")
 METHOD_LABELS = {
