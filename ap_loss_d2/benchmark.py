@@ -23,8 +23,8 @@ ternary per anchor-class for the ranking losses); building them is not timed.
 Time: median wall-clock of forward + backward over ``--repeats`` runs after ``--warmup`` runs
 (CUDA synchronised). Memory: extra peak memory of one forward + backward above what is
 allocated before it (logits, targets; ``logits.grad`` cleared), measured in a second pass:
-on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set size
-(``VmHWM``, reset through ``/proc/self/clear_refs``) with glibc's mmap threshold lowered to
+on CUDA ``torch.cuda.max_memory_allocated``; on CPU, in a fresh process per loss and
+configuration, the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) with glibc's mmap threshold lowered to
 64 KiB so that every tensor buffer is mapped at allocation and unmapped when freed. The gradient
 buffer of the logits (1x logits) is part of every loss's extra memory.
 
@@ -37,6 +37,7 @@ import json
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,8 @@ LABELS = {
 }
 CPU_MEMORY_METHOD = (
     "peak resident set size (VmHWM reset via /proc/self/clear_refs) minus resident size before "
-    "the run; glibc M_MMAP_THRESHOLD lowered to 64 KiB so tensor buffers are unmapped when freed"
+    "the run, each loss and configuration in a fresh process; glibc M_MMAP_THRESHOLD lowered to "
+    "64 KiB so tensor buffers are unmapped when freed"
 )
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() minus torch.cuda.memory_allocated() before"
 LOOP_EXTRAPOLATION = ("fixed + (time_K - fixed) * |P| / K, K = loop_positives, fixed = time "
@@ -216,6 +218,24 @@ def measure_extra_memory(fn, x, device, cpu_mem):
     return extra
 
 
+def memory_probe(probe):
+    """Extra peak bytes of one loss's forward + backward for one configuration (dict)."""
+    inp = make_inputs(probe["images"], probe["anchors"], probe["classes"], probe["positives"],
+                      probe["device"], probe["seed"])
+    fns, _ = make_loss_fns(inp, probe["loop_positives"])
+    cpu_mem = CpuPeakMemory() if probe["device"] == "cpu" else None
+    return measure_extra_memory(fns[probe["loss"]], inp["logits"], probe["device"], cpu_mem)
+
+
+def _memory_in_subprocess(probe):
+    out = subprocess.run(
+        [sys.executable, "-m", "ap_loss_d2.benchmark", "--memory-probe", json.dumps(probe)],
+        check=True, stdout=subprocess.PIPE, text=True,
+    ).stdout
+    value = json.loads(out.strip().splitlines()[-1])["extra_bytes"]
+    return None if value is None else int(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +290,8 @@ def run(args):
         results.append(row)
         del inp, fns, x
 
-    # Pass 2: memory.
+    # Pass 2: memory. On CPU each (configuration, loss) is measured in a fresh process: the
+    # resident-set method is only meaningful without the heap history of the other runs.
     cpu_mem = None
     if not args.no_memory and "cpu" in devices:
         cpu_mem = CpuPeakMemory()
@@ -279,18 +300,19 @@ def run(args):
     if not args.no_memory:
         for ci, row in enumerate(results):
             device = row["device"]
-            inp = make_inputs(row["images"], args.anchors, args.classes, row["positives"], device,
-                              args.seed + 1000 * row["images"] + row["positives"])
-            fns, _ = make_loss_fns(inp, args.loop_positives)
-            x = inp["logits"]
+            seed = args.seed + 1000 * row["images"] + row["positives"]
             log(f"[benchmark] ({ci + 1}/{len(results)}) {device} images={row['images']} "
                 f"|P|={row['positives']}: memory ...")
             for name, entry in row["losses"].items():
-                extra = measure_extra_memory(fns[name], x, device, cpu_mem)
+                probe = dict(loss=name, device=device, images=row["images"], anchors=args.anchors,
+                             classes=args.classes, positives=row["positives"], seed=seed,
+                             loop_positives=args.loop_positives)
+                if device == "cpu":
+                    extra = _memory_in_subprocess(probe) if cpu_mem.ok else None
+                else:
+                    extra = memory_probe(probe)
                 entry["extra_peak_mb"] = None if extra is None else extra / 2**20
-                entry["extra_peak_x_logits"] = (None if extra is None
-                                                else extra / (x.numel() * x.element_size()))
-            del inp, fns, x
+                entry["extra_peak_x_logits"] = None if extra is None else extra / (row["numel"] * 4)
 
     report = {
         "config": {
@@ -411,6 +433,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the memory pass")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one probe
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes (a smoke test): " + ", ".join(f"{k}={v}"
                                                                 for k, v in QUICK.items()))
@@ -429,6 +452,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps({"extra_bytes": memory_probe(json.loads(args.memory_probe))}))
+        return None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
