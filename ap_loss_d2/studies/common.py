@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -322,3 +322,24 @@ def pyplot():
 
 def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def read_metrics_json(path) -> Tuple[List[dict], int]:
+    """Entries of a Detectron2 ``metrics.json`` (one JSON object a line) and the number of
+    unreadable lines skipped (e.g. a line cut by an interrupted run)."""
+    entries, skipped = [], 0
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+            else:
+                skipped += 1
+    return entries, skipped

@@ -28,6 +28,7 @@ from .common import (
     markdown_table,
     progress,
     pyplot,
+    read_metrics_json,
     timestamp,
     unique_labels,
     write_json,
@@ -66,22 +67,13 @@ def fmt_value(v) -> str:
 
 def load_metrics(path):
     """``metrics.json`` -> ``({iteration: merged entry}, number of unreadable lines skipped)``."""
+    entries, skipped = read_metrics_json(path)
     by_iter: Dict[int, dict] = {}
-    skipped = 0
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1  # e.g. a line cut by an interrupted run
-                continue
-            if not isinstance(entry, dict) or "iteration" not in entry:
-                skipped += 1
-                continue
-            by_iter.setdefault(int(entry["iteration"]), {}).update(entry)
+    for entry in entries:
+        if "iteration" not in entry:
+            skipped += 1
+            continue
+        by_iter.setdefault(int(entry["iteration"]), {}).update(entry)
     return dict(sorted(by_iter.items())), skipped
 
 

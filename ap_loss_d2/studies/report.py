@@ -25,7 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List
 
-from .common import LOSS_LABELS, fmt_num, markdown_table, progress, timestamp
+from .common import LOSS_LABELS, fmt_num, markdown_table, progress, read_metrics_json, timestamp
 
 __all__ = ["STUDY_FILES", "collect_run", "find_studies", "last_bbox_metrics", "main",
            "render_report"]
@@ -55,25 +55,15 @@ def last_bbox_metrics(metrics_path: Path) -> Dict[str, dict]:
     out: Dict[str, dict] = OrderedDict()
     if not metrics_path.is_file():
         return out
-    with open(metrics_path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(entry, dict):
-                continue
-            for key, value in entry.items():
-                for m in METRICS:
-                    suffix = f"bbox/{m}"
-                    if key == suffix or key.endswith("/" + suffix):
-                        prefix = key[: -len(suffix)].rstrip("/")
-                        d = out.setdefault(prefix, {})
-                        d[m] = value
-                        d["iteration"] = entry.get("iteration")
+    for entry in read_metrics_json(metrics_path)[0]:
+        for key, value in entry.items():
+            for m in METRICS:
+                suffix = f"bbox/{m}"
+                if key == suffix or key.endswith("/" + suffix):
+                    prefix = key[: -len(suffix)].rstrip("/")
+                    d = out.setdefault(prefix, {})
+                    d[m] = value
+                    d["iteration"] = entry.get("iteration")
     return out
 
 
