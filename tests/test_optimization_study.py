@@ -4,7 +4,6 @@ is the exact (Heaviside, not interpolated) AP-loss of the batch, subsampling kee
 negatives, finished runs are skipped and interrupted runs resume."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 

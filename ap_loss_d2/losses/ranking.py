@@ -384,10 +384,10 @@ class _LinearStep:
 
     def accumulate(self, q):
         """(sum_j f(q_j - p_i) for each positive i, segment index of each q_j)."""
-        m, nseg = self.m, 2 * self.m + 1
         if q.numel() == 0:
             return torch.zeros_like(self.p), None
         seg = self.segment(q)
+        nseg = self.num_segments
         count = _exclusive_cumsum(torch.bincount(seg, minlength=nseg).double())
         total = _exclusive_cumsum(torch.bincount(seg, weights=q, minlength=nseg))
         lo, hi = self.win_lo, self.win_hi

@@ -343,3 +343,31 @@ def read_metrics_json(path) -> Tuple[List[dict], int]:
             else:
                 skipped += 1
     return entries, skipped
+
+
+def prepare_runs(args):
+    """Shared set-up of the checkpoint studies from their ``--run``/``--dataset``/``--device``/
+    ``--output-dir`` arguments and trailing overrides.
+
+    Returns ``(output dir, run specs, [(cfg, weights)], labels, dataset name)``.
+    """
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [parse_run_spec(r) for r in args.run]
+    resolved = [resolve_run(s, args.opts, args.device) for s in specs]
+    labels = unique_labels([lab for _, lab in resolved])
+    dataset = args.dataset or resolved[0][0].DATASETS.TEST[0]
+    return out, specs, resolved, labels, dataset
+
+
+def metrics_by_iteration(path) -> Tuple[dict, int]:
+    """``metrics.json`` as ``({iteration: merged entries}, unreadable lines skipped)``; a later
+    line for the same iteration wins (e.g. after a resumed run)."""
+    entries, skipped = read_metrics_json(path)
+    by_iter: dict = {}
+    for entry in entries:
+        if "iteration" not in entry:
+            skipped += 1
+            continue
+        by_iter.setdefault(int(entry["iteration"]), {}).update(entry)
+    return dict(sorted(by_iter.items())), skipped

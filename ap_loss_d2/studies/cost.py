@@ -26,9 +26,9 @@ from typing import Dict, List, Optional
 from .common import (
     LOSS_LABELS,
     markdown_table,
+    metrics_by_iteration,
     progress,
     pyplot,
-    read_metrics_json,
     timestamp,
     unique_labels,
     write_json,
@@ -41,7 +41,6 @@ __all__ = [
     "fmt_mb",
     "fmt_ms",
     "fmt_value",
-    "load_metrics",
     "main",
     "series",
     "summarize_series",
@@ -63,18 +62,6 @@ def fmt_value(v) -> str:
     if abs(v) >= 100:
         return f"{v:.1f}"
     return f"{v:.4f}"
-
-
-def load_metrics(path):
-    """``metrics.json`` -> ``({iteration: merged entry}, number of unreadable lines skipped)``."""
-    entries, skipped = read_metrics_json(path)
-    by_iter: Dict[int, dict] = {}
-    for entry in entries:
-        if "iteration" not in entry:
-            skipped += 1
-            continue
-        by_iter.setdefault(int(entry["iteration"]), {}).update(entry)
-    return dict(sorted(by_iter.items())), skipped
 
 
 def series(metrics: Dict[int, dict], key: str):
@@ -113,7 +100,7 @@ def _split_label(text: str):
 
 
 def analyse_run(metrics_path: Path, label: str) -> dict:
-    metrics, skipped = load_metrics(metrics_path)
+    metrics, skipped = metrics_by_iteration(metrics_path)
     run = {"label": label, "metrics": str(metrics_path), "skipped_lines": skipped, "series": {},
            "summary": {}}
     for key in METRIC_KEYS:

@@ -61,7 +61,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from detectron2.config import CfgNode as CN
@@ -77,6 +77,7 @@ from ..config import RETINANET_LOSSES
 from ..engine import Trainer, get_ap_loss_cfg, validate_cfg
 from ..losses import ap_loss
 from ..modeling import APLossRetinaNet, ranking_targets
+from .common import metrics_by_iteration
 
 __all__ = [
     "AP_LOSS_KEY",
@@ -334,17 +335,8 @@ def build_run_cfg(
 
 def read_metrics(path) -> Dict[int, dict]:
     """``metrics.json`` as ``{iteration: record}`` (a later line for the same iteration wins,
-    e.g. after a resumed run)."""
-    out = {}
-    path = Path(path)
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            rec = json.loads(line)
-            out[int(rec["iteration"])] = {**out.get(int(rec["iteration"]), {}), **rec}
-    return out
+    e.g. after a resumed run); empty when there is none."""
+    return metrics_by_iteration(path)[0] if Path(path).exists() else {}
 
 
 def _history(storage, key):

@@ -30,7 +30,6 @@ perturbation) and ``robustness.png`` (examples of every perturbation on the firs
 import argparse
 import zlib
 from collections import Counter
-from pathlib import Path
 from typing import Callable, Dict
 
 import numpy as np
@@ -52,12 +51,10 @@ from .common import (
     dataset_subset,
     fmt_num,
     markdown_table,
-    parse_run_spec,
+    prepare_runs,
     progress,
     pyplot,
-    resolve_run,
     timestamp,
-    unique_labels,
     write_json,
 )
 
@@ -422,12 +419,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = [parse_run_spec(r) for r in args.run]
-    resolved = [resolve_run(s, args.opts, args.device) for s in specs]
-    labels = unique_labels([lab for _, lab in resolved])
-    dataset = args.dataset or resolved[0][0].DATASETS.TEST[0]
+    out, specs, resolved, labels, dataset = prepare_runs(args)
     eval_name = dataset_subset(dataset, args.max_images, out / "subsets")
     evaluator_type = MetadataCatalog.get(eval_name).get("evaluator_type", None)
     metric = "AP50"

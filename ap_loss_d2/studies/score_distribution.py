@@ -31,7 +31,6 @@ mean score in the IoU bins [0, 0.1), ..., [0.9, 1.0]; high-score low-IoU anchor 
 """
 import argparse
 import re
-from pathlib import Path
 from typing import Dict
 
 import numpy as np
@@ -44,12 +43,10 @@ from .common import (
     build_model_for_run,
     fmt_num,
     markdown_table,
-    parse_run_spec,
+    prepare_runs,
     progress,
     pyplot,
-    resolve_run,
     timestamp,
-    unique_labels,
     write_json,
 )
 
@@ -311,12 +308,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = [parse_run_spec(r) for r in args.run]
-    resolved = [resolve_run(s, args.opts, args.device) for s in specs]
-    labels = unique_labels([lab for _, lab in resolved])
-    dataset = args.dataset or resolved[0][0].DATASETS.TEST[0]
+    out, specs, resolved, labels, dataset = prepare_runs(args)
     dicts = DatasetCatalog.get(dataset)
     if args.max_images is not None and args.max_images >= 0:
         dicts = dicts[:args.max_images]
