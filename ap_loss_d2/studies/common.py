@@ -371,3 +371,11 @@ def metrics_by_iteration(path) -> Tuple[dict, int]:
             continue
         by_iter.setdefault(int(entry["iteration"]), {}).update(entry)
     return dict(sorted(by_iter.items())), skipped
+
+
+def write_study_outputs(out: Path, name: str, study: str, report: dict, md_lines, table: str):
+    """Write ``<name>.json`` and ``<name>.md`` into ``out``, print the table and say so."""
+    write_json(out / f"{name}.json", report)
+    (out / f"{name}.md").write_text("\n".join(md_lines) + "\n")
+    print(table, flush=True)
+    progress(study, f"wrote {out / (name + '.json')}, {out / (name + '.md')}")

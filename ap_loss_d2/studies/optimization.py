@@ -530,13 +530,7 @@ def report_fig8a(results: Dict[str, dict], output_dir: Path):
         ax.plot([i + 1 for i in d["iterations"]], d["ap_loss"], marker=".", ms=3, label=_label(m))
     ax.set_xlabel("iteration")
     ax.set_ylabel("AP-loss of the training batch")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Fig. 8a: convergence (classification only)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(output_dir / "fig8a.png", dpi=100)
-    plt.close(fig)
+    _finish_plot(plt, fig, ax, "Fig. 8a: convergence (classification only)", output_dir / "fig8a.png")
     return data
 
 
@@ -604,14 +598,19 @@ def report_fig8b(results: Dict[str, Dict[int, dict]], output_dir: Path):
     ax.set_xscale("log")
     ax.set_xlabel("background anchors kept per image")
     ax.set_ylabel("final AP-loss")
+    _finish_plot(plt, fig, ax, "Fig. 8b: imbalance", output_dir / "fig8b.png")
+    return data
+
+
+def _finish_plot(plt, fig, ax, title, path):
+    """Common styling of the Fig. 8 plots (AP-loss axis in [0, 1]), saved to ``path``."""
     ax.set_ylim(0, 1.02)
-    ax.set_title("Fig. 8b: imbalance")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(output_dir / "fig8b.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return data
 
 
 def _fmt_count(v):

@@ -55,7 +55,7 @@ from .common import (
     progress,
     pyplot,
     timestamp,
-    write_json,
+    write_study_outputs,
 )
 
 __all__ = [
@@ -478,10 +478,7 @@ def main(argv=None):
         md.append(f"Random patch fallbacks (no box-free region): {fallbacks}")
     if report["figures"]:
         md += ["", "![perturbation examples](robustness.png)"]
-    write_json(out / "robustness.json", report)
-    (out / "robustness.md").write_text("\n".join(md) + "\n")
-    print(table, flush=True)
-    progress(STUDY, f"wrote {out / 'robustness.json'}, {out / 'robustness.md'}")
+    write_study_outputs(out, "robustness", STUDY, report, md, table)
     return report
 
 

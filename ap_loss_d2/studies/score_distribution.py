@@ -47,7 +47,7 @@ from .common import (
     progress,
     pyplot,
     timestamp,
-    write_json,
+    write_study_outputs,
 )
 
 __all__ = ["BIN_EDGES", "collect_pairs", "main", "score_mode_of", "summarize"]
@@ -351,10 +351,7 @@ def main(argv=None):
           f"sampling rate), and anchors with score >= {args.high_score} at IoU < {args.low_iou} "
           "(exact count; fraction of all anchors with IoU below that).", "", table, "",
           "![score distribution](score_distribution.png)"]
-    write_json(out / "score_distribution.json", report)
-    (out / "score_distribution.md").write_text("\n".join(md) + "\n")
-    print(table, flush=True)
-    progress(STUDY, f"wrote {out / 'score_distribution.json'}, {out / 'score_distribution.md'}")
+    write_study_outputs(out, "score_distribution", STUDY, report, md, table)
     return report
 
 
