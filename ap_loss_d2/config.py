@@ -5,12 +5,40 @@
 LazyConfig ``.py`` configs pass the same values as constructor arguments of the models and of
 the SSD mapper.
 """
+import math
+
 from detectron2.config import CfgNode as CN
 
 # Valid values of MODEL.CLS_LOSS.NAME, per meta-architecture family.
 RETINANET_LOSSES = ("ap", "auc", "focal", "ce_ohem", "ap_approx", "ap_hinge")
 ROI_HEAD_LOSSES = ("ap", "auc", "ce")
 STEPS = ("linear", "heaviside", "sigmoid")
+# Valid values of MODEL.CLS_LOSS.BOX_REG_NORMALIZER (RetinaNet box-regression loss).
+BOX_REG_NORMALIZERS = ("ema", "batch_mean")
+
+#: Numeric MODEL.CLS_LOSS keys checked at start-up: (yaml key, APLossRetinaNet argument of
+#: LazyConfig configs, True if 0 is allowed). Every value must be a finite number, > 0 (or >= 0).
+NUMERIC_KEYS = (
+    ("DELTA", "delta", False),
+    ("SIGMOID_K", "sigmoid_k", False),
+    ("APPROX_SIGMOID_K", "approx_sigmoid_k", False),
+    ("WEIGHT", "cls_loss_weight", True),
+    ("BOX_REG_WEIGHT", "box_reg_weight", True),
+    ("OHEM_NEG_POS_RATIO", "ohem_neg_pos_ratio", False),
+)
+
+
+def check_number(name, value, allow_zero=False):
+    """Raise ValueError naming ``name`` unless ``value`` is a finite number > 0 (>= 0 if
+    ``allow_zero``); returns ``value``."""
+    bound = ">= 0" if allow_zero else "> 0"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}") from None
+    if isinstance(value, bool) or not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}")
+    return value
 
 
 def add_ap_loss_config(cfg):
@@ -22,7 +50,7 @@ def add_ap_loss_config(cfg):
     # RetinaNet only), "ce_ohem" (softmax CE + 3:1 online hard negative mining, RetinaNet only),
     # "ce" (softmax CE over K+1 classes, Faster R-CNN box head only), and the alternative AP-loss
     # optimisers of Fig. 8, RetinaNet only: "ap_approx" (approximate gradient: sigmoid-smoothed AP
-    # with SIGMOID_K, -log(AP + eps)), "ap_hinge" (structured hinge-loss upper bound, SVM-AP).
+    # with APPROX_SIGMOID_K, -log(AP + eps)), "ap_hinge" (structured hinge-loss upper bound, SVM-AP).
     cfg.MODEL.CLS_LOSS.NAME = "ap"
     # Width delta of the piecewise step function (Eq. 21); also bounds the non-trivial negatives.
     cfg.MODEL.CLS_LOSS.DELTA = 1.0
@@ -32,10 +60,18 @@ def add_ap_loss_config(cfg):
     cfg.MODEL.CLS_LOSS.STEP = "linear"
     # Slope parameter k of the sigmoid step (Eq. 54), used when STEP == "sigmoid".
     cfg.MODEL.CLS_LOSS.SIGMOID_K = 0.5
+    # Temperature k of the sigmoid S(x / k) smoothing AP for "ap_approx" (Fig. 8 alternative);
+    # the paper's smoothed AP (supplementary Eq. 32-33) uses the plain sigmoid, k = 1.
+    cfg.MODEL.CLS_LOSS.APPROX_SIGMOID_K = 1.0
     # Weight of the classification loss in the total loss.
     cfg.MODEL.CLS_LOSS.WEIGHT = 1.0
     # Weight of the box-regression loss; 0 turns it off as in the paper's Fig. 8 study.
     cfg.MODEL.CLS_LOSS.BOX_REG_WEIGHT = 1.0
+    # Normaliser of RetinaNet's box-regression loss (every MODEL.CLS_LOSS.NAME, focal included):
+    # "ema" = Detectron2's (sum over positive anchors and 4 coordinates / EMA of the positive
+    # count); "batch_mean" = the authors' code (sum / (4 x positive anchors of this process's
+    # batch), i.e. the mean over positive anchors and coordinates).
+    cfg.MODEL.CLS_LOSS.BOX_REG_NORMALIZER = "ema"
     # Negatives kept per positive by "ce_ohem" (the paper's CE+OHEM baseline uses 3:1).
     cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO = 3.0
     # Rank the scores of all processes' images together (exact, across GPUs and machines).

@@ -2,7 +2,10 @@
 
 Importing this package registers (lazily, nothing is generated until first use) the Detectron2
 datasets ``synth_shapes_train``, ``synth_shapes_val`` (COCO format) and ``synth_shapes_voc_train``,
-``synth_shapes_voc_val`` (Pascal VOC format) of the default :class:`SyntheticShapesSpec`; see
+``synth_shapes_voc_val`` (Pascal VOC format) of the default :class:`SyntheticShapesSpec`, and a
+``<name>_nodifficult`` twin of every Pascal VOC dataset registered then (e.g.
+``voc_2007_trainval_nodifficult``: the training data of the authors' loader, see
+:mod:`ap_loss_d2.data.voc`); see
 :mod:`ap_loss_d2.data.synthetic` for the cache location and :mod:`ap_loss_d2.data.mapper` for the
 ``AP_LOSS_INPUT`` config keys.
 """
@@ -25,6 +28,13 @@ from .synthetic import (
     load_validated_voc_instances,
     register_synthetic_shapes,
 )
+from .voc import (
+    NODIFFICULT_SUFFIX,
+    drop_difficult,
+    register_all_voc_nodifficult,
+    register_voc_nodifficult,
+    voc_difficult_flags,
+)
 from .transforms import (
     CenterKeepingCropTransform,
     ExpandTransform,
@@ -44,12 +54,14 @@ __all__ = [
     "DEFAULT_SPEC",
     "ExpandTransform",
     "MinIoURandomCrop",
+    "NODIFFICULT_SUFFIX",
     "PhotometricDistort",
     "PhotometricTransform",
     "RandomExpand",
     "SyntheticShapesSpec",
     "build_ssd_augmentation",
     "build_train_mapper",
+    "drop_difficult",
     "dataset_root",
     "ensure_synthetic_dataset",
     "generate_synthetic_dataset",
@@ -57,7 +69,11 @@ __all__ = [
     "load_synthetic_voc",
     "load_validated_coco_json",
     "load_validated_voc_instances",
+    "register_all_voc_nodifficult",
     "register_synthetic_shapes",
+    "register_voc_nodifficult",
+    "voc_difficult_flags",
 ]
 
 register_synthetic_shapes()
+register_all_voc_nodifficult()

@@ -7,7 +7,14 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
-from ..config import RETINANET_LOSSES, ROI_HEAD_LOSSES, add_ap_loss_config
+from ..config import (
+    BOX_REG_NORMALIZERS,
+    NUMERIC_KEYS,
+    RETINANET_LOSSES,
+    ROI_HEAD_LOSSES,
+    add_ap_loss_config,
+    check_number,
+)
 from ..data import AUGMENTATIONS, build_train_mapper
 from ..evaluation import build_evaluator
 from ..losses import STEPS, NonFiniteLogitsError
@@ -70,9 +77,13 @@ def validate_cfg(cfg):
         )
     if c.STEP not in STEPS:
         raise ValueError(f"MODEL.CLS_LOSS.STEP={c.STEP!r}; valid steps: {', '.join(STEPS)}")
-    for key in ("DELTA", "SIGMOID_K", "OHEM_NEG_POS_RATIO"):
-        if not c[key] > 0:
-            raise ValueError(f"MODEL.CLS_LOSS.{key}={c[key]!r} must be > 0")
+    for key, _, allow_zero in NUMERIC_KEYS:
+        check_number(f"MODEL.CLS_LOSS.{key}", c[key], allow_zero)
+    if c.BOX_REG_NORMALIZER not in BOX_REG_NORMALIZERS:
+        raise ValueError(
+            f"MODEL.CLS_LOSS.BOX_REG_NORMALIZER={c.BOX_REG_NORMALIZER!r}; valid values: "
+            f"{', '.join(BOX_REG_NORMALIZERS)}"
+        )
     aug = cfg.AP_LOSS_INPUT.AUGMENTATION
     if aug not in AUGMENTATIONS:
         raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={aug!r}; valid values: {', '.join(AUGMENTATIONS)}")

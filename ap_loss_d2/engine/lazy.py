@@ -22,7 +22,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
-from ..config import RETINANET_LOSSES
+from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, RETINANET_LOSSES, check_number
 from ..losses import STEPS
 from ..modeling import APLossRetinaNet
 from .checkpoint import SafeDetectionCheckpointer
@@ -59,6 +59,14 @@ def validate_lazy_cfg(cfg):
         step = model.get("step", "linear")
         if step not in STEPS:
             raise ValueError(f"model.step={step!r}; valid steps: {', '.join(STEPS)}")
+        for _, arg, allow_zero in NUMERIC_KEYS:
+            if arg in model:
+                check_number(f"model.{arg}", model[arg], allow_zero)
+        norm = model.get("box_reg_normalizer", "ema")
+        if norm not in BOX_REG_NORMALIZERS:
+            raise ValueError(
+                f"model.box_reg_normalizer={norm!r}; valid values: {', '.join(BOX_REG_NORMALIZERS)}"
+            )
     return cfg
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["ce_ohem_loss"]
+__all__ = ["ce_ohem_loss", "ce_ohem_scores"]
 
 
 def ce_ohem_loss(cls_logits, gt_labels, *, neg_pos_ratio=3.0):
@@ -27,7 +27,8 @@ def ce_ohem_loss(cls_logits, gt_labels, *, neg_pos_ratio=3.0):
             classes).
         gt_labels: ``(N, A)`` integer tensor: -1 ignored, ``0..K-1`` foreground class, ``K``
             background.
-        neg_pos_ratio: negatives kept per positive (3:1 by default).
+        neg_pos_ratio: negatives kept per positive (3:1 by default); a finite number > 0 (the
+            same rule as ``MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO``).
 
     Returns:
         Scalar tensor: sum of the kept anchors' CE losses divided by ``max(total positives, 1)``
@@ -46,8 +47,10 @@ def ce_ohem_loss(cls_logits, gt_labels, *, neg_pos_ratio=3.0):
         raise ValueError(f"gt_labels shape {tuple(gt_labels.shape)} does not match "
                          f"cls_logits shape {tuple(cls_logits.shape)}: expected "
                          f"{(n_img, n_anchor)}")
-    if neg_pos_ratio < 0:
-        raise ValueError(f"neg_pos_ratio must be >= 0, got {neg_pos_ratio}")
+    if isinstance(neg_pos_ratio, bool) or not (
+        isinstance(neg_pos_ratio, (int, float)) and math.isfinite(neg_pos_ratio) and neg_pos_ratio > 0
+    ):
+        raise ValueError(f"neg_pos_ratio must be a finite number > 0, got {neg_pos_ratio!r}")
     if n_img == 0 or n_anchor == 0:
         return cls_logits.sum() * 0.0
     gt_labels = gt_labels.long()
@@ -83,3 +86,25 @@ def ce_ohem_loss(cls_logits, gt_labels, *, neg_pos_ratio=3.0):
 
     total_pos = int(num_pos_img.sum())
     return ce[keep].sum() / max(total_pos, 1)
+
+
+def ce_ohem_scores(cls_logits):
+    """Foreground class probabilities of the model :func:`ce_ohem_loss` trains: the softmax over
+    ``K + 1`` classes with the background logit fixed at 0, background column dropped.
+
+    ``p_k = exp(s_k) / (1 + sum_j exp(s_j))`` for ``k = 1..K``, computed stably.
+
+    Args:
+        cls_logits: ``(..., K)`` floating point tensor.
+
+    Returns:
+        ``(..., K)`` tensor of the same dtype, each row summing to less than 1 (the rest is the
+        background probability). Empty inputs give an empty output.
+    """
+    if not torch.is_tensor(cls_logits) or not cls_logits.is_floating_point() or cls_logits.dim() < 1:
+        raise ValueError("cls_logits must be a floating point tensor of shape (..., K)")
+    if cls_logits.numel() == 0:
+        return cls_logits.clone()
+    x = cls_logits if cls_logits.dtype in (torch.float32, torch.float64) else cls_logits.float()
+    lse = torch.logaddexp(torch.logsumexp(x, dim=-1, keepdim=True), x.new_zeros(()))
+    return torch.exp(x - lse).to(cls_logits.dtype)
