@@ -108,6 +108,9 @@ def test_batch_without_objects(loss):
 
 def test_focal_is_stock_retinanet():
     cfg_ours = tiny_cfg("focal")
+    # Detectron2's box-loss normaliser (the default of MODEL.CLS_LOSS); the tiny config inherits
+    # the paper configs' "batch_mean" (tested in test_focal_weight_and_batch_mean_box_loss).
+    cfg_ours.MODEL.CLS_LOSS.BOX_REG_NORMALIZER = "ema"
     cfg_stock = tiny_cfg("focal", arch="RetinaNet")
     torch.manual_seed(0)
     ours = build_model(cfg_ours)
@@ -131,6 +134,87 @@ def test_focal_is_stock_retinanet():
     for x, y in zip(out_a, out_b):
         assert torch.equal(x["instances"].pred_boxes.tensor, y["instances"].pred_boxes.tensor)
         assert torch.equal(x["instances"].scores, y["instances"].scores)
+
+
+def _train_losses(cfg, seed=0):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    losses, _ = train_step(model, make_batch(seed=seed))
+    return model, losses
+
+
+def test_focal_weight_and_batch_mean_box_loss():
+    """MODEL.CLS_LOSS.WEIGHT scales focal's loss_cls too (0 turns it off); with "batch_mean" the
+    focal twin's box loss is the same function of the head output as the other losses'."""
+    cfg = tiny_cfg("focal")
+    cfg.MODEL.CLS_LOSS.BOX_REG_NORMALIZER = "ema"
+    _, ref = _train_losses(cfg)
+    assert ref["loss_cls"] > 0
+    for w in (0.0, 2.5):
+        cfg.MODEL.CLS_LOSS.WEIGHT = w
+        _, out = _train_losses(cfg)
+        torch.testing.assert_close(out["loss_cls"], ref["loss_cls"] * w)
+        torch.testing.assert_close(out["loss_box_reg"], ref["loss_box_reg"])
+    boxes = {}
+    for loss in ("focal", "ap", "ce_ohem"):
+        cfg = tiny_cfg(loss)
+        assert cfg.MODEL.CLS_LOSS.BOX_REG_NORMALIZER == "batch_mean"
+        _, out = _train_losses(cfg)
+        boxes[loss] = out["loss_box_reg"]
+    torch.testing.assert_close(boxes["focal"], boxes["ap"])
+    torch.testing.assert_close(boxes["ce_ohem"], boxes["ap"])
+
+
+def test_ce_ohem_inference_scores_with_softmax():
+    """CE+OHEM trains a softmax over K+1 classes (background logit 0): inference scores with it."""
+    from ap_loss_d2.losses.ohem import ce_ohem_scores
+
+    cfg = tiny_cfg("ce_ohem")
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.head.cls_score.bias.normal_(0.0, 2.0)  # spread the scores
+        batch = make_batch(seed=3)
+        images = model.preprocess_image(batch)
+        features = [model.backbone(images.tensor)[f] for f in model.head_in_features]
+        logits = model.head(features)[0]
+        out = model(batch)
+    # the top score of the image equals the largest softmax probability over all anchors
+    def per_anchor(x):  # (N, A*K, H, W) -> (N, H*W*A, K), Detectron2's anchor order
+        n, _, h, w = x.shape
+        return x.view(n, -1, 3, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 3)
+
+    probs = torch.cat([ce_ohem_scores(per_anchor(x)) for x in logits], dim=1)
+    top = out[0]["instances"].scores.max()
+    torch.testing.assert_close(top, probs[0].max())
+    sigmoid_top = torch.cat([per_anchor(x).sigmoid() for x in logits], dim=1)[0].max()
+    assert not torch.allclose(top, sigmoid_top)  # not Detectron2's per-class sigmoid
+    # the softmax itself: rows of [0, s] normalised, background dropped
+    s = torch.tensor([[0.0, 1.0, -2.0], [30.0, 29.0, -50.0]], dtype=torch.float64)
+    full = torch.softmax(torch.cat([torch.zeros(2, 1, dtype=s.dtype), s], 1), 1)[:, 1:]
+    torch.testing.assert_close(ce_ohem_scores(s), full)
+    assert ce_ohem_scores(torch.zeros(0, 3)).shape == (0, 3)
+
+
+def test_ap_approx_uses_its_own_sigmoid_k(monkeypatch):
+    import ap_loss_d2.modeling.retinanet as rn
+
+    seen = []
+    real = rn.ap_loss_approx_gradient
+
+    def spy(logits, targets, sigmoid_k):
+        seen.append(sigmoid_k)
+        return real(logits, targets, sigmoid_k=sigmoid_k)
+
+    monkeypatch.setattr(rn, "ap_loss_approx_gradient", spy)
+    cfg = tiny_cfg("ap_approx")
+    assert cfg.MODEL.CLS_LOSS.APPROX_SIGMOID_K == 1.0  # paper Eq. 32-33: S(x) = e^x / (1 + e^x)
+    assert cfg.MODEL.CLS_LOSS.SIGMOID_K == 0.5  # the sigmoid step's k is a different parameter
+    _train_losses(cfg)
+    cfg.MODEL.CLS_LOSS.APPROX_SIGMOID_K = 0.25
+    _train_losses(cfg)
+    assert seen == [1.0, 0.25]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,11 +72,10 @@ def register_voc_nodifficult(base_name: str) -> str:
     if name in DatasetCatalog.list():
         return name
     meta = MetadataCatalog.get(base_name)
-    if meta.get("evaluator_type", None) != "pascal_voc" or meta.get("dirname", None) is None:
+    if base_name not in DatasetCatalog.list() or meta.get("dirname", None) is None:
         raise ValueError(
-            f"{base_name!r} is not a registered Pascal VOC dataset (metadata evaluator_type "
-            "'pascal_voc' and dirname); register it with detectron2.data.datasets."
-            "register_pascal_voc first"
+            f"{base_name!r} is not a registered Pascal VOC dataset (needs metadata 'dirname'); "
+            "register it with detectron2.data.datasets.register_pascal_voc first"
         )
     DatasetCatalog.register(name, lambda: _load_nodifficult(base_name))
     values = {k: v for k, v in meta.as_dict().items() if k != "name"}

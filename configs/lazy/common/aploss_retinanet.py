@@ -18,7 +18,22 @@ model.head.num_anchors = 6
 model.backbone.bottom_up.freeze_at = 2  # stem + res2 frozen; all BN layers frozen (FrozenBN)
 model.test_nms_thresh = 0.5  # per-class NMS with IoU 0.5
 
-# Classification loss: "ap", "auc", "focal" or "ce_ohem" (see APLossRetinaNet).
+# The authors' released code (github cccorn/AP-loss), where the paper is silent; shared by every
+# loss (the paper gives RetinaNet's baselines no settings of their own). Same values as
+# configs/Base-APLoss-RetinaNet.yaml.
+model.anchor_generator.offset = 0.5  # anchor centres at (i + 0.5) x stride (lib/model/anchors.py)
+model.test_score_thresh = 0.01  # lib/model/model.py (Detectron2: 0.05)
+model.test_topk_candidates = 1000
+model.max_detections_per_image = 100
+# Smooth L1 (beta 1) on deltas divided by (0.1, 0.1, 0.2, 0.2), averaged over the positive
+# anchors of the batch and the 4 coordinates (lib/model/aploss.py).
+model.box2box_transform.weights = [10.0, 10.0, 5.0, 5.0]
+model.box_reg_loss_type = "smooth_l1"
+model.smooth_l1_beta = 1.0
+model.box_reg_normalizer = "batch_mean"
+
+# Classification loss: "ap", "auc", "focal" or "ce_ohem" (see APLossRetinaNet; "ce_ohem" scores
+# with the softmax it trained at test time).
 model.cls_loss = "ap"
 model.cls_loss_weight = 1.0
 model.delta = 1.0  # piecewise step function width (Eq. 21)

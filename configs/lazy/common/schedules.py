@@ -4,7 +4,8 @@ VOC07+12 trainval: 16,551 images. 160 epochs = 165,510 iters; /10 at 110 epochs 
 and 140 epochs (144,821).
 COCO trainval35k: ~117,266 images. 100 epochs = 732,913 iters; /10 at 60 epochs (439,748) and
 80 epochs (586,330).
-Detectron2's usual linear warm-up over the first 1000 iterations is kept.
+Warm-up as in the authors' code (lib/config.py, train.py): linear from LR / 3 to LR over the
+first 500 iterations.
 """
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
@@ -12,7 +13,7 @@ from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 
 
-def _epochs(num_images, epochs, drops, ims_per_batch=16, warmup_iters=1000):
+def _epochs(num_images, epochs, drops, ims_per_batch=16, warmup_iters=500, warmup_factor=1 / 3):
     def to_iters(e):
         return int(round(e * num_images / ims_per_batch + 1e-9))
 
@@ -24,7 +25,7 @@ def _epochs(num_images, epochs, drops, ims_per_batch=16, warmup_iters=1000):
         ),
         warmup_length=warmup_iters / total,
         warmup_method="linear",
-        warmup_factor=0.001,
+        warmup_factor=warmup_factor,
     )
 
 
