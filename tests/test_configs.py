@@ -121,7 +121,8 @@ def test_paper_settings(path):
     if "voc0712" in path:
         images, epochs, drops = VOC_IMAGES, 160, (110, 140)
         assert m.RETINANET.NUM_CLASSES == 20
-        assert cfg.DATASETS.TRAIN == ("voc_2007_trainval", "voc_2012_trainval")
+        # VOC07+12 trainval without "difficult" objects (the authors' loader; test_paper_recipe.py)
+        assert cfg.DATASETS.TRAIN == ("voc_2007_trainval_nodifficult", "voc_2012_trainval_nodifficult")
         assert cfg.DATASETS.TEST == ("voc_2007_test",)
     else:
         images, epochs, drops = COCO_IMAGES, 100, (60, 80)
@@ -170,7 +171,8 @@ def test_lazy_paper_settings(path):
     cfg = LazyConfig.load(str(REPO / path))
     model = instantiate(cfg.model)
     assert isinstance(model, APLossRetinaNet)
-    assert model.cls_loss == cfg.model.cls_loss == Path(path).stem.rsplit("_", 1)[-1]
+    loss_in_name = Path(path).stem.split("voc0712_" if "voc0712" in path else "coco_", 1)[1]
+    assert model.cls_loss == cfg.model.cls_loss == loss_in_name
     assert model.anchor_generator.num_anchors == [6] * 5
     assert model.test_nms_thresh == 0.5
     assert model.ranking_options["delta"] == 1.0
@@ -240,11 +242,71 @@ def test_unknown_cls_loss_key_fails(tmp_path):
         (["MODEL.CLS_LOSS.STEP", "cubic"], "valid steps: linear, heaviside, sigmoid"),
         (["MODEL.CLS_LOSS.DELTA", "0.0"], "DELTA"),
         (["AP_LOSS_INPUT.AUGMENTATION", "mosaic"], "default, ssd"),
+        (["MODEL.CLS_LOSS.WEIGHT", "-0.5"], r"MODEL.CLS_LOSS.WEIGHT=-0.5 must be a finite number >= 0"),
+        (["MODEL.CLS_LOSS.BOX_REG_WEIGHT", "-1.0"], "BOX_REG_WEIGHT"),
+        (["MODEL.CLS_LOSS.DELTA", "1e999"], r"DELTA=inf must be a finite number > 0"),
+        (["MODEL.CLS_LOSS.SIGMOID_K", "-1.0"], "SIGMOID_K"),
+        (["MODEL.CLS_LOSS.APPROX_SIGMOID_K", "0.0"], "APPROX_SIGMOID_K=0.0 must be"),
+        (["MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO", "0.0"], "OHEM_NEG_POS_RATIO=0.0 must be a finite number > 0"),
+        (["MODEL.CLS_LOSS.BOX_REG_NORMALIZER", "count"], "valid values: ema, batch_mean"),
     ],
 )
-def test_bad_values_fail(opts, match):
+def test_bad_values_fail(opts, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        setup_cfg(_args(TINY_YAML, *opts))
+        setup_cfg(_args(TINY_YAML, *opts, "OUTPUT_DIR", str(tmp_path)))
+    assert not any(tmp_path.iterdir()), "failed before default_setup wrote anything"
+
+
+def test_nan_in_yaml_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{TINY_YAML}"\nMODEL:\n  CLS_LOSS:\n    DELTA: .nan\n')
+    with pytest.raises(ValueError, match="MODEL.CLS_LOSS.DELTA=nan must be a finite number > 0"):
+        setup_cfg(_args(bad, "OUTPUT_DIR", str(tmp_path / "out")))
+
+
+def test_weight_zero_is_valid():
+    cfg = load_yaml_cfg(str(TINY_YAML.relative_to(REPO)), ["MODEL.CLS_LOSS.WEIGHT", "0.0"])
+    validate_cfg(cfg)
+
+
+@pytest.mark.parametrize(
+    "arg, value, match",
+    [
+        ("cls_loss_weight", -1.0, "model.cls_loss_weight=-1.0 must be a finite number >= 0"),
+        ("delta", float("inf"), "model.delta=inf"),
+        ("approx_sigmoid_k", 0.0, "model.approx_sigmoid_k"),
+        ("ohem_neg_pos_ratio", 0.0, "model.ohem_neg_pos_ratio=0.0 must be a finite number > 0"),
+        ("box_reg_normalizer", "count", "valid values: ema, batch_mean"),
+    ],
+)
+def test_lazy_bad_values_fail(arg, value, match):
+    cfg = LazyConfig.load(str(CONFIGS / "lazy" / "retinanet_R_50_FPN_160e_voc0712_ap.py"))
+    cfg.model[arg] = value
+    with pytest.raises(ValueError, match=match):
+        validate_lazy_cfg(cfg)
+    with pytest.raises(ValueError, match=arg):  # the constructor checks the same values
+        instantiate(cfg.model)
+
+
+def test_ohem_ratio_rule_is_the_loss_rule():
+    """Validation and ce_ohem_loss accept and reject the same OHEM_NEG_POS_RATIO values."""
+    from ap_loss_d2.losses.ohem import ce_ohem_loss
+
+    logits, labels = torch.zeros(1, 4, 2), torch.tensor([[0, 2, 2, 2]])
+    for value in (0.0, -1.0, float("inf"), float("nan"), 0.5, 3.0):
+        cfg = load_yaml_cfg(str(TINY_YAML.relative_to(REPO)))
+        cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO = value
+        try:
+            validate_cfg(cfg)
+            cfg_ok = True
+        except ValueError:
+            cfg_ok = False
+        try:
+            ce_ohem_loss(logits, labels, neg_pos_ratio=value)
+            loss_ok = True
+        except ValueError:
+            loss_ok = False
+        assert cfg_ok == loss_ok == (math.isfinite(value) and value > 0), value
 
 
 def test_stock_models_ignore_cls_loss_name():
