@@ -1,0 +1,340 @@
+"""Learning-rate sweep: each loss at its own best learning rate, mean and range over seeds.
+
+``python -m ap_loss_d2.studies.lr_sweep --output-dir output/lr_sweep --losses ap focal
+--lrs 0.005 0.01 0.02 --seeds 0 1 2 [--num-parallel N] [--devices 0 1 ...] [KEY VALUE ...]``
+
+Trains ``--config`` (default: the main job, ``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml``)
+once per (loss, learning rate, seed) with ``train_net.py`` in a subprocess, every run with the
+same schedule (the config's, plus the trailing ``KEY VALUE`` overrides, e.g. ``MODEL.DEVICE cuda``
+or ``SOLVER.MAX_ITER 20``), and reads each run's final COCO/VOC bbox evaluation from its
+``metrics.json``. Writes into ``--output-dir``:
+
+* ``lr_sweep.md``   per loss and LR: mean and [min, max] of AP / AP50 / AP75 over the seeds,
+  diverged runs, each loss's best LR in bold; then a README-ready table of each loss at its best
+  LR;
+* ``lr_sweep.json`` the same numbers and every run (status, metrics, command);
+* ``lr_sweep.png``  AP against LR per loss (mean, with the seeds' range as error bars);
+* ``<loss>_lr<lr>_seed<seed>/`` one train_net.py output folder per run (``sweep_log.txt``: its
+  output; ``sweep_run.json``: its result once finished).
+
+``--expected-results FILE`` also writes the best-LR summary that ``tools/main_job.py`` prints as
+the spread to expect (``configs/quick/expected_results.json`` for the main job).
+
+A run that stops on NaN/Inf (``train_net.py``'s "Training stopped at iteration N: NaN or Inf",
+or Detectron2's "Loss became infinite or NaN") is recorded as *diverged* with its iteration; it
+is not a failure of the sweep. The best LR of a loss is the one with the highest mean AP among
+the LRs at which no seed diverged (if every LR diverged somewhere: among all). Other failures
+(e.g. a missing dataset) are reported and retried by the next invocation.
+
+Resuming: rerunning the command skips finished runs (``sweep_run.json`` present, with the same
+settings) and continues interrupted ones from their last checkpoint (``--resume``). Runs execute
+``--num-parallel`` at a time; ``--devices`` assigns ``CUDA_VISIBLE_DEVICES`` round-robin to them.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .common import fmt_num, markdown_table, progress, read_metrics_json, timestamp, write_json
+
+__all__ = ["DIVERGED_PATTERNS", "main", "parse_divergence", "run_name", "summarize"]
+
+STUDY = "lr_sweep"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
+METRICS = ("AP", "AP50", "AP75")
+#: Messages of a run stopped by NaN/Inf, with the iteration as group 1.
+DIVERGED_PATTERNS = (
+    re.compile(r"Training stopped at iteration (\d+): NaN or Inf"),
+    re.compile(r"Loss became infinite or NaN at iteration=(\d+)"),
+)
+
+
+def run_name(loss: str, lr: float, seed: int) -> str:
+    return f"{loss}_lr{lr:g}_seed{seed}"
+
+
+def parse_divergence(log: str) -> Optional[int]:
+    """The iteration at which a run stopped on NaN/Inf, from its output; None if it did not."""
+    for pattern in DIVERGED_PATTERNS:
+        m = pattern.search(log)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def final_bbox_metrics(metrics_file: Path) -> Dict[str, float]:
+    """The last logged ``bbox/AP``, ``bbox/AP50``, ``bbox/AP75`` of a run (empty if none)."""
+    found: Dict[str, float] = {}
+    if not metrics_file.is_file():
+        return found
+    for entry in read_metrics_json(metrics_file)[0]:
+        for m in METRICS:
+            for key, value in entry.items():
+                if key == f"bbox/{m}" or key.endswith(f"/bbox/{m}"):
+                    found[m] = value
+    return found
+
+
+def _settings(args, loss, lr, seed) -> dict:
+    return {"config": args.config, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
+
+
+def _train_script() -> Path:
+    script = REPO / "train_net.py"
+    if not script.is_file():
+        raise SystemExit(
+            f"[{STUDY}] {script} not found: run the sweep from a checkout of the repository "
+            "(pip install -e .), where train_net.py sits next to the ap_loss_d2 package"
+        )
+    return script
+
+
+def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
+    """Train (or resume, or skip) one run; returns its record."""
+    out = Path(args.output_dir) / run_name(loss, lr, seed)
+    done = out / "sweep_run.json"
+    settings = _settings(args, loss, lr, seed)
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("settings") != settings:
+            raise SystemExit(
+                f"[{STUDY}] {out} holds a run with other settings ({record.get('settings')}); "
+                "use another --output-dir"
+            )
+        progress(STUDY, f"{out.name}: finished earlier ({record['status']})")
+        return record
+    out.mkdir(parents=True, exist_ok=True)
+    resume = (out / "last_checkpoint").is_file()
+    cmd = [sys.executable, str(_train_script()), "--config-file", args.config]
+    if resume:
+        cmd.append("--resume")
+    if args.num_gpus > 1:
+        cmd += ["--num-gpus", str(args.num_gpus)]
+    cmd += ["MODEL.CLS_LOSS.NAME", loss, "SOLVER.BASE_LR", repr(float(lr)), "SEED", str(seed),
+            *args.opts, "OUTPUT_DIR", str(out)]
+    env = dict(os.environ)
+    if args.devices:
+        env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
+    progress(STUDY, f"{out.name}: {'resuming' if resume else 'training'}")
+    with open(out / "sweep_log.txt", "a") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    text = (out / "sweep_log.txt").read_text(errors="replace")
+    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": proc.returncode}
+    metrics = final_bbox_metrics(out / "metrics.json")
+    diverged_at = parse_divergence(text) if proc.returncode != 0 else None
+    if diverged_at is not None:
+        record.update(status="diverged", diverged_at=diverged_at)
+    elif proc.returncode == 0 and all(m in metrics for m in METRICS):
+        record.update(status="ok", **{m: metrics[m] for m in METRICS})
+    else:
+        tail = "\n".join(text.splitlines()[-15:])
+        record.update(status="failed", log_tail=tail)
+        progress(STUDY, f"{out.name}: FAILED (exit {proc.returncode}); see {out / 'sweep_log.txt'}"
+                        f"\n{tail}")
+        return record  # not marked finished: retried next time
+    write_json(done, record)
+    progress(STUDY, f"{out.name}: {record['status']}"
+                    + (f" AP {record['AP']:.2f}" if record["status"] == "ok" else
+                       f" at iteration {record.get('diverged_at')}"))
+    return record
+
+
+def _stats(values: List[float]) -> dict:
+    if not values:
+        return {"mean": None, "min": None, "max": None}
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def summarize(records: List[dict], losses, lrs) -> dict:
+    """Per loss and LR: seeds run, ok, diverged, failed, stats of AP/AP50/AP75 over ok runs; and
+    each loss's best LR (highest mean AP among LRs without divergence, else among all)."""
+    table = {}
+    for loss in losses:
+        table[loss] = {}
+        for lr in lrs:
+            rs = [r for r in records if r["settings"]["loss"] == loss
+                  and math.isclose(r["settings"]["lr"], lr)]
+            ok = [r for r in rs if r["status"] == "ok"]
+            cell = {
+                "seeds": sorted(r["settings"]["seed"] for r in rs),
+                "ok": len(ok),
+                "diverged": sorted([r["settings"]["seed"], r["diverged_at"]]
+                                   for r in rs if r["status"] == "diverged"),
+                "failed": sorted(r["settings"]["seed"] for r in rs if r["status"] == "failed"),
+            }
+            for m in METRICS:
+                cell[m] = _stats([r[m] for r in ok])
+            table[loss][f"{lr:g}"] = cell
+    best = {}
+    for loss in losses:
+        cells = [(lr, c) for lr, c in table[loss].items() if c["ok"]]
+        stable = [(lr, c) for lr, c in cells if not c["diverged"] and not c["failed"]]
+        pool = stable or cells
+        if pool:
+            lr, c = max(pool, key=lambda x: x[1]["AP"]["mean"])
+            best[loss] = {"lr": float(lr), "stable": bool(stable), "seeds": c["seeds"],
+                          **{m: c[m] for m in METRICS}}
+    return {"table": table, "best": best}
+
+
+def _fmt_range(s, digits=1):
+    if s["mean"] is None:
+        return "-"
+    return f"{fmt_num(s['mean'], digits)} [{fmt_num(s['min'], digits)}, {fmt_num(s['max'], digits)}]"
+
+
+def render(summary: dict, args, labels) -> List[str]:
+    headers = ["loss", "LR", "seeds ok", *(f"{m} mean [min, max]" for m in METRICS), "diverged"]
+    rows = []
+    for loss, cells in summary["table"].items():
+        best_lr = summary["best"].get(loss, {}).get("lr")
+        for lr, c in cells.items():
+            is_best = best_lr is not None and math.isclose(float(lr), best_lr)
+            mark = (lambda v: f"**{v}**") if is_best else (lambda v: v)
+            div = ", ".join(f"seed {s} at it. {it}" for s, it in c["diverged"]) or "-"
+            if c["failed"]:
+                div += f" (failed: seeds {c['failed']})"
+            rows.append([labels.get(loss, loss), mark(lr), f"{c['ok']}/{len(c['seeds'])}",
+                         *(mark(_fmt_range(c[m])) for m in METRICS), div])
+    readme = []
+    for loss, b in summary["best"].items():
+        readme.append([f"{labels.get(loss, loss)}, best LR {b['lr']:g}"
+                       + ("" if b["stable"] else " (diverged at every LR for some seed)"),
+                       *(_fmt_range(b[m]) for m in METRICS)])
+    seeds = ", ".join(str(s) for s in args.seeds)
+    opts = " ".join(args.opts) or "none"
+    return [
+        "# Learning-rate sweep", "",
+        f"Generated {timestamp()} by `python -m ap_loss_d2.studies.lr_sweep`. Config "
+        f"`{args.config}`, overrides: `{opts}`; seeds {seeds}; the same schedule for every run. "
+        "Bold: each loss's best LR (highest mean AP among the LRs where no seed diverged).", "",
+        markdown_table(headers, rows, align="llr" + "r" * len(METRICS) + "l"), "",
+        "## Each loss at its best learning rate (README table)", "",
+        markdown_table(["run", *(f"{m} mean [min, max]" for m in METRICS)], readme), "",
+        f"Mean and range over seeds {seeds}.", "",
+    ]
+
+
+def plot(summary: dict, path: Path, labels) -> bool:
+    from .common import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    drawn = False
+    for loss, cells in summary["table"].items():
+        pts = [(float(lr), c["AP"]) for lr, c in cells.items() if c["AP"]["mean"] is not None]
+        if not pts:
+            continue
+        pts.sort()
+        x = [p[0] for p in pts]
+        y = [p[1]["mean"] for p in pts]
+        err = [[p[1]["mean"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["mean"] for p in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=labels.get(loss, loss))
+        drawn = True
+    ax.set_xscale("log")
+    ax.set_xlabel("base learning rate")
+    ax.set_ylabel("AP (mean, range over seeds)")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def expected_results(summary: dict, args) -> dict:
+    """What tools/main_job.py prints as the spread to expect: per loss, its best LR's stats."""
+    return {
+        "generated": timestamp(),
+        "command": "python -m ap_loss_d2.studies.lr_sweep " + " ".join(sys.argv[1:]),
+        "config": args.config,
+        "overrides": list(args.opts),
+        "seeds": list(args.seeds),
+        "losses": {loss: {"lr": b["lr"], **{m: b[m] for m in METRICS}}
+                   for loss, b in summary["best"].items()},
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.lr_sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="yacs config to train (main job's)")
+    p.add_argument("--output-dir", default="output/lr_sweep")
+    p.add_argument("--losses", nargs="+", default=["ap", "focal"])
+    p.add_argument("--lrs", nargs="+", type=float, default=[0.005, 0.01, 0.02])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--num-parallel", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--num-gpus", type=int, default=1, help="GPUs per run (train_net.py)")
+    p.add_argument("--devices", nargs="*", default=[],
+                   help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
+    p.add_argument("--expected-results", default=None, metavar="FILE",
+                   help="also write the best-LR summary read by tools/main_job.py")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    args = p.parse_args(argv)
+    if len(args.opts) % 2:
+        p.error(f"overrides must be KEY VALUE pairs, got {args.opts}")
+    for key in ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR", "SEED", "OUTPUT_DIR"):
+        if key in args.opts[::2]:
+            p.error(f"{key} is set by the sweep per run; use --losses/--lrs/--seeds/--output-dir")
+    if args.num_parallel < 1:
+        p.error("--num-parallel must be >= 1")
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
+        p.error(f"--lrs must be finite numbers > 0, got {args.lrs}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from .common import LOSS_LABELS
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(loss, lr, seed) for loss in args.losses for lr in args.lrs for seed in args.seeds]
+    progress(STUDY, f"{len(jobs)} runs ({len(args.losses)} losses x {len(args.lrs)} LRs x "
+                    f"{len(args.seeds)} seeds), {args.num_parallel} at a time, into {out}")
+    slots = threading.Semaphore(args.num_parallel)
+    free = list(range(args.num_parallel))
+    lock = threading.Lock()
+
+    def task(job):
+        with slots:
+            with lock:
+                slot = free.pop(0)
+            try:
+                return run_one(args, *job, slot=slot)
+            finally:
+                with lock:
+                    free.append(slot)
+
+    with ThreadPoolExecutor(max_workers=args.num_parallel) as pool:
+        records = list(pool.map(task, jobs))
+    summary = summarize(records, args.losses, args.lrs)
+    md = render(summary, args, LOSS_LABELS)
+    figures = ["lr_sweep.png"] if plot(summary, out / "lr_sweep.png", LOSS_LABELS) else []
+    report = {"study": STUDY, "generated": timestamp(), "config": args.config,
+              "overrides": list(args.opts), "losses": args.losses, "lrs": args.lrs,
+              "seeds": args.seeds, **summary, "runs": records, "figures": figures}
+    write_json(out / "lr_sweep.json", report)
+    (out / "lr_sweep.md").write_text("\n".join(md) + "\n")
+    if args.expected_results:
+        write_json(Path(args.expected_results), expected_results(summary, args))
+        progress(STUDY, f"wrote {args.expected_results}")
+    print("\n".join(md), flush=True)
+    progress(STUDY, f"wrote {out / 'lr_sweep.md'}, {out / 'lr_sweep.json'}")
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        progress(STUDY, f"{len(failed)} run(s) failed (not diverged); rerun the command to retry")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(r["status"] == "failed" for r in main()["runs"]) else 0)

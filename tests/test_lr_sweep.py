@@ -1,0 +1,122 @@
+"""The learning-rate sweep (ap_loss_d2.studies.lr_sweep): orchestration with a stand-in training
+script (fast), and one real tiny sweep through train_net.py (slow)."""
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ap_loss_d2.studies import lr_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_YAML = "tests/configs/tiny_synth_retinanet.yaml"
+
+# Stand-in for train_net.py: AP depends on (loss, lr, seed); LR > 1 "diverges" like the Trainer;
+# loss "broken" fails otherwise; every call is logged.
+FAKE = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    argv = sys.argv[1:]
+    opts = dict(zip(argv[argv.index("--config-file") + 2 - (0 if "--resume" not in argv else -1):][::2],
+                    argv[argv.index("--config-file") + 3 - (0 if "--resume" not in argv else -1):][::2]))
+    out = Path(opts["OUTPUT_DIR"]); out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / "calls.txt", "a") as f:
+        f.write(" ".join(argv) + "\\n")
+    loss, lr, seed = opts["MODEL.CLS_LOSS.NAME"], float(opts["SOLVER.BASE_LR"]), int(opts["SEED"])
+    if loss == "broken":
+        print("FileNotFoundError: no dataset"); sys.exit(2)
+    if lr > 1:
+        (out / "last_checkpoint").write_text("model_0000004.pth")
+        print("FloatingPointError: Training stopped at iteration 7: NaN or Inf in the model's outputs")
+        sys.exit(1)
+    ap = {"ap": 40.0, "focal": 30.0}[loss] + 100 * lr + seed
+    row = {"iteration": 9, "bbox/AP": ap, "bbox/AP50": ap + 20, "bbox/AP75": ap + 5}
+    (out / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\\n"
+                                      + json.dumps(row) + "\\n")
+''')
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    script = tmp_path / "fake_train_net.py"
+    script.write_text(FAKE)
+    monkeypatch.setattr(lr_sweep, "_train_script", lambda: script)
+    return script
+
+
+def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
+    out = tmp_path / "sweep"
+    expected = tmp_path / "expected.json"
+    argv = ["--config", TINY_YAML, "--output-dir", str(out), "--losses", "ap", "focal",
+            "--lrs", "0.01", "0.05", "5", "--seeds", "0", "1", "2", "--num-parallel", "3",
+            "--expected-results", str(expected), "SOLVER.MAX_ITER", "10"]
+    report = lr_sweep.main(argv)
+    calls = (out / "calls.txt").read_text().splitlines()
+    assert len(calls) == 18 and all("SOLVER.MAX_ITER 10" in c for c in calls)
+    t = report["table"]
+    # AP = base + 100 lr + seed over seeds 0, 1, 2: mean base + 100 lr + 1, range +-1
+    assert t["ap"]["0.05"]["AP"] == {"mean": pytest.approx(46.0), "min": 45.0, "max": 47.0}
+    assert t["focal"]["0.01"]["AP50"]["mean"] == pytest.approx(52.0)
+    assert t["ap"]["5"]["ok"] == 0 and t["ap"]["5"]["diverged"] == [[0, 7], [1, 7], [2, 7]]
+    # best LR: the highest mean AP among LRs where no seed diverged (5 "diverged")
+    assert report["best"]["ap"]["lr"] == 0.05 and report["best"]["focal"]["lr"] == 0.05
+    md = (out / "lr_sweep.md").read_text()
+    assert "| AP-Loss | **0.05** | 3/3 | **46.0 [45.0, 47.0]**" in md
+    assert "seed 0 at it. 7" in md
+    assert "| AP-Loss, best LR 0.05 | 46.0 [45.0, 47.0] | 66.0 [65.0, 67.0] | 51.0 [50.0, 52.0] |" in md
+    assert (out / "lr_sweep.png").is_file()
+    saved = json.loads((out / "lr_sweep.json").read_text())
+    assert saved["best"]["focal"]["AP"]["mean"] == pytest.approx(36.0)
+    exp = json.loads(expected.read_text())
+    assert exp["losses"]["ap"]["lr"] == 0.05 and exp["config"] == TINY_YAML
+    assert exp["losses"]["focal"]["AP"] == {"mean": pytest.approx(36.0), "min": 35.0, "max": 37.0}
+
+    # rerun: every run finished (ok or diverged), nothing is trained again
+    lr_sweep.main(argv)
+    assert len((out / "calls.txt").read_text().splitlines()) == 18
+    # other settings into the same folder are refused
+    with pytest.raises(SystemExit, match="other settings"):
+        lr_sweep.main(argv[:-2] + ["SOLVER.MAX_ITER", "20"])
+
+
+def test_failed_runs_are_retried_and_interrupted_runs_resume(tmp_path, fake_train):
+    out = tmp_path / "sweep"
+    argv = ["--output-dir", str(out), "--losses", "broken", "ap", "--lrs", "0.01", "--seeds", "0"]
+    report = lr_sweep.main(argv)
+    status = {r["settings"]["loss"]: r["status"] for r in report["runs"]}
+    assert status == {"broken": "failed", "ap": "ok"}
+    assert "no dataset" in report["runs"][0]["log_tail"]
+    # an interrupted run (checkpoint, no result) resumes
+    (out / "ap_lr0.01_seed0" / "sweep_run.json").unlink()
+    (out / "ap_lr0.01_seed0" / "last_checkpoint").write_text("model_0000004.pth")
+    lr_sweep.main(argv)
+    calls = (out / "calls.txt").read_text().splitlines()
+    assert len(calls) == 4  # broken twice (retried), ap twice
+    assert "--resume" in calls[-1] or "--resume" in calls[-2]
+
+
+def test_bad_arguments():
+    for argv, msg in ([["SOLVER.BASE_LR", "0.1"], "SOLVER.BASE_LR is set by the sweep"],
+                      [["--lrs", "0"], "--lrs must be finite numbers > 0"],
+                      [["MODEL.DEVICE"], "KEY VALUE pairs"]):
+        with pytest.raises(SystemExit):
+            lr_sweep.parse_args(argv)
+    assert lr_sweep.parse_divergence("x\nLoss became infinite or NaN at iteration=12!\n") == 12
+    assert lr_sweep.parse_divergence("all good") is None
+
+
+@pytest.mark.slow
+def test_tiny_real_sweep(tmp_path, synth_dataset_dir):
+    """train_net.py for real: 6 iterations on CPU; LR 1e5 diverges and is recorded as such."""
+    out = tmp_path / "sweep"
+    report = lr_sweep.main(["--config", TINY_YAML, "--output-dir", str(out), "--losses", "ap",
+                            "--lrs", "0.01", "1e5", "--seeds", "0", "--num-parallel", "2",
+                            "SOLVER.MAX_ITER", "6", "MODEL.DEVICE", "cpu",
+                            "DATASETS.TEST", "('synth_shapes_val',)"])
+    runs = {r["settings"]["lr"]: r for r in report["runs"]}
+    assert runs[0.01]["status"] == "ok" and 0 <= runs[0.01]["AP"] <= 100
+    assert runs[1e5]["status"] == "diverged" and runs[1e5]["diverged_at"] < 6
+    assert report["best"]["ap"]["lr"] == 0.01
+    assert (out / "lr_sweep.md").is_file() and (out / "lr_sweep.png").is_file()
+    assert sys.executable in runs[0.01]["command"][0]
