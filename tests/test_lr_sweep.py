@@ -120,3 +120,38 @@ def test_tiny_real_sweep(tmp_path, synth_dataset_dir):
     assert report["best"]["ap"]["lr"] == 0.01
     assert (out / "lr_sweep.md").is_file() and (out / "lr_sweep.png").is_file()
     assert sys.executable in runs[0.01]["command"][0]
+
+
+def _main_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("main_job", REPO / "tools" / "main_job.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_main_job_prints_the_sweeps_spread(tmp_path):
+    pytest.importorskip("detectron2")
+    mj = _main_job()
+    stats = lambda m, lo, hi: {"mean": m, "min": lo, "max": hi}  # noqa: E731
+    data = {"generated": "2026-01-01", "config": "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml",
+            "overrides": ["MODEL.DEVICE", "cuda"], "seeds": [0, 1, 2],
+            "losses": {"ap": {"lr": 0.02, "AP": stats(44.0, 43.0, 46.2), "AP50": stats(66.0, 64.0, 68.1),
+                              "AP75": stats(47.0, 45.0, 50.0)},
+                       "focal": {"lr": 0.01, "AP": stats(20.0, 18.6, 21.0),
+                                 "AP50": stats(35.0, 34.4, 36.0), "AP75": stats(18.0, 17.8, 19.0)}}}
+    path = tmp_path / "expected.json"
+    path.write_text(json.dumps(data))
+    lines = mj.expected_spread(mj.CONFIG, ["OUTPUT_DIR", "x"], {"AP": 45.1}, path)
+    assert lines[0].endswith("AP 44.0 [43.0, 46.2], AP50 66.0 [64.0, 68.1], AP75 47.0 [45.0, 50.0]")
+    assert "expected for ap at LR 0.02" in lines[0]
+    assert lines[1] == "[main_job] this run's AP 45.1 is inside the sweep's range [43.0, 46.2]"
+    lines = mj.expected_spread(mj.CONFIG, ["MODEL.CLS_LOSS.NAME", "focal"], {"AP": 5.0}, path)
+    assert "best LR 0.01, not at this run's 0.02" in lines[0]
+    lines = mj.expected_spread(mj.CONFIG, ["MODEL.CLS_LOSS.NAME", "focal", "SOLVER.BASE_LR", "0.01"],
+                               {"AP": 5.0}, path)
+    assert "OUTSIDE" in lines[1]
+    # a different setting (another override) has no measurement
+    assert mj.expected_spread(mj.CONFIG, ["SOLVER.MAX_ITER", "10"], {"AP": 1.0}, path) == []
+    assert mj.expected_spread(mj.CONFIG, [], None, tmp_path / "missing.json") == []
