@@ -75,10 +75,14 @@ EOF
   log "linked from $TORCH_FROM: $(tr '\n' ' ' < "$CONSTRAINTS")"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" $(grep -E '^(torch|torchvision)==' "$CONSTRAINTS")
 else
-  : > "$CONSTRAINTS"
   "$PY" -c "import torch, torchvision" 2>/dev/null || "${PIP[@]}" install -q $TORCH_SPEC
-  "$PY" -c "import torch, torchvision; print(f'torch=={torch.__version__}'); \
-print(f'torchvision=={torchvision.__version__}')" > "$CONSTRAINTS"
+  # Same constraints from the installed metadata (also protects links made by an earlier
+  # TORCH_FROM run of this venv).
+  "$PY" -c "import importlib.metadata as md
+for d in md.distributions():
+    n = d.metadata['Name'].lower().replace('_', '-')
+    if n in ('torch', 'torchvision', 'triton') or n.startswith(('nvidia-', 'cuda-')):
+        print(f\"{d.metadata['Name']}=={d.version}\")" > "$CONSTRAINTS"
 fi
 
 # Detectron2's setup.py imports torch: build without isolation, so setuptools/wheel come first.
