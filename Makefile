@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup main test env benchmark
+.PHONY: setup main test env benchmark check-d2-source
 setup:
 	bash tools/setup_env.sh
 
@@ -17,3 +17,10 @@ env: setup
 
 benchmark: setup
 	$(PY) -m ap_loss_d2.benchmark
+
+# Compatibility check against a Detectron2 source tree (README, Development):
+#   make check-d2-source D2_SOURCE=/path/to/detectron2 [D2_VENV=/tmp/venv-d2]
+D2_VENV ?= /tmp/ap_loss_d2-d2src-venv
+check-d2-source:
+	@test -n "$(D2_SOURCE)" || { echo "usage: make check-d2-source D2_SOURCE=/path/to/detectron2 [D2_VENV=...]"; exit 2; }
+	bash tools/check_detectron2_source.sh $(D2_SOURCE) $(D2_VENV)

@@ -8,7 +8,9 @@ setup(
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs")),
     python_requires=">=3.8",
     # No upper pins: users with a modern Detectron2 must not be downgraded. The pins needed by
-    # the offline Detectron2 v0.6 fallback live in tools/d2_fallback/constraints.txt.
+    # the offline Detectron2 v0.6 fallback live in tools/d2_fallback/constraints.txt; the one
+    # pin of every path (setuptools<81, for detectron2.model_zoo's pkg_resources) is applied by
+    # tools/setup_env.sh, not here: this package itself does not need pkg_resources.
     install_requires=["torch", "torchvision", "fvcore", "pycocotools", "numpy", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest"]},
 )

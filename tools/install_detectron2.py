@@ -5,9 +5,14 @@ reached; (3) the PyPI fallback ``pb1-detectron2==0.6`` (official v0.6 Python sou
 sources) built with ap_loss_d2's placeholder ``_C`` (tools/d2_fallback/vision.cpp) and the pins
 in tools/d2_fallback/constraints.txt, which apply to this path only.
 
+tools/setup_env.sh pins ``setuptools<81`` before calling this, on every path: Detectron2's
+``detectron2.model_zoo`` imports ``pkg_resources``, which setuptools 81 removed.
+
 The path taken is recorded in ``<sys.prefix>/ap_loss_d2-detectron2.json`` and reported by
 ``python -m ap_loss_d2.env``. Set AP_LOSS_D2_DETECTRON2=official or =pypi to force a path.
 """
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -35,8 +40,8 @@ def pip(*args):
     subprocess.run(cmd, check=True)
 
 
-def record(path, detail):
-    RECORD.write_text(json.dumps({"path": path, "detail": detail, "time": time.ctime()}, indent=1))
+def record(path, detail, **extra):
+    RECORD.write_text(json.dumps({"path": path, "detail": detail, **extra, "time": time.ctime()}, indent=1))
     log(f"Detectron2 path: {path} ({detail})")
 
 
@@ -56,7 +61,11 @@ def official_reachable(timeout=20):
 def install_official():
     # setup.py imports torch, so build in this environment (no isolation).
     pip("install", "--no-build-isolation", f"git+{OFFICIAL_URL}")
-    record("official", f"built from {OFFICIAL_URL}")
+    importlib.invalidate_caches()
+    # pip's PEP 610 record names the commit it built (python -m ap_loss_d2.env shows it too).
+    direct_url = importlib.metadata.distribution("detectron2").read_text("direct_url.json") or "{}"
+    commit = json.loads(direct_url).get("vcs_info", {}).get("commit_id")
+    record("official", f"built from {OFFICIAL_URL} at commit {commit}", commit=commit)
 
 
 def install_fallback():

@@ -10,6 +10,8 @@
 #   2. the official source (git+https://github.com/facebookresearch/detectron2.git), if reachable;
 #   3. the PyPI fallback: the `pb1-detectron2==0.6` sdist (v0.6 Python sources) built with a
 #      placeholder `_C` and the pins in tools/d2_fallback/constraints.txt.
+# Pins: setuptools<81 on every path (below); the fallback's own pins are in its constraints.txt;
+# the official path otherwise gets today's releases of everything Detectron2 requires.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -29,10 +31,21 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 
 if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   log "installing $TORCH_SPEC"
-  # numpy<1.24 is what Detectron2 v0.6 (the offline fallback) needs; newer Detectron2 keeps working with it.
-  "${PIP[@]}" install $TORCH_SPEC "numpy<1.24"
+  # No numpy pin here: the official path resolves today's numpy (2.x; matplotlib's contourpy
+  # needs numpy>=1.25); the offline fallback installs numpy<1.24 from its constraints.txt.
+  "${PIP[@]}" install $TORCH_SPEC
 else
   log "torch/torchvision present: $("$PY" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')"
+fi
+
+# The one pin on every path: setuptools<81. Detectron2 (v0.6 and main) does `import pkg_resources`
+# in detectron2/model_zoo/model_zoo.py (model_zoo.get_config, Detectron2's own LazyConfigs and
+# tools), and setuptools 81 removed pkg_resources. The project's own configs do not need it
+# (they use ap_loss_d2.model_zoo); the pin keeps Detectron2's model zoo usable. setuptools is
+# also what the --no-build-isolation builds below use.
+if ! "$PY" -c "import pkg_resources" >/dev/null 2>&1; then
+  log "installing setuptools<81 (pkg_resources, imported by detectron2.model_zoo)"
+  "${PIP[@]}" install "setuptools<81"
 fi
 
 "$PY" tools/install_detectron2.py

@@ -10,17 +10,29 @@
   read with ``weights_only``: they are first checked with a restricted unpickler that admits
   only numpy arrays and builtin containers, and rejected otherwise, before Detectron2's own
   reader converts them.
+* **Loading options as on Detectron2's main branch.** Where Detectron2's ``DetectionCheckpointer``
+  parses options from the path (``model.pth?matching_heuristics=True``; main after v0.6), they
+  are honoured the same way: ``matching_heuristics=True`` loads by Detectron2's name-matching
+  heuristics. Unlike Detectron2, an unknown option or value is rejected for every file type
+  (Detectron2 ignores options on ``.pkl``/``.pyth`` files; here ``matching_heuristics=True``
+  applies to them too). On a Detectron2 without options (v0.6), a path with options is
+  rejected with a ValueError instead of a "file not found".
 """
 import io
 import os
 import pickle
+from urllib.parse import parse_qs, urlparse
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["SafeDetectionCheckpointer", "UnsafeCheckpointError"]
+__all__ = ["SafeDetectionCheckpointer", "UnsafeCheckpointError", "load_options_supported"]
+
+# Options of ``path?key=value`` and their valid values (as parsed by Detectron2 main's
+# DetectionCheckpointer.load / _load_file).
+LOAD_OPTIONS = {"matching_heuristics": ("True", "False")}
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -54,6 +66,32 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
+def load_options_supported() -> bool:
+    """Whether this Detectron2's ``DetectionCheckpointer.load`` parses ``path?key=value`` options
+    (feature-detected: main keeps the parsed path in ``_parsed_url_during_load`` while loading)."""
+    return hasattr(DetectionCheckpointer(torch.nn.Module()), "_parsed_url_during_load")
+
+
+def _parse_load_options(url: str) -> dict:
+    """``{"matching_heuristics": bool}`` from the query of ``url``; ValueError on anything else."""
+    queries = parse_qs(urlparse(url).query, keep_blank_values=True)
+    unknown = sorted(set(queries) - set(LOAD_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"checkpoint {url!r}: unknown loading option(s) {', '.join(unknown)}; supported: "
+            + ", ".join(f"{k}={'|'.join(v)}" for k, v in LOAD_OPTIONS.items())
+        )
+    options = {}
+    for key, values in queries.items():
+        if len(values) != 1 or values[0] not in LOAD_OPTIONS[key]:
+            raise ValueError(
+                f"checkpoint {url!r}: {key}={'&'.join(values)!r} is not valid; "
+                f"use {key}={' or '.join(LOAD_OPTIONS[key])}"
+            )
+        options[key] = values[0] == "True"
+    return options
+
+
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     """Drop-in replacement of Detectron2's ``DetectionCheckpointer`` (same arguments)."""
 
@@ -76,7 +114,31 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         path = os.path.join(self.save_dir, "last_checkpoint")
         _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
+    def load(self, path, *args, **kwargs):
+        if (
+            path
+            and _is_local(path)
+            and urlparse(path).query
+            and not os.path.isfile(path)
+            and not hasattr(self, "_parsed_url_during_load")
+        ):
+            raise ValueError(
+                f"checkpoint {path!r}: loading options (?{urlparse(path).query}) need a Detectron2 "
+                "whose DetectionCheckpointer parses them (the main branch after v0.6); this "
+                "Detectron2 does not. Install Detectron2 from its main branch, or load the file "
+                "without options."
+            )
+        return super().load(path, *args, **kwargs)
+
     def _load_file(self, filename: str):
+        parsed = getattr(self, "_parsed_url_during_load", None)  # set by main's load()
+        options = _parse_load_options(parsed.geturl()) if parsed is not None and parsed.query else {}
+        loaded = self._load_file_safely(filename)
+        if options.get("matching_heuristics", False):
+            loaded["matching_heuristics"] = True  # as main's DetectionCheckpointer._load_file
+        return loaded
+
+    def _load_file_safely(self, filename: str):
         if filename.endswith(".pkl"):
             with PathManager.open(filename, "rb") as f:
                 try:

@@ -10,9 +10,9 @@ flip + shorter side sampled from 480..800 (step 32) for training, 800 for testin
 """
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
-from detectron2.model_zoo import get_config
 
 from ap_loss_d2.evaluation import get_evaluator
+from ap_loss_d2.model_zoo import get_config  # not detectron2.model_zoo: it needs pkg_resources
 from ap_loss_d2.modeling.roi_heads import APLossFastRCNNOutputLayers, APLossROIHeads
 
 model = get_config("common/models/mask_rcnn_fpn.py").model

@@ -1,7 +1,7 @@
 """Paper Table 2, RetinaNet + PASCAL VOC (07+12 -> 07 test), AP-loss: ResNet-50-FPN, 512x512
 SSD-augmented training, test shorter side 600, 160 epochs at LR 0.001 (batch 16).
 LazyConfig twin of configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml."""
-from detectron2 import model_zoo
+from ap_loss_d2 import model_zoo  # not detectron2.model_zoo: it needs pkg_resources
 
 from .common.aploss_retinanet import model
 from .common.data import voc0712 as dataloader

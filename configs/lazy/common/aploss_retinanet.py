@@ -4,8 +4,7 @@ Detectron2's model-zoo RetinaNet (``common/models/retinanet.py``: ResNet-50-FPN,
 P3-P7) with the meta-architecture swapped to ``APLossRetinaNet``; the AP-loss options are plain
 constructor arguments of ``APLossRetinaNet``.
 """
-from detectron2 import model_zoo
-
+from ap_loss_d2 import model_zoo  # not detectron2.model_zoo: it needs pkg_resources
 from ap_loss_d2.modeling import APLossRetinaNet
 
 model = model_zoo.get_config("common/models/retinanet.py").model
