@@ -6,11 +6,13 @@ from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+from detectron2.utils import comm
 
 from ..config import RETINANET_LOSSES, ROI_HEAD_LOSSES, add_ap_loss_config
 from ..data import AUGMENTATIONS, build_train_mapper
 from ..evaluation import build_evaluator
 from ..losses import STEPS, NonFiniteLogitsError
+from ..losses.distributed import ranking_set_layout
 from ..modeling import APLossRetinaNet
 from .checkpoint import SafeDetectionCheckpointer
 
@@ -55,11 +57,38 @@ def valid_cls_losses(cfg):
     return None
 
 
-def validate_cfg(cfg):
+RANKING_LOSSES = ("ap", "auc")  # the losses that MODEL.CLS_LOSS's ranking-set keys apply to
+
+
+def validate_ranking_set(images_per_set, rank_across_processes, total_images, world_size, keys):
+    """Check the ranking-set settings against the batch and the process count (ValueError).
+
+    ``keys``: the names of (images per set, rank across processes, total batch) in messages.
+    """
+    set_key, across_key, batch_key = keys
+    if rank_across_processes and images_per_set:
+        raise ValueError(
+            f"{across_key}=True (one ranking set = the whole global batch) and "
+            f"{set_key}={images_per_set} both choose the ranking set; set only one of them "
+            f"({set_key}=0 to rank the global batch, or {across_key}=False)"
+        )
+    if not images_per_set or total_images is None or total_images % world_size:
+        return  # Detectron2 itself rejects a batch that does not split over the processes
+    try:
+        ranking_set_layout(images_per_set, total_images // world_size, world_size)
+    except ValueError as e:
+        raise ValueError(
+            f"{set_key}={images_per_set} with {batch_key}={total_images} on {world_size} "
+            f"process(es): {e}"
+        ) from e
+
+
+def validate_cfg(cfg, world_size=None):
     """Check ap_loss_d2's keys of a merged config; raise ValueError naming the valid values.
 
     Unknown keys are already rejected by yacs when merging (``KeyError: Non-existent config
-    key``); this catches bad values before anything is built.
+    key``); this catches bad values before anything is built. ``world_size``: processes that
+    will train (default: the current ``torch.distributed`` world), for the ranking set.
     """
     c = cfg.MODEL.CLS_LOSS
     valid = valid_cls_losses(cfg)
@@ -73,6 +102,18 @@ def validate_cfg(cfg):
     for key in ("DELTA", "SIGMOID_K", "OHEM_NEG_POS_RATIO"):
         if not c[key] > 0:
             raise ValueError(f"MODEL.CLS_LOSS.{key}={c[key]!r} must be > 0")
+    if valid is not None and c.NAME in RANKING_LOSSES:
+        validate_ranking_set(
+            c.IMAGES_PER_RANKING_SET,
+            c.RANK_ACROSS_PROCESSES,
+            cfg.SOLVER.IMS_PER_BATCH,
+            comm.get_world_size() if world_size is None else world_size,
+            (
+                "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET",
+                "MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES",
+                "SOLVER.IMS_PER_BATCH",
+            ),
+        )
     aug = cfg.AP_LOSS_INPUT.AUGMENTATION
     if aug not in AUGMENTATIONS:
         raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={aug!r}; valid values: {', '.join(AUGMENTATIONS)}")

@@ -47,6 +47,7 @@ class APLossRetinaNet(RetinaNet):
         sigmoid_k: float = 0.5,
         ohem_neg_pos_ratio: float = 3.0,
         rank_across_processes: bool = False,
+        images_per_ranking_set: int = 0,
         **kwargs,
     ):
         """
@@ -57,6 +58,8 @@ class APLossRetinaNet(RetinaNet):
             delta, interpolate, step, sigmoid_k: AP-/AUC-loss options (see ``ap_loss``).
             ohem_neg_pos_ratio: negatives kept per positive by ``"ce_ohem"``.
             rank_across_processes: rank all processes' images together (exact).
+            images_per_ranking_set: images ranked together (0: this process's); see
+                :func:`ap_loss_d2.modeling.labels.ranking_loss`.
             kwargs: arguments of Detectron2's ``RetinaNet``.
         """
         super().__init__(**kwargs)
@@ -73,6 +76,7 @@ class APLossRetinaNet(RetinaNet):
             self.ranking_options["interpolate"] = interpolate
         self.ohem_neg_pos_ratio = ohem_neg_pos_ratio
         self.rank_across_processes = rank_across_processes
+        self.images_per_ranking_set = images_per_ranking_set
 
     @classmethod
     def from_config(cls, cfg):
@@ -88,6 +92,7 @@ class APLossRetinaNet(RetinaNet):
             sigmoid_k=c.SIGMOID_K,
             ohem_neg_pos_ratio=c.OHEM_NEG_POS_RATIO,
             rank_across_processes=c.RANK_ACROSS_PROCESSES,
+            images_per_ranking_set=c.IMAGES_PER_RANKING_SET,
         )
         return ret
 
@@ -125,6 +130,7 @@ class APLossRetinaNet(RetinaNet):
                 gt_labels,
                 self.num_classes,
                 rank_across_processes=self.rank_across_processes,
+                images_per_ranking_set=self.images_per_ranking_set,
                 **self.ranking_options,
             )
         storage.put_scalar("cls_loss/time", time.perf_counter() - start)
