@@ -11,7 +11,13 @@ the box losses get weight 0 (RetinaNet's box loss is normalised per process, and
 anchor sampling is random), BN is frozen (batch statistics depend on the per-process batch)
 and the RoI sampler keeps every proposal (so that it does not draw random subsets).
 """
+import json
+import math
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +193,50 @@ def test_ranking_loss_rejects_uneven_set():
     labels = torch.zeros(3, 10, dtype=torch.int64)
     with EventStorage(0), pytest.raises(ValueError, match="images_per_ranking_set=2.*Valid set sizes here: 0, 1, 3"):
         ranking_loss("ap", logits, labels, 3, images_per_ranking_set=2)
+
+
+REPO = Path(__file__).resolve().parents[1]
+# The yacs trainer as users run it, deterministic input (no augmentation), frozen BN, 1 step.
+E2E_OPTS = [
+    "MODEL.RESNETS.NORM", "FrozenBN",
+    "AP_LOSS_INPUT.AUGMENTATION", "default",
+    "INPUT.RANDOM_FLIP", "none",
+    "DATASETS.TEST", "()",
+    "SOLVER.MAX_ITER", "1",
+]
+
+
+def _train_net(out, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", "tests/configs/tiny_synth_retinanet.yaml",
+         *args, "OUTPUT_DIR", str(out), *E2E_OPTS],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
+    return state, metrics, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (Gloo) launch path is taken without CUDA")
+def test_train_net_two_cpu_processes_same_update_as_one(synth_dataset_dir, tmp_path):
+    """``train_net.py --num-gpus 2`` trains on a machine without CUDA (2 Gloo processes x 1
+    image, ranked together: IMAGES_PER_RANKING_SET 2), and its first SGD step moves the
+    classification bias exactly as 1 process ranking the same 2 images does."""
+    two, metrics2, log = _train_net(tmp_path / "two", "--num-gpus", "2")
+    assert "World size: 2" in log
+    one, metrics1, _ = _train_net(tmp_path / "one", "--num-gpus", "1")
+    # RetinaNet's initial bias is the prior -log((1 - 0.01) / 0.01); lr 0.01, no warm-up,
+    # weight decay 1e-4 and momentum (no effect on the first step): update = -lr (grad + wd b0)
+    b0 = -math.log((1 - 0.01) / 0.01)
+    step2 = two["head.cls_score.bias"] - b0
+    step1 = one["head.cls_score.bias"] - b0
+    assert step1.norm() > 1e-6
+    assert relative_difference(step2, step1) < 1e-4
+    assert metrics2[-1]["loss_cls"] == pytest.approx(metrics1[-1]["loss_cls"], rel=1e-5)
+    assert metrics2[-1]["cls_loss/num_pos"] == metrics1[-1]["cls_loss/num_pos"]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from ..losses import STEPS, NonFiniteLogitsError
 from ..losses.distributed import ranking_set_layout
 from ..modeling import APLossRetinaNet
 from .checkpoint import SafeDetectionCheckpointer
+from .launch import cpu_ddp_in_default_trainer
 
 __all__ = [
     "Trainer",
@@ -103,11 +104,17 @@ def validate_cfg(cfg, world_size=None):
         if not c[key] > 0:
             raise ValueError(f"MODEL.CLS_LOSS.{key}={c[key]!r} must be > 0")
     if valid is not None and c.NAME in RANKING_LOSSES:
+        world = comm.get_world_size() if world_size is None else world_size
+        total = cfg.SOLVER.IMS_PER_BATCH
+        reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+        if reference and reference != world:
+            # DefaultTrainer.auto_scale_workers: the images per process stay those of the reference
+            total = int(round(total * world / reference))
         validate_ranking_set(
             c.IMAGES_PER_RANKING_SET,
             c.RANK_ACROSS_PROCESSES,
-            cfg.SOLVER.IMS_PER_BATCH,
-            comm.get_world_size() if world_size is None else world_size,
+            total,
+            world,
             (
                 "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET",
                 "MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES",
@@ -137,7 +144,12 @@ def setup_cfg(args):
 class Trainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection, training mapper
     (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``) and checkpointer
-    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading)."""
+    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading). Trains in several
+    CPU processes too (DistributedDataParallel without ``device_ids``, see ``.launch``)."""
+
+    def __init__(self, cfg):
+        with cpu_ddp_in_default_trainer(cfg.MODEL.DEVICE):
+            super().__init__(cfg)
 
     def build_hooks(self):
         # atomic checkpoint writes and weights-only loading (see .checkpoint), used by resume,

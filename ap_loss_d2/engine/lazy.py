@@ -13,7 +13,6 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
-    create_ddp_model,
     default_setup,
     default_writers,
     hooks,
@@ -28,6 +27,7 @@ from ..modeling import APLossRetinaNet
 from ..modeling.roi_heads import APLossFastRCNNOutputLayers
 from .checkpoint import SafeDetectionCheckpointer
 from .defaults import RANKING_LOSSES, validate_ranking_set
+from .launch import create_ddp_model_for
 
 __all__ = [
     "build_lazy_model",
@@ -144,7 +144,7 @@ def do_train_lazy(cfg, args):
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = create_ddp_model_for(model, **cfg.train.ddp)  # CPU processes too
     trainer = _build_trainer(cfg, model, train_loader, optim)
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
 
