@@ -239,6 +239,24 @@ def test_train_net_two_cpu_processes_same_update_as_one(synth_dataset_dir, tmp_p
     assert metrics2[-1]["cls_loss/num_pos"] == metrics1[-1]["cls_loss/num_pos"]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (Gloo) launch path is taken without CUDA")
+def test_train_net_lazy_two_cpu_processes(synth_dataset_dir, tmp_path):
+    """The LazyConfig path of ``train_net.py --num-gpus 2`` on CPU (2 processes ranking their
+    2 images together), trained and then evaluated in both processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", "--num-gpus", "2",
+         "--config-file", "tests/configs/tiny_synth_retinanet_lazy.py",
+         f"train.output_dir={tmp_path}", "train.max_iter=1"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert "World size: 2" in proc.stdout
+    assert (tmp_path / "model_final.pth").is_file()
+    assert "copypaste: Task: bbox" in proc.stdout
+
+
 if __name__ == "__main__":
     # python tests/test_ddp.py: |gradient after DDP| / |single-process gradient| of the
     # classification weights, 2 Gloo processes x 1 image with RANK_ACROSS_PROCESSES (1.0 =

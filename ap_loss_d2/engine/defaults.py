@@ -61,12 +61,20 @@ def valid_cls_losses(cfg):
 RANKING_LOSSES = ("ap", "auc")  # the losses that MODEL.CLS_LOSS's ranking-set keys apply to
 
 
-def validate_ranking_set(images_per_set, rank_across_processes, total_images, world_size, keys):
+def validate_ranking_set(images_per_set, rank_across_processes, total_images, world_size, keys, batch=None):
     """Check the ranking-set settings against the batch and the process count (ValueError).
 
-    ``keys``: the names of (images per set, rank across processes, total batch) in messages.
+    ``keys``: the names of (images per set, rank across processes, total batch) in messages;
+    ``batch``: how to describe the total batch (default ``"<total batch key>=<total_images>"``).
+    A ``total_images`` of None (unknown) or one that does not split over the processes
+    (Detectron2 itself rejects that) skips the size check.
     """
     set_key, across_key, batch_key = keys
+    if isinstance(images_per_set, bool) or not isinstance(images_per_set, int) or images_per_set < 0:
+        raise ValueError(
+            f"{set_key}={images_per_set!r} must be an integer >= 0 (images ranked together; "
+            f"0 = each process ranks its own images)"
+        )
     if rank_across_processes and images_per_set:
         raise ValueError(
             f"{across_key}=True (one ranking set = the whole global batch) and "
@@ -74,14 +82,12 @@ def validate_ranking_set(images_per_set, rank_across_processes, total_images, wo
             f"({set_key}=0 to rank the global batch, or {across_key}=False)"
         )
     if not images_per_set or total_images is None or total_images % world_size:
-        return  # Detectron2 itself rejects a batch that does not split over the processes
+        return
     try:
         ranking_set_layout(images_per_set, total_images // world_size, world_size)
     except ValueError as e:
-        raise ValueError(
-            f"{set_key}={images_per_set} with {batch_key}={total_images} on {world_size} "
-            f"process(es): {e}"
-        ) from e
+        batch = batch or f"{batch_key}={total_images}"
+        raise ValueError(f"{set_key}={images_per_set} with {batch} on {world_size} process(es): {e}") from e
 
 
 def validate_cfg(cfg, world_size=None):
@@ -106,10 +112,15 @@ def validate_cfg(cfg, world_size=None):
     if valid is not None and c.NAME in RANKING_LOSSES:
         world = comm.get_world_size() if world_size is None else world_size
         total = cfg.SOLVER.IMS_PER_BATCH
-        reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+        batch = None
+        reference = cfg.SOLVER.get("REFERENCE_WORLD_SIZE", 0)
         if reference and reference != world:
             # DefaultTrainer.auto_scale_workers: the images per process stay those of the reference
             total = int(round(total * world / reference))
+            batch = (
+                f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} (scaled to {total} by "
+                f"SOLVER.REFERENCE_WORLD_SIZE={reference})"
+            )
         validate_ranking_set(
             c.IMAGES_PER_RANKING_SET,
             c.RANK_ACROSS_PROCESSES,
@@ -120,6 +131,7 @@ def validate_cfg(cfg, world_size=None):
                 "MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES",
                 "SOLVER.IMS_PER_BATCH",
             ),
+            batch,
         )
     aug = cfg.AP_LOSS_INPUT.AUGMENTATION
     if aug not in AUGMENTATIONS:
