@@ -10,8 +10,12 @@ Accepts both config systems of Detectron2:
 
 The training logic lives in :mod:`ap_loss_d2.engine`; this script only wires it to the command
 line, like Detectron2's ``tools/train_net.py`` and ``tools/lazyconfig_train_net.py``.
+
+``--num-gpus N`` starts N processes: on GPUs with NCCL (Detectron2's launcher), and on a machine
+without CUDA N CPU processes with Gloo (``ap_loss_d2.engine.launch``; use MODEL.DEVICE cpu /
+train.device=cpu).
 """
-from detectron2.engine import create_ddp_model, default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
@@ -19,8 +23,10 @@ from ap_loss_d2.engine import (
     SafeDetectionCheckpointer,
     Trainer,
     build_lazy_model,
+    create_ddp_model_for,
     do_test_lazy,
     do_train_lazy,
+    launch,
     setup_cfg,
     setup_lazy_cfg,
 )
@@ -29,7 +35,7 @@ from ap_loss_d2.engine import (
 def main_lazy(args):
     cfg = setup_lazy_cfg(args)
     if args.eval_only:
-        model = create_ddp_model(build_lazy_model(cfg))
+        model = create_ddp_model_for(build_lazy_model(cfg))
         SafeDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
         res = do_test_lazy(cfg, model)
         print(res)

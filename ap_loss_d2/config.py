@@ -74,8 +74,13 @@ def add_ap_loss_config(cfg):
     cfg.MODEL.CLS_LOSS.BOX_REG_NORMALIZER = "ema"
     # Negatives kept per positive by "ce_ohem" (the paper's CE+OHEM baseline uses 3:1).
     cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO = 3.0
-    # Rank the scores of all processes' images together (exact, across GPUs and machines).
+    # Rank the scores of all processes' images together (exact, across GPUs and machines):
+    # one ranking set = the whole global batch. Excludes IMAGES_PER_RANKING_SET.
     cfg.MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES = False
+    # Images ranked together by "ap"/"auc" (the paper: 8), on any GPU count: sets of consecutive
+    # images of a process, or of consecutive processes ranked together exactly. Must divide, or
+    # be a multiple of, SOLVER.IMS_PER_BATCH / processes. 0 = each process ranks its own images.
+    cfg.MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET = 0
 
     cfg.AP_LOSS_INPUT = CN()
     # Training augmentation: "default" = Detectron2's DatasetMapper from INPUT.* (resize shortest

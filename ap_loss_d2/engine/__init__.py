@@ -2,15 +2,18 @@
 ``do_test_lazy``). ``train_net.py`` at the repository root wires them to the command line."""
 from .checkpoint import SafeDetectionCheckpointer
 from .defaults import Trainer, get_ap_loss_cfg, setup_cfg, valid_cls_losses, validate_cfg
+from .launch import create_ddp_model_for, launch
 from .lazy import build_lazy_model, do_test_lazy, do_train_lazy, setup_lazy_cfg, validate_lazy_cfg
 
 __all__ = [
     "SafeDetectionCheckpointer",
     "Trainer",
     "build_lazy_model",
+    "create_ddp_model_for",
     "do_test_lazy",
     "do_train_lazy",
     "get_ap_loss_cfg",
+    "launch",
     "setup_cfg",
     "setup_lazy_cfg",
     "valid_cls_losses",

@@ -6,6 +6,7 @@ from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+from detectron2.utils import comm
 
 from ..config import (
     BOX_REG_NORMALIZERS,
@@ -18,8 +19,10 @@ from ..config import (
 from ..data import AUGMENTATIONS, build_train_mapper
 from ..evaluation import build_evaluator
 from ..losses import STEPS, NonFiniteLogitsError
+from ..losses.distributed import ranking_set_layout
 from ..modeling import APLossRetinaNet
 from .checkpoint import SafeDetectionCheckpointer
+from .launch import cpu_ddp_in_default_trainer
 
 __all__ = [
     "Trainer",
@@ -62,11 +65,44 @@ def valid_cls_losses(cfg):
     return None
 
 
-def validate_cfg(cfg):
+RANKING_LOSSES = ("ap", "auc")  # the losses that MODEL.CLS_LOSS's ranking-set keys apply to
+
+
+def validate_ranking_set(images_per_set, rank_across_processes, total_images, world_size, keys, batch=None):
+    """Check the ranking-set settings against the batch and the process count (ValueError).
+
+    ``keys``: the names of (images per set, rank across processes, total batch) in messages;
+    ``batch``: how to describe the total batch (default ``"<total batch key>=<total_images>"``).
+    A ``total_images`` of None (unknown) or one that does not split over the processes
+    (Detectron2 itself rejects that) skips the size check.
+    """
+    set_key, across_key, batch_key = keys
+    if isinstance(images_per_set, bool) or not isinstance(images_per_set, int) or images_per_set < 0:
+        raise ValueError(
+            f"{set_key}={images_per_set!r} must be an integer >= 0 (images ranked together; "
+            f"0 = each process ranks its own images)"
+        )
+    if rank_across_processes and images_per_set:
+        raise ValueError(
+            f"{across_key}=True (one ranking set = the whole global batch) and "
+            f"{set_key}={images_per_set} both choose the ranking set; set only one of them "
+            f"({set_key}=0 to rank the global batch, or {across_key}=False)"
+        )
+    if not images_per_set or total_images is None or total_images % world_size:
+        return
+    try:
+        ranking_set_layout(images_per_set, total_images // world_size, world_size)
+    except ValueError as e:
+        batch = batch or f"{batch_key}={total_images}"
+        raise ValueError(f"{set_key}={images_per_set} with {batch} on {world_size} process(es): {e}") from e
+
+
+def validate_cfg(cfg, world_size=None):
     """Check ap_loss_d2's keys of a merged config; raise ValueError naming the valid values.
 
     Unknown keys are already rejected by yacs when merging (``KeyError: Non-existent config
-    key``); this catches bad values before anything is built.
+    key``); this catches bad values before anything is built. ``world_size``: processes that
+    will train (default: the current ``torch.distributed`` world), for the ranking set.
     """
     c = cfg.MODEL.CLS_LOSS
     valid = valid_cls_losses(cfg)
@@ -83,6 +119,30 @@ def validate_cfg(cfg):
         raise ValueError(
             f"MODEL.CLS_LOSS.BOX_REG_NORMALIZER={c.BOX_REG_NORMALIZER!r}; valid values: "
             f"{', '.join(BOX_REG_NORMALIZERS)}"
+        )
+    if valid is not None and c.NAME in RANKING_LOSSES:
+        world = comm.get_world_size() if world_size is None else world_size
+        total = cfg.SOLVER.IMS_PER_BATCH
+        batch = None
+        reference = cfg.SOLVER.get("REFERENCE_WORLD_SIZE", 0)
+        if reference and reference != world:
+            # DefaultTrainer.auto_scale_workers: the images per process stay those of the reference
+            total = int(round(total * world / reference))
+            batch = (
+                f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} (scaled to {total} by "
+                f"SOLVER.REFERENCE_WORLD_SIZE={reference})"
+            )
+        validate_ranking_set(
+            c.IMAGES_PER_RANKING_SET,
+            c.RANK_ACROSS_PROCESSES,
+            total,
+            world,
+            (
+                "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET",
+                "MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES",
+                "SOLVER.IMS_PER_BATCH",
+            ),
+            batch,
         )
     aug = cfg.AP_LOSS_INPUT.AUGMENTATION
     if aug not in AUGMENTATIONS:
@@ -107,7 +167,12 @@ def setup_cfg(args):
 class Trainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection, training mapper
     (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``) and checkpointer
-    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading)."""
+    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading). Trains in several
+    CPU processes too (DistributedDataParallel without ``device_ids``, see ``.launch``)."""
+
+    def __init__(self, cfg):
+        with cpu_ddp_in_default_trainer(cfg.MODEL.DEVICE):
+            super().__init__(cfg)
 
     def build_hooks(self):
         # atomic checkpoint writes and weights-only loading (see .checkpoint), used by resume,

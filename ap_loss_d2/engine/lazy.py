@@ -13,7 +13,6 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
-    create_ddp_model,
     default_setup,
     default_writers,
     hooks,
@@ -25,7 +24,10 @@ from detectron2.utils.registry import locate
 from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, RETINANET_LOSSES, check_number
 from ..losses import STEPS
 from ..modeling import APLossRetinaNet
+from ..modeling.roi_heads import APLossFastRCNNOutputLayers
 from .checkpoint import SafeDetectionCheckpointer
+from .defaults import RANKING_LOSSES, validate_ranking_set
+from .launch import create_ddp_model_for
 
 __all__ = [
     "build_lazy_model",
@@ -45,10 +47,38 @@ def _target_class(node):
     return target if inspect.isclass(target) else None
 
 
-def validate_lazy_cfg(cfg):
-    """Check the AP-loss arguments of ``cfg.model`` before anything is built (ValueError)."""
+def _check_ranking_set(cfg, node, prefix, default_loss, world_size):
+    if node.get("cls_loss", default_loss) not in RANKING_LOSSES:
+        return
+    dataloader = cfg.get("dataloader", None)
+    train = dataloader.get("train", None) if dataloader is not None else None
+    total = train.get("total_batch_size", None) if train is not None else None
+    validate_ranking_set(
+        node.get("images_per_ranking_set", 0),
+        node.get("rank_across_processes", False),
+        total,
+        comm.get_world_size() if world_size is None else world_size,
+        (
+            f"{prefix}.images_per_ranking_set",
+            f"{prefix}.rank_across_processes",
+            "dataloader.train.total_batch_size",
+        ),
+    )
+
+
+def validate_lazy_cfg(cfg, world_size=None):
+    """Check the AP-loss arguments of ``cfg.model`` before anything is built (ValueError).
+
+    ``world_size``: processes that will train (default: the current ``torch.distributed``
+    world), for the ranking set (``images_per_ranking_set``).
+    """
     model = cfg.get("model", None)
     target = _target_class(model) if model is not None else None
+    roi_heads = model.get("roi_heads", None) if target is not None and hasattr(model, "get") else None
+    predictor = roi_heads.get("box_predictor", None) if hasattr(roi_heads, "get") else None
+    predictor_target = _target_class(predictor) if predictor is not None else None
+    if predictor_target is not None and issubclass(predictor_target, APLossFastRCNNOutputLayers):
+        _check_ranking_set(cfg, predictor, "model.roi_heads.box_predictor", "ap", world_size)
     if target is not None and issubclass(target, APLossRetinaNet):
         name = model.get("cls_loss", "ap")
         if name not in RETINANET_LOSSES:
@@ -67,6 +97,7 @@ def validate_lazy_cfg(cfg):
             raise ValueError(
                 f"model.box_reg_normalizer={norm!r}; valid values: {', '.join(BOX_REG_NORMALIZERS)}"
             )
+        _check_ranking_set(cfg, model, "model", "ap", world_size)
     return cfg
 
 
@@ -121,7 +152,7 @@ def do_train_lazy(cfg, args):
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = create_ddp_model_for(model, **cfg.train.ddp)  # CPU processes too
     trainer = _build_trainer(cfg, model, train_loader, optim)
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
 

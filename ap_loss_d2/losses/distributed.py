@@ -20,6 +20,11 @@ RetinaNet at 8 images x 49,104 anchors x 20 classes on W = 8 processes with |P| 
 per process): 8 + 2,000 + 16,000 + 16 = ~18 KB of buffers, ~30 KB on the wire, against ~31 MB
 for gathering the logits.
 With ``group=None`` or a single process every function here is a no-op.
+
+Ranking sets (``images_per_ranking_set``): :func:`ranking_set_layout` maps a set size onto the
+images per process and the processes, :func:`ranking_set_group` creates (once, identically on
+every rank) the groups of consecutive ranks that rank together, and :func:`scale_gradient`
+makes DistributedDataParallel's average over processes the mean over ranking sets.
 """
 import torch
 
@@ -73,3 +78,115 @@ def all_reduce_count(n: int, group, device) -> int:
     t = torch.tensor([n], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, group=group)
     return int(t.item())
+
+
+# --- Ranking sets: which images are ranked together -------------------------------------------
+
+
+def ranking_set_layout(images_per_set: int, images_per_process: int, world_size: int):
+    """How a ranking set of ``images_per_set`` images maps onto processes.
+
+    Args:
+        images_per_set: images ranked together; 0 = each process ranks its own images.
+        images_per_process: images each process holds per iteration.
+        world_size: number of processes.
+
+    Returns:
+        ``(sets_per_process, processes_per_set)``: a process splits its images into
+        ``sets_per_process`` consecutive sets ranked separately, or ``processes_per_set``
+        consecutive ranks rank their images together (at most one of the two exceeds 1).
+
+    Raises:
+        ValueError saying why, with the valid set sizes, when the set does not divide evenly.
+    """
+    for name, value in (("images per process", images_per_process), ("processes", world_size)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if int(images_per_set) != images_per_set or images_per_set < 0:
+        raise ValueError(f"the ranking set size must be an integer >= 0, got {images_per_set!r}")
+    n, s, w = int(images_per_process), int(images_per_set), int(world_size)
+    if s == 0:
+        return 1, 1
+    if n % s == 0:
+        return n // s, 1
+    if s % n == 0 and w % (s // n) == 0:
+        return 1, s // n
+    valid = sorted({d for d in range(1, n + 1) if n % d == 0} | {n * g for g in range(1, w + 1) if w % g == 0})
+    if s % n == 0:
+        why = (
+            f"{s} images need {s // n} processes per set, and the {w} processes do not split "
+            f"into whole sets of {s // n}"
+        )
+    else:
+        why = (
+            f"{s} images is neither a divisor of the {n} images of a process (several sets per "
+            f"process) nor a multiple of them (several processes per set)"
+        )
+    choices = ", ".join(str(v) for v in [0] + valid)
+    raise ValueError(
+        f"a ranking set of {s} images does not fit {n} images per process x {w} processes: "
+        f"{why}. Valid set sizes here: {choices} (0 = each process ranks its own images)"
+    )
+
+
+# groups of consecutive ranks, created once per (default group, processes per set)
+_SET_GROUPS = {}
+
+
+def ranking_set_group(processes_per_set: int):
+    """The process group of this rank's ranking set: ranks ``[k G, (k + 1) G)`` for
+    ``G = processes_per_set``. None when ``G == 1`` or not distributed; the whole world when
+    ``G`` equals the world size.
+
+    Collective on first use for a given ``G``: every rank must call it (in the same order),
+    since ``torch.distributed.new_group`` is. The groups are cached.
+    """
+    g = int(processes_per_set)
+    if g <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+    if world % g != 0:
+        raise ValueError(f"{g} processes per ranking set do not divide the {world} processes")
+    if g == world:
+        return torch.distributed.group.WORLD
+    default = torch.distributed.group.WORLD
+    cached = _SET_GROUPS.get(g)
+    if cached is not None and cached[0] is default:
+        return cached[1]
+    rank = torch.distributed.get_rank()
+    mine = None
+    for start in range(0, world, g):  # identical calls, in the same order, on every rank
+        group = torch.distributed.new_group(list(range(start, start + g)))
+        if start <= rank < start + g:
+            mine = group
+    _SET_GROUPS[g] = (default, mine)
+    return mine
+
+
+def group_size(group) -> int:
+    """Processes in ``group`` (1 for None / not distributed)."""
+    return _world(group)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_gradient(x, factor):
+    """``x`` unchanged in the forward pass; its gradient multiplied by ``factor`` backward.
+
+    Used for cross-process ranking under DistributedDataParallel: each of the ``G`` processes of
+    a ranking set backpropagates its slice of the set's gradient and DDP then averages over all
+    processes, so the loss's gradient is scaled by ``G`` to make the averaged update the mean,
+    over ranking sets, of each set's full gradient (the loss value is left as it is).
+    """
+    if factor == 1:
+        return x
+    return _ScaleGradient.apply(x, factor)

@@ -53,6 +53,7 @@ class APLossRetinaNet(RetinaNet):
         approx_sigmoid_k: float = 1.0,
         ohem_neg_pos_ratio: float = 3.0,
         rank_across_processes: bool = False,
+        images_per_ranking_set: int = 0,
         **kwargs,
     ):
         """
@@ -68,6 +69,8 @@ class APLossRetinaNet(RetinaNet):
             approx_sigmoid_k: temperature of the sigmoid of ``"ap_approx"`` (paper Eq. 32: 1).
             ohem_neg_pos_ratio: negatives kept per positive by ``"ce_ohem"``.
             rank_across_processes: rank all processes' images together (exact).
+            images_per_ranking_set: images ranked together (0: this process's); see
+                :func:`ap_loss_d2.modeling.labels.ranking_loss`.
             kwargs: arguments of Detectron2's ``RetinaNet``.
         """
         super().__init__(**kwargs)
@@ -100,6 +103,7 @@ class APLossRetinaNet(RetinaNet):
             self.ranking_options["interpolate"] = interpolate
         self.ohem_neg_pos_ratio = ohem_neg_pos_ratio
         self.rank_across_processes = rank_across_processes
+        self.images_per_ranking_set = images_per_ranking_set
 
     @classmethod
     def from_config(cls, cfg):
@@ -117,6 +121,7 @@ class APLossRetinaNet(RetinaNet):
             approx_sigmoid_k=c.APPROX_SIGMOID_K,
             ohem_neg_pos_ratio=c.OHEM_NEG_POS_RATIO,
             rank_across_processes=c.RANK_ACROSS_PROCESSES,
+            images_per_ranking_set=c.IMAGES_PER_RANKING_SET,
         )
         return ret
 
@@ -164,6 +169,7 @@ class APLossRetinaNet(RetinaNet):
                 gt_labels,
                 self.num_classes,
                 rank_across_processes=self.rank_across_processes,
+                images_per_ranking_set=self.images_per_ranking_set,
                 **self.ranking_options,
             )
         storage.put_scalar("cls_loss/time", time.perf_counter() - start)

@@ -75,6 +75,7 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         step: str = "linear",
         sigmoid_k: float = 0.5,
         rank_across_processes: bool = False,
+        images_per_ranking_set: int = 0,
         **kwargs,
     ):
         """
@@ -83,6 +84,8 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
             cls_loss: one of ``ROI_HEAD_LOSSES`` (``"ap"``, ``"auc"``, ``"ce"``).
             delta, interpolate, step, sigmoid_k: AP-/AUC-loss options (see ``ap_loss``).
             rank_across_processes: rank the RoIs of all processes' images together (exact).
+            images_per_ranking_set: images ranked together (0: this process's); see
+                :func:`ap_loss_d2.modeling.labels.ranking_loss`.
             kwargs: arguments of Detectron2's ``FastRCNNOutputLayers`` (``box2box_transform``,
                 ``num_classes``, test thresholds, box regression options, ``loss_weight``...).
         """
@@ -110,6 +113,7 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         if cls_loss == "ap":
             self.ranking_options["interpolate"] = interpolate
         self.rank_across_processes = rank_across_processes
+        self.images_per_ranking_set = images_per_ranking_set
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -125,6 +129,7 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
             step=c.STEP,
             sigmoid_k=c.SIGMOID_K,
             rank_across_processes=c.RANK_ACROSS_PROCESSES,
+            images_per_ranking_set=c.IMAGES_PER_RANKING_SET,
             loss_weight={**loss_weight, "loss_cls": c.WEIGHT},
         )
         return ret
@@ -164,6 +169,8 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
             gt_classes,
             self.num_classes,
             rank_across_processes=self.rank_across_processes,
+            images_per_ranking_set=self.images_per_ranking_set,
+            entries_per_image=[len(p) for p in proposals],
             **self.ranking_options,
         )
         storage.put_scalar("cls_loss/time", time.perf_counter() - start)

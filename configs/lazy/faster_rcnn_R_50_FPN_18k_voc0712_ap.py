@@ -14,3 +14,4 @@ model.roi_heads.box_predictor.cls_loss = "ap"
 model.roi_heads.box_predictor.delta = 1.0
 model.roi_heads.box_predictor.interpolate = True
 model.roi_heads.box_predictor.step = "linear"
+model.roi_heads.box_predictor.images_per_ranking_set = 8  # as the RetinaNet configs

@@ -38,3 +38,5 @@ model.cls_loss_weight = 1.0
 model.delta = 1.0  # piecewise step function width (Eq. 21)
 model.interpolate = True  # interpolated AP (Sec. 3.4.3)
 model.step = "linear"
+# 8 images ranked together (Sec. 3.4.1, Table 1) on any GPU count (see the README, Multi-GPU).
+model.images_per_ranking_set = 8
