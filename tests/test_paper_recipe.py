@@ -71,10 +71,14 @@ def load(path):
         if path.endswith(".yaml"):
             cfg = get_ap_loss_cfg()
             cfg.merge_from_file(str(REPO / path))
-            cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+            # the hand-built batches here hold 3 images: rank them as one set
+            cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+                                 "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", 0])
             _MODELS[path] = (build_model(cfg), "yaml", cfg)
         else:
             cfg = LazyConfig.load(str(REPO / path))
+            if "images_per_ranking_set" in cfg.model:
+                cfg.model.images_per_ranking_set = 0
             _MODELS[path] = (instantiate(cfg.model), "lazy", cfg)
         if len(_MODELS) > 3:  # keep memory bounded
             _MODELS.pop(next(iter(_MODELS)))
