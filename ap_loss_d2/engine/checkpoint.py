@@ -64,6 +64,7 @@ __all__ = [
     "SafeDetectionCheckpointer",
     "UnsafeCheckpointError",
     "last_healthy_checkpoint",
+    "divergence_message",
     "load_options_supported",
     "model_settings",
     "truncate_metrics_after",
@@ -246,6 +247,27 @@ def last_healthy_checkpoint(save_dir: str):
             if best is None or key > best[0]:
                 best = (key, path)
     return best[1] if best else None
+
+
+def divergence_message(iteration: int, save_dir: str, cause) -> str:
+    """The message that stops a diverged run: the iteration, and the newest checkpoint recorded
+    healthy (:func:`last_healthy_checkpoint`), which ``--resume`` starts from."""
+    good = last_healthy_checkpoint(save_dir) if save_dir else None
+    if good is None:
+        advice = (
+            "no checkpoint with finite, non-exploded weights was saved yet: start again without "
+            "--resume, e.g. with a lower SOLVER.BASE_LR or a longer SOLVER.WARMUP_ITERS"
+        )
+    else:
+        advice = (
+            f"the last good checkpoint (weights finite and below {EXPLODED_WEIGHT:g}, checked when "
+            f"saved) is {good}; --resume starts from it, skipping later ones (continue with "
+            "--resume, e.g. with a lower SOLVER.BASE_LR)"
+        )
+    return (
+        f"Training stopped at iteration {iteration}: NaN or Inf in the model's outputs or losses. "
+        f"Nothing was saved for this iteration; {advice}.\nCause: {cause}"
+    )
 
 
 def _metrics_iteration(line: str):

@@ -2,7 +2,7 @@
 import weakref
 
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
@@ -17,12 +17,14 @@ from ..config import (
     check_number,
 )
 from ..data import AUGMENTATIONS, build_train_mapper
+from ..data.checks import NamingReadErrors, hint_filter_empty
 from ..evaluation import build_evaluator
 from ..losses import STEPS, NonFiniteLogitsError
 from ..losses.distributed import ranking_set_layout
 from ..modeling import APLossRetinaNet
-from .checkpoint import SafeDetectionCheckpointer
+from .checkpoint import SafeDetectionCheckpointer, divergence_message
 from .launch import cpu_ddp_in_default_trainer
+from .validation import check_startup
 
 __all__ = [
     "Trainer",
@@ -159,6 +161,7 @@ def setup_cfg(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     validate_cfg(cfg)
+    check_startup(cfg)  # datasets, output paths, batch size: before anything is built
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -186,12 +189,7 @@ class Trainer(DefaultTrainer):
         try:
             super().run_step()
         except (NonFiniteLogitsError, FloatingPointError) as e:
-            last = self.checkpointer.get_checkpoint_file() or "none saved yet"
-            raise FloatingPointError(
-                f"Training stopped at iteration {self.iter}: NaN or Inf in the model's outputs or "
-                f"losses. Nothing was saved for this iteration; the last good checkpoint is "
-                f"{last} (continue with --resume, e.g. with a lower SOLVER.BASE_LR).\nCause: {e}"
-            ) from e
+            raise FloatingPointError(divergence_message(self.iter, self.cfg.OUTPUT_DIR, e)) from e
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -199,6 +197,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        if cfg.AP_LOSS_INPUT.AUGMENTATION == "ssd":
-            return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
-        return super().build_train_loader(cfg)
+        # build_train_mapper: Detectron2's DatasetMapper(cfg, True) unless AUGMENTATION is "ssd";
+        # NamingReadErrors names the file of an image that fails to decode
+        with hint_filter_empty():
+            return build_detection_train_loader(cfg, mapper=NamingReadErrors(build_train_mapper(cfg)))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = NamingReadErrors(DatasetMapper(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)

@@ -28,6 +28,7 @@ from ..modeling.roi_heads import APLossFastRCNNOutputLayers
 from .checkpoint import SafeDetectionCheckpointer
 from .defaults import RANKING_LOSSES, validate_ranking_set
 from .launch import create_ddp_model_for
+from .validation import check_startup_lazy
 
 __all__ = [
     "build_lazy_model",
@@ -106,6 +107,7 @@ def setup_lazy_cfg(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     validate_lazy_cfg(cfg)
+    check_startup_lazy(cfg)  # datasets, output paths, batch size: before anything is built
     default_setup(cfg, args)
     return cfg
 
