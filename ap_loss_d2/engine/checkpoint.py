@@ -25,7 +25,9 @@
   whether all weights were finite, their largest magnitude, and the settings that make the
   checkpoint loadable (:func:`model_settings`: meta-architecture, classification loss, number
   of classes, classifier outputs). :func:`last_healthy_checkpoint` reads the index only (cheap):
-  the newest checkpoint whose weights are finite and below :data:`EXPLODED_WEIGHT`.
+  the newest checkpoint whose weights are finite and not exploded (largest parameter magnitude
+  at most :data:`EXPLODED_GROWTH` times that of the weights training started from, and below
+  :data:`EXPLODED_WEIGHT`).
 * **Layout mismatches are errors.** Loading a checkpoint whose recorded settings differ from the
   model's (another loss, K vs K+1 logits, another number of classes) raises
   :class:`CheckpointCompatibilityError` naming both, unless the path asks for partial loading:
@@ -59,12 +61,14 @@ from detectron2.utils.file_io import PathManager
 __all__ = [
     "CheckpointCompatibilityError",
     "CorruptCheckpointError",
+    "EXPLODED_GROWTH",
     "EXPLODED_WEIGHT",
     "HEALTH_INDEX",
     "SafeDetectionCheckpointer",
     "UnsafeCheckpointError",
     "last_healthy_checkpoint",
     "divergence_message",
+    "keep_config_lr",
     "load_options_supported",
     "model_settings",
     "truncate_metrics_after",
@@ -80,6 +84,11 @@ OWN_OPTIONS = ("allow_partial",)
 #: A checkpoint whose largest parameter magnitude exceeds this counts as diverged ("exploded"):
 #: trained detectors stay orders of magnitude below it.
 EXPLODED_WEIGHT = 1e6
+#: ... or grew more than this factor over the largest parameter magnitude of the weights training
+#: started from (recorded when ``resume_or_load`` loads ``MODEL.WEIGHTS``; floor 1.0): a jump by
+#: an order of magnitude is the signature of a diverging run.
+EXPLODED_GROWTH = 10.0
+_START = "__start__"  # index entry of the weights training started from
 #: Sidecar index of the checkpoints' health and settings, in the checkpoint folder.
 HEALTH_INDEX = "checkpoint_health.json"
 _META_KEY = "ap_loss_d2"  # key of the recorded health and settings inside a checkpoint
@@ -211,14 +220,25 @@ def _weights_health(model) -> dict:
     return {"finite": finite, "max_abs": max_abs if finite else float("inf")}
 
 
-def _healthy(record: dict) -> bool:
-    return bool(record.get("finite")) and record.get("max_abs", 0.0) <= EXPLODED_WEIGHT
+def _limit(start) -> float:
+    """Largest healthy parameter magnitude, given the index entry of the starting weights."""
+    if isinstance(start, dict) and isinstance(start.get("max_abs"), (int, float)):
+        return min(EXPLODED_WEIGHT, EXPLODED_GROWTH * max(1.0, start["max_abs"]))
+    return EXPLODED_WEIGHT
 
 
-def _unhealthy_reason(record: dict) -> str:
+def _healthy(record: dict, start=None) -> bool:
+    max_abs = record.get("max_abs")
+    return bool(record.get("finite")) and max_abs is not None and max_abs <= _limit(start)
+
+
+def _unhealthy_reason(record: dict, start=None) -> str:
     if not record.get("finite"):
         return "its weights held NaN or Inf when it was saved"
-    return f"its weights had exploded when it was saved (largest |weight| {record['max_abs']:.3g})"
+    return (
+        f"its weights had exploded when it was saved (largest |weight| {record['max_abs']:.3g}, "
+        f"above {_limit(start):.3g})"
+    )
 
 
 def _read_index(save_dir: str) -> dict:
@@ -236,13 +256,13 @@ def _read_index(save_dir: str) -> dict:
 
 def last_healthy_checkpoint(save_dir: str):
     """Path of the newest checkpoint in ``save_dir`` recorded (at save time, in
-    ``checkpoint_health.json``) with finite weights below :data:`EXPLODED_WEIGHT`, that still
-    exists; None if there is none. Does not open any checkpoint."""
+    ``checkpoint_health.json``) with finite, not exploded weights, that still exists; None if there is none. Does not open any checkpoint."""
     index = _read_index(save_dir)
+    start = index.get(_START)
     best = None
     for name, rec in index.items():
         path = os.path.join(save_dir, name)
-        if isinstance(rec, dict) and _healthy(rec) and os.path.isfile(path):
+        if name != _START and isinstance(rec, dict) and _healthy(rec, start) and os.path.isfile(path):
             key = (rec.get("iteration", -1), rec.get("saved_at", 0))
             if best is None or key > best[0]:
                 best = (key, path)
@@ -260,14 +280,33 @@ def divergence_message(iteration: int, save_dir: str, cause) -> str:
         )
     else:
         advice = (
-            f"the last good checkpoint (weights finite and below {EXPLODED_WEIGHT:g}, checked when "
-            f"saved) is {good}; --resume starts from it, skipping later ones (continue with "
+            f"the last good checkpoint (weights finite and not exploded, checked when saved) is {good}; --resume starts from it, skipping later ones (continue with "
             "--resume, e.g. with a lower SOLVER.BASE_LR)"
         )
     return (
         f"Training stopped at iteration {iteration}: NaN or Inf in the model's outputs or losses. "
         f"Nothing was saved for this iteration; {advice}.\nCause: {cause}"
     )
+
+
+def keep_config_lr(optimizer, scheduler, config_base_lrs) -> bool:
+    """After resuming, use the base learning rates of the current config (``config_base_lrs``,
+    the scheduler's ``base_lrs`` before loading) instead of the checkpoint's, so that resuming
+    with a lower ``SOLVER.BASE_LR`` takes effect (Detectron2 restores the old one). Returns
+    whether anything changed."""
+    loaded = list(getattr(scheduler, "base_lrs", []))
+    if not loaded or len(loaded) != len(config_base_lrs) or loaded == list(config_base_lrs):
+        return False
+    scheduler.base_lrs = list(config_base_lrs)
+    lrs = scheduler.get_lr() if hasattr(scheduler, "_multiplier") else None
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = config_base_lrs[i]
+        group["lr"] = lrs[i] if lrs else group["lr"] * config_base_lrs[i] / loaded[i]
+    logger.warning(
+        "Resumed with the config's base learning rate(s) %s instead of the checkpoint's %s",
+        sorted(set(config_base_lrs)), sorted(set(loaded)),
+    )
+    return True
 
 
 def _metrics_iteration(line: str):
@@ -370,8 +409,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
-        if not _healthy(health):
-            self.logger.warning(f"{path}: {_unhealthy_reason(health)}; --resume will skip it")
+        start = _read_index(self.save_dir).get(_START)
+        if not _healthy(health, start):
+            self.logger.warning(f"{path}: {_unhealthy_reason(health, start)}; --resume will skip it")
         _atomic_write(path, lambda f: torch.save(data, f))
         self._record_health(basename, kwargs.get("iteration"), health, settings)
         self.tag_last_checkpoint(basename)
@@ -423,19 +463,34 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         others.sort(key=lambda p: (os.path.getmtime(p), p), reverse=True)
         return ([first] if first else []), others, problem
 
+    def _record_start(self) -> None:
+        """Record the magnitude of the weights training starts from (growth reference)."""
+        if not (self.save_dir and self.save_to_disk and _is_local(self.save_dir)) or not comm.is_main_process():
+            return
+        if "trainer" not in self.checkpointables:
+            return  # not a training run (evaluation)
+        os.makedirs(self.save_dir, exist_ok=True)
+        index = _read_index(self.save_dir)
+        index[_START] = _weights_health(_unwrap(self.model))
+        path = os.path.join(self.save_dir, HEALTH_INDEX)
+        _atomic_write(path, lambda f: f.write(json.dumps(index, indent=1, sort_keys=True).encode()))
+
     def resume_or_load(self, path: str, *, resume: bool = True):
         if not (resume and self.save_dir and _is_local(self.save_dir) and self.has_checkpoint()):
-            return super().resume_or_load(path, resume=resume)
+            ret = super().resume_or_load(path, resume=resume)
+            self._record_start()
+            return ret
         first, others, problem = self._resume_candidates()
         if problem:
             self.logger.warning(f"--resume: {problem}; trying the other checkpoints in {self.save_dir}")
         index = _read_index(self.save_dir)
+        start = index.get(_START)
         skipped = []
         for candidate in first + others:
             name = os.path.basename(candidate)
             record = index.get(name)
-            if isinstance(record, dict) and not _healthy(record):
-                skipped.append(f"{name}: {_unhealthy_reason(record)}")
+            if isinstance(record, dict) and not _healthy(record, start):
+                skipped.append(f"{name}: {_unhealthy_reason(record, start)}")
                 continue
             try:
                 checkpoint = self._load_file(candidate)

@@ -22,7 +22,7 @@ from ..evaluation import build_evaluator
 from ..losses import STEPS, NonFiniteLogitsError
 from ..losses.distributed import ranking_set_layout
 from ..modeling import APLossRetinaNet
-from .checkpoint import SafeDetectionCheckpointer, divergence_message
+from .checkpoint import SafeDetectionCheckpointer, divergence_message, keep_config_lr
 from .launch import cpu_ddp_in_default_trainer
 from .validation import check_startup
 
@@ -184,6 +184,12 @@ class Trainer(DefaultTrainer):
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         return super().build_hooks()
+
+    def resume_or_load(self, resume=True):
+        base_lrs = list(self.scheduler.base_lrs)  # from the config
+        super().resume_or_load(resume=resume)
+        if resume and self.start_iter > 0:  # a lower SOLVER.BASE_LR after a divergence applies
+            keep_config_lr(self.optimizer, self.scheduler, base_lrs)
 
     def run_step(self):
         try:
