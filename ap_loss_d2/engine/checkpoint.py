@@ -407,6 +407,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         data[_META_KEY] = {"settings": settings, **health}
         basename = f"{name}.pth"
+        os.makedirs(self.save_dir, exist_ok=True)
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
         start = _read_index(self.save_dir).get(_START)
