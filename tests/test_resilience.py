@@ -2,6 +2,7 @@
 with the iteration named and the last good checkpoint intact."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,6 +74,11 @@ def test_sigkill_between_checkpoints_then_resume(synth_dataset_dir, tmp_path):
     after = _iterations(out)[logged_before:]
     assert after and min(after) >= resumed_from  # continued, did not start over
     assert after[-1] == 39
+    logged = _iterations(out)
+    assert len(logged) == len(set(logged))  # metrics.json: records past the checkpoint not repeated
+    assert list((out).glob("metrics.json.before-resume-at-*")) or logged_before == len(
+        [i for i in logged if i < resumed_from]
+    )  # a full copy is kept whenever records were removed
 
 
 class _PoisonAt(HookBase):
@@ -106,3 +112,53 @@ def test_nan_logits_stop_with_iteration_and_keep_checkpoint(synth_dataset_dir, t
     state = torch.load(tmp_path / "model_0000003.pth", weights_only=True)
     assert state["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_divergence_names_a_checkpoint_with_sane_weights_and_resume_recovers(synth_dataset_dir, tmp_path):
+    """SOLVER.BASE_LR 5.0 diverges within a few iterations. The stop names the newest checkpoint
+    whose weights are finite and not exploded (checked here by loading every checkpoint), and
+    --resume with a lower learning rate starts from it and trains on."""
+    out = tmp_path / "run"
+    proc = subprocess.run(_train_cmd(out, "SOLVER.BASE_LR", "5.0", "SOLVER.CHECKPOINT_PERIOD", "1"),
+                          cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode != 0
+    m = re.search(r"Training stopped at iteration (\d+): NaN or Inf.*last good checkpoint .*?(model_\d+\.pth)", proc.stdout)
+    assert m, proc.stdout[-3000:]
+    named = m.group(2)
+    start = max(float(v.abs().max()) for v in _fresh_model_params())
+
+    def max_abs(name):
+        state = torch.load(out / name, weights_only=True)["model"]
+        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            return float("inf")
+        return max(float(state[k].abs().max()) for k in _param_names())
+
+    saved = sorted(p.name for p in out.glob("model_*.pth"))
+    assert named in saved
+    assert max_abs(named) <= 10 * max(1.0, start)
+    later = [n for n in saved if n > named]
+    assert later and all(max_abs(n) > 10 * max(1.0, start) for n in later)  # the ones it skips
+
+    cmd = _train_cmd(out, "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "100")
+    proc = subprocess.run(cmd[:2] + ["--resume"] + cmd[2:], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"resuming from {out / named}" in proc.stdout
+    assert (out / "model_final.pth").exists()
+    iterations = _iterations(out)
+    assert len(iterations) == len(set(iterations))  # metrics.json: no iteration twice
+
+
+def _tiny_cfg():
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(str(REPO / TINY_YAML))
+    return cfg
+
+
+def _fresh_model_params():
+    torch.manual_seed(0)
+    return [p.detach() for p in Trainer.build_model(_tiny_cfg()).parameters()]
+
+
+def _param_names():
+    return [k for k, _ in Trainer.build_model(_tiny_cfg()).named_parameters()]
