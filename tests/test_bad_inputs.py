@@ -324,7 +324,8 @@ ROWS = [
     ("resume-exploded-latest", resume_after(_mark_exploded), _resumed(": its weights had exploded")),
     ("resume-all-corrupt", resume_after(_all_corrupt), r"--resume: no usable checkpoint in \S*run.*model_0000009\.pth is not a PyTorch.*model_0000004\.pth is not a PyTorch.*without --resume"),
     # --- checkpoint / model layout
-    ("retinanet-ap-into-focal", load_into((), ("MODEL.CLS_LOSS.NAME", "focal")), r"CheckpointCompatibilityError: checkpoint was saved from APLossRetinaNet with cls_loss='ap'.*but the model is APLossRetinaNet with cls_loss='focal'.*allow_partial=True"),
+    ("retinanet-ap-into-ce_ohem", load_into((), ("MODEL.CLS_LOSS.NAME", "ce_ohem")), r"CheckpointCompatibilityError: checkpoint was saved from APLossRetinaNet with cls_loss='ap'.*scored by sigmoid, but the model is APLossRetinaNet with cls_loss='ce_ohem'.*scored by softmax.*allow_partial=True"),
+    ("retinanet-ap-into-focal-same-layout-loads", load_into((), ("MODEL.CLS_LOSS.NAME", "focal")), r"^\s*result=loaded$"),
     ("retinanet-3-into-5-classes", load_into((), ("MODEL.RETINANET.NUM_CLASSES", "5")), r"num_classes=3.*num_classes=5.*differs in: num_classes, cls_logits"),
     ("rcnn-ap-into-ce", load_into((), ("MODEL.CLS_LOSS.NAME", "ce"), config=RCNN_AP), r"cls_loss='ap', num_classes=3, 3 classifier logits.*cls_loss='ce', num_classes=3, 4 classifier logits"),
     ("rcnn-ap-into-ce-partial", load_into((), ("MODEL.CLS_LOSS.NAME", "ce"), config=RCNN_AP, suffix="?allow_partial=True"), r"(?s)Skip loading parameter.*cls_score.*result=loaded"),

@@ -28,8 +28,9 @@
   the newest checkpoint whose weights are finite and not exploded (largest parameter magnitude
   at most :data:`EXPLODED_GROWTH` times that of the weights training started from, and below
   :data:`EXPLODED_WEIGHT`).
-* **Layout mismatches are errors.** Loading a checkpoint whose recorded settings differ from the
-  model's (another loss, K vs K+1 logits, another number of classes) raises
+* **Layout mismatches are errors.** Loading a checkpoint whose recorded classifier differs from
+  the model's (K vs K+1 logits, another number of classes, a loss scored otherwise at inference:
+  softmax ``ce``/``ce_ohem`` vs sigmoid ``ap``/``auc``/``focal``) raises
   :class:`CheckpointCompatibilityError` naming both, unless the path asks for partial loading:
   ``model.pth?allow_partial=True`` (then Detectron2's usual rules apply: tensors whose shapes
   differ are skipped with a warning). Files without recorded settings (ImageNet / model-zoo
@@ -168,7 +169,10 @@ def model_settings(model) -> dict:
     """The settings a checkpoint of ``model`` needs to load meaningfully: ``arch`` (class name),
     ``cls_loss`` (``MODEL.CLS_LOSS.NAME`` of ap_loss_d2 models; ``"default"`` for stock
     Detectron2 heads), ``num_classes`` and ``cls_logits`` (outputs of the classifier per anchor
-    or RoI: K for sigmoid/ranking losses, K + 1 for softmax with a background column).
+    or RoI: K for sigmoid/ranking losses, K + 1 for softmax with a background column) and
+    ``scores`` (how logits become class scores at inference: ``"sigmoid"`` or ``"softmax"``).
+    Checkpoints load across losses that agree on the last three (e.g. ``ap``, ``auc``,
+    ``focal`` RetinaNets); see :meth:`SafeDetectionCheckpointer._load_model`.
     Empty for models without a RetinaNet head or an R-CNN box predictor."""
     m = _unwrap(model)
     settings = {"arch": type(m).__name__}
@@ -179,14 +183,20 @@ def model_settings(model) -> dict:
         out = head.cls_score.out_channels
         if anchors:
             out //= anchors[0]
+        loss = getattr(m, "cls_loss", "default")
         settings.update(
-            cls_loss=getattr(m, "cls_loss", "default"), num_classes=int(m.num_classes), cls_logits=int(out)
+            cls_loss=loss,
+            num_classes=int(m.num_classes),
+            cls_logits=int(out),
+            scores="softmax" if loss == "ce_ohem" else "sigmoid",
         )
     elif predictor is not None and hasattr(predictor, "cls_score"):
+        logits = int(predictor.cls_score.out_features)
         settings.update(
             cls_loss=getattr(predictor, "cls_loss", "default"),
             num_classes=int(predictor.num_classes),
-            cls_logits=int(predictor.cls_score.out_features),
+            cls_logits=logits,
+            scores="softmax" if logits == int(predictor.num_classes) + 1 else "sigmoid",
         )
     else:
         return {}
@@ -197,7 +207,7 @@ def _describe(settings: dict) -> str:
     return (
         f"{settings.get('arch')} with cls_loss={settings.get('cls_loss')!r}, "
         f"num_classes={settings.get('num_classes')}, {settings.get('cls_logits')} classifier "
-        "logits per anchor/RoI"
+        f"logits per anchor/RoI scored by {settings.get('scores', '?')}"
     )
 
 
@@ -575,7 +585,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         saved = meta.get("settings") if isinstance(meta, dict) else None
         current = model_settings(self.model)
         if saved and current:
-            keys = ("arch", "cls_loss", "num_classes", "cls_logits")
+            # the classifier's meaning: the losses themselves may differ (ap <-> auc <-> focal)
+            keys = ("num_classes", "cls_logits", "scores")
             differs = [k for k in keys if saved.get(k) != current.get(k)]
             if differs and not getattr(self, "_allow_partial", False):
                 raise CheckpointCompatibilityError(
