@@ -76,7 +76,7 @@ REPORT = "roi_sampling_study"
 
 
 def build_parser():
-    from ap_loss_d2.config import ROI_HEAD_LOSSES
+    from ap_loss_d2.losses import cls_loss_names
 
     parser = argparse.ArgumentParser(
         description="Train and evaluate Faster R-CNN (CE vs AP-loss) for several numbers of "
@@ -86,7 +86,7 @@ def build_parser():
     add = parser.add_argument
     add("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
         help="values of MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
-    add("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=ROI_HEAD_LOSSES,
+    add("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=cls_loss_names("roi_heads"),
         help="values of MODEL.CLS_LOSS.NAME")
     add("--config", default=str(DEFAULT_CONFIG), help="yaml config of a model with APLossROIHeads")
     add("--iters", type=int, default=None,

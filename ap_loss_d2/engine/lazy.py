@@ -21,12 +21,11 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
-from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, RETINANET_LOSSES, check_number
+from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, check_number
 from ..losses import STEPS
-from ..modeling import APLossRetinaNet
-from ..modeling.roi_heads import APLossFastRCNNOutputLayers
+from ..losses.registry import get_cls_loss
 from .checkpoint import SafeDetectionCheckpointer
-from .defaults import RANKING_LOSSES, validate_ranking_set
+from .defaults import validate_ranking_set
 from .launch import create_ddp_model_for
 
 __all__ = [
@@ -47,9 +46,7 @@ def _target_class(node):
     return target if inspect.isclass(target) else None
 
 
-def _check_ranking_set(cfg, node, prefix, default_loss, world_size):
-    if node.get("cls_loss", default_loss) not in RANKING_LOSSES:
-        return
+def _check_ranking_set(cfg, node, prefix, world_size):
     dataloader = cfg.get("dataloader", None)
     train = dataloader.get("train", None) if dataloader is not None else None
     total = train.get("total_batch_size", None) if train is not None else None
@@ -66,8 +63,29 @@ def _check_ranking_set(cfg, node, prefix, default_loss, world_size):
     )
 
 
+def _check_loss_node(cfg, node, prefix, head, world_size):
+    """The checks of ``validate_cfg`` on the arguments of a model/predictor reading the loss."""
+    name = node.get("cls_loss", "ap")
+    entry = get_cls_loss(name, head, key=f"{prefix}.cls_loss")
+    step = node.get("step", "linear")
+    if step not in STEPS:
+        raise ValueError(f"{prefix}.step={step!r}; valid steps: {', '.join(STEPS)}")
+    for _, arg, allow_zero in NUMERIC_KEYS:
+        if arg in node and node[arg] is not None:
+            check_number(f"{prefix}.{arg}", node[arg], allow_zero)
+    if "box_reg_normalizer" in node and node["box_reg_normalizer"] not in BOX_REG_NORMALIZERS:
+        raise ValueError(
+            f"{prefix}.box_reg_normalizer={node['box_reg_normalizer']!r}; valid values: "
+            f"{', '.join(BOX_REG_NORMALIZERS)}"
+        )
+    if entry.ranks:
+        _check_ranking_set(cfg, node, prefix, world_size)
+
+
 def validate_lazy_cfg(cfg, world_size=None):
-    """Check the AP-loss arguments of ``cfg.model`` before anything is built (ValueError).
+    """Check the AP-loss arguments of ``cfg.model`` before anything is built (ValueError): the
+    same checks as :func:`~ap_loss_d2.engine.validate_cfg`, on ``model.*`` of an
+    ``APLossRetinaNet`` and on ``model.roi_heads.box_predictor.*`` of an AP-loss predictor.
 
     ``world_size``: processes that will train (default: the current ``torch.distributed``
     world), for the ranking set (``images_per_ranking_set``).
@@ -77,27 +95,12 @@ def validate_lazy_cfg(cfg, world_size=None):
     roi_heads = model.get("roi_heads", None) if target is not None and hasattr(model, "get") else None
     predictor = roi_heads.get("box_predictor", None) if hasattr(roi_heads, "get") else None
     predictor_target = _target_class(predictor) if predictor is not None else None
-    if predictor_target is not None and issubclass(predictor_target, APLossFastRCNNOutputLayers):
-        _check_ranking_set(cfg, predictor, "model.roi_heads.box_predictor", "ap", world_size)
-    if target is not None and issubclass(target, APLossRetinaNet):
-        name = model.get("cls_loss", "ap")
-        if name not in RETINANET_LOSSES:
-            raise ValueError(
-                f"model.cls_loss={name!r} is not valid for {target.__name__}; valid names: "
-                f"{', '.join(RETINANET_LOSSES)}"
-            )
-        step = model.get("step", "linear")
-        if step not in STEPS:
-            raise ValueError(f"model.step={step!r}; valid steps: {', '.join(STEPS)}")
-        for _, arg, allow_zero in NUMERIC_KEYS:
-            if arg in model:
-                check_number(f"model.{arg}", model[arg], allow_zero)
-        norm = model.get("box_reg_normalizer", "ema")
-        if norm not in BOX_REG_NORMALIZERS:
-            raise ValueError(
-                f"model.box_reg_normalizer={norm!r}; valid values: {', '.join(BOX_REG_NORMALIZERS)}"
-            )
-        _check_ranking_set(cfg, model, "model", "ap", world_size)
+    head = getattr(predictor_target, "cls_loss_head", None)
+    if head is not None:
+        _check_loss_node(cfg, predictor, "model.roi_heads.box_predictor", head, world_size)
+    head = getattr(target, "cls_loss_head", None)
+    if head is not None:
+        _check_loss_node(cfg, model, "model", head, world_size)
     return cfg
 
 
