@@ -11,11 +11,12 @@ from detectron2.utils import comm
 from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, add_ap_loss_config, check_number
 from ..data import AUGMENTATIONS, build_train_mapper
 from ..evaluation import build_evaluator
-from ..losses import STEPS, NonFiniteLogitsError
+from ..losses import STEPS
 from ..losses.distributed import ranking_set_layout
 from ..losses.registry import CLS_LOSSES, cls_loss_names, get_cls_loss
 from ..modeling import APLossRetinaNet  # noqa: F401  (registers the models)
 from .checkpoint import SafeDetectionCheckpointer
+from .divergence import NonFiniteGuard
 from .launch import cpu_ddp_in_default_trainer
 
 __all__ = [
@@ -192,11 +193,11 @@ def setup_cfg(args):
     return cfg
 
 
-class Trainer(DefaultTrainer):
+class Trainer(NonFiniteGuard, DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection, training mapper
     (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``) and checkpointer
-    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading). Trains in several
-    CPU processes too (DistributedDataParallel without ``device_ids``, see ``.launch``)."""
+    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading); NaN/Inf stops with
+    :class:`~.divergence.NonFiniteGuard`'s message. Trains in several CPU processes too (DistributedDataParallel without ``device_ids``, see ``.launch``)."""
 
     def __init__(self, cfg):
         with cpu_ddp_in_default_trainer(cfg.MODEL.DEVICE):
@@ -209,17 +210,6 @@ class Trainer(DefaultTrainer):
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         return super().build_hooks()
-
-    def run_step(self):
-        try:
-            super().run_step()
-        except (NonFiniteLogitsError, FloatingPointError) as e:
-            last = self.checkpointer.get_checkpoint_file() or "none saved yet"
-            raise FloatingPointError(
-                f"Training stopped at iteration {self.iter}: NaN or Inf in the model's outputs or "
-                f"losses. Nothing was saved for this iteration; the last good checkpoint is "
-                f"{last} (continue with --resume, e.g. with a lower SOLVER.BASE_LR).\nCause: {e}"
-            ) from e
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

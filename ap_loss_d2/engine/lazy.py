@@ -9,7 +9,7 @@ and ``train`` (Detectron2's ``configs/common/train.py`` keys: ``output_dir``, ``
 import inspect
 import logging
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -17,7 +17,7 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
@@ -26,6 +26,7 @@ from ..losses import STEPS
 from ..losses.registry import get_cls_loss
 from .checkpoint import SafeDetectionCheckpointer
 from .defaults import validate_ranking_set
+from .divergence import NonFiniteGuard
 from .launch import create_ddp_model_for
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "do_train_lazy",
     "setup_lazy_cfg",
     "validate_lazy_cfg",
+    "verify_lazy_results",
 ]
 
 logger = logging.getLogger("detectron2")
@@ -131,16 +133,35 @@ def do_test_lazy(cfg, model):
     return None
 
 
+class _GuardedSimpleTrainer(NonFiniteGuard, SimpleTrainer):
+    lr_key = "optimizer.lr"
+
+
+class _GuardedAMPTrainer(NonFiniteGuard, AMPTrainer):
+    lr_key = "optimizer.lr"
+
+
+def verify_lazy_results(cfg, results):
+    """Detectron2's ``verify_results`` for LazyConfig: ``train.expected_results`` (optional) is
+    a list of ``[task, metric, value, tolerance]`` as yacs' ``TEST.EXPECTED_RESULTS``; a
+    mismatch exits with an error after logging it. True without expectations."""
+    expected = cfg.train.get("expected_results", None) if "train" in cfg else None
+    if not expected or results is None:
+        return True
+    node = CfgNode({"TEST": {"EXPECTED_RESULTS": [list(x) for x in expected]}})
+    return verify_results(node, results)
+
+
 def _build_trainer(cfg, model, data_loader, optimizer):
     if not cfg.train.amp.enabled:
-        return SimpleTrainer(model, data_loader, optimizer)
+        return _GuardedSimpleTrainer(model, data_loader, optimizer)
     kwargs = {}
     precision = cfg.train.amp.get("precision", None)
     if precision is not None and "precision" in inspect.signature(AMPTrainer.__init__).parameters:
         import torch
 
         kwargs["precision"] = getattr(torch, precision) if isinstance(precision, str) else precision
-    return AMPTrainer(model, data_loader, optimizer, **kwargs)
+    return _GuardedAMPTrainer(model, data_loader, optimizer, **kwargs)
 
 
 def do_train_lazy(cfg, args):
@@ -158,6 +179,7 @@ def do_train_lazy(cfg, args):
     model = create_ddp_model_for(model, **cfg.train.ddp)  # CPU processes too
     trainer = _build_trainer(cfg, model, train_loader, optim)
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.checkpointer = checkpointer  # named by NonFiniteGuard's message
 
     results = {}
 
@@ -190,4 +212,6 @@ def do_train_lazy(cfg, args):
     else:
         start_iter = 0
     trainer.train(start_iter, cfg.train.max_iter)
+    if comm.is_main_process():
+        verify_lazy_results(cfg, results.get("last"))
     return results.get("last")
