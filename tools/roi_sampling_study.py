@@ -88,7 +88,7 @@ def build_parser():
         help="values of MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
     add("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=cls_loss_names("roi_heads"),
         help="values of MODEL.CLS_LOSS.NAME")
-    add("--config", default=str(DEFAULT_CONFIG), help="yaml config of a model with APLossROIHeads")
+    add("--config-file", "--config", dest="config", default=str(DEFAULT_CONFIG), help="yaml config of a model with APLossROIHeads")
     add("--iters", type=int, default=None,
         help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (None: the config's)")
     add("--output-dir", default="output/roi_sampling_study", help="report and run directories")
