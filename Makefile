@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup main test env benchmark check-d2-source
+.PHONY: setup main test test-fast env benchmark check-d2-source
 setup:
 	bash tools/setup_env.sh
 
@@ -11,6 +11,10 @@ main: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# pure-tensor, config and model-step tests: no training run, no launched process (README, Tests)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 env: setup
 	$(PY) -m ap_loss_d2.env

@@ -29,6 +29,7 @@ from ap_loss_d2.engine import (
     launch,
     setup_cfg,
     setup_lazy_cfg,
+    verify_lazy_results,
 )
 
 
@@ -38,6 +39,8 @@ def main_lazy(args):
         model = create_ddp_model_for(build_lazy_model(cfg))
         SafeDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
         res = do_test_lazy(cfg, model)
+        if comm.is_main_process():
+            verify_lazy_results(cfg, res)
         print(res)
         return res
     return do_train_lazy(cfg, args)

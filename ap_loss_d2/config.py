@@ -6,13 +6,31 @@ LazyConfig ``.py`` configs pass the same values as constructor arguments of the 
 the SSD mapper.
 """
 import math
+import warnings
 
 from detectron2.config import CfgNode as CN
 
-# Valid values of MODEL.CLS_LOSS.NAME, per meta-architecture family.
-RETINANET_LOSSES = ("ap", "auc", "focal", "ce_ohem", "ap_approx", "ap_hinge")
-ROI_HEAD_LOSSES = ("ap", "auc", "ce")
-STEPS = ("linear", "heaviside", "sigmoid")
+from .losses.registry import cls_loss_names
+
+# Valid values of MODEL.CLS_LOSS.NAME: the registry of ap_loss_d2.losses.registry
+# (cls_loss_names("retinanet") / cls_loss_names("roi_heads")).
+_DEPRECATED_LISTS = {"RETINANET_LOSSES": "retinanet", "ROI_HEAD_LOSSES": "roi_heads"}
+
+
+def __getattr__(name):
+    # RETINANET_LOSSES / ROI_HEAD_LOSSES of earlier versions, now read from the registry
+    if name in _DEPRECATED_LISTS:
+        head = _DEPRECATED_LISTS[name]
+        warnings.warn(
+            f"ap_loss_d2.config.{name} is deprecated; use "
+            f"ap_loss_d2.losses.cls_loss_names({head!r})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return cls_loss_names(head)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Valid values of MODEL.CLS_LOSS.BOX_REG_NORMALIZER (RetinaNet box-regression loss).
 BOX_REG_NORMALIZERS = ("ema", "batch_mean")
 
@@ -46,12 +64,12 @@ def add_ap_loss_config(cfg):
     if "CLS_LOSS" in cfg.MODEL:
         return cfg
     cfg.MODEL.CLS_LOSS = CN()
-    # Classification loss: "ap" (AP-loss), "auc" (AUC-loss, Eq. 7), "focal" (RetinaNet's own,
-    # RetinaNet only), "ce_ohem" (softmax CE + 3:1 online hard negative mining, RetinaNet only),
-    # "ce" (softmax CE over K+1 classes, Faster R-CNN box head only), and the alternative AP-loss
-    # optimisers of Fig. 8, RetinaNet only: "ap_approx" (approximate gradient: sigmoid-smoothed AP
-    # with APPROX_SIGMOID_K, -log(AP + eps)), "ap_hinge" (structured hinge-loss upper bound, SVM-AP).
-    cfg.MODEL.CLS_LOSS.NAME = "ap"
+    # Classification loss, a name of the registry (ap_loss_d2.losses.registry; the README lists
+    # them): e.g. "ap" (AP-loss), "auc", "focal" / "ce_ohem" / "ap_approx" / "ap_hinge"
+    # (RetinaNet), "ce" (Faster R-CNN box head). Read by APLossRetinaNet and APLossROIHeads;
+    # "" = their default, "ap". Set with a stock RetinaNet / StandardROIHeads it is a start-up
+    # error unless it names that model's own loss ("focal" / "ce").
+    cfg.MODEL.CLS_LOSS.NAME = ""
     # Width delta of the piecewise step function (Eq. 21); also bounds the non-trivial negatives.
     cfg.MODEL.CLS_LOSS.DELTA = 1.0
     # Use interpolated AP (Sec. 3.4.3, Algorithm 1); AP-loss only.

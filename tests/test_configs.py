@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from ap_loss_d2.config import RETINANET_LOSSES  # noqa: E402
+from ap_loss_d2.losses import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import (  # noqa: E402
     get_ap_loss_cfg,
     setup_cfg,
@@ -23,6 +23,7 @@ from ap_loss_d2.engine import (  # noqa: E402
 )
 from ap_loss_d2.modeling import APLossRetinaNet  # noqa: E402
 
+RETINANET_LOSSES = cls_loss_names("retinanet")
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 YAML_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in CONFIGS.rglob("*.yaml"))
@@ -309,10 +310,35 @@ def test_ohem_ratio_rule_is_the_loss_rule():
         assert cfg_ok == loss_ok == (math.isfinite(value) and value > 0), value
 
 
-def test_stock_models_ignore_cls_loss_name():
-    cfg = load_yaml_cfg("configs/Base-RetinaNet.yaml", ["MODEL.CLS_LOSS.NAME", "anything"])
-    assert valid_cls_losses(cfg) is None
+def test_stock_models_reject_cls_loss_name():
+    """A stock model does not read MODEL.CLS_LOSS: naming a loss there is a start-up error that
+    names the class to use, except the model's own loss (or leaving the key unset)."""
+    stock = ["MODEL.META_ARCHITECTURE", "RetinaNet"]
+    for name in ("ap", "anything"):
+        cfg = load_yaml_cfg("configs/Base-RetinaNet.yaml", [*stock, "MODEL.CLS_LOSS.NAME", name])
+        assert valid_cls_losses(cfg) is None
+        with pytest.raises(ValueError, match=f"NAME='{name}' would be ignored.*APLossRetinaNet"):
+            validate_cfg(cfg)
+    for name in ("", "focal"):
+        validate_cfg(load_yaml_cfg("configs/Base-RetinaNet.yaml", [*stock, "MODEL.CLS_LOSS.NAME", name]))
+    rcnn, stock = "configs/Base-RCNN-FPN.yaml", ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"]
+    validate_cfg(load_yaml_cfg(rcnn, stock))
+    validate_cfg(load_yaml_cfg(rcnn, [*stock, "MODEL.CLS_LOSS.NAME", "ce"]))
+    with pytest.raises(ValueError, match="ROI_HEADS.NAME='StandardROIHeads'.*APLossROIHeads"):
+        validate_cfg(load_yaml_cfg(rcnn, [*stock, "MODEL.CLS_LOSS.NAME", "ap"]))
+    with pytest.raises(ValueError, match="ProposalNetwork.*APLossRetinaNet"):
+        validate_cfg(load_yaml_cfg(rcnn, ["MODEL.META_ARCHITECTURE", "ProposalNetwork", "MODEL.CLS_LOSS.NAME", "ap"]))
+
+
+def test_project_base_reads_cls_loss():
+    """The project's RetinaNet base trains stock focal loss through APLossRetinaNet, so that a
+    config built on it and setting NAME ap trains AP-loss."""
+    cfg = load_yaml_cfg("configs/Base-RetinaNet.yaml")
+    assert valid_cls_losses(cfg) == RETINANET_LOSSES
+    assert build_model(cfg).cls_loss == "focal"
+    cfg.MODEL.CLS_LOSS.NAME = "ap"
     validate_cfg(cfg)
+    assert build_model(cfg).cls_loss == "ap"
 
 
 def test_lazy_unknown_loss_fails():

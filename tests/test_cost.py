@@ -74,6 +74,7 @@ def test_metrics_label_and_missing_keys(tmp_path):
     assert run["loss_share_of_iteration"] is None
 
 
+@pytest.mark.slow  # launches the benchmark in a process
 def test_benchmark_tables_equal_benchmark_json(tmp_path):
     bench_dir = tmp_path / "bench"
     r = subprocess.run([sys.executable, "-m", "ap_loss_d2.benchmark", "--quick", "--device",

@@ -33,7 +33,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import ap_loss_d2.modeling  # noqa: E402,F401  (registers the models)
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
-from ap_loss_d2.modeling.labels import ranking_loss  # noqa: E402
+from ap_loss_d2.losses.registry import ranking_loss  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 

@@ -20,10 +20,11 @@ from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from ap_loss_d2.config import ROI_HEAD_LOSSES  # noqa: E402
+from ap_loss_d2.losses import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg, validate_cfg  # noqa: E402
 from ap_loss_d2.modeling.roi_heads import APLossFastRCNNOutputLayers, APLossROIHeads  # noqa: E402
 
+ROI_HEAD_LOSSES = cls_loss_names("roi_heads")
 REPO = Path(__file__).resolve().parents[1]
 YAML_DIR = REPO / "configs" / "FasterRCNN"
 LAZY_DIR = REPO / "configs" / "lazy"

@@ -71,6 +71,7 @@ def _check_unit_interval(values):
     assert values and all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), values
 
 
+@pytest.mark.slow  # trains
 def test_fig8a_numbers_are_the_recorded_ones(study_dir):
     report = json.loads((study_dir / "fig8a.json").read_text())
     assert (
@@ -103,6 +104,7 @@ def test_fig8a_numbers_are_the_recorded_ones(study_dir):
     assert (study_dir / "fig8a.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # trains
 def test_fig8b_numbers_are_the_recorded_ones(study_dir):
     report = json.loads((study_dir / "fig8b.json").read_text())
     assert report["study"] == "optimization" and report["part"] == "b"
@@ -131,6 +133,7 @@ def test_fig8b_numbers_are_the_recorded_ones(study_dir):
     assert "| method | 50 (50) |" in (study_dir / "fig8b.md").read_text()
 
 
+@pytest.mark.slow  # trains
 def test_finished_runs_are_skipped_and_other_settings_refused(study_dir, monkeypatch):
     before = (study_dir / "fig8a.json").read_text()
 
@@ -159,6 +162,7 @@ def test_finished_runs_are_skipped_and_other_settings_refused(study_dir, monkeyp
         )
 
 
+@pytest.mark.slow  # trains
 def test_interrupted_run_resumes_from_checkpoint(tmp_path, synth_dataset_dir):
     kw = dict(record_period=PERIOD, checkpoint_period=2, opts=TINY_OPTS, keep_checkpoints=True)
     run_dir = tmp_path / "run"

@@ -76,7 +76,7 @@ REPORT = "roi_sampling_study"
 
 
 def build_parser():
-    from ap_loss_d2.config import ROI_HEAD_LOSSES
+    from ap_loss_d2.losses import cls_loss_names
 
     parser = argparse.ArgumentParser(
         description="Train and evaluate Faster R-CNN (CE vs AP-loss) for several numbers of "
@@ -86,9 +86,9 @@ def build_parser():
     add = parser.add_argument
     add("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
         help="values of MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
-    add("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=ROI_HEAD_LOSSES,
+    add("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=cls_loss_names("roi_heads"),
         help="values of MODEL.CLS_LOSS.NAME")
-    add("--config", default=str(DEFAULT_CONFIG), help="yaml config of a model with APLossROIHeads")
+    add("--config-file", "--config", dest="config", default=str(DEFAULT_CONFIG), help="yaml config of a model with APLossROIHeads")
     add("--iters", type=int, default=None,
         help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (None: the config's)")
     add("--output-dir", default="output/roi_sampling_study", help="report and run directories")

@@ -11,10 +11,12 @@ with ``augmentations=build_ssd_augmentation(cfg, True)``. Pass it to
 ``build_detection_train_loader(cfg, mapper=...)``. At test time the paper keeps the aspect ratio
 (shorter side 600, i.e. Detectron2's ``INPUT.MIN_SIZE_TEST``), so the default test mapper fits.
 """
-from typing import Optional
+import copy
 
 import numpy as np
+import torch
 from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
@@ -23,6 +25,7 @@ from .transforms import build_ssd_augmentation
 __all__ = [
     "AUGMENTATIONS",
     "BoxAwareDatasetMapper",
+    "annotation_boxes",
     "build_train_mapper",
 ]
 
@@ -30,53 +33,68 @@ __all__ = [
 AUGMENTATIONS = ("default", "ssd")
 
 
-class _BoxFeedingAugmentationList(T.AugmentationList):
-    """AugmentationList that puts ``self.boxes`` into ``AugInput.boxes`` before running."""
-
-    def __init__(self, augs):
-        super().__init__(augs)
-        self.boxes: Optional[np.ndarray] = None
-
-    def __call__(self, aug_input):
-        if self.boxes is not None and getattr(aug_input, "boxes", None) is None:
-            aug_input.boxes = self.boxes.copy()
-        return super().__call__(aug_input)
+def annotation_boxes(dataset_dict, include_crowd: bool = False) -> np.ndarray:
+    """The record's annotation boxes as an (N, 4) float64 XYXY_ABS array (crowd boxes left out
+    unless ``include_crowd``); (0, 4) without annotations."""
+    annos = [
+        a for a in dataset_dict.get("annotations", []) if include_crowd or a.get("iscrowd", 0) == 0
+    ]
+    if not annos:
+        return np.zeros((0, 4), dtype=np.float64)
+    return np.array(
+        [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+        dtype=np.float64,
+    )
 
 
 class BoxAwareDatasetMapper(DatasetMapper):
-    """Detectron2's ``DatasetMapper`` whose augmentations also receive the ground-truth boxes.
+    """Detectron2's ``DatasetMapper`` whose augmentations also receive the ground-truth boxes,
+    through ``T.AugInput(image, boxes=...)`` as Detectron2 expects (an augmentation whose
+    ``get_transform(image, boxes)`` asks for them, e.g. :class:`MinIoURandomCrop`, gets them;
+    the others ignore them).
 
-    Detectron2's mapper builds ``AugInput(image, sem_seg=...)`` without boxes, but box-dependent
-    augmentations (``MinIoURandomCrop.get_transform(image, boxes)``) need them. This subclass
-    hands the non-crowd annotation boxes (XYXY_ABS) of the current record to the augmentation
-    list; everything else (image reading, annotation transform with clipping,
-    ``filter_empty_instances``, masks, keypoints, proposals) is the parent's. Construct it like
-    ``DatasetMapper``: ``BoxAwareDatasetMapper(cfg, is_train=True, augmentations=[...])``.
+    Detectron2's mapper builds ``AugInput(image, sem_seg=...)`` without boxes; this subclass
+    builds it with the annotation boxes (XYXY_ABS; crowd boxes only if ``include_crowd``) and
+    otherwise does what the parent does, with the parent's helpers: image reading and size
+    check, semantic segmentation, proposals, and the annotation transform (clipping,
+    ``filter_empty_instances``, masks, keypoints). Subclasses may add inputs of their own
+    augmentations in :meth:`aug_input`. Construct it like ``DatasetMapper``:
+    ``BoxAwareDatasetMapper(cfg, is_train=True, augmentations=[...])``.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        augs = self.augmentations
-        self.augmentations = _BoxFeedingAugmentationList(list(getattr(augs, "augs", [augs])))
+    include_crowd = False
 
-    @staticmethod
-    def _boxes_of(dataset_dict) -> Optional[np.ndarray]:
-        if "annotations" not in dataset_dict:
-            return None
-        annos = [a for a in dataset_dict["annotations"] if a.get("iscrowd", 0) == 0]
-        if not annos:
-            return np.zeros((0, 4), dtype=np.float32)
-        return np.array(
-            [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
-            dtype=np.float32,
-        )
+    def aug_input(self, dataset_dict, image, sem_seg):
+        """The ``AugInput`` of one record: image, boxes and semantic segmentation."""
+        boxes = annotation_boxes(dataset_dict, self.include_crowd) if "annotations" in dataset_dict else None
+        return T.AugInput(image, boxes=boxes, sem_seg=sem_seg)
 
     def __call__(self, dataset_dict):
-        self.augmentations.boxes = self._boxes_of(dataset_dict)
-        try:
-            return super().__call__(dataset_dict)
-        finally:
-            self.augmentations.boxes = None
+        return self.map_with_transforms(dataset_dict)[0]
+
+    def map_with_transforms(self, dataset_dict):
+        """``(mapped dict, the TransformList applied)`` of one record."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        sem_seg = None
+        if "sem_seg_file_name" in dataset_dict:
+            sem_seg = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
+        aug_input = self.aug_input(dataset_dict, image, sem_seg)
+        transforms = self.augmentations(aug_input)
+        image, sem_seg = aug_input.image, aug_input.sem_seg
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if sem_seg is not None:
+            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg.astype("long"))
+        if self.proposal_topk is not None:
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            dataset_dict.pop("sem_seg_file_name", None)
+        elif "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict, transforms
 
 
 def build_train_mapper(cfg) -> DatasetMapper:

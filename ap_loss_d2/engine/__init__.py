@@ -3,9 +3,18 @@
 from .checkpoint import SafeDetectionCheckpointer
 from .defaults import Trainer, get_ap_loss_cfg, setup_cfg, valid_cls_losses, validate_cfg
 from .launch import create_ddp_model_for, launch
-from .lazy import build_lazy_model, do_test_lazy, do_train_lazy, setup_lazy_cfg, validate_lazy_cfg
+from .divergence import NonFiniteGuard
+from .lazy import (
+    build_lazy_model,
+    do_test_lazy,
+    do_train_lazy,
+    setup_lazy_cfg,
+    validate_lazy_cfg,
+    verify_lazy_results,
+)
 
 __all__ = [
+    "NonFiniteGuard",
     "SafeDetectionCheckpointer",
     "Trainer",
     "build_lazy_model",
@@ -19,4 +28,5 @@ __all__ = [
     "valid_cls_losses",
     "validate_cfg",
     "validate_lazy_cfg",
+    "verify_lazy_results",
 ]

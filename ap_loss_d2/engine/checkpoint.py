@@ -279,19 +279,20 @@ def last_healthy_checkpoint(save_dir: str):
     return best[1] if best else None
 
 
-def divergence_message(iteration: int, save_dir: str, cause) -> str:
+def divergence_message(iteration: int, save_dir: str, cause, lr_key: str = "SOLVER.BASE_LR") -> str:
     """The message that stops a diverged run: the iteration, and the newest checkpoint recorded
     healthy (:func:`last_healthy_checkpoint`), which ``--resume`` starts from."""
     good = last_healthy_checkpoint(save_dir) if save_dir else None
     if good is None:
         advice = (
             "no checkpoint with finite, non-exploded weights was saved yet: start again without "
-            "--resume, e.g. with a lower SOLVER.BASE_LR or a longer SOLVER.WARMUP_ITERS"
+            f"--resume, e.g. with a lower {lr_key} or a longer warm-up"
         )
     else:
         advice = (
-            f"the last good checkpoint (weights finite and not exploded, checked when saved) is {good}; --resume starts from it, skipping later ones (continue with "
-            "--resume, e.g. with a lower SOLVER.BASE_LR)"
+            f"the last good checkpoint (weights finite and not exploded, checked when saved) is "
+            f"{good}; --resume starts from it, skipping later ones (continue with --resume, e.g. "
+            f"with a lower {lr_key})"
         )
     return (
         f"Training stopped at iteration {iteration}: NaN or Inf in the model's outputs or losses. "

@@ -4,30 +4,27 @@ import weakref
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
-from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.utils import comm
 
-from ..config import (
-    BOX_REG_NORMALIZERS,
-    NUMERIC_KEYS,
-    RETINANET_LOSSES,
-    ROI_HEAD_LOSSES,
-    add_ap_loss_config,
-    check_number,
-)
+from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, add_ap_loss_config, check_number
 from ..data import AUGMENTATIONS, build_train_mapper
 from ..data.checks import NamingReadErrors, hint_filter_empty
 from ..evaluation import build_evaluator
-from ..losses import STEPS, NonFiniteLogitsError
+from ..losses import STEPS
 from ..losses.distributed import ranking_set_layout
-from ..modeling import APLossRetinaNet
-from .checkpoint import SafeDetectionCheckpointer, divergence_message, keep_config_lr
+from ..losses.registry import CLS_LOSSES, cls_loss_names, get_cls_loss
+from ..modeling import APLossRetinaNet  # noqa: F401  (registers the models)
+from .checkpoint import SafeDetectionCheckpointer, keep_config_lr
+from .divergence import NonFiniteGuard
 from .launch import cpu_ddp_in_default_trainer
 from .validation import check_startup
 
 __all__ = [
     "Trainer",
+    "check_cls_loss_is_read",
+    "cls_loss_reader",
     "get_ap_loss_cfg",
     "setup_cfg",
     "valid_cls_losses",
@@ -49,25 +46,51 @@ def _registered(registry, name):
         return None
 
 
+def cls_loss_reader(cfg):
+    """``(head, model)`` for the model of ``cfg``: ``head`` is the registry head that reads
+    ``MODEL.CLS_LOSS`` (``"retinanet"``, ``"roi_heads"``) or None, ``model`` the class that
+    decides it (meta-architecture, or ROI heads of a ``GeneralizedRCNN``; None if unregistered,
+    which ``build_model`` reports)."""
+    arch = _registered(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
+    if arch is not None and not getattr(arch, "cls_loss_head", None) and issubclass(arch, GeneralizedRCNN):
+        arch = _registered(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
+    return getattr(arch, "cls_loss_head", None), arch
+
+
 def valid_cls_losses(cfg):
-    """The values ``MODEL.CLS_LOSS.NAME`` may take for the model of ``cfg``.
+    """The values ``MODEL.CLS_LOSS.NAME`` may take for the model of ``cfg`` (from the registry).
 
     Returns None when the model does not read ``MODEL.CLS_LOSS`` (e.g. stock Detectron2 models)
     or its meta-architecture is not registered (``build_model`` reports that).
     """
-    arch = _registered(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
-    if arch is None:
-        return None
-    if issubclass(arch, APLossRetinaNet):
-        return RETINANET_LOSSES
-    if issubclass(arch, GeneralizedRCNN):
-        heads = _registered(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
-        if heads is not None and heads.__module__.split(".")[0] == "ap_loss_d2":
-            return ROI_HEAD_LOSSES
-    return None
+    head, _ = cls_loss_reader(cfg)
+    return None if head is None else cls_loss_names(head)
 
 
-RANKING_LOSSES = ("ap", "auc")  # the losses that MODEL.CLS_LOSS's ranking-set keys apply to
+def check_cls_loss_is_read(cfg):
+    """ValueError if ``MODEL.CLS_LOSS.NAME`` is set while the model of ``cfg`` does not read it
+    (stock ``RetinaNet``, ``StandardROIHeads``...), unless it names that model's own loss
+    (``"focal"`` for RetinaNet, ``"ce"`` for StandardROIHeads); the message names the class to
+    use instead."""
+    name = cfg.MODEL.CLS_LOSS.NAME
+    head, model = cls_loss_reader(cfg)
+    if not name or head is not None or model is None:
+        return
+    own = CLS_LOSSES.get(name)
+    if own is not None and any(k.__name__ in own.stock for k in model.__mro__):
+        return
+    if cfg.MODEL.META_ARCHITECTURE == model.__name__:
+        where = f"MODEL.META_ARCHITECTURE={model.__name__!r}"
+        fix = "MODEL.META_ARCHITECTURE: APLossRetinaNet (RetinaNet) or a GeneralizedRCNN with MODEL.ROI_HEADS.NAME: APLossROIHeads"
+        if issubclass(model, RetinaNet):
+            fix = "MODEL.META_ARCHITECTURE: APLossRetinaNet"
+    else:
+        where = f"MODEL.ROI_HEADS.NAME={model.__name__!r}"
+        fix = "MODEL.ROI_HEADS.NAME: APLossROIHeads"
+    raise ValueError(
+        f"MODEL.CLS_LOSS.NAME={name!r} would be ignored: {where} does not read MODEL.CLS_LOSS "
+        f"(it trains its own loss). Use {fix}, or leave MODEL.CLS_LOSS.NAME unset"
+    )
 
 
 def validate_ranking_set(images_per_set, rank_across_processes, total_images, world_size, keys, batch=None):
@@ -107,12 +130,18 @@ def validate_cfg(cfg, world_size=None):
     will train (default: the current ``torch.distributed`` world), for the ranking set.
     """
     c = cfg.MODEL.CLS_LOSS
-    valid = valid_cls_losses(cfg)
-    if valid is not None and c.NAME not in valid:
-        raise ValueError(
-            f"MODEL.CLS_LOSS.NAME={c.NAME!r} is not valid for MODEL.META_ARCHITECTURE="
-            f"{cfg.MODEL.META_ARCHITECTURE!r}; valid names: {', '.join(valid)}"
-        )
+    check_cls_loss_is_read(cfg)
+    head, model = cls_loss_reader(cfg)
+    entry = None
+    if head is not None:
+        try:
+            entry = get_cls_loss(c.NAME or "ap", head)
+        except ValueError:
+            raise ValueError(
+                f"MODEL.CLS_LOSS.NAME={c.NAME!r} is not valid for {model.__name__} "
+                f"(MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}); valid names: "
+                f"{', '.join(cls_loss_names(head))}"
+            ) from None
     if c.STEP not in STEPS:
         raise ValueError(f"MODEL.CLS_LOSS.STEP={c.STEP!r}; valid steps: {', '.join(STEPS)}")
     for key, _, allow_zero in NUMERIC_KEYS:
@@ -122,7 +151,7 @@ def validate_cfg(cfg, world_size=None):
             f"MODEL.CLS_LOSS.BOX_REG_NORMALIZER={c.BOX_REG_NORMALIZER!r}; valid values: "
             f"{', '.join(BOX_REG_NORMALIZERS)}"
         )
-    if valid is not None and c.NAME in RANKING_LOSSES:
+    if entry is not None and entry.ranks:
         world = comm.get_world_size() if world_size is None else world_size
         total = cfg.SOLVER.IMS_PER_BATCH
         batch = None
@@ -167,11 +196,11 @@ def setup_cfg(args):
     return cfg
 
 
-class Trainer(DefaultTrainer):
+class Trainer(NonFiniteGuard, DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection, training mapper
     (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``) and checkpointer
-    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading). Trains in several
-    CPU processes too (DistributedDataParallel without ``device_ids``, see ``.launch``)."""
+    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading); NaN/Inf stops with
+    :class:`~.divergence.NonFiniteGuard`'s message. Trains in several CPU processes too (DistributedDataParallel without ``device_ids``, see ``.launch``)."""
 
     def __init__(self, cfg):
         with cpu_ddp_in_default_trainer(cfg.MODEL.DEVICE):
@@ -190,13 +219,6 @@ class Trainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         if resume and self.start_iter > 0:  # a lower SOLVER.BASE_LR after a divergence applies
             keep_config_lr(self.optimizer, self.scheduler, base_lrs)
-
-    def run_step(self):
-        try:
-            super().run_step()
-        except (NonFiniteLogitsError, FloatingPointError) as e:
-            raise FloatingPointError(divergence_message(self.iter, self.cfg.OUTPUT_DIR, e)) from e
-
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)

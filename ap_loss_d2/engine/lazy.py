@@ -9,7 +9,7 @@ and ``train`` (Detectron2's ``configs/common/train.py`` keys: ``output_dir``, ``
 import inspect
 import logging
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -17,16 +17,16 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
-from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, RETINANET_LOSSES, check_number
+from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, check_number
 from ..losses import STEPS
-from ..modeling import APLossRetinaNet
-from ..modeling.roi_heads import APLossFastRCNNOutputLayers
+from ..losses.registry import get_cls_loss
 from .checkpoint import SafeDetectionCheckpointer
-from .defaults import RANKING_LOSSES, validate_ranking_set
+from .defaults import validate_ranking_set
+from .divergence import NonFiniteGuard
 from .launch import create_ddp_model_for
 from .validation import check_startup_lazy
 
@@ -36,6 +36,7 @@ __all__ = [
     "do_train_lazy",
     "setup_lazy_cfg",
     "validate_lazy_cfg",
+    "verify_lazy_results",
 ]
 
 logger = logging.getLogger("detectron2")
@@ -48,9 +49,7 @@ def _target_class(node):
     return target if inspect.isclass(target) else None
 
 
-def _check_ranking_set(cfg, node, prefix, default_loss, world_size):
-    if node.get("cls_loss", default_loss) not in RANKING_LOSSES:
-        return
+def _check_ranking_set(cfg, node, prefix, world_size):
     dataloader = cfg.get("dataloader", None)
     train = dataloader.get("train", None) if dataloader is not None else None
     total = train.get("total_batch_size", None) if train is not None else None
@@ -67,8 +66,29 @@ def _check_ranking_set(cfg, node, prefix, default_loss, world_size):
     )
 
 
+def _check_loss_node(cfg, node, prefix, head, world_size):
+    """The checks of ``validate_cfg`` on the arguments of a model/predictor reading the loss."""
+    name = node.get("cls_loss", "ap")
+    entry = get_cls_loss(name, head, key=f"{prefix}.cls_loss")
+    step = node.get("step", "linear")
+    if step not in STEPS:
+        raise ValueError(f"{prefix}.step={step!r}; valid steps: {', '.join(STEPS)}")
+    for _, arg, allow_zero in NUMERIC_KEYS:
+        if arg in node and node[arg] is not None:
+            check_number(f"{prefix}.{arg}", node[arg], allow_zero)
+    if "box_reg_normalizer" in node and node["box_reg_normalizer"] not in BOX_REG_NORMALIZERS:
+        raise ValueError(
+            f"{prefix}.box_reg_normalizer={node['box_reg_normalizer']!r}; valid values: "
+            f"{', '.join(BOX_REG_NORMALIZERS)}"
+        )
+    if entry.ranks:
+        _check_ranking_set(cfg, node, prefix, world_size)
+
+
 def validate_lazy_cfg(cfg, world_size=None):
-    """Check the AP-loss arguments of ``cfg.model`` before anything is built (ValueError).
+    """Check the AP-loss arguments of ``cfg.model`` before anything is built (ValueError): the
+    same checks as :func:`~ap_loss_d2.engine.validate_cfg`, on ``model.*`` of an
+    ``APLossRetinaNet`` and on ``model.roi_heads.box_predictor.*`` of an AP-loss predictor.
 
     ``world_size``: processes that will train (default: the current ``torch.distributed``
     world), for the ranking set (``images_per_ranking_set``).
@@ -78,27 +98,12 @@ def validate_lazy_cfg(cfg, world_size=None):
     roi_heads = model.get("roi_heads", None) if target is not None and hasattr(model, "get") else None
     predictor = roi_heads.get("box_predictor", None) if hasattr(roi_heads, "get") else None
     predictor_target = _target_class(predictor) if predictor is not None else None
-    if predictor_target is not None and issubclass(predictor_target, APLossFastRCNNOutputLayers):
-        _check_ranking_set(cfg, predictor, "model.roi_heads.box_predictor", "ap", world_size)
-    if target is not None and issubclass(target, APLossRetinaNet):
-        name = model.get("cls_loss", "ap")
-        if name not in RETINANET_LOSSES:
-            raise ValueError(
-                f"model.cls_loss={name!r} is not valid for {target.__name__}; valid names: "
-                f"{', '.join(RETINANET_LOSSES)}"
-            )
-        step = model.get("step", "linear")
-        if step not in STEPS:
-            raise ValueError(f"model.step={step!r}; valid steps: {', '.join(STEPS)}")
-        for _, arg, allow_zero in NUMERIC_KEYS:
-            if arg in model:
-                check_number(f"model.{arg}", model[arg], allow_zero)
-        norm = model.get("box_reg_normalizer", "ema")
-        if norm not in BOX_REG_NORMALIZERS:
-            raise ValueError(
-                f"model.box_reg_normalizer={norm!r}; valid values: {', '.join(BOX_REG_NORMALIZERS)}"
-            )
-        _check_ranking_set(cfg, model, "model", "ap", world_size)
+    head = getattr(predictor_target, "cls_loss_head", None)
+    if head is not None:
+        _check_loss_node(cfg, predictor, "model.roi_heads.box_predictor", head, world_size)
+    head = getattr(target, "cls_loss_head", None)
+    if head is not None:
+        _check_loss_node(cfg, model, "model", head, world_size)
     return cfg
 
 
@@ -130,16 +135,35 @@ def do_test_lazy(cfg, model):
     return None
 
 
+class _GuardedSimpleTrainer(NonFiniteGuard, SimpleTrainer):
+    lr_key = "optimizer.lr"
+
+
+class _GuardedAMPTrainer(NonFiniteGuard, AMPTrainer):
+    lr_key = "optimizer.lr"
+
+
+def verify_lazy_results(cfg, results):
+    """Detectron2's ``verify_results`` for LazyConfig: ``train.expected_results`` (optional) is
+    a list of ``[task, metric, value, tolerance]`` as yacs' ``TEST.EXPECTED_RESULTS``; a
+    mismatch exits with an error after logging it. True without expectations."""
+    expected = cfg.train.get("expected_results", None) if "train" in cfg else None
+    if not expected or results is None:
+        return True
+    node = CfgNode({"TEST": {"EXPECTED_RESULTS": [list(x) for x in expected]}})
+    return verify_results(node, results)
+
+
 def _build_trainer(cfg, model, data_loader, optimizer):
     if not cfg.train.amp.enabled:
-        return SimpleTrainer(model, data_loader, optimizer)
+        return _GuardedSimpleTrainer(model, data_loader, optimizer)
     kwargs = {}
     precision = cfg.train.amp.get("precision", None)
     if precision is not None and "precision" in inspect.signature(AMPTrainer.__init__).parameters:
         import torch
 
         kwargs["precision"] = getattr(torch, precision) if isinstance(precision, str) else precision
-    return AMPTrainer(model, data_loader, optimizer, **kwargs)
+    return _GuardedAMPTrainer(model, data_loader, optimizer, **kwargs)
 
 
 def do_train_lazy(cfg, args):
@@ -157,6 +181,7 @@ def do_train_lazy(cfg, args):
     model = create_ddp_model_for(model, **cfg.train.ddp)  # CPU processes too
     trainer = _build_trainer(cfg, model, train_loader, optim)
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.checkpointer = checkpointer  # named by NonFiniteGuard's message
 
     results = {}
 
@@ -189,4 +214,6 @@ def do_train_lazy(cfg, args):
     else:
         start_iter = 0
     trainer.train(start_iter, cfg.train.max_iter)
+    if comm.is_main_process():
+        verify_lazy_results(cfg, results.get("last"))
     return results.get("last")

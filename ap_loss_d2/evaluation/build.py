@@ -18,19 +18,16 @@ __all__ = ["SUPPORTED_EVALUATOR_TYPES", "build_evaluator", "get_evaluator"]
 SUPPORTED_EVALUATOR_TYPES = ("coco", "pascal_voc")
 
 
-def _ensure_files(metadata):
-    """Generate an embedded synthetic dataset before an evaluator reads its files.
+def _ensure_files(dataset_name, metadata):
+    """Load the dataset once when the file an evaluator opens is missing.
 
-    ``COCOEvaluator`` opens ``json_file`` in its constructor, but the synthetic datasets are only
-    generated when their DatasetCatalog entry is first called. Other datasets are left alone.
+    ``COCOEvaluator`` opens ``json_file`` in its constructor; datasets that create their files
+    when first loaded (the embedded synthetic sets) have them only after their DatasetCatalog
+    entry ran. Loading through the catalog keeps evaluation ignorant of how data is made.
     """
-    spec = metadata.get("synthetic_spec", None)
-    if spec is None:
-        return
-    from ..data import SyntheticShapesSpec, ensure_synthetic_dataset
-
-    folder = Path(metadata.get("dataset_root"))
-    ensure_synthetic_dataset(SyntheticShapesSpec(**spec), root=folder.parent)
+    json_file = metadata.get("json_file", None)
+    if json_file and not Path(json_file).exists():
+        DatasetCatalog.get(dataset_name)
 
 
 def _coco_evaluator(dataset_name, output_dir, distributed, max_dets_per_image):
@@ -74,7 +71,7 @@ def get_evaluator(dataset_name, output_dir=None, distributed=True, max_dets_per_
             f"No evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r}; "
             f"supported evaluator types: {', '.join(SUPPORTED_EVALUATOR_TYPES)}"
         )
-    _ensure_files(metadata)
+    _ensure_files(dataset_name, metadata)
     if evaluator_type == "coco":
         return _coco_evaluator(dataset_name, output_dir, distributed, max_dets_per_image)
     return PascalVOCDetectionEvaluator(dataset_name)

@@ -3,7 +3,7 @@
 * ``APLossRetinaNet`` in ``META_ARCH_REGISTRY`` (``MODEL.META_ARCHITECTURE: APLossRetinaNet``);
 * ``APLossROIHeads`` in ``ROI_HEADS_REGISTRY`` (``MODEL.ROI_HEADS.NAME: APLossROIHeads``).
 """
-from .labels import ranking_targets
+from ..losses.registry import ranking_targets
 from .retinanet import APLossRetinaNet
 from .roi_heads import APLossFastRCNNOutputLayers, APLossROIHeads
 

@@ -32,11 +32,15 @@ Losses (``cls_loss``):
   too with ``rank_across_processes``). At inference the class probabilities are per-class
   sigmoids with a zero background column appended, the layout ``fast_rcnn_inference`` expects.
 
-``MODEL.CLS_LOSS.WEIGHT`` scales ``loss_cls`` for every loss, through the base class's
-``loss_weight`` dict (the default 1.0 leaves "ce" bit-identical to stock Faster R-CNN).
+Any loss registered for the ``"roi_heads"`` head (:mod:`ap_loss_d2.losses.registry`) works the
+same way (K logits, per-class sigmoid scores), unless registered ``native`` like ``"ce"``.
+
+``cls_loss_weight`` (``MODEL.CLS_LOSS.WEIGHT``; the same argument as ``APLossRetinaNet``'s)
+scales ``loss_cls`` for every loss, through the base class's ``loss_weight`` dict (the default
+1.0 leaves "ce" bit-identical to stock Faster R-CNN).
 """
 import time
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -47,8 +51,9 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, FastRCNNOutputLaye
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
-from ..config import ROI_HEAD_LOSSES
-from .labels import ranking_loss
+from ..config import check_number
+from ..losses.registry import compute_cls_loss, get_cls_loss
+from .retinanet import put_cls_loss_stats, ranking_options
 
 __all__ = ["APLossFastRCNNOutputLayers", "APLossROIHeads"]
 
@@ -61,8 +66,11 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
     """Detectron2's ``FastRCNNOutputLayers`` with the classification loss replaced.
 
     See the module docstring. The attribute ``cls_loss`` tells which loss is used; with a
-    ranking loss ``cls_score`` outputs K logits instead of K + 1.
+    non-native loss ``cls_score`` outputs K logits instead of K + 1.
     """
+
+    #: The registry head this predictor reads ``MODEL.CLS_LOSS`` for.
+    cls_loss_head = "roi_heads"
 
     @configurable
     def __init__(
@@ -70,6 +78,7 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         input_shape,
         *,
         cls_loss: str = "ap",
+        cls_loss_weight: Optional[float] = None,
         delta: float = 1.0,
         interpolate: bool = True,
         step: str = "linear",
@@ -81,22 +90,28 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         """
         Args:
             input_shape (ShapeSpec): shape of the per-RoI feature, as for the base class.
-            cls_loss: one of ``ROI_HEAD_LOSSES`` (``"ap"``, ``"auc"``, ``"ce"``).
+            cls_loss: a name registered for the ``"roi_heads"`` head (``"ap"``, ``"auc"``,
+                ``"ce"``...).
+            cls_loss_weight: weight of ``loss_cls`` (as ``APLossRetinaNet``'s); None keeps the
+                base class's ``loss_weight`` (Detectron2's argument, 1.0 by default).
             delta, interpolate, step, sigmoid_k: AP-/AUC-loss options (see ``ap_loss``).
             rank_across_processes: rank the RoIs of all processes' images together (exact).
             images_per_ranking_set: images ranked together (0: this process's); see
-                :func:`ap_loss_d2.modeling.labels.ranking_loss`.
+                :func:`ap_loss_d2.losses.registry.ranking_loss`.
             kwargs: arguments of Detectron2's ``FastRCNNOutputLayers`` (``box2box_transform``,
                 ``num_classes``, test thresholds, box regression options, ``loss_weight``...).
         """
+        entry = get_cls_loss(cls_loss, self.cls_loss_head, key="cls_loss")
+        if cls_loss_weight is not None:
+            check_number("cls_loss_weight", cls_loss_weight, allow_zero=True)
+            weight = kwargs.get("loss_weight", 1.0)
+            if not isinstance(weight, dict):
+                weight = {"loss_cls": weight, "loss_box_reg": weight}
+            kwargs["loss_weight"] = {**weight, "loss_cls": cls_loss_weight}
         super().__init__(input_shape, **kwargs)
-        if cls_loss not in ROI_HEAD_LOSSES:
-            raise ValueError(
-                f"Unknown classification loss {cls_loss!r} for the Faster R-CNN box predictor; "
-                f"valid names: {', '.join(ROI_HEAD_LOSSES)}"
-            )
         self.cls_loss = cls_loss
-        if cls_loss == "ce":
+        self.cls_loss_entry = entry
+        if entry.native:
             return
         enabled = [name for name in _CLASSIFIER_OPTIONS if getattr(self, name, False)]
         if enabled:
@@ -109,28 +124,31 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         self.cls_score = nn.Linear(self.cls_score.in_features, self.num_classes)
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.constant_(self.cls_score.bias, 0)
-        self.ranking_options = dict(delta=delta, step=step, sigmoid_k=sigmoid_k)
-        if cls_loss == "ap":
-            self.ranking_options["interpolate"] = interpolate
+        self.loss_options = dict(
+            delta=delta,
+            interpolate=interpolate,
+            step=step,
+            sigmoid_k=sigmoid_k,
+            rank_across_processes=rank_across_processes,
+            images_per_ranking_set=images_per_ranking_set,
+        )
         self.rank_across_processes = rank_across_processes
         self.images_per_ranking_set = images_per_ranking_set
+        self.ranking_options = ranking_options(self.loss_options, entry)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         c = cfg.MODEL.CLS_LOSS
-        loss_weight = ret.get("loss_weight", 1.0)
-        if not isinstance(loss_weight, dict):
-            loss_weight = {"loss_cls": loss_weight, "loss_box_reg": loss_weight}
         ret.update(
-            cls_loss=c.NAME,
+            cls_loss=c.NAME or "ap",
+            cls_loss_weight=c.WEIGHT,
             delta=c.DELTA,
             interpolate=c.INTERPOLATE,
             step=c.STEP,
             sigmoid_k=c.SIGMOID_K,
             rank_across_processes=c.RANK_ACROSS_PROCESSES,
             images_per_ranking_set=c.IMAGES_PER_RANKING_SET,
-            loss_weight={**loss_weight, "loss_cls": c.WEIGHT},
         )
         return ret
 
@@ -144,7 +162,7 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         """
         storage = get_event_storage()
         start = time.perf_counter()
-        if self.cls_loss == "ce":
+        if self.cls_loss_entry.native:
             out = super().losses(predictions, proposals)
             storage.put_scalar("cls_loss/time", time.perf_counter() - start)
             return out
@@ -163,17 +181,16 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
             gt_classes = torch.empty(0, dtype=torch.int64, device=scores.device)
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
 
-        loss_cls = ranking_loss(
-            self.cls_loss,
+        stats = {}
+        loss_cls = compute_cls_loss(
+            self.cls_loss_entry,
             scores,
             gt_classes,
             self.num_classes,
-            rank_across_processes=self.rank_across_processes,
-            images_per_ranking_set=self.images_per_ranking_set,
-            entries_per_image=[len(p) for p in proposals],
-            **self.ranking_options,
+            {**self.loss_options, "entries_per_image": [len(p) for p in proposals]},
+            stats,
         )
-        storage.put_scalar("cls_loss/time", time.perf_counter() - start)
+        put_cls_loss_stats(storage, stats, start)
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
         if fg.any():
             # the stock head's fg accuracy (there is no background logit to compare with)
@@ -189,12 +206,13 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         """
         Returns:
             list[Tensor]: per image, (Ri, K + 1) class probabilities, background last. For the
-            ranking losses: per-class sigmoids of the K logits and a background column of 0.
+            registry's non-native losses: per-class sigmoids of the K logits (or the entry's
+            ``scores``) and a background column of 0.
         """
-        if self.cls_loss == "ce":
+        if self.cls_loss_entry.native:
             return super().predict_probs(predictions, proposals)
         scores, _ = predictions
-        probs = scores.sigmoid()
+        probs = scores.sigmoid() if self.cls_loss_entry.scores is None else self.cls_loss_entry.scores(scores)
         probs = torch.cat([probs, probs.new_zeros((probs.shape[0], 1))], dim=1)
         return probs.split([len(p) for p in proposals], dim=0)
 
@@ -205,6 +223,9 @@ class APLossROIHeads(StandardROIHeads):
     (configured by ``MODEL.CLS_LOSS``). Everything else, including the mask and keypoint
     branches, is Detectron2's.
     """
+
+    #: The registry head these ROI heads read ``MODEL.CLS_LOSS`` for (see engine validation).
+    cls_loss_head = "roi_heads"
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):

@@ -267,7 +267,7 @@ def expected_results(summary: dict, args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.lr_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="yacs config to train (main job's)")
+    p.add_argument("--config-file", "--config", dest="config", default=DEFAULT_CONFIG, help="yacs config to train (main job's)")
     p.add_argument("--output-dir", default="output/lr_sweep")
     p.add_argument("--losses", nargs="+", default=["ap", "focal"])
     p.add_argument("--lrs", nargs="+", type=float, default=[0.005, 0.01, 0.02])

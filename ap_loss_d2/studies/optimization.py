@@ -73,7 +73,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, get_event_storage
 from detectron2.utils.logger import setup_logger
 
-from ..config import RETINANET_LOSSES
+from ..losses import cls_loss_names
 from ..engine import Trainer, get_ap_loss_cfg, validate_cfg
 from ..losses import ap_loss
 from ..modeling import APLossRetinaNet, ranking_targets
@@ -326,8 +326,8 @@ def build_run_cfg(
         ]
     )
     cfg.merge_from_list(list(opts))
-    if cfg.MODEL.CLS_LOSS.NAME not in RETINANET_LOSSES:
-        raise ValueError(f"method {cfg.MODEL.CLS_LOSS.NAME!r} is not one of {RETINANET_LOSSES}")
+    if cfg.MODEL.CLS_LOSS.NAME not in cls_loss_names("retinanet"):
+        raise ValueError(f"method {cfg.MODEL.CLS_LOSS.NAME!r} is not one of {cls_loss_names('retinanet')}")
     validate_cfg(cfg)
     cfg.freeze()
     return cfg
@@ -646,8 +646,8 @@ def run_study(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for m in methods:
-        if m not in RETINANET_LOSSES:
-            raise ValueError(f"unknown method {m!r}; valid: {', '.join(RETINANET_LOSSES)}")
+        if m not in cls_loss_names("retinanet"):
+            raise ValueError(f"unknown method {m!r}; valid: {', '.join(cls_loss_names('retinanet'))}")
     if not set(parts) <= {"a", "b"} or not parts:
         raise ValueError(f"parts must be a non-empty subset of ('a', 'b'), got {parts!r}")
     levels = parse_negatives(negatives) if "b" in parts else []
@@ -705,7 +705,7 @@ def build_parser():
         "--config", default=str(DEFAULT_CONFIG), help="yaml config of an APLossRetinaNet"
     )
     p.add_argument("--output-dir", default="output/optimization_study")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=RETINANET_LOSSES)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=cls_loss_names("retinanet"))
     p.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b"])
     p.add_argument(
         "--negatives",

@@ -221,7 +221,8 @@ def parse_args(argv=None):
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train_net.py output folders")
     p.add_argument("--studies", nargs="*", default=[], metavar="DIR",
                    help="more folders with study outputs (robustness.json, ...)")
-    p.add_argument("--output", default="report.md", help="markdown file to write")
+    p.add_argument("--output-dir", default=None, help="folder to write report.md into")
+    p.add_argument("--output", default="report.md", help="markdown file to write (without --output-dir)")
     p.add_argument("--digits", type=int, default=1, help="decimals of AP numbers")
     p.add_argument("--title", default="AP-loss: results")
     return p.parse_args(argv)
@@ -229,7 +230,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    output = Path(args.output)
+    output = Path(args.output_dir) / "report.md" if args.output_dir else Path(args.output)
     rows, study_paths = [], []
     for d in args.run_dirs:
         d = Path(d)

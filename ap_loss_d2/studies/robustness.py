@@ -33,18 +33,13 @@ from collections import Counter
 from typing import Callable, Dict
 
 import numpy as np
-from detectron2.data import (
-    DatasetCatalog,
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_test_loader,
-)
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset
-from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from ..data.mapper import BoxAwareDatasetMapper, annotation_boxes
 from ..evaluation import build_evaluator
 from .common import (
     build_model_for_run,
@@ -244,22 +239,13 @@ def image_seed(seed: int, image_id) -> int:
 # ---------------------------------------------------------------------------------------------
 # Mapper
 # ---------------------------------------------------------------------------------------------
-def _annotation_boxes(dataset_dict) -> np.ndarray:
-    annos = dataset_dict.get("annotations", [])
-    if not annos:
-        return np.zeros((0, 4), dtype=np.float64)
-    return np.array(
-        [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
-        dtype=np.float64,
-    )
-
-
 class PerturbTransform(T.Transform):
-    """Applies a perturbation function to the image; coordinates and segmentation unchanged."""
+    """Applies a perturbation function to the image; coordinates and segmentation unchanged.
+    Per-image statistics of the perturbation are collected in ``stats``."""
 
-    def __init__(self, fn, boxes, seed, stats=None):
+    def __init__(self, fn, boxes, seed):
         super().__init__()
-        self.fn, self.boxes, self.seed, self.stats = fn, boxes, seed, stats
+        self.fn, self.boxes, self.seed, self.stats = fn, boxes, seed, {}
 
     def apply_image(self, img):
         return self.fn(img, self.boxes, np.random.default_rng(self.seed), self.stats)
@@ -275,23 +261,28 @@ class PerturbTransform(T.Transform):
 
 
 class PerturbAugmentation(T.Augmentation):
-    """Yields a :class:`PerturbTransform` with the boxes / seed / stats set by the mapper."""
+    """A :class:`PerturbTransform` of ``fn`` from the ``AugInput``'s ``boxes`` and
+    ``image_seed`` (no per-image state on the augmentation)."""
 
     def __init__(self, fn):
         super().__init__()
-        self.fn, self.boxes, self.seed, self.stats = fn, np.zeros((0, 4)), 0, None
+        self.fn = fn
 
-    def get_transform(self, image):
-        return PerturbTransform(self.fn, self.boxes, self.seed, self.stats)
+    def get_transform(self, image, boxes, image_seed):
+        boxes = np.zeros((0, 4)) if boxes is None else boxes
+        return PerturbTransform(self.fn, boxes, image_seed)
 
 
-class PerturbedDatasetMapper(DatasetMapper):
+class PerturbedDatasetMapper(BoxAwareDatasetMapper):
     """Detectron2's test ``DatasetMapper(cfg, is_train=False)`` whose first augmentation applies
     ``perturbation`` (a key of :data:`PERTURBATIONS`) to the decoded image, with the record's
-    annotation boxes (all of them, XYXY) and ``np.random.default_rng(seed + image_id)``.
+    annotation boxes (all of them, XYXY, through ``AugInput.boxes``) and
+    ``np.random.default_rng(seed + image_id)`` (``AugInput.image_seed``).
 
     Returned dicts also carry ``"perturbation": {"name", "image_id", <per-image stats>}``.
     """
+
+    include_crowd = True
 
     def __init__(self, cfg, perturbation: str, seed: int = 0):
         if perturbation not in PERTURBATIONS:
@@ -301,19 +292,19 @@ class PerturbedDatasetMapper(DatasetMapper):
         super().__init__(cfg, is_train=False)
         self.perturbation = perturbation
         self.seed = seed
-        self._perturb = PerturbAugmentation(PERTURBATIONS[perturbation])
         # Perturb the decoded image first, then run Detectron2's test-time augmentations.
-        self.augmentations = T.AugmentationList([self._perturb, self.augmentations])
+        self.augmentations = T.AugmentationList(
+            [PerturbAugmentation(PERTURBATIONS[perturbation]), self.augmentations]
+        )
+
+    def aug_input(self, dataset_dict, image, sem_seg):
+        aug_input = super().aug_input(dataset_dict, image, sem_seg)
+        aug_input.image_seed = image_seed(self.seed, dataset_dict["image_id"])
+        return aug_input
 
     def __call__(self, dataset_dict):
-        stats = {}
-        self._perturb.boxes = _annotation_boxes(dataset_dict)
-        self._perturb.seed = image_seed(self.seed, dataset_dict["image_id"])
-        self._perturb.stats = stats
-        try:
-            out = super().__call__(dataset_dict)
-        finally:
-            self._perturb.stats = None
+        out, transforms = self.map_with_transforms(dataset_dict)
+        stats = next(t.stats for t in transforms.transforms if isinstance(t, PerturbTransform))
         out["perturbation"] = dict(
             name=self.perturbation, image_id=dataset_dict["image_id"], **stats
         )
@@ -368,7 +359,7 @@ def plot_examples(dataset_name, perturbations, seed, path):
     """One figure: every perturbation of the first image of ``dataset_name`` (boxes drawn)."""
     record = DatasetCatalog.get(dataset_name)[0]
     image = read_image(record["file_name"], format="RGB")
-    boxes = _annotation_boxes(record)
+    boxes = annotation_boxes(record, include_crowd=True)
     plt = pyplot()
     fig, axes = plt.subplots(1, len(perturbations), figsize=(2.6 * len(perturbations), 3.0),
                              squeeze=False)

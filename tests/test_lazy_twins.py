@@ -1,0 +1,130 @@
+"""LazyConfig is a true twin of the yaml route: every paper yaml config has a LazyConfig twin that
+builds a model with the same arguments (or is a listed exception); the NaN stop and
+``verify_results`` serve both routes."""
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from ap_loss_d2.engine import NonFiniteGuard, Trainer, get_ap_loss_cfg, verify_lazy_results  # noqa: E402
+from ap_loss_d2.engine import lazy as lazy_engine  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_YAML = sorted(
+    p for d in ("VOC-Detection", "COCO-Detection", "FasterRCNN") for p in (REPO / "configs" / d).glob("*.yaml")
+    if not p.name.startswith("Base-")
+)
+#: yaml configs without a LazyConfig twin, and why.
+NO_TWIN = {
+    "retinanet_R_101_FPN_160e_voc0712_ap500": "ResNet-101 variants of Table 3/4: yaml only",
+    "retinanet_R_101_FPN_160e_voc0712_ap800": "ResNet-101 variants of Table 3/4: yaml only",
+    "retinanet_R_101_FPN_100e_coco_ap500": "ResNet-101 variants of Table 3/4: yaml only",
+    "retinanet_R_101_FPN_100e_coco_ap800": "ResNet-101 variants of Table 3/4: yaml only",
+    "faster_rcnn_R_18_FPN_600it_synth_ap": "embedded-dataset study config (tools' RoI-sampling study)",
+    "faster_rcnn_R_18_FPN_600it_synth_ce": "embedded-dataset study config (tools' RoI-sampling study)",
+}
+RETINANET_ARGS = (
+    "cls_loss", "cls_loss_weight", "box_reg_weight", "box_reg_normalizer", "loss_options", "num_classes",
+    "test_score_thresh", "test_topk_candidates", "test_nms_thresh", "max_detections_per_image",
+    "smooth_l1_beta", "box_reg_loss_type", "input_format",
+)
+PREDICTOR_ARGS = (
+    "cls_loss", "loss_weight", "num_classes", "test_score_thresh", "test_nms_thresh", "test_topk_per_image",
+    "smooth_l1_beta", "box_reg_loss_type",
+)
+
+
+def _arguments(model):
+    """The constructor arguments a model keeps (plain values), by name."""
+    if hasattr(model, "roi_heads"):
+        p = model.roi_heads.box_predictor
+        out = {k: getattr(p, k) for k in PREDICTOR_ARGS}
+        out["loss_options"] = getattr(p, "loss_options", None)
+        out["box2box_weights"] = tuple(p.box2box_transform.weights)
+        out["roi_batch"] = model.roi_heads.batch_size_per_image
+        out["roi_positive_fraction"] = model.roi_heads.positive_fraction
+    else:
+        out = {k: getattr(model, k) for k in RETINANET_ARGS}
+        out["box2box_weights"] = tuple(model.box2box_transform.weights)
+        out["cell_anchors"] = list(model.anchor_generator.cell_anchors)
+    out["pixel_mean"] = model.pixel_mean.flatten().tolist()
+    out["pixel_std"] = model.pixel_std.flatten().tolist()
+    out["parameter_shapes"] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return out
+
+
+def test_no_twin_list_is_current():
+    stems = {p.stem for p in PAPER_YAML}
+    assert set(NO_TWIN) <= stems, set(NO_TWIN) - stems
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER_YAML if p.stem not in NO_TWIN], ids=lambda p: p.stem)
+def test_yaml_config_has_lazy_twin_with_same_arguments(path):
+    twin = REPO / "configs" / "lazy" / f"{path.stem}.py"
+    assert twin.exists(), f"{path.relative_to(REPO)} has no LazyConfig twin {twin.relative_to(REPO)}"
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(str(path))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    lazy = LazyConfig.load(str(twin))
+    torch.set_num_threads(1)
+    a, b = _arguments(build_model(cfg)), _arguments(instantiate(lazy.model))
+    for x, y in zip(a.pop("cell_anchors", []), b.pop("cell_anchors", [])):  # yaml sizes: 3 decimals
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-3)
+    assert a == b, {k: (a[k], b[k]) for k in a if a[k] != b.get(k)}
+
+
+class _NaNModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, batch):
+        return {"loss_cls": self.w * float("nan")}
+
+
+def test_both_routes_share_the_nan_stop():
+    assert issubclass(Trainer, NonFiniteGuard)
+    cfg = LazyConfig.load(str(REPO / "tests" / "configs" / "tiny_synth_retinanet_lazy.py"))
+    model = _NaNModel()
+    trainer = lazy_engine._build_trainer(cfg, model, iter([[{}]] * 10), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(trainer, NonFiniteGuard)
+    trainer.iter = 5
+    with EventStorage(5) as trainer.storage, pytest.raises(
+        FloatingPointError, match=r"Training stopped at iteration 5.*none saved yet.*optimizer.lr"
+    ):
+        trainer.run_step()
+
+
+def test_verify_lazy_results():
+    cfg = LazyConfig.load(str(REPO / "tests" / "configs" / "tiny_synth_retinanet_lazy.py"))
+    results = {"bbox": {"AP": 10.0}}
+    assert verify_lazy_results(cfg, results)  # no expectations
+    cfg.train.expected_results = [["bbox", "AP", 10.0, 0.5]]
+    assert verify_lazy_results(cfg, results)
+    cfg.train.expected_results = [["bbox", "AP", 20.0, 0.5]]
+    with pytest.raises(SystemExit):
+        verify_lazy_results(cfg, results)
+
+
+def test_cls_loss_weight_is_one_argument_on_both_heads():
+    """``cls_loss_weight`` (yaml MODEL.CLS_LOSS.WEIGHT) on APLossRetinaNet and on the Faster
+    R-CNN predictor alike; validated on both."""
+    from ap_loss_d2.engine import validate_lazy_cfg
+
+    stem = "faster_rcnn_R_50_FPN_18k_voc0712_ap"
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(str(REPO / "configs" / "FasterRCNN" / f"{stem}.yaml"))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.CLS_LOSS.WEIGHT", "0.5"])
+    lazy = LazyConfig.load(str(REPO / "configs" / "lazy" / f"{stem}.py"))
+    lazy.model.roi_heads.box_predictor.cls_loss_weight = 0.5
+    a, b = build_model(cfg).roi_heads.box_predictor, instantiate(lazy.model).roi_heads.box_predictor
+    assert a.loss_weight == b.loss_weight and a.loss_weight["loss_cls"] == 0.5
+    lazy.model.roi_heads.box_predictor.cls_loss_weight = -1.0
+    with pytest.raises(ValueError, match=r"model.roi_heads.box_predictor.cls_loss_weight=-1.0 must be"):
+        validate_lazy_cfg(lazy)
