@@ -96,7 +96,7 @@ def test_both_routes_share_the_nan_stop():
     assert isinstance(trainer, NonFiniteGuard)
     trainer.iter = 5
     with EventStorage(5) as trainer.storage, pytest.raises(
-        FloatingPointError, match=r"Training stopped at iteration 5.*none saved yet.*optimizer.lr"
+        FloatingPointError, match=r"Training stopped at iteration 5.*no checkpoint .*saved yet.*optimizer.lr"
     ):
         trainer.run_step()
 
