@@ -39,7 +39,6 @@ same way (K logits, per-class sigmoid scores), unless registered ``native`` like
 scales ``loss_cls`` for every loss, through the base class's ``loss_weight`` dict (the default
 1.0 leaves "ce" bit-identical to stock Faster R-CNN).
 """
-import time
 from typing import List, Optional, Tuple
 
 import torch
@@ -53,7 +52,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..config import check_number
 from ..losses.registry import compute_cls_loss, get_cls_loss
-from .retinanet import put_cls_loss_stats, ranking_options
+from .retinanet import cls_loss_clock, put_cls_loss_stats, ranking_options
 
 __all__ = ["APLossFastRCNNOutputLayers", "APLossROIHeads"]
 
@@ -161,10 +160,11 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         Detectron2's own ``fast_rcnn/*`` statistics).
         """
         storage = get_event_storage()
-        start = time.perf_counter()
+        device = predictions[0].device
+        start = cls_loss_clock(device)
         if self.cls_loss_entry.native:
             out = super().losses(predictions, proposals)
-            storage.put_scalar("cls_loss/time", time.perf_counter() - start)
+            put_cls_loss_stats(storage, {}, start, device)
             return out
 
         scores, proposal_deltas = predictions
@@ -190,7 +190,7 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
             {**self.loss_options, "entries_per_image": [len(p) for p in proposals]},
             stats,
         )
-        put_cls_loss_stats(storage, stats, start)
+        put_cls_loss_stats(storage, stats, start, device)
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
         if fg.any():
             # the stock head's fg accuracy (there is no background logit to compare with)
