@@ -60,6 +60,7 @@ The backward is ``once_differentiable``: ``create_graph=True`` / double backward
 ``torch.no_grad()``, ``torch.inference_mode()`` or when the logits do not require grad, only the
 loss value is computed (no gradient tables, no segment indices kept). ``torch.func.vmap`` raises
 a clear error (all entries are ranked together, there is no per-sample rule).
+``torch.func.grad``/``jacrev`` raise the same double-backward error.
 ``torch.compile`` works with graph breaks: the function is data-dependent (``nonzero``, host
 reads), so it runs eagerly inside a compiled model.
 
@@ -228,8 +229,19 @@ class _RankingLoss(torch.autograd.Function):
         ctx.save_for_backward(logits)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ap_loss/auc_loss support no double backward: create_graph=True (e.g. for a "
+                "gradient penalty) and torch.func.grad/jacrev would differentiate the "
+                "error-driven update, which has no derivative here. Use loss.backward() or "
+                "torch.autograd.grad without create_graph for the ranking loss."
+            )
+        return _RankingLoss._backward_once(ctx, grad_output)
+
+    @staticmethod
+    @once_differentiable
+    def _backward_once(ctx, grad_output):
         (logits,) = ctx.saved_tensors
         grad = _backward(ctx.state, logits.detach(), grad_output)
         ctx.state = None
@@ -256,7 +268,15 @@ def validate_ranking_inputs(logits, targets):
     _check_static(logits, targets)
     if logits.numel() == 0:
         return
-    _check_values(logits, targets)
+    try:
+        _check_values(logits, targets)
+    except RuntimeError as e:  # functorch-wrapped tensors have no storage to read
+        raise RuntimeError(
+            "ap_loss/auc_loss need concrete tensors: they rank all entries together and read "
+            "counts on the host, so torch.func transforms (vmap, grad, jacrev, ...) are not "
+            "supported (for vmap there is no per-sample rule: all entries are ranked together). "
+            "Call the loss on ordinary tensors and use loss.backward() / torch.autograd.grad."
+        ) from e
 
 
 def _check_static(logits, targets):
@@ -389,18 +409,27 @@ def _backward(state, logits, grad_output):
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
-def _round_up(r, dtype):
-    """Smallest value of ``dtype`` >= ``r`` (float64 tensor), as float64."""
-    c = r.to(dtype)
-    up = torch.nextafter(c, torch.full_like(c, math.inf))
-    return torch.where(c.double() < r, up, c).double()
+def _two_sum(a, b):
+    """(fl(a + b), exact error): a + b == s + e exactly (Knuth's TwoSum, float64)."""
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, e
 
 
-def _round_above(r, dtype):
-    """Smallest value of ``dtype`` > ``r`` (float64 tensor), as float64."""
+def _round_up(r, e, dtype):
+    """Smallest value of ``dtype`` >= the exact ``r + e`` (float64 pair from _two_sum)."""
     c = r.to(dtype)
     up = torch.nextafter(c, torch.full_like(c, math.inf))
-    return torch.where(c.double() <= r, up, c).double()
+    # c - r is exact (c is r rounded to dtype, or r itself)
+    return torch.where(c.double() - r < e, up, c).double()
+
+
+def _round_above(r, e, dtype):
+    """Smallest value of ``dtype`` > the exact ``r + e``."""
+    c = r.to(dtype)
+    up = torch.nextafter(c, torch.full_like(c, math.inf))
+    return torch.where(c.double() - r <= e, up, c).double()
 
 
 def _exclusive_cumsum(x):
@@ -468,8 +497,10 @@ class _PiecewiseStep:
         self.p, self.m, self.x, self.cd = p, p.numel(), x, cd
         m, delta = self.m, opts.delta
         # breakpoints: "passed" <=> x >= c (exact comparisons in the compute dtype)
-        lower = _round_up(p - delta, cd)
-        upper = _round_above(p + delta, cd) if self.linear else _round_up(p, cd)
+        # outward rounding of the exact p - delta, p + delta (float64 TwoSum, then the dtype)
+        lower = _round_up(*_two_sum(p, torch.full_like(p, -delta)), cd)
+        upper = (_round_above(*_two_sum(p, torch.full_like(p, delta)), cd) if self.linear
+                 else _round_up(p, torch.zeros_like(p), cd))
         c, border = torch.sort(torch.cat([lower, upper]), stable=True)
         position = torch.empty_like(border)
         position[border] = torch.arange(2 * m, device=p.device)
@@ -543,10 +574,10 @@ class _PiecewiseStep:
         direct = self.scale <= 2.0**12 * self.delta
         out = torch.zeros(nseg, dtype=torch.float64, device=x.device)
         for i in range(0, x.numel(), _SUM_CHUNK):
-            xs = x[i : i + _SUM_CHUNK].double()
+            xs = x[i : i + _SUM_CHUNK].double()  # (the logits themselves when float64)
             ks = k[i : i + _SUM_CHUNK]
             if not direct:
-                xs -= ref_d.index_select(0, ks)
+                xs = xs - ref_d.index_select(0, ks)  # never in place
             out += torch.bincount(ks, weights=xs, minlength=nseg)
         if direct:
             out -= self.count * ref_d
