@@ -29,8 +29,8 @@ exact comparison ``s >= c`` in that dtype: lower ``c = ceil(p_i - delta)``; uppe
 * every entry needs only its segment index ``k`` = number of breakpoints ``<= s``: a uniform
   grid over the breakpoints gives it by one table look-up (cells holding a breakpoint fall back
   to a binary search, ~1/256 of the entries);
-* non-negatives are sent to a dummy segment, so one ``bincount`` gives per-segment counts and a
-  second (float64 weights) the per-segment score sums; ``b_i`` are window sums of these;
+* non-negatives are sent to a dummy segment, so one ``index_add_`` gives per-segment counts and
+  a second (float64, in chunks) the per-segment score sums; ``b_i`` are window sums of these;
 * the gradient of a negative in segment ``k`` is ``A_k + B_k (s - ref_k)`` with ``A_k, B_k >= 0``
   and ``ref_k`` the segment's left breakpoint: three table gathers and one multiply-add, with
   no cancellation (all terms are non-negative), evaluated in the backward.
@@ -193,7 +193,7 @@ class _Options:
 
 def _apply(logits, targets, kind, opts):
     start = time.perf_counter()
-    validate_ranking_inputs(logits, targets)
+    targets = _validate(logits, targets)  # float labels come back as int8 codes
     if torch.is_grad_enabled() and logits.requires_grad:
         loss = _RankingLoss.apply(logits, targets, kind, opts)
     else:  # no_grad / inference_mode / constant logits: the value only
@@ -265,11 +265,16 @@ def validate_ranking_inputs(logits, targets):
     (:class:`NonFiniteLogitsError`, with their count), labels in {1, 0, -1}.
 
     One pass over each tensor (min/max) and one host read in the valid case."""
+    _validate(logits, targets)
+
+
+def _validate(logits, targets):
+    """validate_ranking_inputs; returns the targets (float targets converted to int8)."""
     _check_static(logits, targets)
     if logits.numel() == 0:
-        return
+        return targets
     try:
-        _check_values(logits, targets)
+        return _check_values(logits, targets)
     except RuntimeError as e:  # functorch-wrapped tensors have no storage to read
         raise RuntimeError(
             "ap_loss/auc_loss need concrete tensors: they rank all entries together and read "
@@ -303,9 +308,11 @@ def _check_values(logits, targets):
     xmin, xmax = torch.aminmax(x)
     tmin, tmax = torch.aminmax(t)
     vals = [xmin.double(), xmax.double(), tmin.double(), tmax.double()]
+    code = t
     if t.is_floating_point():
-        # labels outside {-1, 0, 1} inside [-1, 1] are the fractional ones
-        vals.append(torch.count_nonzero(t != torch.trunc(t)).double())
+        # inside [-1, 1], labels other than -1, 0, 1 are those that do not survive the cast
+        code = t.to(torch.int8)
+        vals.append(torch.count_nonzero(code != t).double())
     vals = torch.stack(vals).tolist()  # the one host read
     if not (math.isfinite(vals[0]) and math.isfinite(vals[1])):
         bad = int((~torch.isfinite(x)).sum())
@@ -318,6 +325,7 @@ def _check_values(logits, targets):
             f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
             f"{int(invalid.sum())} other labels, e.g. {values}"
         )
+    return code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +438,12 @@ def _round_above(r, e, dtype):
     c = r.to(dtype)
     up = torch.nextafter(c, torch.full_like(c, math.inf))
     return torch.where(c.double() - r <= e, up, c).double()
+
+
+def _count(k, n):
+    """bincount(k, minlength=n) for 0 <= k < n, without bincount's min/max pass."""
+    ones = torch.ones(1, dtype=torch.int64, device=k.device).expand(k.numel())
+    return torch.zeros(n, dtype=torch.int64, device=k.device).index_add_(0, k, ones)
 
 
 def _exclusive_cumsum(x):
@@ -554,7 +568,7 @@ class _PiecewiseStep:
     def negative_sums(self):
         """(b_i for each positive over this process's negatives, |N^| (0-dim tensor))."""
         nseg = self.num_segments + 1  # + dummy
-        count = torch.bincount(self.k, minlength=nseg).double()
+        count = _count(self.k, nseg).double()
         self.count = count
         if self.linear:
             local = self._local_sums(nseg)
@@ -578,7 +592,7 @@ class _PiecewiseStep:
             ks = k[i : i + _SUM_CHUNK]
             if not direct:
                 xs = xs - ref_d.index_select(0, ks)  # never in place
-            out += torch.bincount(ks, weights=xs, minlength=nseg)
+            out.index_add_(0, ks, xs)
         if direct:
             out -= self.count * ref_d
         return out
