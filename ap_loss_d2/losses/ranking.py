@@ -72,6 +72,7 @@ a breakpoint, plus 1 read of the negative count for AUC and 1 when ``stats`` is 
 adds the collectives of :mod:`ap_loss_d2.losses.distributed`.
 """
 import math
+import struct
 import time
 from typing import Optional
 
@@ -313,7 +314,7 @@ def _check_values(logits, targets):
         # inside [-1, 1], labels other than -1, 0, 1 are those that do not survive the cast
         code = t.to(torch.int8)
         vals.append(torch.count_nonzero(code != t).double())
-    vals = torch.stack(vals).tolist()  # the one host read
+    vals = _host_list(torch.stack(vals))  # the one host read
     if not (math.isfinite(vals[0]) and math.isfinite(vals[1])):
         bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteLogitsError(f"{bad} of {x.numel()} logits are NaN or Inf")
@@ -440,6 +441,22 @@ def _round_above(r, e, dtype):
     return torch.where(c.double() - r <= e, up, c).double()
 
 
+def _host_list(t):
+    """Copy a small tensor to the host as a list: with ``nonzero`` and ``int(tensor)`` the only
+    host synchronisations of a call (``ap_loss_d2.benchmark`` counts them through here)."""
+    return t.tolist()
+
+
+def _as_dtype(v, dtype):
+    """The Python float ``v`` rounded to ``dtype`` (float32 or float64), on the host."""
+    if dtype == torch.float64:
+        return float(v)
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:
+        return math.inf
+
+
 def _count(k, n):
     """bincount(k, minlength=n) for 0 <= k < n, without bincount's min/max pass."""
     ones = torch.ones(1, dtype=torch.int64, device=k.device).expand(k.numel())
@@ -472,8 +489,7 @@ class _SegmentIndex:
         cells = min(max(64, _GRID_CELLS_PER_BREAKPOINT * n), _GRID_MAX_CELLS)
         inv_w = cells / span
         # rounded to the query dtype once, so that every op below is an exact IEEE op there
-        lo_t = torch.tensor(lo, dtype=c.dtype).item()
-        inv_t = torch.tensor(inv_w, dtype=c.dtype).item()
+        lo_t, inv_t = _as_dtype(lo, c.dtype), _as_dtype(inv_w, c.dtype)
         if not (math.isfinite(inv_t) and inv_t > 0):
             return
         self.lo, self.inv_w, self.cells = lo_t, inv_t, cells
@@ -540,7 +556,7 @@ class _PiecewiseStep:
         self.R_pos = self.R_bp[self.pos_lo]
 
         # one host read: the grid's range and the breakpoints' magnitude
-        lo_c, hi_c, self.scale = torch.stack([c[0], c[-1], c.abs().max()]).tolist()
+        lo_c, hi_c, self.scale = _host_list(torch.stack([c[0], c[-1], c.abs().max()]))
         # segment of every entry; non-negatives go to the dummy segment
         c_cd = c.to(cd)
         self.c_cd = c_cd
