@@ -546,9 +546,10 @@ class _PiecewiseStep:
         self.open = torch.cat([n_open.new_zeros(1), n_open]) > 0  # per segment 0..nb
         # clusters of overlapping windows: each starts at a lower breakpoint with 0 open before
         start = (ev > 0) & (torch.cat([n_open.new_zeros(1), n_open[:-1]]) == 0)
-        cluster = torch.cumsum(start.long(), 0) - 1  # per breakpoint
-        ref_of_cluster = c[start]
-        self.R_bp = ref_of_cluster[cluster]  # cluster reference of each breakpoint
+        # cluster reference of each breakpoint: c at the latest start (no boolean indexing:
+        # that would be a host synchronisation)
+        first = torch.where(start, torch.arange(nb, device=p.device), torch.zeros_like(border))
+        self.R_bp = c[torch.cummax(first, 0).values]
         self.ref = torch.cat([torch.zeros(1, dtype=torch.float64, device=p.device), c])  # per seg
         self.R_seg = torch.cat([torch.zeros(1, dtype=torch.float64, device=p.device), self.R_bp])
         self.R_seg = torch.where(self.open, self.R_seg, torch.zeros_like(self.R_seg))
