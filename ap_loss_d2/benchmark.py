@@ -38,6 +38,9 @@ configuration, the peak resident set size (``VmHWM``, reset through ``/proc/self
 64 KiB so that every tensor buffer is mapped at allocation and unmapped when freed. The gradient
 buffer of the logits (1x logits) is part of every loss's extra memory.
 
+For ``ap_loss`` the forward alone (``forward_time_s``) and the call under ``torch.no_grad()``
+(``no_grad_time_s``, the loss value only) are timed too.
+
 Host synchronisations: every loss's forward + backward is run once more under a counter of
 ``nonzero`` (also inside boolean-mask indexing), scalar reads (``.item()``/``int(tensor)``) and
 the ranking module's list reads;
@@ -231,6 +234,26 @@ def count_host_syncs(fn, x):
     return counter["n"]
 
 
+def time_forward_only(fn, x, device, repeats, warmup, no_grad):
+    """Median time of the forward alone: with autograd recording (the gradient tables are
+    built, no backward) or under ``torch.no_grad()`` (the value only)."""
+    def once():
+        x.grad = None
+        _sync(device)
+        t0 = time.perf_counter()
+        if no_grad:
+            with torch.no_grad():
+                fn()
+        else:
+            fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        once()
+    return statistics.median(once() for _ in range(repeats))
+
+
 class CpuPeakMemory:
     """Extra peak resident memory of a call (see CPU_MEMORY_METHOD). ``ok`` False if unusable."""
 
@@ -347,6 +370,11 @@ def run(args):
             entry = {"time_s": med, "times_s": times, "extrapolated": False}
             if name != "ap_positive_loop":  # (one sync per positive by design)
                 entry["host_syncs"] = count_host_syncs(fns[name], x)
+            if name == "ap_loss":  # what a call without backward costs
+                entry["forward_time_s"] = time_forward_only(fns[name], x, device, args.repeats,
+                                                            args.warmup, no_grad=False)
+                entry["no_grad_time_s"] = time_forward_only(fns[name], x, device, args.repeats,
+                                                            args.warmup, no_grad=True)
             if name == "ap_positive_loop" and loop_k < inp["num_pos"]:
                 # time(k) = fixed + k * per_positive: the fixed part (selection of N^, sort,
                 # backward) is timed with 0 positives processed, the rest scaled by |P| / K.
@@ -455,6 +483,14 @@ def format_table(report):
                  "the 1x logits gradient).")
     for a, name in report["config"].get("anchors_are", {}).items():
         lines.append(f"anchors {a}: {name}")
+    for row in report["results"]:
+        e = row["losses"].get("ap_loss", {})
+        if "no_grad_time_s" in e:
+            lines.append(
+                f"AP-loss without backward ({row['device']}, {row['anchors']} anchors, "
+                f"{row['images']} images, |P| {row['positives']}): forward "
+                f"{e['forward_time_s'] * 1e3:.1f} ms, under torch.no_grad "
+                f"{e['no_grad_time_s'] * 1e3:.1f} ms, forward+backward {e['time_s'] * 1e3:.1f} ms")
     for dev in ("cpu", "cuda"):
         if mm.get(dev):
             lines.append(f"memory ({dev}): {mm[dev]}")

@@ -674,7 +674,7 @@ class _SigmoidStep:
 
     def __init__(self, p, opts, x, t):
         self.p, self.k = p, opts.sigmoid_k
-        self.x, self.t = x, t
+        self.x = x
         self.rows = max(1, SIGMOID_CHUNK_BYTES // (3 * 8 * max(1, p.numel())))
         neg = t == 0
         self.n_all = neg.sum()
