@@ -30,9 +30,10 @@ class each); ~1% of the other anchors are ignored (all their classes). Each loss
 targets pre-built in its own format (binary one-hot for focal, per-anchor labels for OHEM,
 ternary per anchor-class for the ranking losses); building them is not timed.
 
-Time: median wall-clock of forward + backward over ``--repeats`` runs after ``--warmup`` runs
-(CUDA synchronised). Memory: extra peak memory of one forward + backward above what is
-allocated before it (logits, targets; ``logits.grad`` cleared), measured in a second pass:
+Time: median wall-clock of forward + backward over ``--repeats`` rounds after ``--warmup``
+rounds (CUDA synchronised); each round runs every loss once, in a rotated order, so that all
+losses see the same load of a shared machine. Memory: extra peak memory of one forward +
+backward above what is allocated before it (logits, targets; ``logits.grad`` cleared), measured in a second pass:
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU, in a fresh process per loss and
 configuration, the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) with glibc's mmap threshold lowered to
 64 KiB so that every tensor buffer is mapped at allocation and unmapped when freed. The gradient
@@ -234,14 +235,18 @@ def count_host_syncs(fn, x):
     return counter["n"]
 
 
-def time_forward_only(fn, x, device, repeats, warmup, no_grad):
-    """Median time of the forward alone: with autograd recording (the gradient tables are
-    built, no backward) or under ``torch.no_grad()`` (the value only)."""
-    def once():
+def time_interleaved(timers, x, device, repeats, warmup):
+    """{key: [seconds per round]} for ``timers`` {key: (fn, mode)}, mode ``"fb"`` (forward +
+    backward), ``"fwd"`` (forward alone, autograd recording) or ``"no_grad"`` (forward under
+    ``torch.no_grad()``). Every round runs every call once, in an order rotated each round, so
+    that the losses share the machine's load changes (side by side in one process)."""
+    def once(fn, mode):
         x.grad = None
         _sync(device)
         t0 = time.perf_counter()
-        if no_grad:
+        if mode == "fb":
+            fn().backward()
+        elif mode == "no_grad":
             with torch.no_grad():
                 fn()
         else:
@@ -249,9 +254,16 @@ def time_forward_only(fn, x, device, repeats, warmup, no_grad):
         _sync(device)
         return time.perf_counter() - t0
 
-    for _ in range(warmup):
-        once()
-    return statistics.median(once() for _ in range(repeats))
+    keys = list(timers)
+    out = {k: [] for k in keys}
+    for r in range(warmup + repeats):
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            t = once(*timers[k])
+            if r >= warmup:
+                out[k].append(t)
+    x.grad = None
+    return out
 
 
 class CpuPeakMemory:
@@ -361,25 +373,30 @@ def run(args):
             "num_neg_nontrivial": int(stats.get("num_neg_nontrivial", -1)),
             "losses": {},
         }
-        for name in LOSSES:
-            if name not in args.losses:
-                continue
-            log(f"[benchmark] ({ci + 1}/{len(configs)}) {device} anchors={anchors} "
-                f"images={images} |P|={inp['num_pos']}: timing {name} ...")
-            med, times = time_fwd_bwd(fns[name], x, device, args.repeats, args.warmup)
-            entry = {"time_s": med, "times_s": times, "extrapolated": False}
+        names = [n for n in LOSSES if n in args.losses]
+        timers = {("fb", n): (fns[n], "fb") for n in names}
+        if "ap_loss" in names:  # what a call without backward costs
+            timers[("fwd", "ap_loss")] = (fns["ap_loss"], "fwd")
+            timers[("no_grad", "ap_loss")] = (fns["ap_loss"], "no_grad")
+        loop_extrapolated = "ap_positive_loop" in names and loop_k < inp["num_pos"]
+        if loop_extrapolated:
+            timers[("fb", "ap_positive_loop_fixed")] = (fns["ap_positive_loop_fixed"], "fb")
+        log(f"[benchmark] ({ci + 1}/{len(configs)}) {device} anchors={anchors} "
+            f"images={images} |P|={inp['num_pos']}: timing {len(timers)} calls interleaved, "
+            f"{args.repeats} rounds ...")
+        times = time_interleaved(timers, x, device, args.repeats, args.warmup)
+        for name in names:
+            med = statistics.median(times[("fb", name)])
+            entry = {"time_s": med, "times_s": times[("fb", name)], "extrapolated": False}
             if name != "ap_positive_loop":  # (one sync per positive by design)
                 entry["host_syncs"] = count_host_syncs(fns[name], x)
-            if name == "ap_loss":  # what a call without backward costs
-                entry["forward_time_s"] = time_forward_only(fns[name], x, device, args.repeats,
-                                                            args.warmup, no_grad=False)
-                entry["no_grad_time_s"] = time_forward_only(fns[name], x, device, args.repeats,
-                                                            args.warmup, no_grad=True)
-            if name == "ap_positive_loop" and loop_k < inp["num_pos"]:
+            if name == "ap_loss":
+                entry["forward_time_s"] = statistics.median(times[("fwd", name)])
+                entry["no_grad_time_s"] = statistics.median(times[("no_grad", name)])
+            if name == "ap_positive_loop" and loop_extrapolated:
                 # time(k) = fixed + k * per_positive: the fixed part (selection of N^, sort,
                 # backward) is timed with 0 positives processed, the rest scaled by |P| / K.
-                fixed, _ = time_fwd_bwd(fns["ap_positive_loop_fixed"], x, device,
-                                        args.repeats, args.warmup)
+                fixed = statistics.median(times[("fb", "ap_positive_loop_fixed")])
                 per_pos = max(med - fixed, 0.0) / max(loop_k, 1)
                 entry.update(time_s=fixed + per_pos * inp["num_pos"], timed_s=med,
                              timed_positives=loop_k, fixed_s=fixed, per_positive_s=per_pos,
