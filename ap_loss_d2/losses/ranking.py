@@ -97,8 +97,8 @@ HOST_SYNCS = {"ap": 4, "auc": 5, "stats": 1}
 # Uniform grid cells per breakpoint for the segment look-up table, and the table's size cap.
 _GRID_CELLS_PER_BREAKPOINT = 256
 _GRID_MAX_CELLS = 2**21
-# Entries per chunk of the float64 score sums (bounds their temporary memory).
-_SUM_CHUNK = 2**20
+# Entries per chunk of the element-wise passes (bounds their temporary memory).
+_CHUNK = 2**20
 
 
 class NonFiniteLogitsError(ValueError):
@@ -506,10 +506,12 @@ class _SegmentIndex:
         return u.to(torch.int32)
 
     def __call__(self, q):
-        """int32 segment index of each query."""
+        """int32 segment index of each query (in chunks: small temporaries)."""
         if self.table is None:
             return torch.searchsorted(self.c, q, right=True, out_int32=True)
-        k = self.table.index_select(0, self._cells(q))
+        k = torch.empty(q.numel(), dtype=torch.int32, device=q.device)
+        for i in range(0, q.numel(), _CHUNK):
+            torch.index_select(self.table, 0, self._cells(q[i : i + _CHUNK]), out=k[i : i + _CHUNK])
         amb = torch.nonzero(k < 0).squeeze(1)
         if amb.numel():
             k.index_copy_(0, amb, torch.searchsorted(self.c, q.index_select(0, amb), right=True,
@@ -604,9 +606,9 @@ class _PiecewiseStep:
         # delta (|x| <= 2**12 delta): then only the per-segment subtraction follows
         direct = self.scale <= 2.0**12 * self.delta
         out = torch.zeros(nseg, dtype=torch.float64, device=x.device)
-        for i in range(0, x.numel(), _SUM_CHUNK):
-            xs = x[i : i + _SUM_CHUNK].double()  # (the logits themselves when float64)
-            ks = k[i : i + _SUM_CHUNK]
+        for i in range(0, x.numel(), _CHUNK):
+            xs = x[i : i + _CHUNK].double()  # (the logits themselves when float64)
+            ks = k[i : i + _CHUNK]
             if not direct:
                 xs = xs - ref_d.index_select(0, ks)  # never in place
             out.index_add_(0, ks, xs)
@@ -653,14 +655,18 @@ class _PiecewiseStep:
 
     def evaluate(self, coefficients, go):
         A, B, ref = coefficients
-        cd = self.cd
-        k = self.k
-        g = (A * go).to(cd).index_select(0, k)
-        if self.linear:
-            d = ref.to(cd).index_select(0, k)
-            torch.sub(self.x, d, out=d)
-            g.addcmul_((B * go).to(cd).index_select(0, k), d)
-        return g
+        cd, k, x = self.cd, self.k, self.x
+        A_t = (A * go).to(cd)
+        B_t, R_t = (B * go).to(cd), ref.to(cd)
+        out = torch.empty(x.numel(), dtype=cd, device=x.device)
+        for i in range(0, x.numel(), _CHUNK):  # chunks: temporaries stay small
+            ks, o = k[i : i + _CHUNK], out[i : i + _CHUNK]
+            torch.index_select(A_t, 0, ks, out=o)
+            if self.linear:
+                d = R_t.index_select(0, ks)
+                torch.sub(x[i : i + _CHUNK], d, out=d)
+                o.addcmul_(B_t.index_select(0, ks), d)
+        return out
 
 
 class _SigmoidStep:
