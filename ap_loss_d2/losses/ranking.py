@@ -42,8 +42,10 @@ So every finite input is handled exactly, including ``+-3e38``, spreads of ``1e1
 ``delta`` from ``1e-3`` to ``1e3`` (tested against the oracle).
 
 Time ``O(|N| + (|P| + |N_amb|) log |P|)`` where ``N_amb`` is the ~0.4 % of entries that share a
-grid cell with a breakpoint; extra memory ~4 bytes per entry kept for the backward (the segment
-indices) plus O(|P|) tables. The sigmoid step is computed in chunks of negatives against all
+grid cell with a breakpoint. Memory: 4 bytes per entry kept for the backward (the int32 segment
+indices) plus O(|P|) tables; the element-wise passes run in chunks of 2**20 entries, so the
+peak extra memory of forward + backward is ~2.3x the float32 logits, the 1x gradient included
+(``python -m ap_loss_d2.benchmark``). The sigmoid step is computed in chunks of negatives against all
 positives (``O(|P| |N|)``, chunk memory capped by :data:`SIGMOID_CHUNK_BYTES`).
 
 Precision, AMP
@@ -68,8 +70,9 @@ Host synchronisations per call (single process, linear/Heaviside step): 1 valida
 (min/max of logits and labels together), 1 ``nonzero`` for the positives, 1 read of the
 breakpoints' range (to size the look-up grid), 1 ``nonzero`` for the entries in grid cells holding
 a breakpoint, plus 1 read of the negative count for AUC and 1 when ``stats`` is requested:
-4 (AP), 5 (AUC); the backward adds none. The sigmoid step adds none. Ranking across processes
-adds the collectives of :mod:`ap_loss_d2.losses.distributed`.
+4 (AP), 5 (AUC); the backward adds none. The sigmoid step has no grid: validation, the
+positives' ``nonzero`` and the selected negatives' ``nonzero``, 3 (AP), 4 (AUC). Ranking across
+processes adds the collectives of :mod:`ap_loss_d2.losses.distributed`.
 """
 import math
 import struct
