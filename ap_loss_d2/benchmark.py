@@ -1,13 +1,23 @@
 """Time and memory of classification losses side by side (the paper's Sec. 4.3 / Fig. 11).
 
-``python -m ap_loss_d2.benchmark [--images 1 2 4 8] [--positives 500 2000] [--device all]``
+``python -m ap_loss_d2.benchmark [--images 1 2 4 8] [--positives 500 2000] [--device all]
+[--anchors 49104 32736] [--output-dir output/benchmark]``
 
-For every (device, batch size, number of positives) the same inputs are fed to
+``python -m ap_loss_d2.benchmark --breakdown [--device cuda]``: the paper's Fig. 10, see
+:func:`breakdown`.
+
+Anchors per image (``--anchors``, default both): 49,104 = 9 anchors per location of a 512x512
+image over P3-P7 (Detectron2's RetinaNet default, issue 15's target size) and 32,736 = 6 per
+location (the paper's RetinaNet, Sec. 4.1). Every output row names which.
+
+For every (device, anchors, batch size, number of positives) the same inputs are fed to
 
 * ``focal``: ``torchvision.ops.sigmoid_focal_loss`` (alpha 0.25, gamma 2, sum over the
   non-ignored anchors, divided by the number of positives, as in RetinaNet);
 * ``ce_ohem``: softmax CE with 3:1 online hard negative mining (:mod:`ap_loss_d2.losses.ohem`);
-* ``ap_loss`` and ``auc_loss``: :mod:`ap_loss_d2.losses.ranking` (linear step, delta 1);
+* ``ap_loss`` and ``auc_loss``: :mod:`ap_loss_d2.losses.ranking` (linear step, delta 1) with
+  int8 targets, and ``ap_loss_float32_targets`` / ``ap_loss_int64_targets``: the same AP-loss
+  given a float32 one-hot-style or an int64 target tensor (what users often hold);
 * ``ap_positive_loop``: the authors'-style loop over positives
   (:mod:`ap_loss_d2.losses.positive_loop`). It is timed on the first ``--loop-positives`` K
   positives (ascending score) only and extrapolated linearly to all |P|:
@@ -20,16 +30,26 @@ class each); ~1% of the other anchors are ignored (all their classes). Each loss
 targets pre-built in its own format (binary one-hot for focal, per-anchor labels for OHEM,
 ternary per anchor-class for the ranking losses); building them is not timed.
 
-Time: median wall-clock of forward + backward over ``--repeats`` runs after ``--warmup`` runs
-(CUDA synchronised). Memory: extra peak memory of one forward + backward above what is
-allocated before it (logits, targets; ``logits.grad`` cleared), measured in a second pass:
+Time: median wall-clock of forward + backward over ``--repeats`` rounds after ``--warmup``
+rounds (CUDA synchronised); each round runs every loss once, in a rotated order, so that all
+losses see the same load of a shared machine. Memory: extra peak memory of one forward +
+backward above what is allocated before it (logits, targets; ``logits.grad`` cleared), measured in a second pass:
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU, in a fresh process per loss and
 configuration, the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) with glibc's mmap threshold lowered to
 64 KiB so that every tensor buffer is mapped at allocation and unmapped when freed. The gradient
 buffer of the logits (1x logits) is part of every loss's extra memory.
 
-Outputs in ``--out`` (default ``output/benchmark``): ``benchmark.json`` and ``benchmark.png``
-(time vs batch size per loss), plus a table on stdout.
+For ``ap_loss`` the forward alone (``forward_time_s``) and the call under ``torch.no_grad()``
+(``no_grad_time_s``, the loss value only) are timed too.
+
+Host synchronisations: every loss's forward + backward is run once more under a counter of
+``nonzero`` (also inside boolean-mask indexing), scalar reads (``.item()``/``int(tensor)``) and
+the ranking module's list reads;
+the count per call is reported (``host_syncs``): on a GPU each one stalls the stream.
+
+Outputs in ``--output-dir`` (default ``output/benchmark``): ``benchmark.json``, ``benchmark.txt``
+and ``benchmark.png`` (time vs batch size per loss), plus the table on stdout.
+``--device cuda`` needs a GPU (a clear message and exit status 2 otherwise).
 """
 import argparse
 import ctypes
@@ -44,14 +64,25 @@ from pathlib import Path
 
 import torch
 
-LOSSES = ("focal", "ce_ohem", "ap_loss", "auc_loss", "ap_positive_loop")
+LOSSES = ("focal", "ce_ohem", "ap_loss", "ap_loss_float32_targets", "ap_loss_int64_targets",
+          "auc_loss", "ap_positive_loop")
 LABELS = {
     "focal": "Focal loss",
     "ce_ohem": "CE + OHEM 3:1",
-    "ap_loss": "AP-loss (ranking.py)",
-    "auc_loss": "AUC-loss (ranking.py)",
+    "ap_loss": "AP-loss, int8 targets",
+    "ap_loss_float32_targets": "AP-loss, float32 targets",
+    "ap_loss_int64_targets": "AP-loss, int64 targets",
+    "auc_loss": "AUC-loss, int8 targets",
     "ap_positive_loop": "AP-loss, loop on positives",
 }
+ANCHOR_NAMES = {
+    49104: "9 anchors/location at 512x512 (Detectron2 default; issue 15 target)",
+    32736: "6 anchors/location at 512x512 (the paper's RetinaNet)",
+}
+
+
+def anchor_name(anchors):
+    return ANCHOR_NAMES.get(anchors, "custom")
 CPU_MEMORY_METHOD = (
     "peak resident set size (VmHWM reset via /proc/self/clear_refs) minus resident size before "
     "the run, each loss and configuration in a fresh process; glibc M_MMAP_THRESHOLD lowered to "
@@ -60,7 +91,7 @@ CPU_MEMORY_METHOD = (
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() minus torch.cuda.memory_allocated() before"
 LOOP_EXTRAPOLATION = ("fixed + (time_K - fixed) * |P| / K, K = loop_positives, fixed = time "
                       "of the same call with 0 positives processed")
-QUICK = dict(images=[1, 2], anchors=600, classes=4, positives=[12, 30], repeats=2, warmup=1,
+QUICK = dict(images=[1, 2], anchors=[600], classes=4, positives=[12, 30], repeats=2, warmup=1,
              loop_positives=4)
 
 
@@ -102,6 +133,8 @@ def make_inputs(images, anchors, classes, positives, device, seed):
         "valid": valid.to(device),
         "onehot": onehot.to(device),  # (N, A, K) float 0/1
         "ternary": ternary.to(device),  # (N, A, K) int8 1 / 0 / -1
+        "ternary_f32": ternary.float().to(device),  # the same labels as float32
+        "ternary_i64": ternary.long().to(device),  # and as int64
         "num_pos": positives,
     }
 
@@ -126,6 +159,8 @@ def make_loss_fns(inp, loop_positives):
         "focal": focal,
         "ce_ohem": lambda: ce_ohem_loss(x, inp["labels"], neg_pos_ratio=3.0),
         "ap_loss": lambda: ap_loss(x, inp["ternary"], delta=1.0),
+        "ap_loss_float32_targets": lambda: ap_loss(x, inp["ternary_f32"], delta=1.0),
+        "ap_loss_int64_targets": lambda: ap_loss(x, inp["ternary_i64"], delta=1.0),
         "auc_loss": lambda: auc_loss(x, inp["ternary"], delta=1.0),
         "ap_positive_loop": lambda: ap_loss_positive_loop(x, inp["ternary"], delta=1.0,
                                                           max_positives=loop_k),
@@ -156,6 +191,79 @@ def time_fwd_bwd(fn, x, device, repeats, warmup):
     times = [once() for _ in range(repeats)]
     x.grad = None
     return statistics.median(times), times
+
+
+def count_host_syncs(fn, x):
+    """Host synchronisations of one forward + backward: ``nonzero`` (its size), scalar reads
+    (``_local_scalar_dense``: ``.item()``, ``int(t)``, ``bool(t)``) and the ranking module's
+    list reads (``ranking._host_list``). The same count applies on every device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ap_loss_d2.losses import ranking
+
+    counter = {"n": 0}
+    sync_ops = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
+                torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
+                torch.ops.aten.masked_select.default}
+    index_ops = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                 torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default}
+
+    def bool_index(args):  # x[mask] runs a nonzero internally
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                   for i in (args[1] if len(args) > 1 else ()) if i is not None)
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in sync_ops or (func in index_ops and bool_index(args)):
+                counter["n"] += 1
+            return func(*args, **(kwargs or {}))
+
+    original = ranking._host_list
+
+    def counted(t):
+        counter["n"] += 1
+        return original(t)
+
+    x.grad = None
+    ranking._host_list = counted
+    try:
+        with Counter():
+            fn().backward()
+    finally:
+        ranking._host_list = original
+        x.grad = None
+    return counter["n"]
+
+
+def time_interleaved(timers, x, device, repeats, warmup):
+    """{key: [seconds per round]} for ``timers`` {key: (fn, mode)}, mode ``"fb"`` (forward +
+    backward), ``"fwd"`` (forward alone, autograd recording) or ``"no_grad"`` (forward under
+    ``torch.no_grad()``). Every round runs every call once, in an order rotated each round, so
+    that the losses share the machine's load changes (side by side in one process)."""
+    def once(fn, mode):
+        x.grad = None
+        _sync(device)
+        t0 = time.perf_counter()
+        if mode == "fb":
+            fn().backward()
+        elif mode == "no_grad":
+            with torch.no_grad():
+                fn()
+        else:
+            fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    keys = list(timers)
+    out = {k: [] for k in keys}
+    for r in range(warmup + repeats):
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            t = once(*timers[k])
+            if r >= warmup:
+                out[k].append(t)
+    x.grad = None
+    return out
 
 
 class CpuPeakMemory:
@@ -241,15 +349,16 @@ def _memory_in_subprocess(probe):
 # ---------------------------------------------------------------------------------------------
 def run(args):
     devices = resolve_devices(args.device)
-    configs = [(d, n, p) for d in devices for n in args.images for p in args.positives]
+    configs = [(d, a, n, p) for d in devices for a in args.anchors for n in args.images
+               for p in args.positives]
     results = []
-    log(f"[benchmark] {len(configs)} configurations x {len(LOSSES)} losses; anchors "
+    log(f"[benchmark] {len(configs)} configurations x {len(args.losses)} losses; anchors "
         f"{args.anchors}, classes {args.classes}, repeats {args.repeats} (+{args.warmup} warm-up)"
         f", torch threads {torch.get_num_threads()}")
 
     # Pass 1: time (before the CPU memory probe changes the allocator's mmap threshold).
-    for ci, (device, images, positives) in enumerate(configs):
-        inp = make_inputs(images, args.anchors, args.classes, positives, device,
+    for ci, (device, anchors, images, positives) in enumerate(configs):
+        inp = make_inputs(images, anchors, args.classes, positives, device,
                           args.seed + 1000 * images + positives)
         fns, loop_k = make_loss_fns(inp, args.loop_positives)
         x = inp["logits"]
@@ -258,24 +367,36 @@ def run(args):
 
         ap_loss(x.detach(), inp["ternary"], delta=1.0, stats=stats)
         row = {
-            "device": device, "images": images, "anchors": args.anchors,
-            "classes": args.classes, "positives": inp["num_pos"], "numel": x.numel(),
+            "device": device, "images": images, "anchors": anchors,
+            "anchors_are": anchor_name(anchors), "classes": args.classes, "positives": inp["num_pos"], "numel": x.numel(),
             "logits_mb": x.numel() * x.element_size() / 2**20,
             "num_neg_nontrivial": int(stats.get("num_neg_nontrivial", -1)),
             "losses": {},
         }
-        for name in LOSSES:
-            if name not in args.losses:
-                continue
-            log(f"[benchmark] ({ci + 1}/{len(configs)}) {device} images={images} "
-                f"|P|={inp['num_pos']}: timing {name} ...")
-            med, times = time_fwd_bwd(fns[name], x, device, args.repeats, args.warmup)
-            entry = {"time_s": med, "times_s": times, "extrapolated": False}
-            if name == "ap_positive_loop" and loop_k < inp["num_pos"]:
+        names = [n for n in LOSSES if n in args.losses]
+        timers = {("fb", n): (fns[n], "fb") for n in names}
+        if "ap_loss" in names:  # what a call without backward costs
+            timers[("fwd", "ap_loss")] = (fns["ap_loss"], "fwd")
+            timers[("no_grad", "ap_loss")] = (fns["ap_loss"], "no_grad")
+        loop_extrapolated = "ap_positive_loop" in names and loop_k < inp["num_pos"]
+        if loop_extrapolated:
+            timers[("fb", "ap_positive_loop_fixed")] = (fns["ap_positive_loop_fixed"], "fb")
+        log(f"[benchmark] ({ci + 1}/{len(configs)}) {device} anchors={anchors} "
+            f"images={images} |P|={inp['num_pos']}: timing {len(timers)} calls interleaved, "
+            f"{args.repeats} rounds ...")
+        times = time_interleaved(timers, x, device, args.repeats, args.warmup)
+        for name in names:
+            med = statistics.median(times[("fb", name)])
+            entry = {"time_s": med, "times_s": times[("fb", name)], "extrapolated": False}
+            if name != "ap_positive_loop":  # (one sync per positive by design)
+                entry["host_syncs"] = count_host_syncs(fns[name], x)
+            if name == "ap_loss":
+                entry["forward_time_s"] = statistics.median(times[("fwd", name)])
+                entry["no_grad_time_s"] = statistics.median(times[("no_grad", name)])
+            if name == "ap_positive_loop" and loop_extrapolated:
                 # time(k) = fixed + k * per_positive: the fixed part (selection of N^, sort,
                 # backward) is timed with 0 positives processed, the rest scaled by |P| / K.
-                fixed, _ = time_fwd_bwd(fns["ap_positive_loop_fixed"], x, device,
-                                        args.repeats, args.warmup)
+                fixed = statistics.median(times[("fb", "ap_positive_loop_fixed")])
                 per_pos = max(med - fixed, 0.0) / max(loop_k, 1)
                 entry.update(time_s=fixed + per_pos * inp["num_pos"], timed_s=med,
                              timed_positives=loop_k, fixed_s=fixed, per_positive_s=per_pos,
@@ -304,7 +425,7 @@ def run(args):
             log(f"[benchmark] ({ci + 1}/{len(results)}) {device} images={row['images']} "
                 f"|P|={row['positives']}: memory ...")
             for name, entry in row["losses"].items():
-                probe = dict(loss=name, device=device, images=row["images"], anchors=args.anchors,
+                probe = dict(loss=name, device=device, images=row["images"], anchors=row["anchors"],
                              classes=args.classes, positives=row["positives"], seed=seed,
                              loop_positives=args.loop_positives)
                 if device == "cpu":
@@ -316,7 +437,9 @@ def run(args):
 
     report = {
         "config": {
-            "images": args.images, "anchors": args.anchors, "classes": args.classes,
+            "images": args.images, "anchors": args.anchors,
+            "anchors_are": {str(a): anchor_name(a) for a in args.anchors},
+            "classes": args.classes,
             "positives": args.positives, "positives_are": "total per batch",
             "repeats": args.repeats, "warmup": args.warmup, "devices": devices,
             "loop_positives": args.loop_positives, "delta": 1.0, "seed": args.seed,
@@ -343,14 +466,17 @@ def resolve_devices(device):
     if device == "all":
         return ["cpu"] + (["cuda"] if cuda else [])
     if device == "cuda" and not cuda:
-        raise SystemExit("--device cuda requested but CUDA is not available")
+        log("[benchmark] --device cuda: CUDA is not available on this machine (torch "
+            f"{torch.__version__}, torch.cuda.is_available() is False); run on a GPU machine "
+            "or use --device cpu")
+        raise SystemExit(2)
     return [device]
 
 
 def format_table(report):
     lines = []
-    hdr = (f"{'device':6} {'imgs':>4} {'|P|':>6} {'|N^|':>9}  {'loss':28} {'time ms':>11} "
-           f"{'x focal':>8} {'extra MB':>9} {'x logits':>8}")
+    hdr = (f"{'device':6} {'anchors':>7} {'imgs':>4} {'|P|':>6} {'|N^|':>9}  {'loss':28} "
+           f"{'time ms':>11} {'x focal':>8} {'syncs':>5} {'extra MB':>9} {'x logits':>8}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for row in report["results"]:
@@ -358,17 +484,30 @@ def format_table(report):
             mb = e.get("extra_peak_mb")
             xl = e.get("extra_peak_x_logits")
             ratio = e.get("ratio_to_focal")
+            syncs = e.get("host_syncs")
             lines.append(
-                f"{row['device']:6} {row['images']:>4} {row['positives']:>6} "
+                f"{row['device']:6} {row['anchors']:>7} {row['images']:>4} {row['positives']:>6} "
                 f"{row['num_neg_nontrivial']:>9}  {LABELS[name]:28} {e['time_s'] * 1e3:>11.2f} "
                 f"{(f'{ratio:.2f}' if ratio is not None else '-'):>8} "
+                f"{(str(syncs) if syncs is not None else '-'):>5} "
                 f"{(f'{mb:.1f}' if mb is not None else '-'):>9} "
                 f"{(f'{xl:.2f}' if xl is not None else '-'):>8}"
                 + (f"  {e['note']}" if e.get("note") else ""))
     mm = report["memory_method"]
     lines.append("")
-    lines.append("time: median wall-clock of forward+backward; extra memory: peak above the "
-                 "inputs during one forward+backward (includes the 1x logits gradient).")
+    lines.append("time: median wall-clock of forward+backward; syncs: host synchronisations per "
+                 "call; extra memory: peak above the inputs during one forward+backward (includes "
+                 "the 1x logits gradient).")
+    for a, name in report["config"].get("anchors_are", {}).items():
+        lines.append(f"anchors {a}: {name}")
+    for row in report["results"]:
+        e = row["losses"].get("ap_loss", {})
+        if "no_grad_time_s" in e:
+            lines.append(
+                f"AP-loss without backward ({row['device']}, {row['anchors']} anchors, "
+                f"{row['images']} images, |P| {row['positives']}): forward "
+                f"{e['forward_time_s'] * 1e3:.1f} ms, under torch.no_grad "
+                f"{e['no_grad_time_s'] * 1e3:.1f} ms, forward+backward {e['time_s'] * 1e3:.1f} ms")
     for dev in ("cpu", "cuda"):
         if mm.get(dev):
             lines.append(f"memory ({dev}): {mm[dev]}")
@@ -381,12 +520,12 @@ def plot(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["device"], r["positives"]) for r in report["results"]})
+    groups = sorted({(r["device"], r["anchors"], r["positives"]) for r in report["results"]})
     fig, axes = plt.subplots(1, len(groups), figsize=(max(6.5 * len(groups), 7.0), 4.8),
                              squeeze=False)
-    for ax, (device, positives) in zip(axes[0], groups):
-        rows = sorted((r for r in report["results"]
-                       if r["device"] == device and r["positives"] == positives),
+    for ax, (device, anchors, positives) in zip(axes[0], groups):
+        rows = sorted((r for r in report["results"] if r["device"] == device
+                       and r["anchors"] == anchors and r["positives"] == positives),
                       key=lambda r: r["images"])
         for name in report["losses"]:
             xs = [r["images"] for r in rows if name in r["losses"]]
@@ -400,13 +539,187 @@ def plot(report, path):
         ax.set_xticklabels([str(r["images"]) for r in rows])
         ax.set_xlabel("batch size (images)")
         ax.set_ylabel("forward + backward time (s)")
-        ax.set_title(f"{device}, {positives} positives / batch")
+        ax.set_title(f"{device}, {anchors} anchors/img, {positives} positives / batch",
+                     fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     cfg = report["config"]
     fig.suptitle(f"Time cost of classification losses, forward + backward\n"
-                 f"({cfg['anchors']} anchors x {cfg['classes']} classes per image, median of "
-                 f"{cfg['repeats']})", fontsize=10)
+                 f"({cfg['classes']} classes; anchors per image: "
+                 + "; ".join(f"{a} = {n}" for a, n in cfg.get("anchors_are", {}).items())
+                 + f"; median of {cfg['repeats']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-iteration breakdown (Fig. 10)
+# ---------------------------------------------------------------------------------------------
+PAPER_CONFIG = "configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml"
+BREAKDOWN_PARTS = (
+    ("net_forward", "network forward (to the loss)"),
+    ("loss_forward", "classification loss forward"),
+    ("other_forward", "rest of the forward (box loss)"),
+    ("bwd_to_loss", "backward before the loss"),
+    ("loss_backward", "classification loss backward"),
+    ("net_backward", "network backward"),
+)
+
+
+def _breakdown_batch(images, size, num_classes, device, seed):
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(images):
+        n = 3
+        xy = torch.rand(n, 2, generator=g) * size * 0.6
+        wh = 0.1 * size + torch.rand(n, 2, generator=g) * size * 0.3
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1))
+        inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
+        batch.append({"image": (torch.rand(3, size, size, generator=g) * 255).to(device),
+                      "height": size, "width": size, "instances": inst.to(device)})
+    return batch
+
+
+def breakdown(args):
+    """Time of the classification loss as a share of one RetinaNet R50-FPN training iteration
+    (the paper's Fig. 10): the model of ``--config-file`` (default :data:`PAPER_CONFIG`, the
+    paper's VOC AP-loss config, ``MODEL.WEIGHTS ""``: random init, nothing downloaded) on random
+    ``--size`` x ``--size`` images with 3 random boxes each. Each iteration is cut into the parts
+    of :data:`BREAKDOWN_PARTS` by synchronised clock reads around the loss call and autograd
+    hooks on its output and its logits. Writes ``breakdown.{json,txt,png}``."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    import ap_loss_d2.modeling.labels as labels_module
+    from ap_loss_d2.engine import get_ap_loss_cfg
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        resolve_devices("cuda")  # the clean message and exit status
+    device = "cuda" if args.device in ("cuda", "all") and torch.cuda.is_available() else "cpu"
+    images = args.images[0] if args.images else (8 if device == "cuda" else 2)
+    iters = args.iters or (5 if device == "cuda" else 2)
+    config = Path(args.config_file or Path(__file__).resolve().parents[1] / PAPER_CONFIG)
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(str(config))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
+    torch.manual_seed(args.seed)
+    model = build_model(cfg)
+    model.train()
+    loss_name = cfg.MODEL.CLS_LOSS.NAME
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    batch = _breakdown_batch(images, args.size, num_classes, device, args.seed)
+    log(f"[breakdown] {type(model).__name__} ({config.name}, loss {loss_name!r}) on {device}: "
+        f"{images} images {args.size}x{args.size}, {iters} timed iterations (+{args.warmup})")
+
+    clock = {}
+
+    def mark(key):
+        _sync(device)
+        clock[key] = time.perf_counter()
+
+    original = {"ap": labels_module.ap_loss, "auc": labels_module.auc_loss}
+
+    def wrap(fn):
+        def timed(logits, targets, **kw):
+            mark("loss_start")
+            out = fn(logits, targets, **kw)
+            mark("loss_end")
+            clock["numel"] = logits.numel()
+            clock["positives"] = int((targets == 1).sum())
+            if out.requires_grad:
+                out.register_hook(lambda g: (mark("loss_bwd_start"), None)[1])
+                logits.register_hook(lambda g: (mark("loss_bwd_end"), None)[1])
+            return out
+        return timed
+
+    rows = []
+    labels_module.ap_loss, labels_module.auc_loss = wrap(original["ap"]), wrap(original["auc"])
+    try:
+        with EventStorage():
+            for it in range(args.warmup + iters):
+                clock.clear()
+                model.zero_grad(set_to_none=True)
+                mark("start")
+                losses = model(batch)
+                total = sum(losses.values())
+                mark("fwd_end")
+                total.backward()
+                mark("end")
+                if "loss_start" not in clock:
+                    raise SystemExit(f"[breakdown] the model's loss {loss_name!r} is not a "
+                                     "ranking loss; use an AP/AUC-loss config")
+                if it < args.warmup:
+                    continue
+                c = clock
+                rows.append({
+                    "net_forward": c["loss_start"] - c["start"],
+                    "loss_forward": c["loss_end"] - c["loss_start"],
+                    "other_forward": c["fwd_end"] - c["loss_end"],
+                    "bwd_to_loss": c["loss_bwd_start"] - c["fwd_end"],
+                    "loss_backward": c["loss_bwd_end"] - c["loss_bwd_start"],
+                    "net_backward": c["end"] - c["loss_bwd_end"],
+                    "iteration": c["end"] - c["start"],
+                    "numel": c["numel"], "positives": c["positives"],
+                })
+    finally:
+        labels_module.ap_loss, labels_module.auc_loss = original["ap"], original["auc"]
+
+    med = {k: statistics.median(r[k] for r in rows) for k, _ in BREAKDOWN_PARTS}
+    med["iteration"] = statistics.median(r["iteration"] for r in rows)
+    loss_time = med["loss_forward"] + med["loss_backward"]
+    report = {
+        "config": {"config_file": str(config), "loss": loss_name, "device": device,
+                   "cuda_device": torch.cuda.get_device_name(0) if device == "cuda" else None,
+                   "images": images, "size": args.size, "iters": iters, "warmup": args.warmup,
+                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                   "time": "median over iterations (s), device synchronised at every mark"},
+        "ranked_entries": rows[0]["numel"], "positives": rows[0]["positives"],
+        "median_s": med, "loss_share": loss_time / med["iteration"], "iterations": rows,
+    }
+    lines = [f"RetinaNet training iteration on {device} ({images} x {args.size}x{args.size}, "
+             f"{report['ranked_entries']:,} ranked entries, {report['positives']} positives, "
+             f"median of {iters})"]
+    for key, label in BREAKDOWN_PARTS:
+        lines.append(f"  {label:34} {med[key] * 1e3:10.1f} ms  {med[key] / med['iteration']:6.1%}")
+    lines.append(f"  {'iteration':34} {med['iteration'] * 1e3:10.1f} ms")
+    lines.append(f"classification loss ({loss_name}) forward+backward: {loss_time * 1e3:.1f} ms "
+                 f"= {report['loss_share']:.1%} of the iteration (paper Fig. 10: about 1/3)")
+    table = "\n".join(lines)
+    print(table, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "breakdown.json").write_text(json.dumps(report, indent=2))
+    (out / "breakdown.txt").write_text(table + "\n")
+    _plot_breakdown(report, out / "breakdown.png")
+    log(f"[breakdown] wrote {out / 'breakdown.json'}, {out / 'breakdown.txt'}, "
+        f"{out / 'breakdown.png'}")
+    return report
+
+
+def _plot_breakdown(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    med = report["median_s"]
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    left = 0.0
+    for key, label in BREAKDOWN_PARTS:
+        w = med[key] * 1e3
+        ax.barh([0], [w], left=left, label=label,
+                hatch="//" if key.startswith("loss") else None)
+        left += w
+    ax.set_yticks([])
+    ax.set_xlabel("time (ms)")
+    cfg = report["config"]
+    ax.set_title(f"RetinaNet R50-FPN training iteration, {cfg['device']}, {cfg['images']} x "
+                 f"{cfg['size']}px: loss share {report['loss_share']:.1%}", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -415,17 +728,30 @@ def plot(report, path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ap_loss_d2.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, nargs="+", default=[1, 2, 4, 8],
-                   help="batch sizes (images per batch)")
-    p.add_argument("--anchors", type=int, default=49104, help="anchors per image")
+    p.add_argument("--images", type=int, nargs="+", default=None,
+                   help="batch sizes (images per batch); default 1 2 4 8 (--breakdown: 8 on "
+                        "CUDA, 2 on CPU)")
+    p.add_argument("--anchors", type=int, nargs="+", default=[49104, 32736],
+                   help="anchors per image: 49104 = 9 per location at 512x512 (issue 15's "
+                        "target), 32736 = 6 per location (the paper's RetinaNet)")
     p.add_argument("--classes", type=int, default=20, help="foreground classes")
     p.add_argument("--positives", type=int, nargs="+", default=[500, 2000],
                    help="positives per batch (total over its images)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
-                   help="'all': CPU, and CUDA when available")
-    p.add_argument("--out", default="output/benchmark", help="output directory")
+                   help="'all': CPU, and CUDA when available (--breakdown: CUDA when available)")
+    p.add_argument("--output-dir", "--out", dest="out", default="output/benchmark",
+                   help="output directory")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time of the classification loss as a share of a RetinaNet R50-FPN "
+                        "training iteration (the paper's Fig. 10) instead of the loss table")
+    p.add_argument("--config-file", default=None,
+                   help="--breakdown: the model config (default: the paper's VOC AP-loss "
+                        "config, configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml)")
+    p.add_argument("--size", type=int, default=512, help="--breakdown: image side (pixels)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="--breakdown: timed iterations (default 5 on CUDA, 2 on CPU)")
     p.add_argument("--loop-positives", type=int, default=64,
                    help="time the positive loop on this many positives and extrapolate "
                         "linearly to |P| (0: run all positives)")
@@ -438,6 +764,8 @@ def parse_args(argv=None):
                    help="tiny sizes (a smoke test): " + ", ".join(f"{k}={v}"
                                                                 for k, v in QUICK.items()))
     args = p.parse_args(argv)
+    if args.images is None and not args.breakdown:
+        args.images = [1, 2, 4, 8]
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
@@ -455,6 +783,8 @@ def main(argv=None):
     if args.memory_probe:
         print(json.dumps({"extra_bytes": memory_probe(json.loads(args.memory_probe))}))
         return None
+    if args.breakdown:
+        return breakdown(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -8,7 +8,10 @@ Conventions (the contract of ``ap_loss_d2.losses.ranking``):
 
 * step ``f``: "linear" (Eq. 21), "heaviside" (H(0) = 1, Eq. 4), "sigmoid" 1/(1+exp(-x/k)).
 * P = {t == 1}, N = {t == 0}, entries with t == -1 are ignored.
-* N_hat = {j in N : s_j >= min_{i in P} s_i - delta}   (for every step).
+* N_hat = {j in N : s_j >= min_{i in P} s_i - delta} (for every step; reported as
+  num_neg_nontrivial). The linear and Heaviside steps are 0 below min_P s - delta, so summing
+  over N_hat or over all of N is the same. The sigmoid step is not: by default it sums over ALL
+  negatives (exact Eq. 54); ``sigmoid_cut=True`` sums over N_hat only.
 * positive i:  a_i = 1 + sum_{k in P, k != i} f(s_k - s_i)
                b_i = sum_{j in N_hat} f(s_j - s_i)
                prec_i = a_i / (a_i + b_i),   L_ij = f(s_j - s_i) / (a_i + b_i)
@@ -72,8 +75,16 @@ def non_trivial_negatives(scores_flat, positives, negatives, delta):
     return [j for j in negatives if scores_flat[j] >= s_min - delta]
 
 
+def _summed_negatives(sf, P, N, delta, step, sigmoid_cut):
+    """(negatives the sums run over, N_hat)."""
+    n_hat = non_trivial_negatives(sf, P, N, delta)
+    if step == "sigmoid" and not sigmoid_cut:
+        return list(N), n_hat
+    return n_hat, n_hat
+
+
 def ap_oracle(scores, targets, delta=1.0, interpolate=True, step="linear", sigmoid_k=0.5,
-              details=False):
+              details=False, sigmoid_cut=False):
     """AP-loss value and gradient w.r.t. the scores, by Algorithm 1. See the module docstring."""
     s, sf, P, N = _split(scores, targets)
     grad = [0.0] * len(sf)
@@ -86,8 +97,8 @@ def ap_oracle(scores, targets, delta=1.0, interpolate=True, step="linear", sigmo
 
     if not P:  # no positives: nothing to rank
         return result(0.0)
-    N_hat = non_trivial_negatives(sf, P, N, delta)
-    info["num_neg_nontrivial"] = len(N_hat)
+    N_hat, n_hat = _summed_negatives(sf, P, N, delta, step, sigmoid_cut)
+    info["num_neg_nontrivial"] = len(n_hat)
 
     # Positives in ascending score (Algorithm 1, line 6). Ties: equal scores give equal a, b and
     # prec, so their relative order does not change anything.
@@ -141,7 +152,8 @@ def ap_oracle(scores, targets, delta=1.0, interpolate=True, step="linear", sigmo
     return result(total / n_pos)
 
 
-def auc_oracle(scores, targets, delta=1.0, step="linear", sigmoid_k=0.5, details=False):
+def auc_oracle(scores, targets, delta=1.0, step="linear", sigmoid_k=0.5, details=False,
+               sigmoid_cut=False):
     """AUC-loss value and gradient (Eq. 7 with the step f), same loop structure as ap_oracle."""
     s, sf, P, N = _split(scores, targets)
     grad = [0.0] * len(sf)
@@ -155,8 +167,8 @@ def auc_oracle(scores, targets, delta=1.0, step="linear", sigmoid_k=0.5, details
         if P:
             info["num_neg_nontrivial"] = 0
         return result(0.0)
-    N_hat = non_trivial_negatives(sf, P, N, delta)
-    info["num_neg_nontrivial"] = len(N_hat)
+    N_hat, n_hat = _summed_negatives(sf, P, N, delta, step, sigmoid_cut)
+    info["num_neg_nontrivial"] = len(n_hat)
     n_neg_all = len(N)
 
     total = 0.0

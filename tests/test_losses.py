@@ -346,14 +346,18 @@ def test_no_negatives(kind):
 @pytest.mark.parametrize("step", STEPS)
 def test_all_negatives_trivial(step):
     # every negative strictly below min(pos) - delta: N_hat empty, zero loss and gradient
+    # (the sigmoid step only with sigmoid_cut=True; exact Eq. 54 is non-zero there)
     s = np.array([5.0, 4.0, 6.0, 2.5, 0.0, -10.0, 1.0])
     t = np.array([1, 1, 1, 0, 0, 0, -1])
     ap_loss, auc_loss = _impl()
+    cut = {"sigmoid_cut": True} if step == "sigmoid" else {}
     for kind, fn in (("ap", ap_loss), ("auc", auc_loss)):
         stats = {}
-        loss, grad, _ = _run(fn, s, t, delta=1.0, step=step, stats=stats)
+        loss, grad, _ = _run(fn, s, t, delta=1.0, step=step, stats=stats, **cut)
         assert float(loss) == 0.0 and not grad.any(), kind
         assert stats["num_neg_nontrivial"] == 0 and stats["num_pos"] == 3
+        if step == "sigmoid":  # the exact default: the oracle over all negatives
+            _check(kind, s, t, delta=1.0, step=step)
 
 
 def test_positive_loop_matches_oracle():
@@ -381,9 +385,10 @@ def test_positive_loop_matches_oracle():
     assert float(loss) == 0.0 and not x.grad.any()
 
 
-def _dense_reference(kind, s, t, delta=1.0, interpolate=True, step="linear", sigmoid_k=0.5):
+def _dense_reference(kind, s, t, delta=1.0, interpolate=True, step="linear", sigmoid_k=0.5,
+                     sigmoid_cut=False):
     """Vectorised |P| x |N^| float64 version of the oracle, for larger inputs (checked against
-    the oracle below)."""
+    the oracle below). The sigmoid step sums over all negatives unless ``sigmoid_cut``."""
     s = torch.as_tensor(np.asarray(s), dtype=torch.float64).reshape(-1)
     t = torch.as_tensor(np.asarray(t)).reshape(-1)
     grad = torch.zeros_like(s)
@@ -401,6 +406,8 @@ def _dense_reference(kind, s, t, delta=1.0, interpolate=True, step="linear", sig
 
     p = s[pos_mask]
     nhat_mask = (t == 0) & (s >= p.min() - delta)
+    if step == "sigmoid" and not sigmoid_cut:
+        nhat_mask = t == 0
     F = f(s[nhat_mask][None, :] - p[:, None])  # |P| x |N^|
     b = F.sum(1)
     if kind == "ap":
@@ -427,6 +434,13 @@ def _dense_reference(kind, s, t, delta=1.0, interpolate=True, step="linear", sig
 
 @pytest.mark.parametrize("step", STEPS)
 def test_dense_reference_matches_oracle(step):
+    # the sigmoid step's two variants (exact over all negatives; the delta cut) differ here
+    s, t = _random_case(44, (2, 30, 4), pos_frac=0.1)
+    for cut in (False, True):
+        exp = ap_oracle(s, t, delta=0.5, step=step, sigmoid_cut=cut)
+        got = _dense_reference("ap", s, t, delta=0.5, step=step, sigmoid_cut=cut)
+        np.testing.assert_allclose(got[0], exp[0], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got[1].reshape(s.shape), exp[1], rtol=1e-10, atol=1e-15)
     for i, kind in enumerate(["normal", "ties"]):
         s, t = _random_case(40 + i, (2, 30, 4), pos_frac=0.1, kind=kind)
         for interpolate in (True, False):
@@ -461,6 +475,13 @@ def test_larger_inputs_against_dense_reference(step, kind):
         loss, grad, _ = _run(auc_loss, s, t, delta=1.0, step=step)
         np.testing.assert_allclose(float(loss), exp_loss, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(grad.numpy().reshape(-1), exp_grad, rtol=1e-9, atol=1e-12)
+        if step == "sigmoid":  # the documented speed option: only N^ (s >= min_P s - delta)
+            exp_loss, exp_grad = _dense_reference("ap", s, t, delta=1.0, step=step,
+                                                  sigmoid_cut=True)
+            loss, grad, _ = _run(ap_loss, s, t, delta=1.0, step=step, sigmoid_cut=True)
+            np.testing.assert_allclose(float(loss), exp_loss, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(grad.numpy().reshape(-1), exp_grad, rtol=1e-9,
+                                       atol=1e-12)
 
 
 def test_targets_dtypes():

@@ -13,36 +13,74 @@ Sec. 3.4.1). For positives ``P`` (label 1) and non-trivial negatives
   negative ``j``: ``sum_i L_ij / |P|``; ignored labels and trivial negatives: 0;
 * value: ``1 - mean_i prec_i^interp``.
 
+For the linear and Heaviside steps, negatives below ``min_P s - delta`` contribute exactly 0, so
+``N^`` changes nothing but the work. The sigmoid step (Eq. 54) is non-zero everywhere: by
+default it sums over **all** negatives (exact Eq. 54); ``sigmoid_cut=True`` restricts it to
+``N^`` (faster, the approximation of earlier versions).
+
 How it is fast and exact at once
 --------------------------------
-The algorithm needs two kinds of sums over pairs (positive ``i``, other entry ``j``):
-``sum_j f(s_j - s_i)`` for every positive (``a_i`` and ``b_i``) and ``sum_i w_i f(s_j - s_i)``
-for every negative (its gradient, with ``w_i = c_i / (a_i + b_i)``). For the linear and
-Heaviside steps, ``f(s - p_i)`` is piecewise linear in ``s`` with breakpoints at the sorted
-positive scores (``p_i``, resp. ``p_i +- delta``). So
+For the linear and Heaviside steps, ``f(s - p_i)`` is piecewise linear in ``s``. Each positive
+has two breakpoints, rounded *outwards* to the compute dtype (float32 for float16/bfloat16/
+float32 logits, float64 for float64 logits) so that "``s`` has passed the breakpoint" is one
+exact comparison ``s >= c`` in that dtype: lower ``c = ceil(p_i - delta)``; upper: linear
+``s > p_i + delta`` (the smallest value above it), Heaviside ``s >= p_i``. Then
 
-* each negative needs only the index of the segment between breakpoints that holds it (one
-  binary search over ``O(|P|)`` sorted breakpoints, accelerated by a uniform-grid lookup table);
-* ``b_i`` is a window sum over segments: per-segment counts and score sums (two ``bincount``)
-  and their prefix sums (float64) give every ``b_i`` at once;
-* ``sum_i w_i f(s - p_i)`` is, inside each segment, ``intercept_k + slope_k * s``: prefix sums
-  of ``w_i`` along the breakpoints give all coefficients, so each negative's gradient is one
-  gather and one multiply-add.
+* every entry needs only its segment index ``k`` = number of breakpoints ``<= s``: a uniform
+  grid over the breakpoints gives it by one table look-up (cells holding a breakpoint fall back
+  to a binary search, ~1/256 of the entries);
+* non-negatives are sent to a dummy segment, so one ``index_add_`` gives per-segment counts and
+  a second (float64, in chunks) the per-segment score sums; ``b_i`` are window sums of these;
+* the gradient of a negative in segment ``k`` is ``A_k + B_k (s - ref_k)`` with ``A_k, B_k >= 0``
+  and ``ref_k`` the segment's left breakpoint: three table gathers and one multiply-add, with
+  no cancellation (all terms are non-negative), evaluated in the backward.
 
-Time ``O((|P| + |N^|) log |P| + |N|)`` (the ``|N|`` part is the element-wise selection of
-``N^``), extra memory ``O(|P| + |N^|)``: no ``|P| x |N|`` matrix, no loop over positives, no
-sort of the negatives. The sigmoid step (Eq. 54) has no window: it is computed exactly in chunks
-of negatives against all positives, ``O(|P| * (|P| + |N^|))`` time with the chunk's extra memory
-capped by :data:`SIGMOID_CHUNK_BYTES`.
+Extreme logits: all sums are taken relative to local references (the segment's left breakpoint
+for the scores, the left end of each cluster of overlapping windows for the coefficients), never
+as differences of global prefix sums of raw scores, and entries outside every window only count.
+So every finite input is handled exactly, including ``+-3e38``, spreads of ``1e12`` and
+``delta`` from ``1e-3`` to ``1e3`` (tested against the oracle).
 
-All arithmetic is float64 whatever the logits' dtype (float16/bfloat16/float32/float64 are
-exact in float64), so a half-precision call equals the float32 call on the same values; the
-gradient is returned in the logits' dtype.
+Time ``O(|N| + (|P| + |N_amb|) log |P|)`` where ``N_amb`` is the ~0.4 % of entries that share a
+grid cell with a breakpoint. Memory: 4 bytes per entry kept for the backward (the int32 segment
+indices) plus O(|P|) tables; the element-wise passes run in chunks of 2**20 entries, so the
+peak extra memory of forward + backward is ~2.3x the float32 logits, the 1x gradient included
+(``python -m ap_loss_d2.benchmark``). The sigmoid step is computed in chunks of negatives against all
+positives (``O(|P| |N|)``, chunk memory capped by :data:`SIGMOID_CHUNK_BYTES`).
+
+Precision, AMP
+--------------
+Sums are float64. The gradient is computed in float32 (float16/bfloat16/float32 logits) or
+float64 (float64 logits), **multiplied by ``grad_output`` in that precision** (the loss scale of
+a ``GradScaler`` included) and only then cast to the logits' dtype, so scaled float16 gradients
+neither underflow nor overflow where the scaled float32 ones are representable. The loss value
+is returned in float32 for float16/bfloat16 logits (in the logits' dtype otherwise).
+
+Autograd
+--------
+The backward is ``once_differentiable``: ``create_graph=True`` / double backward raises. Under
+``torch.no_grad()``, ``torch.inference_mode()`` or when the logits do not require grad, only the
+loss value is computed (no gradient tables, no segment indices kept). ``torch.func.vmap`` raises
+a clear error (all entries are ranked together, there is no per-sample rule).
+``torch.func.grad``/``jacrev`` raise the same double-backward error.
+``torch.compile`` works with graph breaks: the function is data-dependent (``nonzero``, host
+reads), so it runs eagerly inside a compiled model.
+
+Host synchronisations per call (single process, linear/Heaviside step): 1 validation read
+(min/max of logits and labels together), 1 ``nonzero`` for the positives, 1 read of the
+breakpoints' range (to size the look-up grid), 1 ``nonzero`` for the entries in grid cells holding
+a breakpoint, plus 1 read of the negative count for AUC and 1 when ``stats`` is requested:
+4 (AP), 5 (AUC); the backward adds none. The sigmoid step has no grid: validation, the
+positives' ``nonzero`` and the selected negatives' ``nonzero``, 3 (AP), 4 (AUC). Ranking across
+processes adds the collectives of :mod:`ap_loss_d2.losses.distributed`.
 """
+import math
+import struct
 import time
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ap_loss",
@@ -50,14 +88,20 @@ __all__ = [
     "NonFiniteLogitsError",
     "STEPS",
     "SIGMOID_CHUNK_BYTES",
+    "HOST_SYNCS",
     "validate_ranking_inputs",
 ]
 
 STEPS = ("linear", "heaviside", "sigmoid")
 #: Cap on the temporary memory of one chunk of the sigmoid step (bytes).
 SIGMOID_CHUNK_BYTES = 256 * 2**20
-# Uniform grid cells per breakpoint for the segment lookup table (see _SegmentIndex).
-_GRID_CELLS_PER_BREAKPOINT = 64
+#: Host synchronisations of one single-process call (linear/Heaviside step), see the docstring.
+HOST_SYNCS = {"ap": 4, "auc": 5, "stats": 1}
+# Uniform grid cells per breakpoint for the segment look-up table, and the table's size cap.
+_GRID_CELLS_PER_BREAKPOINT = 256
+_GRID_MAX_CELLS = 2**21
+# Entries per chunk of the element-wise passes (bounds their temporary memory).
+_CHUNK = 2**20
 
 
 class NonFiniteLogitsError(ValueError):
@@ -74,36 +118,41 @@ def ap_loss(
     sigmoid_k: float = 0.5,
     stats: Optional[dict] = None,
     process_group=None,
+    sigmoid_cut: bool = False,
 ) -> torch.Tensor:
     """AP-loss ``1 - AP`` over all entries, with the error-driven update as its gradient.
 
     Args:
         logits: scores, any shape (e.g. ``(N images, A anchors, K classes)``), float16,
-            bfloat16, float32 or float64, any device.
+            bfloat16, float32 or float64, any device; any finite values.
         targets: same shape as ``logits``; 1 positive, 0 negative, -1 ignored (any int or
             float dtype).
         delta: width of the piecewise step (Eq. 21); negatives scoring below
-            ``min(positive scores) - delta`` are trivial (no loss, zero gradient).
+            ``min(positive scores) - delta`` are trivial (no loss, zero gradient) for the
+            linear and Heaviside steps.
         interpolate: use interpolated AP (Sec. 3.4.3).
         step: ``"linear"`` (Eq. 21), ``"heaviside"`` (Eq. 4) or ``"sigmoid"`` (Eq. 54).
         sigmoid_k: slope parameter ``k`` of the sigmoid step.
         stats: optional dict, filled with ``num_pos``, ``num_neg_nontrivial`` (ints, global
-            when ranking across processes) and ``time`` (seconds spent in the loss's forward,
-            host clock; the algorithm already synchronises with the device to size N^).
+            when ranking across processes; ``N^`` as defined above) and ``time`` (seconds spent
+            in the loss's forward, host clock). Costs one host read; nothing when ``None``.
         process_group: a ``torch.distributed`` group to rank the entries of all its processes
             together (see :mod:`ap_loss_d2.losses.distributed`); ``None`` ranks locally.
+        sigmoid_cut: sigmoid step only. ``False`` (default): exact Eq. 54 over all negatives.
+            ``True``: only negatives in ``N^`` (``s >= min_P s - delta``) count; faster, but
+            not Eq. 54 (the sigmoid is non-zero below the cut).
 
     Returns:
-        A 0-dim tensor in the logits' dtype. Its backward gives the error-driven update
-        (Eq. 9/14) of Algorithm 1 times the incoming gradient. With no positives the loss is 0
-        and every gradient 0.
+        A 0-dim tensor: in the logits' dtype, float32 for float16/bfloat16 logits. Its
+        backward gives the error-driven update (Eq. 9/14) of Algorithm 1 times the incoming
+        gradient (computed in float32/float64, cast to the logits' dtype last). With no
+        positives the loss is 0 and every gradient 0.
 
-    Complexity: see the module docstring; ``O((|P| + |N^|) log |P| + |N|)`` time and
-    ``O(|P| + |N^|)`` extra memory for the linear and Heaviside steps.
+    Complexity: see the module docstring; ``O(|N| + |P| log |P|)`` time and 4 bytes per entry
+    kept for the backward for the linear and Heaviside steps.
     """
-    return _RankingLoss.apply(
-        logits, targets, "ap", _Options(delta, interpolate, step, sigmoid_k, stats, process_group)
-    )
+    opts = _Options(delta, interpolate, step, sigmoid_k, stats, process_group, sigmoid_cut)
+    return _apply(logits, targets, "ap", opts)
 
 
 def auc_loss(
@@ -115,6 +164,7 @@ def auc_loss(
     sigmoid_k: float = 0.5,
     stats: Optional[dict] = None,
     process_group=None,
+    sigmoid_cut: bool = False,
 ) -> torch.Tensor:
     """AUC-loss ``1 - AUC`` with the error-driven update (activation of Eq. 7).
 
@@ -123,17 +173,16 @@ def auc_loss(
     negative ``j``: ``sum_i L'_ij / |P|``. Arguments, shapes, dtypes and complexity as
     :func:`ap_loss` (there is no interpolation for AUC).
     """
-    return _RankingLoss.apply(
-        logits, targets, "auc", _Options(delta, False, step, sigmoid_k, stats, process_group)
-    )
+    opts = _Options(delta, False, step, sigmoid_k, stats, process_group, sigmoid_cut)
+    return _apply(logits, targets, "auc", opts)
 
 
 class _Options:
-    def __init__(self, delta, interpolate, step, sigmoid_k, stats, process_group):
+    def __init__(self, delta, interpolate, step, sigmoid_k, stats, process_group, sigmoid_cut):
         if step not in STEPS:
             raise ValueError(f"step={step!r} is not a valid step function; choose one of {STEPS}")
-        if not (float(delta) > 0):
-            raise ValueError(f"delta must be > 0, got {delta}")
+        if not (float(delta) > 0) or not math.isfinite(float(delta)):
+            raise ValueError(f"delta must be a finite number > 0, got {delta}")
         if step == "sigmoid" and not (float(sigmoid_k) > 0):
             raise ValueError(f"sigmoid_k must be > 0, got {sigmoid_k}")
         self.delta = float(delta)
@@ -142,29 +191,104 @@ class _Options:
         self.sigmoid_k = float(sigmoid_k)
         self.stats = stats
         self.process_group = process_group
+        self.sigmoid_cut = bool(sigmoid_cut)
+        self.state = None  # forward -> setup_context hand-over (one call)
+
+
+def _apply(logits, targets, kind, opts):
+    start = time.perf_counter()
+    targets = _validate(logits, targets)  # float labels come back as int8 codes
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss = _RankingLoss.apply(logits, targets, kind, opts)
+    else:  # no_grad / inference_mode / constant logits: the value only
+        loss, _, n_pos, n_neg = _forward(logits.detach(), targets.detach(), kind, opts, False)
+        _fill_stats(opts, n_pos, n_neg, start)
+        return loss
+    n_pos, n_neg = opts.state["counts"]
+    _fill_stats(opts, n_pos, n_neg, start)
+    return loss
+
+
+def _fill_stats(opts, n_pos, n_neg, start):
+    if opts.stats is not None:
+        opts.stats.update(num_pos=int(n_pos), num_neg_nontrivial=int(n_neg),
+                          time=time.perf_counter() - start)
 
 
 class _RankingLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, kind, opts):
-        start = time.perf_counter()
-        validate_ranking_inputs(logits, targets)
-        loss, grad, n_pos, n_neg = _ranking_loss_and_grad(logits.detach(), targets.detach(), kind, opts)
-        ctx.save_for_backward(grad)
-        if opts.stats is not None:
-            opts.stats.update(num_pos=n_pos, num_neg_nontrivial=n_neg, time=time.perf_counter() - start)
-        return loss.to(logits.dtype)
+    def forward(logits, targets, kind, opts):
+        loss, state, n_pos, n_neg = _forward(logits.detach(), targets.detach(), kind, opts, True)
+        state["counts"] = (n_pos, n_neg)
+        opts.state = state
+        return loss
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, _, _, opts = inputs
+        state, opts.state = opts.state, {"counts": opts.state["counts"]}
+        ctx.state = state
+        ctx.logits_dtype = logits.dtype
+        ctx.shape = logits.shape
+        ctx.save_for_backward(logits)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ap_loss/auc_loss support no double backward: create_graph=True (e.g. for a "
+                "gradient penalty) and torch.func.grad/jacrev would differentiate the "
+                "error-driven update, which has no derivative here. Use loss.backward() or "
+                "torch.autograd.grad without create_graph for the ranking loss."
+            )
+        return _RankingLoss._backward_once(ctx, grad_output)
+
+    @staticmethod
+    @once_differentiable
+    def _backward_once(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        grad = _backward(ctx.state, logits.detach(), grad_output)
+        ctx.state = None
+        return grad, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(
+            "ap_loss/auc_loss do not support torch.func.vmap: all entries are ranked together "
+            "(there is no per-sample rule). Call the loss once per sample in a Python loop, "
+            "or once on the whole batch."
+        )
 
 
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
 def validate_ranking_inputs(logits, targets):
     """Raise a ValueError naming the problem unless ``logits``/``targets`` are valid inputs of a
     ranking loss: same shape and device, floating logits without NaN/Inf
-    (:class:`NonFiniteLogitsError`, with their count), labels in {1, 0, -1}."""
+    (:class:`NonFiniteLogitsError`, with their count), labels in {1, 0, -1}.
+
+    One pass over each tensor (min/max) and one host read in the valid case."""
+    _validate(logits, targets)
+
+
+def _validate(logits, targets):
+    """validate_ranking_inputs; returns the targets (float targets converted to int8)."""
+    _check_static(logits, targets)
+    if logits.numel() == 0:
+        return targets
+    try:
+        return _check_values(logits, targets)
+    except RuntimeError as e:  # functorch-wrapped tensors have no storage to read
+        raise RuntimeError(
+            "ap_loss/auc_loss need concrete tensors: they rank all entries together and read "
+            "counts on the host, so torch.func transforms (vmap, grad, jacrev, ...) are not "
+            "supported (for vmap there is no per-sample rule: all entries are ranked together). "
+            "Call the loss on ordinary tensors and use loss.backward() / torch.autograd.grad."
+        ) from e
+
+
+def _check_static(logits, targets):
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise ValueError("logits and targets must be tensors")
     if not logits.is_floating_point():
@@ -176,73 +300,87 @@ def validate_ranking_inputs(logits, targets):
         )
     if targets.device != logits.device:
         raise ValueError(f"logits are on {logits.device} but targets on {targets.device}")
-    if logits.numel() == 0:
-        return
-    if not bool(torch.isfinite(logits).all()):
-        bad = int((~torch.isfinite(logits)).sum())
-        raise NonFiniteLogitsError(f"{bad} of {logits.numel()} logits are NaN or Inf")
     if targets.dtype == torch.bool:
         raise ValueError("targets must hold 1 (positive), 0 (negative), -1 (ignored); got a bool tensor")
-    if targets.is_floating_point():
-        invalid = (targets != 0) & (targets != 1) & (targets != -1)
-        if bool(invalid.any()):
-            values = torch.unique(targets[invalid])[:10].tolist()
-            raise ValueError(
-                f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
-                f"{int(invalid.sum())} other labels, e.g. {values}"
-            )
-    else:
-        lo, hi = torch.aminmax(targets)
-        if int(lo) < -1 or int(hi) > 1:
-            invalid = (targets < -1) | (targets > 1)
-            values = torch.unique(targets[invalid])[:10].tolist()
-            raise ValueError(
-                f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
-                f"{int(invalid.sum())} other labels, e.g. {values}"
-            )
+    if targets.is_complex():
+        raise ValueError(f"targets must be an int or float tensor, got {targets.dtype}")
 
 
-def _ranking_loss_and_grad(logits, targets, kind, opts):
-    """Returns (loss float64 0-dim, gradient in logits dtype and shape, |P|, |N^|).
+def _check_values(logits, targets):
+    x = logits.detach()
+    t = targets.detach()
+    xmin, xmax = torch.aminmax(x)
+    tmin, tmax = torch.aminmax(t)
+    vals = [xmin.double(), xmax.double(), tmin.double(), tmax.double()]
+    code = t
+    if t.is_floating_point():
+        # inside [-1, 1], labels other than -1, 0, 1 are those that do not survive the cast
+        code = t.to(torch.int8)
+        vals.append(torch.count_nonzero(code != t).double())
+    vals = _host_list(torch.stack(vals))  # the one host read
+    if not (math.isfinite(vals[0]) and math.isfinite(vals[1])):
+        bad = int((~torch.isfinite(x)).sum())
+        raise NonFiniteLogitsError(f"{bad} of {x.numel()} logits are NaN or Inf")
+    out_of_range = not (vals[2] >= -1 and vals[3] <= 1)
+    if out_of_range or (len(vals) > 4 and vals[4] > 0):
+        invalid = (t != 0) & (t != 1) & (t != -1)
+        values = torch.unique(t[invalid])[:10].tolist()
+        raise ValueError(
+            f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
+            f"{int(invalid.sum())} other labels, e.g. {values}"
+        )
+    return code
 
-    Negatives are processed in chunks of the flattened input, twice: pass 1 finds the
-    non-trivial ones and accumulates their per-positive sums ``b_i``; pass 2 selects them again
-    and writes their gradients. Between the passes only their segment indices are kept (int16
-    while |P| < 16k), so the extra memory stays a small multiple of the logits.
-    """
+
+# ---------------------------------------------------------------------------------------------
+# Forward / backward
+# ---------------------------------------------------------------------------------------------
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _loss_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _forward(logits, targets, kind, opts, need_grad):
+    """(loss in the loss dtype, state for the backward or None, |P|, |N^|)."""
     from . import distributed as dist_utils
 
     group = opts.process_group
+    cd = _compute_dtype(logits.dtype)
     x = logits.reshape(-1)
+    if x.dtype != cd:
+        x = x.to(cd)  # exact upcast of half precision
     t = targets.reshape(-1)
-    zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    # contiguous whatever the logits' strides: flat position i of `grad` is entry i of `x`
-    grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    if t.is_floating_point():
+        t = t.to(torch.int8)  # validated: exactly -1, 0, 1
+    out_dtype = _loss_dtype(logits.dtype)
+
     pos_idx = torch.nonzero(t == 1).squeeze(1)
     p_all, offset = dist_utils.gather_positive_scores(x[pos_idx].double(), group)
     m = p_all.numel()
+    state = {"m": 0, "pos_idx": pos_idx}
     if m == 0:
-        return zero, grad, 0, 0
-
+        return torch.zeros((), dtype=out_dtype, device=x.device), state, 0, 0
     p, order = torch.sort(p_all, stable=True)
-    kernel = _make_kernel(opts, p)
-    threshold = p[0] - opts.delta
-    chunk = _chunk_size(x.numel())
-    chunks = [(x[i : i + chunk], t[i : i + chunk], i) for i in range(0, x.numel(), chunk)]
-    b = torch.zeros_like(p)
-    segments = []  # per chunk: segment index of each non-trivial negative, in a small int type
-    n_neg = 0
-    for xc, tc, _ in chunks:
-        _, s = _nontrivial_negatives(xc, tc, threshold)
-        b_part, seg = kernel.accumulate(s)
-        b += b_part
-        n_neg += s.numel()
-        segments.append(None if seg is None else seg.to(_small_index_dtype(kernel.num_segments)))
+    # the positives of this process in the sorted order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(m, device=order.device)
+    mine = inverse[offset : offset + pos_idx.numel()]
+
+    if opts.step == "sigmoid":
+        kernel = _SigmoidStep(p, opts, x, t)
+    else:
+        kernel = _PiecewiseStep(p, opts, x, t, cd)
+    b, n_neg = kernel.negative_sums()
     b = dist_utils.all_reduce_sum(b, group)
-    n_neg = dist_utils.all_reduce_count(n_neg, group, x.device)
+    want_count = opts.stats is not None
+    if want_count:
+        n_neg = dist_utils.all_reduce_count(int(n_neg), group, x.device)
 
     if kind == "ap":
-        a = (1.0 - kernel.f0) + kernel.accumulate(p)[0]
+        a = (1.0 - kernel.f0) + kernel.positive_sums()
         denom = a + b
         prec = a / denom
         prec_interp = torch.cummax(prec, 0).values if opts.interpolate else prec
@@ -251,221 +389,81 @@ def _ranking_loss_and_grad(logits, targets, kind, opts):
         loss = 1 - prec_interp.mean()
         g_pos = -(1 - prec_interp) / m
     else:  # auc
-        n_all_neg = dist_utils.all_reduce_count(int((t == 0).sum()), group, x.device)
+        n_all_neg = dist_utils.all_reduce_count(int(kernel.num_all_negatives()), group, x.device)
         if n_all_neg == 0:
-            return zero, grad, m, n_neg
-        w = torch.full_like(p, 1.0 / n_all_neg)
-        loss = b.sum() / (n_all_neg * m)
-        g_pos = -b / (n_all_neg * m)
+            w = torch.zeros_like(p)
+            loss = torch.zeros((), dtype=torch.float64, device=x.device)
+            g_pos = torch.zeros_like(p)
+        else:
+            w = torch.full_like(p, 1.0 / n_all_neg)
+            loss = b.sum() / (n_all_neg * m)
+            g_pos = -b / (n_all_neg * m)
+    loss = loss.to(out_dtype)
+    if not need_grad:
+        return loss, None, m, n_neg
+    state.update(m=m, kernel=kernel, coefficients=kernel.coefficients(w / m),
+                 g_pos=g_pos[mine])
+    return loss, state, m, n_neg
 
-    flat = grad.view(-1)
-    coefficients = kernel.coefficients(w / m)
-    for (xc, tc, start), seg in zip(chunks, segments):
-        # the same selection as in pass 1 (deterministic), rather than keeping its positions
-        idx, s = _nontrivial_negatives(xc, tc, threshold)
-        if idx.numel():
-            g_neg = kernel.evaluate(coefficients, s, seg)
-            flat.index_copy_(0, idx + start, g_neg.to(flat.dtype))
+
+def _backward(state, logits, grad_output):
+    cd = _compute_dtype(logits.dtype)
+    go = grad_output.to(torch.float64)
+    if state["m"] == 0:
+        return torch.zeros_like(logits)
+    flat = state["kernel"].evaluate(state["coefficients"], go)  # compute dtype, flat, x go
+    pos_idx = state["pos_idx"]
     if pos_idx.numel():
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(m, device=order.device)
-        mine = inverse[offset : offset + pos_idx.numel()]
-        flat.index_copy_(0, pos_idx, g_pos[mine].to(flat.dtype))
-    return loss, grad, m, n_neg
+        flat.index_copy_(0, pos_idx, (state["g_pos"] * go).to(cd))
+    return flat.view(logits.shape).to(logits.dtype)
 
 
-def _small_index_dtype(n):
-    """Smallest signed integer dtype holding 0..n (segment indices kept between passes)."""
-    for dtype in (torch.int16, torch.int32):
-        if n <= torch.iinfo(dtype).max:
-            return dtype
-    return torch.int64
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def _two_sum(a, b):
+    """(fl(a + b), exact error): a + b == s + e exactly (Knuth's TwoSum, float64)."""
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, e
 
 
-def _chunk_size(numel):
-    """Entries per chunk of the negatives' passes: ~1/16 of the input, at least 2**16."""
-    return max(2**16, -(-numel // 16))
+def _round_up(r, e, dtype):
+    """Smallest value of ``dtype`` >= the exact ``r + e`` (float64 pair from _two_sum)."""
+    c = r.to(dtype)
+    up = torch.nextafter(c, torch.full_like(c, math.inf))
+    # c - r is exact (c is r rounded to dtype, or r itself)
+    return torch.where(c.double() - r < e, up, c).double()
 
 
-def _nontrivial_negatives(x, t, threshold):
-    """Positions and float64 scores of negatives with ``s >= threshold`` (exact in float64).
-
-    The element-wise pass compares in the logits' dtype against the threshold rounded down to
-    that dtype (a superset), then refines the few borderline entries in float64.
-    """
-    thr = threshold.to(x.dtype)
-    if thr.double() > threshold:
-        thr = torch.nextafter(thr, torch.tensor(float("-inf"), dtype=x.dtype, device=x.device))
-    idx = torch.nonzero((t == 0) & (x >= thr)).squeeze(1)
-    s = x[idx].double()
-    keep = s >= threshold
-    if not bool(keep.all()):
-        idx, s = idx[keep], s[keep]
-    return idx, s
+def _round_above(r, e, dtype):
+    """Smallest value of ``dtype`` > the exact ``r + e``."""
+    c = r.to(dtype)
+    up = torch.nextafter(c, torch.full_like(c, math.inf))
+    return torch.where(c.double() - r <= e, up, c).double()
 
 
-def _make_kernel(opts, p):
-    if opts.step == "linear":
-        return _LinearStep(p, opts.delta)
-    if opts.step == "heaviside":
-        return _HeavisideStep(p)
-    return _SigmoidStep(p, opts.sigmoid_k)
+def _host_list(t):
+    """Copy a small tensor to the host as a list: with ``nonzero`` and ``int(tensor)`` the only
+    host synchronisations of a call (``ap_loss_d2.benchmark`` counts them through here)."""
+    return t.tolist()
 
 
-class _SegmentIndex:
-    """``torch.searchsorted(r, q, right=True)`` for many queries ``q`` against few sorted
-    breakpoints ``r``, exact, through a uniform-grid lookup table.
-
-    A query whose grid cell (and both neighbours, to absorb rounding of the cell index) holds
-    no breakpoint takes the table's answer; the others (at most ~3 cells per breakpoint) fall
-    back to ``torch.searchsorted``. O(1) per query on well-spread data, O(log |r|) worst case.
-    """
-
-    def __init__(self, r):
-        self.r = r
-        self.table = None
-        n = r.numel()
-        if n == 0:
-            return
-        lo, hi = r[0], r[-1]
-        cells = min(max(64, _GRID_CELLS_PER_BREAKPOINT * n), 2**22)
-        width = (hi - lo) / cells
-        if not bool(width > 0) or not bool(torch.isfinite(width)):
-            return
-        edges = lo + width * torch.arange(-2, cells + 3, dtype=r.dtype, device=r.device)
-        at_or_below = torch.searchsorted(r, edges, right=True)  # #r <= edge
-        below = torch.searchsorted(r, edges, right=False)  # #r < edge
-        # core slot j holds grid cell c = j - 1 (c in [-1, cells]); edges[j] is grid coordinate
-        # j - 2, so cell c's neighbourhood (c - 1, c + 2) is (edges[j], edges[j + 3]). The slot
-        # is clean when no breakpoint lies in it: then #{r <= q} = #{r <= edges[j]} there.
-        k_lo = at_or_below[:-3]
-        clean = k_lo == below[3:]
-        # -1 marks "look it up"
-        core = torch.where(clean, k_lo, torch.full_like(k_lo, -1))
-        # two more slots: grid coordinates < -1 (below every breakpoint: 0) and >= cells + 1
-        # (above every breakpoint: n)
-        self.table = torch.cat([core.new_zeros(1), core, core.new_full((1,), n)])
-        self.lo, self.inv_width, self.cells = float(lo), float(1.0 / width), cells
-
-    def __call__(self, q):
-        if self.table is None or q.numel() == 0:
-            return torch.searchsorted(self.r, q, right=True)
-        # slot = floor(grid coordinate) + 2, clamped to [0, cells + 3] (the far slots)
-        slot = torch.sub(q, self.lo).mul_(self.inv_width).add_(2.0).clamp_(0, self.cells + 3)
-        k = self.table[slot.to(torch.int64)]
-        del slot
-        missing = torch.nonzero(k < 0).squeeze(1)
-        if missing.numel():
-            k[missing] = torch.searchsorted(self.r, q[missing], right=True)
-        return k
+def _as_dtype(v, dtype):
+    """The Python float ``v`` rounded to ``dtype`` (float32 or float64), on the host."""
+    if dtype == torch.float64:
+        return float(v)
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:
+        return math.inf
 
 
-class _LinearStep:
-    """f(x) = clamp(x / (2 delta) + 1/2, 0, 1): breakpoints at p_i - delta and p_i + delta.
-
-    Segment k of a query s is the number of breakpoints <= s. Because f is continuous, how
-    tied breakpoints are ordered does not change any value.
-    """
-
-    f0 = 0.5
-
-    def __init__(self, p, delta):
-        m = p.numel()
-        self.p, self.delta, self.m = p, delta, m
-        r, order = torch.sort(torch.cat([p - delta, p + delta]), stable=True)
-        position = torch.empty_like(order)
-        position[order] = torch.arange(2 * m, device=p.device)
-        # exclusive prefix index bounds of each positive's window [p_i - delta, p_i + delta]
-        self.win_lo = position[:m] + 1
-        self.win_hi = position[m:] + 1
-        self.r, self.order = r, order
-        self.segment = _SegmentIndex(r)
-        self.num_segments = 2 * m + 1
-
-    def accumulate(self, q):
-        """(sum_j f(q_j - p_i) for each positive i, segment index of each q_j)."""
-        if q.numel() == 0:
-            return torch.zeros_like(self.p), None
-        seg = self.segment(q)
-        nseg = self.num_segments
-        count = _exclusive_cumsum(torch.bincount(seg, minlength=nseg).double())
-        total = _exclusive_cumsum(torch.bincount(seg, weights=q, minlength=nseg))
-        lo, hi = self.win_lo, self.win_hi
-        in_window = count[hi] - count[lo]
-        window_sum = total[hi] - total[lo]
-        above = count[-1] - count[hi]
-        return above + (window_sum - self.p * in_window) / (2 * self.delta) + 0.5 * in_window, seg
-
-    def coefficients(self, w):
-        """Per segment k: (intercept_k, slope_k) with sum_i w_i f(s - p_i) = intercept_k + slope_k s."""
-        two_d = 2 * self.delta
-        # in breakpoint order: entering the window of i adds w_i * ((s - p_i) / 2d + 1/2),
-        # leaving it replaces that with w_i.
-        d_slope = torch.cat([w / two_d, -w / two_d])[self.order]
-        d_icpt = torch.cat([w * (0.5 - self.p / two_d), w * (0.5 + self.p / two_d)])[self.order]
-        return _exclusive_cumsum(d_icpt), _exclusive_cumsum(d_slope)
-
-    def evaluate(self, coefficients, s, seg):
-        """sum_i w_i f(s_j - p_i) for each s_j (seg: its segment indices from accumulate)."""
-        icpt, slope = coefficients
-        seg = seg.long()
-        return icpt[seg].addcmul_(slope[seg], s)
-
-
-class _HeavisideStep:
-    """H(x) = 1 if x >= 0 else 0: breakpoints at the positive scores."""
-
-    f0 = 1.0
-
-    def __init__(self, p):
-        self.p, self.m = p, p.numel()
-        # H(s - p_i) = 1  <=>  #{p <= s} >= #{p <= p_i}
-        self.first_above = torch.searchsorted(p, p, right=True)
-        self.segment = _SegmentIndex(p)
-        self.num_segments = self.m + 1
-
-    def accumulate(self, q):
-        if q.numel() == 0:
-            return torch.zeros_like(self.p), None
-        seg = self.segment(q)
-        count = _exclusive_cumsum(torch.bincount(seg, minlength=self.m + 1).double())
-        return count[-1] - count[self.first_above], seg
-
-    def coefficients(self, w):
-        return _exclusive_cumsum(w)
-
-    def evaluate(self, coefficients, s, seg):
-        return coefficients[seg.long()]
-
-
-class _SigmoidStep:
-    """f(x) = 1 / (1 + exp(-x / k)) (Eq. 54): no window, exact in bounded chunks.
-
-    O(|P| * (|P| + |N^|)) time; extra memory per chunk capped at SIGMOID_CHUNK_BYTES.
-    """
-
-    f0 = 0.5
-    num_segments = 0
-
-    def __init__(self, p, k):
-        self.p, self.k = p, k
-        # a chunk holds ~3 float64 (rows x |P|) temporaries
-        self.rows = max(1, SIGMOID_CHUNK_BYTES // (3 * 8 * max(1, p.numel())))
-
-    def _f(self, q):
-        return torch.sigmoid((q[:, None] - self.p[None, :]) / self.k)
-
-    def accumulate(self, q):
-        out = torch.zeros_like(self.p)
-        for chunk in torch.split(q, self.rows):
-            out += self._f(chunk).sum(0)
-        return out, None
-
-    def coefficients(self, w):
-        return w
-
-    def evaluate(self, w, s, seg):
-        return torch.cat([self._f(chunk) @ w for chunk in torch.split(s, self.rows)])
+def _count(k, n):
+    """bincount(k, minlength=n) for 0 <= k < n, without bincount's min/max pass."""
+    ones = torch.ones(1, dtype=torch.int64, device=k.device).expand(k.numel())
+    return torch.zeros(n, dtype=torch.int64, device=k.device).index_add_(0, k, ones)
 
 
 def _exclusive_cumsum(x):
@@ -473,3 +471,255 @@ def _exclusive_cumsum(x):
     out = torch.zeros(x.numel() + 1, dtype=torch.float64, device=x.device)
     torch.cumsum(x.double(), 0, out=out[1:])
     return out
+
+
+class _SegmentIndex:
+    """Exact ``#{c <= q}`` (sorted breakpoints ``c`` in the queries' dtype) for many queries.
+
+    A uniform grid: the cell of a value is ``trunc(clamp((v - lo) * inv_w, 0, cells - 1))``,
+    computed with the same (monotone) float ops for breakpoints and queries. A query in a cell
+    without breakpoint takes the number of breakpoints in lower cells from a table; the others
+    are binary-searched (one ``nonzero``).
+    """
+
+    def __init__(self, c, lo, hi):
+        self.c = c
+        self.table = None
+        n = c.numel()
+        span = hi - lo
+        if not (math.isfinite(span) and span > 0):
+            return
+        cells = min(max(64, _GRID_CELLS_PER_BREAKPOINT * n), _GRID_MAX_CELLS)
+        inv_w = cells / span
+        # rounded to the query dtype once, so that every op below is an exact IEEE op there
+        lo_t, inv_t = _as_dtype(lo, c.dtype), _as_dtype(inv_w, c.dtype)
+        if not (math.isfinite(inv_t) and inv_t > 0):
+            return
+        self.lo, self.inv_w, self.cells = lo_t, inv_t, cells
+        cell_of_c = self._cells(c).long()
+        occupied = torch.bincount(cell_of_c, minlength=cells)
+        below = torch.zeros(cells, dtype=torch.int64, device=c.device)
+        torch.cumsum(occupied[:-1], 0, out=below[1:])
+        table = torch.where(occupied > 0, torch.full_like(below, -1), below)
+        self.table = table.to(torch.int32)
+
+    def _cells(self, v):
+        u = torch.sub(v, self.lo)
+        u.mul_(self.inv_w).clamp_(0, self.cells - 1)
+        return u.to(torch.int32)
+
+    def __call__(self, q):
+        """int32 segment index of each query (in chunks: small temporaries)."""
+        if self.table is None:
+            return torch.searchsorted(self.c, q, right=True, out_int32=True)
+        k = torch.empty(q.numel(), dtype=torch.int32, device=q.device)
+        for i in range(0, q.numel(), _CHUNK):
+            torch.index_select(self.table, 0, self._cells(q[i : i + _CHUNK]), out=k[i : i + _CHUNK])
+        amb = torch.nonzero(k < 0).squeeze(1)
+        if amb.numel():
+            k.index_copy_(0, amb, torch.searchsorted(self.c, q.index_select(0, amb), right=True,
+                                                     out_int32=True))
+        return k
+
+
+class _PiecewiseStep:
+    """Linear (Eq. 21) and Heaviside (Eq. 4) steps: every entry ranked through its segment."""
+
+    def __init__(self, p, opts, x, t, cd):
+        self.linear = opts.step == "linear"
+        self.f0 = 0.5 if self.linear else 1.0
+        self.delta = opts.delta
+        self.p, self.m, self.x, self.cd = p, p.numel(), x, cd
+        m, delta = self.m, opts.delta
+        # breakpoints: "passed" <=> x >= c (exact comparisons in the compute dtype)
+        # outward rounding of the exact p - delta, p + delta (float64 TwoSum, then the dtype)
+        lower = _round_up(*_two_sum(p, torch.full_like(p, -delta)), cd)
+        upper = (_round_above(*_two_sum(p, torch.full_like(p, delta)), cd) if self.linear
+                 else _round_up(p, torch.zeros_like(p), cd))
+        c, border = torch.sort(torch.cat([lower, upper]), stable=True)
+        position = torch.empty_like(border)
+        position[border] = torch.arange(2 * m, device=p.device)
+        self.pos_lo, self.pos_hi = position[:m], position[m:]
+        self.c, self.border = c, border
+        nb = 2 * m
+        self.num_segments = nb + 1
+        self.dummy = nb + 1
+        # segment k >= 1 has left breakpoint c[k - 1]; open windows: +1 at lower, -1 at upper
+        ev = torch.cat([torch.ones(m, dtype=torch.int64, device=p.device),
+                        -torch.ones(m, dtype=torch.int64, device=p.device)])[border]
+        n_open = torch.cumsum(ev, 0)  # open windows in segment k + 1
+        self.open = torch.cat([n_open.new_zeros(1), n_open]) > 0  # per segment 0..nb
+        # clusters of overlapping windows: each starts at a lower breakpoint with 0 open before
+        start = (ev > 0) & (torch.cat([n_open.new_zeros(1), n_open[:-1]]) == 0)
+        # cluster reference of each breakpoint: c at the latest start (no boolean indexing:
+        # that would be a host synchronisation)
+        first = torch.where(start, torch.arange(nb, device=p.device), torch.zeros_like(border))
+        self.R_bp = c[torch.cummax(first, 0).values]
+        self.ref = torch.cat([torch.zeros(1, dtype=torch.float64, device=p.device), c])  # per seg
+        self.R_seg = torch.cat([torch.zeros(1, dtype=torch.float64, device=p.device), self.R_bp])
+        self.R_seg = torch.where(self.open, self.R_seg, torch.zeros_like(self.R_seg))
+        # cluster reference of each positive's window
+        self.R_pos = self.R_bp[self.pos_lo]
+
+        # one host read: the grid's range and the breakpoints' magnitude
+        lo_c, hi_c, self.scale = _host_list(torch.stack([c[0], c[-1], c.abs().max()]))
+        # segment of every entry; non-negatives go to the dummy segment
+        c_cd = c.to(cd)
+        self.c_cd = c_cd
+        k = _SegmentIndex(c_cd, lo_c, hi_c)(x)
+        k.masked_fill_(t != 0, self.dummy)
+        self.k = k
+
+    # -- per-positive sums --------------------------------------------------------------------
+    def _sums(self, count, local_sum):
+        """sum_j f(q_j - p_i) for each positive from per-segment counts and sums of
+        (q - ref_k) (segments 0..nb)."""
+        lo, hi = self.pos_lo + 1, self.pos_hi + 1
+        cc = _exclusive_cumsum(count)
+        above = cc[-1] - cc[hi]
+        if not self.linear:
+            return above
+        # E_k = sum_j (q_j - R_c) over open segments (relative to the cluster reference)
+        e = torch.where(self.open, local_sum + count * (self.ref - self.R_seg),
+                        torch.zeros_like(local_sum))
+        ce = _exclusive_cumsum(e)
+        n_win = cc[hi] - cc[lo]
+        s_win = (ce[hi] - ce[lo]) - (self.p - self.R_pos) * n_win
+        return above + s_win / (2 * self.delta) + 0.5 * n_win
+
+    def negative_sums(self):
+        """(b_i for each positive over this process's negatives, |N^| (0-dim tensor))."""
+        nseg = self.num_segments + 1  # + dummy
+        count = _count(self.k, nseg).double()
+        self.count = count
+        if self.linear:
+            local = self._local_sums(nseg)
+        else:
+            local = torch.zeros_like(count)
+        b = self._sums(count[:-1], local[:-1])
+        n_neg = count[1:-1].sum()
+        return b, n_neg
+
+    def _local_sums(self, nseg):
+        """Per segment, sum of (x - ref_k) over its entries, float64 and exact to rounding."""
+        x, k = self.x, self.k
+        ref = torch.where(self.open, self.ref, torch.zeros_like(self.ref))
+        ref_d = torch.cat([ref, ref.new_zeros(1)])
+        # raw sums are exact enough when every open segment's values are small relative to
+        # delta (|x| <= 2**12 delta): then only the per-segment subtraction follows
+        direct = self.scale <= 2.0**12 * self.delta
+        out = torch.zeros(nseg, dtype=torch.float64, device=x.device)
+        for i in range(0, x.numel(), _CHUNK):
+            xs = x[i : i + _CHUNK].double()  # (the logits themselves when float64)
+            ks = k[i : i + _CHUNK]
+            if not direct:
+                xs = xs - ref_d.index_select(0, ks)  # never in place
+            out.index_add_(0, ks, xs)
+        if direct:
+            out -= self.count * ref_d
+        return out
+
+    def num_all_negatives(self):
+        return self.count[:-1].sum()
+
+    def positive_sums(self):
+        """sum_k f(p_k - p_i) over all positives k (self included)."""
+        q = self.p.to(self.cd)  # exact: the positives are values of the compute dtype
+        k = torch.searchsorted(self.c_cd, q, right=True)
+        nseg = self.num_segments
+        count = torch.bincount(k, minlength=nseg).double()
+        local = torch.bincount(k, weights=self.p - self.ref[k], minlength=nseg)
+        return self._sums(count, local)
+
+    # -- gradient ------------------------------------------------------------------------------
+    def coefficients(self, w):
+        """Per segment (and the dummy): A_k, B_k, ref_k with gradient A_k + B_k (x - ref_k)."""
+        m = self.m
+        zeros = torch.zeros_like(w)
+        # passed upper breakpoints: + w_i
+        U = _exclusive_cumsum(torch.cat([zeros, w])[self.border])
+        if self.linear:
+            two_d = 2 * self.delta
+            W = _exclusive_cumsum(torch.cat([w, -w])[self.border])
+            W = torch.where(self.open, W.clamp_min(0), torch.zeros_like(W))
+            wp = w * (self.p - self.R_pos)
+            Q = _exclusive_cumsum(torch.cat([wp, -wp])[self.border])
+            O = W * (self.ref - self.R_seg) - Q  # sum_open w_i (ref_k - p_i)
+            A = U + 0.5 * W + O / two_d
+            A = torch.where(self.open, A.clamp_min(0), U)
+            B = W / two_d
+        else:
+            A, B = U, torch.zeros_like(U)
+        ref = torch.where(self.open, self.ref, torch.zeros_like(self.ref)) if self.linear \
+            else torch.zeros_like(self.ref)
+        pad = torch.zeros(1, dtype=torch.float64, device=w.device)
+        del m
+        return torch.cat([A, pad]), torch.cat([B, pad]), torch.cat([ref, pad])
+
+    def evaluate(self, coefficients, go):
+        A, B, ref = coefficients
+        cd, k, x = self.cd, self.k, self.x
+        A_t = (A * go).to(cd)
+        B_t, R_t = (B * go).to(cd), ref.to(cd)
+        out = torch.empty(x.numel(), dtype=cd, device=x.device)
+        for i in range(0, x.numel(), _CHUNK):  # chunks: temporaries stay small
+            ks, o = k[i : i + _CHUNK], out[i : i + _CHUNK]
+            torch.index_select(A_t, 0, ks, out=o)
+            if self.linear:
+                d = R_t.index_select(0, ks)
+                torch.sub(x[i : i + _CHUNK], d, out=d)
+                o.addcmul_(B_t.index_select(0, ks), d)
+        return out
+
+
+class _SigmoidStep:
+    """f(x) = 1 / (1 + exp(-x / k)) (Eq. 54): no window, exact in bounded chunks, float64.
+
+    By default over all negatives; with ``sigmoid_cut`` over N^ only.
+    O(|P| * (|P| + |N|)) time; extra memory per chunk capped at SIGMOID_CHUNK_BYTES.
+    """
+
+    f0 = 0.5
+
+    def __init__(self, p, opts, x, t):
+        self.p, self.k = p, opts.sigmoid_k
+        self.x = x
+        self.rows = max(1, SIGMOID_CHUNK_BYTES // (3 * 8 * max(1, p.numel())))
+        neg = t == 0
+        self.n_all = neg.sum()
+        thr = p[0] - opts.delta
+        # N^ as float64 comparison (exact for every input dtype)
+        nontrivial = neg & (x.double() >= thr) if x.dtype != torch.float64 else neg & (x >= thr)
+        self.n_nontrivial = nontrivial.sum()
+        sel = nontrivial if opts.sigmoid_cut else neg
+        self.idx = torch.nonzero(sel).squeeze(1)
+        self.s = x.index_select(0, self.idx).double()
+
+    def _f(self, q):
+        return torch.sigmoid((q[:, None] - self.p[None, :]) / self.k)
+
+    def _acc(self, q):
+        out = torch.zeros_like(self.p)
+        for chunk in torch.split(q, self.rows):
+            out += self._f(chunk).sum(0)
+        return out
+
+    def negative_sums(self):
+        return self._acc(self.s), self.n_nontrivial
+
+    def positive_sums(self):
+        return self._acc(self.p)
+
+    def num_all_negatives(self):
+        return self.n_all
+
+    def coefficients(self, w):
+        return w
+
+    def evaluate(self, w, go):
+        cd = self.x.dtype
+        flat = torch.zeros(self.x.numel(), dtype=cd, device=self.x.device)
+        if self.idx.numel():
+            g = torch.cat([self._f(chunk) @ w for chunk in torch.split(self.s, self.rows)])
+            flat.index_copy_(0, self.idx, (g * go).to(cd))
+        return flat

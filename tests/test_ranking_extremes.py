@@ -1,0 +1,195 @@
+"""Ranking losses on any finite logits (issue 10.4), the exact sigmoid step (issue 14.2) and the
+autograd contract (issue 10.5), against the float64 oracle of tests/ap_oracle.py.
+
+The oracle computes every step value from the float64 difference of two scores, exact for
+float32 scores whenever the step is not saturated, so it is exact (to float64 rounding of the
+sums) on these inputs. Float64 logits must match it to 1e-9 relative; float32 logits must equal
+the float64 call on the same values up to float32 rounding of the returned value.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ap_oracle import ap_oracle, auc_oracle  # noqa: E402
+
+from ap_loss_d2.losses import ap_loss, auc_loss  # noqa: E402
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _call(fn, s, t, dtype, **kw):
+    x = torch.tensor(np.asarray(s, dtype=np.float64), dtype=dtype, requires_grad=True)
+    loss = fn(x, torch.as_tensor(np.asarray(t)), **kw)
+    loss.backward()
+    return float(loss), x.grad.double().numpy()
+
+
+def _against_oracle(s, t, **kw):
+    """float64 logits vs the oracle to 1e-9; float32 logits (when the values are float32) vs
+    the float64 call up to float32 rounding."""
+    s = np.asarray(s, dtype=np.float64)
+    for kind, fn, oracle in (("ap", ap_loss, ap_oracle), ("auc", auc_loss, auc_oracle)):
+        okw = dict(kw)
+        if kind == "auc":
+            okw.pop("interpolate", None)
+        exp_loss, exp_grad = oracle(s, t, **okw)
+        loss, grad = _call(fn, s, t, torch.float64, **okw)
+        np.testing.assert_allclose(loss, exp_loss, rtol=1e-9, atol=1e-15, err_msg=f"{kind} {kw}")
+        np.testing.assert_allclose(grad, exp_grad, rtol=1e-9, atol=1e-15,
+                                   err_msg=f"{kind} grad {kw}")
+        if np.array_equal(s.astype(np.float32).astype(np.float64), s):
+            loss32, grad32 = _call(fn, s, t, torch.float32, **okw)
+            np.testing.assert_allclose(loss32, exp_loss, rtol=2**-22, atol=1e-30)
+            np.testing.assert_allclose(grad32, exp_grad, rtol=2**-21, atol=1e-44)
+            assert np.array_equal(grad32 != 0, exp_grad != 0)
+
+
+def test_issue_example_huge_negative_positive():
+    # Algorithm 1: f(0 - (-1e30)) = 1, a = 1, b = 1: loss 0.5, gradients -0.5 / +0.5
+    for dtype in (torch.float32, torch.float64):
+        loss, grad = _call(ap_loss, [-1e30, 0.0], [1, 0], dtype)
+        assert loss == 0.5
+        np.testing.assert_array_equal(grad, [-0.5, 0.5])
+    _against_oracle([-1e30, 0.0], [1, 0])
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("step", ["linear", "heaviside"])
+def test_float32_extremes(delta, step):
+    big = float(np.float32(3e38))
+    s = [big, -big, 0.0, 1.0, big, -big, F32_MAX, -F32_MAX, 0.5, -1e30, 1e30, 1e-30, big]
+    t = [1, 1, 0, 1, 0, 0, 0, 1, -1, 0, 1, 0, 0]
+    _against_oracle(s, t, delta=delta, step=step)
+    # ties at the extremes and windows of width 2 delta around huge scores
+    s2 = [big, big, big, -big, -big, 0.0, 0.0]
+    _against_oracle(s2, [1, 0, 1, 1, 0, 0, 1], delta=delta, step=step)
+    _against_oracle(s2, [1, 0, 1, 1, 0, 0, 1], delta=delta, step=step, interpolate=False)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3])
+def test_spread_1e12_many_negatives(delta):
+    """1e5 negatives spread over 1e12, each positive with negatives inside its window: the sums
+    must not cancel (the issue's 0.6666 instead of 0.7143)."""
+    rng = np.random.default_rng(int(delta * 1000) % 97)
+    n_neg, n_pos = 100_000, 6
+    p = np.array([-4e11, -1e11, 0.0, 3e11, 5e11, 5e11 + delta / 2])
+    neg = rng.uniform(-5e11, 5e11, n_neg)
+    # 30 % of the negatives inside or near some window
+    near = rng.random(n_neg) < 0.3
+    neg[near] = p[rng.integers(0, n_pos, near.sum())] + rng.uniform(-2 * delta, 2 * delta,
+                                                                     near.sum())
+    s = np.concatenate([p, neg])
+    t = np.concatenate([np.ones(n_pos, int), np.zeros(n_neg, int)])
+    _against_oracle(s, t, delta=delta)
+    # the same values rounded to float32 (windows collapse far from 0)
+    _against_oracle(s.astype(np.float32).astype(np.float64), t, delta=delta)
+
+
+def test_spread_1e12_value_from_issue():
+    """A small case whose value is known in closed form: positives at 0 and 1e12 - 0.5, negatives
+    at 1e12 and 1e12 + ... every negative inside the upper positive's window (delta = 1)."""
+    s = np.array([0.0, 1e12 - 0.5] + [1e12 + 0.25] * 4)
+    t = np.array([1, 1, 0, 0, 0, 0])
+    # upper positive i: a = 1, b = 4 * f(0.75) = 4 * 0.875 = 3.5, prec = 1/4.5
+    # lower positive: a = 1 + 1, b = 4, prec = 2/6; interpolated: max(2/6, 1/4.5) for the lower
+    exp = 1 - (2 / 6 + 2 / 6) / 2
+    loss, _ = _call(ap_loss, s, t, torch.float64)
+    assert abs(loss - exp) < 1e-12
+    _against_oracle(s, t)
+
+
+def test_delta_range_random():
+    rng = np.random.default_rng(5)
+    for delta in (1e-3, 1e-1, 10.0, 1e3):
+        s = rng.normal(0, 3 * delta, 400)
+        t = np.zeros(400, int)
+        t[rng.choice(400, 25, replace=False)] = 1
+        t[rng.choice(400, 10, replace=False)] = -1
+        _against_oracle(s, t, delta=delta)
+        _against_oracle(s, t, delta=delta, step="heaviside")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact sigmoid step (Eq. 54) and the delta cut
+# ---------------------------------------------------------------------------------------------
+def test_sigmoid_toy_k1_exact_and_cut():
+    # one positive at 0, negatives at -0.5 and -3 (below min_P s - delta = -1), k = 1
+    s, t = np.array([0.0, -0.5, -3.0]), np.array([1, 0, 0])
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
+    b_exact = sig(-0.5) + sig(-3.0)
+    exp_exact = 1 - 1 / (1 + b_exact)  # a = 1 (no other positive)
+    exp_cut = 1 - 1 / (1 + sig(-0.5))
+    loss, _ = _call(ap_loss, s, t, torch.float64, step="sigmoid", sigmoid_k=1.0)
+    loss_cut, _ = _call(ap_loss, s, t, torch.float64, step="sigmoid", sigmoid_k=1.0,
+                        sigmoid_cut=True)
+    assert abs(loss - exp_exact) < 1e-12 and abs(loss_cut - exp_cut) < 1e-12
+    assert loss > loss_cut
+    for cut in (False, True):
+        _against_oracle(s, t, step="sigmoid", sigmoid_k=1.0, sigmoid_cut=cut)
+
+
+def test_sigmoid_random_exact_and_cut():
+    rng = np.random.default_rng(9)
+    s = rng.normal(0, 2, 300)
+    t = np.zeros(300, int)
+    t[rng.choice(300, 20, replace=False)] = 1
+    for cut in (False, True):
+        _against_oracle(s, t, step="sigmoid", sigmoid_k=0.5, sigmoid_cut=cut)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd contract
+# ---------------------------------------------------------------------------------------------
+def test_create_graph_raises():
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    t = torch.zeros(50, dtype=torch.long)
+    t[:5] = 1
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ap_loss(x, t), x, create_graph=True)
+    # without create_graph it works
+    (g,) = torch.autograd.grad(ap_loss(x, t), x)
+    assert g.abs().sum() > 0
+
+
+def test_vmap_raises_clear_error():
+    x = torch.randn(3, 20)
+    t = torch.zeros(3, 20, dtype=torch.long)
+    t[:, :3] = 1
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.vmap(ap_loss)(x, t)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.func.grad(ap_loss)(x[0], t[0])
+
+
+def test_no_grad_value_only():
+    x = torch.randn(4, 300)
+    t = torch.zeros(4, 300, dtype=torch.long)
+    t[:, :10] = 1
+    ref = ap_loss(x.clone().requires_grad_(), t)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            v = ap_loss(x.clone().requires_grad_(), t)
+        assert v.grad_fn is None and float(v) == float(ref)
+    v = ap_loss(x, t)  # logits not requiring grad
+    assert v.grad_fn is None and float(v) == float(ref)
+
+
+def test_compile_with_graph_breaks():
+    x = torch.randn(2, 200, requires_grad=True)
+    t = torch.zeros(2, 200, dtype=torch.long)
+    t[:, :7] = 1
+    eager = ap_loss(x, t)
+    (g_eager,) = torch.autograd.grad(eager, x)
+
+    def f(x, t):
+        return ap_loss(x * 1.0, t)
+
+    compiled = torch.compile(f, backend="eager")
+    out = compiled(x, t)
+    (g,) = torch.autograd.grad(out, x)
+    assert float(out) == float(eager)
+    torch.testing.assert_close(g, g_eager)
