@@ -11,8 +11,8 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-import ap_loss_d2.modeling.labels as labels_module  # noqa: E402
-from ap_loss_d2.config import RETINANET_LOSSES  # noqa: E402
+import ap_loss_d2.losses.registry as labels_module  # noqa: E402
+from ap_loss_d2.losses.registry import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import Trainer, get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.losses import ap_loss, auc_loss  # noqa: E402
 
@@ -38,7 +38,7 @@ def _batch(device="cpu"):
     return batch
 
 
-@pytest.mark.parametrize("loss", RETINANET_LOSSES)
+@pytest.mark.parametrize("loss", cls_loss_names("retinanet"))
 def test_every_loss_trains_under_cpu_autocast(loss):
     torch.manual_seed(0)
     model = build_model(_cfg(loss))
@@ -78,7 +78,7 @@ def test_ranking_gradient_under_autocast_equals_float32(loss, fn, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Detectron2's AMPTrainer needs CUDA")
-@pytest.mark.parametrize("loss", RETINANET_LOSSES)
+@pytest.mark.parametrize("loss", cls_loss_names("retinanet"))
 def test_amp_trainer_cuda(loss, synth_dataset_dir, tmp_path):
     cfg = _cfg(loss, "MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "3",
                "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path))

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ap_oracle import ap_oracle, auc_oracle, step_value  # noqa: E402
+from tests.ap_oracle import ap_oracle, auc_oracle, step_value
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("linear", "heaviside", "sigmoid")
@@ -658,6 +657,7 @@ def test_losses_do_not_import_detectron2():
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_cuda_matches_cpu(dtype):

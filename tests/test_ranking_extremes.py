@@ -6,17 +6,13 @@ float32 scores whenever the step is not saturated, so it is exact (to float64 ro
 sums) on these inputs. Float64 logits must match it to 1e-9 relative; float32 logits must equal
 the float64 call on the same values up to float32 rounding of the returned value.
 """
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ap_oracle import ap_oracle, auc_oracle  # noqa: E402
-
-from ap_loss_d2.losses import ap_loss, auc_loss  # noqa: E402
+from ap_loss_d2.losses import ap_loss, auc_loss
+from tests.ap_oracle import ap_oracle, auc_oracle
 
 F32_MAX = float(np.finfo(np.float32).max)
 
