@@ -594,7 +594,7 @@ def breakdown(args):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    import ap_loss_d2.modeling.labels as labels_module
+    import ap_loss_d2.losses.registry as labels_module  # the module whose ap_loss/auc_loss the models call
     from ap_loss_d2.engine import get_ap_loss_cfg
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -605,7 +605,10 @@ def breakdown(args):
     config = Path(args.config_file or Path(__file__).resolve().parents[1] / PAPER_CONFIG)
     cfg = get_ap_loss_cfg()
     cfg.merge_from_file(str(config))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
+    # the batch's images form one ranking set (8 on CUDA: the paper's set)
+    cfg.merge_from_list(
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", images]
+    )
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     model.train()
