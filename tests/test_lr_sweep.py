@@ -41,7 +41,7 @@ FAKE = textwrap.dedent('''
 def fake_train(tmp_path, monkeypatch):
     script = tmp_path / "fake_train_net.py"
     script.write_text(FAKE)
-    monkeypatch.setattr(lr_sweep, "_train_script", lambda: script)
+    monkeypatch.setattr(lr_sweep, "train_net_command", lambda: [sys.executable, str(script)])
     return script
 
 
@@ -123,12 +123,9 @@ def test_tiny_real_sweep(tmp_path, synth_dataset_dir):
 
 
 def _main_job():
-    import importlib.util
+    from ap_loss_d2.studies import main_job
 
-    spec = importlib.util.spec_from_file_location("main_job", REPO / "tools" / "main_job.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return main_job
 
 
 def test_main_job_prints_the_sweeps_spread(tmp_path):
