@@ -30,6 +30,7 @@ __all__ = [
     "metrics_by_iteration",
     "read_json",
     "read_metrics_json",
+    "scale_iter",
     "scaled_schedule",
     "train_net_command",
     "RunSpec",
@@ -91,12 +92,17 @@ def train_net_command() -> List[str]:
     return [sys.executable, "-m", "ap_loss_d2.engine.train_net"]
 
 
+def scale_iter(value: int, max_iter: int, iters: int) -> int:
+    """An iteration count of a ``max_iter`` schedule (a step, ``WARMUP_ITERS``) at ``iters``."""
+    return int(round(value * iters / max_iter))
+
+
 def scaled_schedule(steps: Sequence[int], max_iter: int, iters: int) -> Tuple[int, ...]:
     """``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters``, kept strictly
     increasing and inside ``(0, iters)`` (what Detectron2's multi-step scheduler accepts)."""
     out: List[int] = []
     for s in steps:
-        s = int(round(s * iters / max_iter))
+        s = scale_iter(s, max_iter, iters)
         if 0 < s < iters and (not out or s > out[-1]):
             out.append(s)
     return tuple(out)
@@ -107,11 +113,13 @@ def read_json(path):
         return json.load(f)
 
 
-def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json") -> bool:
+def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json",
+                       error=SystemExit) -> bool:
     """Resume by fingerprint: ``run_dir/run_file`` remembers the settings of a run folder.
 
     Writes them when absent (returns False: a new run); returns True when they are the same
-    (the run may be resumed or skipped); refuses other settings with an error naming the folder.
+    (the run may be resumed or skipped); refuses other settings with ``error`` (a command
+    line's ``SystemExit``, a library's ``RuntimeError``) naming the folder.
     """
     run_dir = Path(run_dir)
     path = run_dir / run_file
@@ -119,7 +127,7 @@ def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json"
     if path.exists():
         previous = read_json(path)
         if previous != settings:
-            raise SystemExit(
+            raise error(
                 f"{run_dir} holds a run with other settings:\n  {previous}\nnow:\n  {settings}\n"
                 "use another --output-dir or delete that directory"
             )
