@@ -231,11 +231,9 @@ def format_table(result: dict, rows: int = 8) -> str:
 
 def plot(result: dict, path: str) -> None:
     """Both loss curves against the step (log scale on x), PNG at ``path``."""
-    import matplotlib
+    from .common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     gd, ed = result["gradient_descent"], result["error_driven"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x_gd = range(1, len(gd["F"]) + 1)

@@ -34,6 +34,8 @@ __all__ = [
     "scaled_schedule",
     "train_net_command",
     "RunSpec",
+    "add_opts",
+    "study_parser",
     "build_model_for_run",
     "dataset_subset",
     "fmt_num",
@@ -451,6 +453,33 @@ def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> 
             d[name] = value
             d["iteration"] = entry.get("iteration")
     return out
+
+
+def study_parser(study: str, description: str):
+    """The argument parser of a checkpoint study (``python -m ap_loss_d2.studies.<study>``) with
+    the arguments :func:`prepare_runs` reads: ``--run`` (repeatable), ``--dataset``,
+    ``--device``, ``--output-dir`` (default ``output/<study>``); :func:`add_opts` adds the
+    trailing config overrides after the study's own options."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m ap_loss_d2.studies.{study}",
+                                description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", required=True, metavar="CONFIG:WEIGHTS[:LABEL]",
+                   help="a checkpoint to study (repeatable); also RUN_DIR[:LABEL]")
+    p.add_argument("--dataset", default=None,
+                   help="registered test dataset (default: the first run's DATASETS.TEST[0])")
+    p.add_argument("--device", default=None, help="override MODEL.DEVICE")
+    p.add_argument("--output-dir", default=f"output/{study}")
+    return p
+
+
+def add_opts(parser) -> None:
+    """The trailing ``KEY VALUE`` config overrides (after the options)."""
+    import argparse
+
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides for every run (KEY VALUE ...), after the options")
 
 
 def prepare_runs(args):

@@ -48,6 +48,7 @@ Trailing ``KEY VALUE`` pairs are config overrides applied to every run, after th
 import argparse
 import contextlib
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
