@@ -258,7 +258,9 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m ap_loss_d2.studies.a2_example",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--theta0", type=float, nargs=2, default=list(DEFAULT_THETA0))
     parser.add_argument("--lr", type=float, default=1.0)

@@ -44,6 +44,7 @@ from typing import Dict, List, Optional
 
 from .common import (
     REPO,
+    default_config,
     fmt_num,
     last_bbox_metrics,
     markdown_table,
@@ -56,7 +57,8 @@ from .common import (
 __all__ = ["DIVERGED_PATTERNS", "main", "parse_divergence", "run_name", "summarize"]
 
 STUDY = "lr_sweep"
-DEFAULT_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
+CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
+DEFAULT_CONFIG = "configs/" + CONFIG_REL  # relative to the repository (recorded as written)
 METRICS = ("AP", "AP50", "AP75")
 #: Messages of a run stopped by NaN/Inf, with the iteration as group 1.
 DIVERGED_PATTERNS = (
@@ -91,6 +93,18 @@ def _settings(args, loss, lr, seed) -> dict:
     return {"config": args.config, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
 
 
+def config_path(config: str) -> str:
+    """``config`` as given, or relative to the repository (the default); a clear error when
+    neither exists."""
+    if os.path.isfile(config):
+        return config
+    if (REPO / config).is_file():
+        return str(REPO / config)
+    if config == DEFAULT_CONFIG:
+        return default_config(CONFIG_REL)  # says where the configs are expected
+    raise SystemExit(f"[{STUDY}] --config-file {config}: no such file")
+
+
 def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     """Train (or resume, or skip) one run; returns its record."""
     out = Path(args.output_dir) / run_name(loss, lr, seed)
@@ -107,19 +121,19 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
         return record
     out.mkdir(parents=True, exist_ok=True)
     resume = (out / "last_checkpoint").is_file()
-    cmd = [*train_net_command(), "--config-file", args.config]
+    cmd = [*train_net_command(), "--config-file", config_path(args.config)]
     if resume:
         cmd.append("--resume")
     if args.num_gpus > 1:
         cmd += ["--num-gpus", str(args.num_gpus)]
     cmd += ["MODEL.CLS_LOSS.NAME", loss, "SOLVER.BASE_LR", repr(float(lr)), "SEED", str(seed),
-            *args.opts, "OUTPUT_DIR", str(out)]
+            *args.opts, "OUTPUT_DIR", str(out.resolve())]
     env = dict(os.environ)
     if args.devices:
         env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
     progress(STUDY, f"{out.name}: {'resuming' if resume else 'training'}")
     with open(out / "sweep_log.txt", "a") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     text = (out / "sweep_log.txt").read_text(errors="replace")
     record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": proc.returncode}
     metrics = final_bbox_metrics(out / "metrics.json")
@@ -274,6 +288,7 @@ def parse_args(argv=None):
                    help="also write the best-LR summary read by ap_loss_d2.studies.main_job")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
+    config_path(args.config)  # fail early on a missing config
     if len(args.opts) % 2:
         p.error(f"overrides must be KEY VALUE pairs, got {args.opts}")
     for key in ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR", "SEED", "OUTPUT_DIR"):
