@@ -45,6 +45,7 @@ def fake_train(tmp_path, monkeypatch):
     return script
 
 
+@pytest.mark.slow  # launches (fake) training processes
 def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
     out = tmp_path / "sweep"
     expected = tmp_path / "expected.json"
@@ -80,6 +81,7 @@ def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
         lr_sweep.main(argv[:-2] + ["SOLVER.MAX_ITER", "20"])
 
 
+@pytest.mark.slow  # launches (fake) training processes
 def test_failed_runs_are_retried_and_interrupted_runs_resume(tmp_path, fake_train):
     out = tmp_path / "sweep"
     argv = ["--output-dir", str(out), "--losses", "broken", "ap", "--lrs", "0.01", "--seeds", "0"]
