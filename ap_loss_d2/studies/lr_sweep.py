@@ -40,7 +40,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from .common import (
     REPO,
@@ -78,15 +78,6 @@ def parse_divergence(log: str) -> Optional[int]:
         if m:
             return int(m.group(1))
     return None
-
-
-def final_bbox_metrics(metrics_file: Path) -> Dict[str, float]:
-    """The last logged ``bbox/AP``, ``bbox/AP50``, ``bbox/AP75`` of a run (empty if none)."""
-    per_dataset = last_bbox_metrics(metrics_file, METRICS)
-    found: Dict[str, float] = {}
-    for values in per_dataset.values():
-        found.update({m: values[m] for m in METRICS if m in values})
-    return found
 
 
 def _settings(args, loss, lr, seed) -> dict:
@@ -136,7 +127,8 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     text = (out / "sweep_log.txt").read_text(errors="replace")
     record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": proc.returncode}
-    metrics = final_bbox_metrics(out / "metrics.json")
+    metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
+               for m, v in per_dataset.items() if m in METRICS}
     diverged_at = parse_divergence(text) if proc.returncode != 0 else None
     if diverged_at is not None:
         record.update(status="diverged", diverged_at=diverged_at)

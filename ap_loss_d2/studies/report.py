@@ -23,10 +23,9 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
-from .common import LOSS_LABELS, fmt_num, markdown_table, progress, timestamp
-from .common import last_bbox_metrics as common_last_bbox_metrics
+from .common import LOSS_LABELS, fmt_num, last_bbox_metrics, markdown_table, progress, timestamp
 
 __all__ = ["STUDY_FILES", "collect_run", "find_studies", "last_bbox_metrics", "main",
            "render_report"]
@@ -50,12 +49,6 @@ def _read_yaml(path: Path) -> dict:
         return {}
 
 
-def last_bbox_metrics(metrics_path: Path) -> Dict[str, dict]:
-    """{dataset prefix ("" for single-dataset keys): {"AP": v, "AP50": v, "AP75": v,
-    "iteration": it}} with the last logged value of each key."""
-    return common_last_bbox_metrics(metrics_path, METRICS)
-
-
 def collect_run(run_dir: Path) -> List[dict]:
     """Table-2 rows of one run folder (one per evaluated dataset; one with no numbers if none)."""
     cfg = _read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
@@ -64,7 +57,7 @@ def collect_run(run_dir: Path) -> List[dict]:
     arch = model.get("META_ARCHITECTURE", "?")
     tests = list((cfg.get("DATASETS") or {}).get("TEST") or [])
     label = LOSS_LABELS.get(loss, loss) if loss else run_dir.name
-    metrics = last_bbox_metrics(run_dir / "metrics.json")
+    metrics = last_bbox_metrics(run_dir / "metrics.json", METRICS)
     if not metrics:
         metrics = {"": {}}
     rows = []

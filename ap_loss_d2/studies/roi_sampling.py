@@ -58,7 +58,7 @@ from .common import (
     check_run_settings,
     default_config,
     fmt_num,
-    markdown_table as _markdown_table,
+    markdown_table,
     metrics_by_iteration,
     pyplot,
     read_json,
@@ -247,7 +247,7 @@ def _fmt(x, digits=2):
     return fmt_num(x, digits)
 
 
-def markdown_table(records, sizes, losses):
+def table14(records, sizes, losses):
     """Table 14: per RoI batch size, AP/AP50/AP75 and RoIs sampled of each loss."""
     by_key = {(r["loss"], r["batch_size_per_image"]): r for r in records}
     head = ["#RoIs/img"]
@@ -262,7 +262,7 @@ def markdown_table(records, sizes, losses):
             row += [_fmt(r[m]) if r else "-" for m in METRICS]
             row.append(_fmt(r["mean_sampled_rois_per_image"], 0) if r else "-")
         rows.append(row)
-    return _markdown_table(head, rows) + "\n"
+    return markdown_table(head, rows) + "\n"
 
 
 def write_report(output_dir, records, meta):
@@ -283,7 +283,7 @@ def write_report(output_dir, records, meta):
         "AP, AP50, AP75 of each run (the evaluator's output); 'sampled': mean number of RoIs per "
         "image actually sampled during training.",
         "",
-        markdown_table(records, sizes, losses),
+        table14(records, sizes, losses),
     ]
     (output_dir / f"{REPORT}.md").write_text("\n".join(lines))
     plot(output_dir / f"{REPORT}.png", records, sizes, losses)
@@ -419,7 +419,7 @@ def main(argv=None):
     write_report(output_dir, records, meta)
     _say(f"table: {output_dir / (REPORT + '.md')}")
     _say(f"plot:  {output_dir / (REPORT + '.png')}")
-    print(markdown_table(records, sizes, losses), flush=True)
+    print(table14(records, sizes, losses), flush=True)
     return records
 
 
