@@ -66,34 +66,23 @@ def build_run_cfg(
     cfg.merge_from_file(str(config_file))
     base_iter = cfg.SOLVER.MAX_ITER
     steps = scaled_schedule(cfg.SOLVER.STEPS, base_iter, iters)
-    cfg.merge_from_list(
-        [
-            "MODEL.META_ARCHITECTURE",
-            "OptimizationStudyRetinaNet",
-            "MODEL.CLS_LOSS.NAME",
-            method,
-            "MODEL.CLS_LOSS.BOX_REG_WEIGHT",
-            0.0,
-            "OPTIMIZATION_STUDY.NUM_NEGATIVES",
-            int(num_negatives),
-            "OPTIMIZATION_STUDY.RECORD_PERIOD",
-            int(record_period),
-            "SOLVER.MAX_ITER",
-            int(iters),
-            "SOLVER.STEPS",
-            tuple(steps),
-            "SOLVER.WARMUP_ITERS",
-            min(scale_iter(cfg.SOLVER.WARMUP_ITERS, base_iter, iters), max(iters - 1, 0)),
-            "SOLVER.CHECKPOINT_PERIOD",
-            int(checkpoint_period),
-            "TEST.EVAL_PERIOD",
-            0,
-            "SEED",
-            int(seed),
-            "OUTPUT_DIR",
-            str(output_dir),
-        ]
-    )
+    warmup = min(scale_iter(cfg.SOLVER.WARMUP_ITERS, base_iter, iters), max(iters - 1, 0))
+    # fmt: off
+    cfg.merge_from_list([
+        "MODEL.META_ARCHITECTURE", "OptimizationStudyRetinaNet",
+        "MODEL.CLS_LOSS.NAME", method,
+        "MODEL.CLS_LOSS.BOX_REG_WEIGHT", 0.0,
+        "OPTIMIZATION_STUDY.NUM_NEGATIVES", int(num_negatives),
+        "OPTIMIZATION_STUDY.RECORD_PERIOD", int(record_period),
+        "SOLVER.MAX_ITER", int(iters),
+        "SOLVER.STEPS", tuple(steps),
+        "SOLVER.WARMUP_ITERS", warmup,
+        "SOLVER.CHECKPOINT_PERIOD", int(checkpoint_period),
+        "TEST.EVAL_PERIOD", 0,
+        "SEED", int(seed),
+        "OUTPUT_DIR", str(output_dir),
+    ])
+    # fmt: on
     cfg.merge_from_list(list(opts))
     if cfg.MODEL.CLS_LOSS.NAME not in cls_loss_names("retinanet"):
         raise ValueError(f"method {cfg.MODEL.CLS_LOSS.NAME!r} is not one of {cls_loss_names('retinanet')}")
@@ -255,25 +244,12 @@ def run_study(
     results: Dict[str, Dict[int, dict]] = {m: {} for m in methods}
     for i, (m, n) in enumerate(todo):
         name = run_name(m, n)
-        logger.info(
-            "[%d/%d] %s: method %s, background anchors per image %s, %d iterations",
-            i + 1,
-            len(todo),
-            name,
-            m,
-            negatives_label(n),
-            iters,
-        )
+        logger.info("[%d/%d] %s: method %s, background anchors per image %s, %d iterations",
+                    i + 1, len(todo), name, m, negatives_label(n), iters)
         r = run_one(config_file, m, n, iters, output_dir / "runs" / name, **common)
         results[m][n] = r
-        logger.info(
-            "[%d/%d] %s: final AP-loss %s (last %s)",
-            i + 1,
-            len(todo),
-            name,
-            fmt_loss(r["final_ap_loss"]),
-            fmt_loss(r["last_ap_loss"]),
-        )
+        logger.info("[%d/%d] %s: final AP-loss %s (last %s)", i + 1, len(todo), name,
+                    fmt_loss(r["final_ap_loss"]), fmt_loss(r["last_ap_loss"]))
     out = {}
     if "a" in parts:
         out["a"] = report_fig8a({m: results[m][-1] for m in methods}, output_dir)
