@@ -7,7 +7,7 @@ setup:
 	bash tools/setup_env.sh
 
 main: setup
-	$(PY) tools/main_job.py
+	$(PY) -m ap_loss_d2.studies.main_job
 
 test: setup
 	$(PY) -m pytest -q tests

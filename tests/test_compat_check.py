@@ -4,10 +4,13 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 CHECK = REPO / "tools" / "check_detectron2_source.sh"
 
 
+@pytest.mark.slow  # launches a process
 def test_check_script_parses_and_rejects_a_non_tree(tmp_path):
     subprocess.run(["bash", "-n", str(CHECK)], check=True)
     proc = subprocess.run(["bash", str(CHECK), str(tmp_path)], capture_output=True, text=True)

@@ -146,6 +146,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow  # launches processes
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
 def test_two_processes_rank_across_equal_one_process(arch):
     """2 processes x 1 image ranked across processes == 1 process ranking both images."""
@@ -158,6 +159,7 @@ def test_two_processes_rank_across_equal_one_process(arch):
     print(f"{arch}: |DDP grad| / |single-process grad| of {ARCHS[arch][2][0]} = {ratio:.4f}")
 
 
+@pytest.mark.slow  # launches processes
 def test_four_processes_in_two_ranking_sets_equal_two_single_process_runs():
     """4 processes x 1 image with a ranking set of 2 images: groups {0, 1} and {2, 3}; the
     update is the mean of the single-process updates of ranking images {0, 1} and {2, 3}."""

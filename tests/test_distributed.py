@@ -60,6 +60,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # launches processes
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_processes_equal_one_process():
     world = 2

@@ -51,6 +51,7 @@ def _report(*args):
     return dict(map(str.strip, line.split("  ", 1)) for line in proc.stdout.splitlines() if line.strip())
 
 
+@pytest.mark.slow  # launches a process
 def test_report_tells_this_detectron2_apart():
     """Checked against what is on disk: main has detectron2/tracking/ (added after v0.6) and
     pip's metadata names the distribution (pb1-detectron2: the v0.6 release on PyPI)."""

@@ -41,10 +41,11 @@ FAKE = textwrap.dedent('''
 def fake_train(tmp_path, monkeypatch):
     script = tmp_path / "fake_train_net.py"
     script.write_text(FAKE)
-    monkeypatch.setattr(lr_sweep, "_train_script", lambda: script)
+    monkeypatch.setattr(lr_sweep, "train_net_command", lambda: [sys.executable, str(script)])
     return script
 
 
+@pytest.mark.slow  # launches (fake) training processes
 def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
     out = tmp_path / "sweep"
     expected = tmp_path / "expected.json"
@@ -80,6 +81,7 @@ def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
         lr_sweep.main(argv[:-2] + ["SOLVER.MAX_ITER", "20"])
 
 
+@pytest.mark.slow  # launches (fake) training processes
 def test_failed_runs_are_retried_and_interrupted_runs_resume(tmp_path, fake_train):
     out = tmp_path / "sweep"
     argv = ["--output-dir", str(out), "--losses", "broken", "ap", "--lrs", "0.01", "--seeds", "0"]
@@ -123,12 +125,9 @@ def test_tiny_real_sweep(tmp_path, synth_dataset_dir):
 
 
 def _main_job():
-    import importlib.util
+    from ap_loss_d2.studies import main_job
 
-    spec = importlib.util.spec_from_file_location("main_job", REPO / "tools" / "main_job.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return main_job
 
 
 def test_main_job_prints_the_sweeps_spread(tmp_path):

@@ -38,6 +38,7 @@ def run(env, *args, timeout=600):
     return proc.returncode, proc.stdout
 
 
+@pytest.mark.slow  # launches a process
 def test_pkg_resources_is_hidden(no_pkg_resources_env):
     """The shim works, and it breaks what needs pkg_resources (so the tests below are meaningful)."""
     rc, out = run(no_pkg_resources_env, "-c", "import pkg_resources")
@@ -46,6 +47,7 @@ def test_pkg_resources_is_hidden(no_pkg_resources_env):
     assert rc != 0 and "pkg_resources" in out, out
 
 
+@pytest.mark.slow  # launches a process
 def test_lazy_configs_load_and_build_without_pkg_resources(no_pkg_resources_env):
     code = textwrap.dedent(
         f"""

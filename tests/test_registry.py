@@ -12,6 +12,7 @@ from ap_loss_d2.losses.registry import ranking_targets
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # launches a process
 def test_registry_is_detectron2_free():
     """The registry sits in the loss package, importable without Detectron2."""
     import subprocess

@@ -225,6 +225,7 @@ def test_evaluate_run_with_an_oracle_model(tiny_data, tmp_path, fmt):
     assert res_s["bbox"]["AP50"] == pytest.approx(100.0) and stats_s == {"images": 2}
 
 
+@pytest.mark.slow  # runs the study end to end
 def test_cli_end_to_end_json_equals_evaluator(tiny_data, tiny_ckpt, tmp_path):
     out = tmp_path / "rob"
     perts = ["original", "black_patch", "gaussian_noise"]

@@ -1,11 +1,10 @@
-"""tools/roi_sampling_study.py end to end on a tiny setting (CPU, offline).
+"""python -m ap_loss_d2.studies.roi_sampling end to end on a tiny setting (CPU, offline).
 
 Two RoI batch sizes x two losses, 3 iterations of ResNet-18-FPN on 64px images of the embedded
 synthetic dataset, evaluated on its first 6 validation images. The report's numbers are
 checked against an independent evaluation of each run's final model with the project's
 evaluator, then an interrupted run is resumed and finished runs are skipped.
 """
-import importlib.util
 import json
 import math
 import os
@@ -22,7 +21,6 @@ from ap_loss_d2.data import CLASSES  # noqa: E402
 from ap_loss_d2.engine import Trainer, get_ap_loss_cfg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "roi_sampling_study.py"
 CONFIG = REPO / "configs" / "FasterRCNN" / "faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
 TINY_VAL = "synth_shapes_val_first6"
 SIZES = (32, 64)
@@ -48,10 +46,9 @@ METRICS = ("AP", "AP50", "AP75")
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("roi_sampling_study", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ap_loss_d2.studies import roi_sampling
+
+    return roi_sampling
 
 
 def _register_tiny_val():
@@ -67,7 +64,7 @@ def _argv(output_dir, iters=ITERS):
     return [
         "--sizes", *map(str, SIZES),
         "--losses", *LOSSES,
-        "--config", str(CONFIG),
+        "--config-file", str(CONFIG),
         "--iters", str(iters),
         "--output-dir", str(output_dir),
         *OPTS,

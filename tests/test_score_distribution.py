@@ -47,6 +47,7 @@ def _recompute_bins(pairs, high_score):
     return out
 
 
+@pytest.mark.slow  # runs the study end to end
 @pytest.mark.parametrize("loss", ["ap", "ce_ohem"])
 def test_json_bins_equal_recomputed_from_npz(tiny_ckpt, tmp_path, loss):
     out = tmp_path / "sd"

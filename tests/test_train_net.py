@@ -138,3 +138,27 @@ def test_lazy_training_and_eval_only(synth_dataset_dir, tmp_path):
     )
     results = csv_results(log)
     assert "AP50" in results["bbox"], log[-3000:]
+
+
+def test_main_job_in_process_prints_what_train_net_returned(synth_dataset_dir, tmp_path, capsys):
+    """``python -m ap_loss_d2.studies.main_job`` runs train_net's logic in this process and
+    prints the evaluation it returns, which equals the trainer's own metrics.json row."""
+    import torch
+
+    from ap_loss_d2.studies import main_job
+
+    out = tmp_path / "main_job"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = main_job.main(["--config-file", TINY_YAML, "--output-dir", str(out),
+                                 "SOLVER.MAX_ITER", "3", *FAST_EVAL])
+    finally:
+        torch.set_num_threads(threads)
+    logged = [r for r in read_metrics(out) if "bbox/AP" in r][-1]
+    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert results[k] == pytest.approx(logged[f"bbox/{k}"], nan_ok=True)
+    text = capsys.readouterr().out
+    assert "| AP | AP50 | AP75 | APs | APm | APl |" in text
+    assert "| " + " | ".join(f"{results[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + " |" in text
+    assert f"output in {out}" in text

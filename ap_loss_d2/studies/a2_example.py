@@ -231,11 +231,9 @@ def format_table(result: dict, rows: int = 8) -> str:
 
 def plot(result: dict, path: str) -> None:
     """Both loss curves against the step (log scale on x), PNG at ``path``."""
-    import matplotlib
+    from .common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     gd, ed = result["gradient_descent"], result["error_driven"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x_gd = range(1, len(gd["F"]) + 1)
@@ -260,7 +258,9 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m ap_loss_d2.studies.a2_example",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--theta0", type=float, nargs=2, default=list(DEFAULT_THETA0))
     parser.add_argument("--lr", type=float, default=1.0)

@@ -23,7 +23,19 @@ import numpy as np
 
 __all__ = [
     "LOSS_LABELS",
+    "REPO",
+    "check_run_settings",
+    "default_config",
+    "last_bbox_metrics",
+    "metrics_by_iteration",
+    "read_json",
+    "read_metrics_json",
+    "scale_iter",
+    "scaled_schedule",
+    "train_net_command",
     "RunSpec",
+    "add_opts",
+    "study_parser",
     "build_model_for_run",
     "dataset_subset",
     "fmt_num",
@@ -42,7 +54,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The paper's names of the classification losses (``MODEL.CLS_LOSS.NAME``).
+#: The paper's names of the classification losses: ``MODEL.CLS_LOSS.NAME`` and the loss names of
+#: ``ap_loss_d2.benchmark`` (the one table of labels of every study).
 LOSS_LABELS = {
     "ap": "AP-Loss",
     "auc": "AUC-Loss",
@@ -51,7 +64,78 @@ LOSS_LABELS = {
     "ce": "CE-Loss",
     "ap_approx": "AP-Loss (approx. gradient)",
     "ap_hinge": "AP-Loss (structured hinge)",
+    # benchmark.py's names
+    "ap_loss": "AP-Loss",
+    "auc_loss": "AUC-Loss",
+    "ap_positive_loop": "AP-Loss (loop on positives)",
 }
+
+#: The repository root of a source checkout (``configs/``, ``train_net.py``); an installed
+#: package has no ``configs/``: :func:`default_config` then says where they are expected.
+REPO = Path(__file__).resolve().parents[2]
+
+
+def default_config(relpath: str) -> str:
+    """``REPO/configs/<relpath>`` of a source checkout; a clear error when it is missing (the
+    package does not ship ``configs/``)."""
+    path = REPO / "configs" / relpath
+    if not path.is_file():
+        raise SystemExit(
+            f"default config configs/{relpath} not found under {REPO}: the configs/ folder ships "
+            "with the repository, not with the installed package. Run from a checkout "
+            "(pip install -e .) or pass --config-file PATH"
+        )
+    return str(path)
+
+
+def train_net_command() -> List[str]:
+    """The command that runs ``train_net.py``'s logic in a new process (``--num-gpus`` etc.
+    appended by the caller); works from an installed package."""
+    return [sys.executable, "-m", "ap_loss_d2.engine.train_net"]
+
+
+def scale_iter(value: int, max_iter: int, iters: int) -> int:
+    """An iteration count of a ``max_iter`` schedule (a step, ``WARMUP_ITERS``) at ``iters``."""
+    return int(round(value * iters / max_iter))
+
+
+def scaled_schedule(steps: Sequence[int], max_iter: int, iters: int) -> Tuple[int, ...]:
+    """``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters``, kept strictly
+    increasing and inside ``(0, iters)`` (what Detectron2's multi-step scheduler accepts)."""
+    out: List[int] = []
+    for s in steps:
+        s = scale_iter(s, max_iter, iters)
+        if 0 < s < iters and (not out or s > out[-1]):
+            out.append(s)
+    return tuple(out)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json",
+                       error=SystemExit) -> bool:
+    """Resume by fingerprint: ``run_dir/run_file`` remembers the settings of a run folder.
+
+    Writes them when absent (returns False: a new run); returns True when they are the same
+    (the run may be resumed or skipped); refuses other settings with ``error`` (a command
+    line's ``SystemExit``, a library's ``RuntimeError``) naming the folder.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / run_file
+    settings = to_jsonable(settings)
+    if path.exists():
+        previous = read_json(path)
+        if previous != settings:
+            raise error(
+                f"{run_dir} holds a run with other settings:\n  {previous}\nnow:\n  {settings}\n"
+                "use another --output-dir or delete that directory"
+            )
+        return True
+    write_json(path, settings)
+    return False
 
 
 def progress(study: str, msg: str) -> None:
@@ -305,9 +389,13 @@ def to_jsonable(obj):
 
 
 def write_json(path, obj) -> None:
+    """Write ``obj`` as strict JSON (NaN/Inf -> null) atomically: a temporary file renamed over
+    ``path``, so an interrupted write never leaves a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def pyplot():
@@ -343,6 +431,55 @@ def read_metrics_json(path) -> Tuple[List[dict], int]:
             else:
                 skipped += 1
     return entries, skipped
+
+
+def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> dict:
+    """The last logged COCO-style bbox metrics of a ``metrics.json``:
+    ``{dataset prefix ("" for single-dataset keys): {metric: value, "iteration": it}}``
+    (``{}`` when the file is missing or logged no evaluation). ``metrics=None``: every
+    ``bbox/*`` key (``AP``, ``AP50``, ..., ``AP-<class>``)."""
+    out: dict = {}
+    path = Path(path)
+    if not path.is_file():
+        return out
+    for entry in read_metrics_json(path)[0]:
+        for key, value in entry.items():
+            prefix, sep, name = key.rpartition("bbox/")
+            if not sep or (prefix and not prefix.endswith("/")):
+                continue
+            if metrics is not None and name not in metrics:
+                continue
+            d = out.setdefault(prefix.rstrip("/"), {})
+            d[name] = value
+            d["iteration"] = entry.get("iteration")
+    return out
+
+
+def study_parser(study: str, description: str):
+    """The argument parser of a checkpoint study (``python -m ap_loss_d2.studies.<study>``) with
+    the arguments :func:`prepare_runs` reads: ``--run`` (repeatable), ``--dataset``,
+    ``--device``, ``--output-dir`` (default ``output/<study>``); :func:`add_opts` adds the
+    trailing config overrides after the study's own options."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m ap_loss_d2.studies.{study}",
+                                description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", required=True, metavar="CONFIG:WEIGHTS[:LABEL]",
+                   help="a checkpoint to study (repeatable); also RUN_DIR[:LABEL]")
+    p.add_argument("--dataset", default=None,
+                   help="registered test dataset (default: the first run's DATASETS.TEST[0])")
+    p.add_argument("--device", default=None, help="override MODEL.DEVICE")
+    p.add_argument("--output-dir", default=f"output/{study}")
+    return p
+
+
+def add_opts(parser) -> None:
+    """The trailing ``KEY VALUE`` config overrides (after the options)."""
+    import argparse
+
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides for every run (KEY VALUE ...), after the options")
 
 
 def prepare_runs(args):

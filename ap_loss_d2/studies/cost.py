@@ -159,18 +159,9 @@ def benchmark_markdown(groups, losses, field, title, fmt):
 
         rows = [[g["images"][i]] + [cell(n, i) for n in losses] for i in range(len(g["images"]))]
         parts += [f"**{title}, {key}**", "",
-                  markdown_table(["batch size"] + [LOSS_LABELS_BENCH.get(n, n) for n in losses],
+                  markdown_table(["batch size"] + [LOSS_LABELS.get(n, n) for n in losses],
                                  rows), ""]
     return "\n".join(parts)
-
-
-LOSS_LABELS_BENCH = {
-    "focal": "Focal loss",
-    "ce_ohem": "CE + OHEM 3:1",
-    "ap_loss": "AP-loss",
-    "auc_loss": "AUC-loss",
-    "ap_positive_loop": "AP-loss (loop on positives)",
-}
 
 
 def fmt_mb(v):
@@ -231,7 +222,7 @@ def plot_benchmark(groups, losses, path):
                 extrap = row == 1 and any(g.get("extrapolated", {}).get(name, []))
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if extrap else "-o",
-                            ms=3, label=LOSS_LABELS_BENCH.get(name, name)
+                            ms=3, label=LOSS_LABELS.get(name, name)
                             + (" (extrapolated)" if extrap else ""))
             ax.set_xticks(g["images"])
             ax.set_xlabel("batch size (images)")

@@ -17,7 +17,7 @@ or ``SOLVER.MAX_ITER 20``), and reads each run's final COCO/VOC bbox evaluation 
 * ``<loss>_lr<lr>_seed<seed>/`` one train_net.py output folder per run (``sweep_log.txt``: its
   output; ``sweep_run.json``: its result once finished).
 
-``--expected-results FILE`` also writes the best-LR summary that ``tools/main_job.py`` prints as
+``--expected-results FILE`` also writes the best-LR summary that ``ap_loss_d2.studies.main_job`` prints as
 the spread to expect (``configs/quick/expected_results.json`` for the main job).
 
 A run that stops on NaN/Inf (``train_net.py``'s "Training stopped at iteration N: NaN or Inf",
@@ -40,15 +40,25 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-from .common import fmt_num, markdown_table, progress, read_metrics_json, timestamp, write_json
+from .common import (
+    REPO,
+    default_config,
+    fmt_num,
+    last_bbox_metrics,
+    markdown_table,
+    progress,
+    timestamp,
+    train_net_command,
+    write_json,
+)
 
 __all__ = ["DIVERGED_PATTERNS", "main", "parse_divergence", "run_name", "summarize"]
 
 STUDY = "lr_sweep"
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
+CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
+DEFAULT_CONFIG = "configs/" + CONFIG_REL  # relative to the repository (recorded as written)
 METRICS = ("AP", "AP50", "AP75")
 #: Messages of a run stopped by NaN/Inf, with the iteration as group 1.
 DIVERGED_PATTERNS = (
@@ -70,31 +80,20 @@ def parse_divergence(log: str) -> Optional[int]:
     return None
 
 
-def final_bbox_metrics(metrics_file: Path) -> Dict[str, float]:
-    """The last logged ``bbox/AP``, ``bbox/AP50``, ``bbox/AP75`` of a run (empty if none)."""
-    found: Dict[str, float] = {}
-    if not metrics_file.is_file():
-        return found
-    for entry in read_metrics_json(metrics_file)[0]:
-        for m in METRICS:
-            for key, value in entry.items():
-                if key == f"bbox/{m}" or key.endswith(f"/bbox/{m}"):
-                    found[m] = value
-    return found
-
-
 def _settings(args, loss, lr, seed) -> dict:
     return {"config": args.config, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
 
 
-def _train_script() -> Path:
-    script = REPO / "train_net.py"
-    if not script.is_file():
-        raise SystemExit(
-            f"[{STUDY}] {script} not found: run the sweep from a checkout of the repository "
-            "(pip install -e .), where train_net.py sits next to the ap_loss_d2 package"
-        )
-    return script
+def config_path(config: str) -> str:
+    """``config`` as given, or relative to the repository (the default); a clear error when
+    neither exists."""
+    if os.path.isfile(config):
+        return config
+    if (REPO / config).is_file():
+        return str(REPO / config)
+    if config == DEFAULT_CONFIG:
+        return default_config(CONFIG_REL)  # says where the configs are expected
+    raise SystemExit(f"[{STUDY}] --config-file {config}: no such file")
 
 
 def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
@@ -113,22 +112,23 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
         return record
     out.mkdir(parents=True, exist_ok=True)
     resume = (out / "last_checkpoint").is_file()
-    cmd = [sys.executable, str(_train_script()), "--config-file", args.config]
+    cmd = [*train_net_command(), "--config-file", config_path(args.config)]
     if resume:
         cmd.append("--resume")
     if args.num_gpus > 1:
         cmd += ["--num-gpus", str(args.num_gpus)]
     cmd += ["MODEL.CLS_LOSS.NAME", loss, "SOLVER.BASE_LR", repr(float(lr)), "SEED", str(seed),
-            *args.opts, "OUTPUT_DIR", str(out)]
+            *args.opts, "OUTPUT_DIR", str(out.resolve())]
     env = dict(os.environ)
     if args.devices:
         env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
     progress(STUDY, f"{out.name}: {'resuming' if resume else 'training'}")
     with open(out / "sweep_log.txt", "a") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     text = (out / "sweep_log.txt").read_text(errors="replace")
     record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": proc.returncode}
-    metrics = final_bbox_metrics(out / "metrics.json")
+    metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
+               for m, v in per_dataset.items() if m in METRICS}
     diverged_at = parse_divergence(text) if proc.returncode != 0 else None
     if diverged_at is not None:
         record.update(status="diverged", diverged_at=diverged_at)
@@ -252,7 +252,7 @@ def plot(summary: dict, path: Path, labels) -> bool:
 
 
 def expected_results(summary: dict, args) -> dict:
-    """What tools/main_job.py prints as the spread to expect: per loss, its best LR's stats."""
+    """What ap_loss_d2.studies.main_job prints as the spread to expect: per loss, its best LR's stats."""
     return {
         "generated": timestamp(),
         "command": "python -m ap_loss_d2.studies.lr_sweep " + " ".join(sys.argv[1:]),
@@ -277,9 +277,10 @@ def parse_args(argv=None):
     p.add_argument("--devices", nargs="*", default=[],
                    help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
     p.add_argument("--expected-results", default=None, metavar="FILE",
-                   help="also write the best-LR summary read by tools/main_job.py")
+                   help="also write the best-LR summary read by ap_loss_d2.studies.main_job")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
+    config_path(args.config)  # fail early on a missing config
     if len(args.opts) % 2:
         p.error(f"overrides must be KEY VALUE pairs, got {args.opts}")
     for key in ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR", "SEED", "OUTPUT_DIR"):

@@ -23,9 +23,9 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
-from .common import LOSS_LABELS, fmt_num, markdown_table, progress, read_metrics_json, timestamp
+from .common import LOSS_LABELS, fmt_num, last_bbox_metrics, markdown_table, progress, timestamp
 
 __all__ = ["STUDY_FILES", "collect_run", "find_studies", "last_bbox_metrics", "main",
            "render_report"]
@@ -49,24 +49,6 @@ def _read_yaml(path: Path) -> dict:
         return {}
 
 
-def last_bbox_metrics(metrics_path: Path) -> Dict[str, dict]:
-    """{dataset prefix ("" for single-dataset keys): {"AP": v, "AP50": v, "AP75": v,
-    "iteration": it}} with the last logged value of each key."""
-    out: Dict[str, dict] = OrderedDict()
-    if not metrics_path.is_file():
-        return out
-    for entry in read_metrics_json(metrics_path)[0]:
-        for key, value in entry.items():
-            for m in METRICS:
-                suffix = f"bbox/{m}"
-                if key == suffix or key.endswith("/" + suffix):
-                    prefix = key[: -len(suffix)].rstrip("/")
-                    d = out.setdefault(prefix, {})
-                    d[m] = value
-                    d["iteration"] = entry.get("iteration")
-    return out
-
-
 def collect_run(run_dir: Path) -> List[dict]:
     """Table-2 rows of one run folder (one per evaluated dataset; one with no numbers if none)."""
     cfg = _read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
@@ -75,7 +57,7 @@ def collect_run(run_dir: Path) -> List[dict]:
     arch = model.get("META_ARCHITECTURE", "?")
     tests = list((cfg.get("DATASETS") or {}).get("TEST") or [])
     label = LOSS_LABELS.get(loss, loss) if loss else run_dir.name
-    metrics = last_bbox_metrics(run_dir / "metrics.json")
+    metrics = last_bbox_metrics(run_dir / "metrics.json", METRICS)
     if not metrics:
         metrics = {"": {}}
     rows = []
@@ -222,7 +204,8 @@ def parse_args(argv=None):
     p.add_argument("--studies", nargs="*", default=[], metavar="DIR",
                    help="more folders with study outputs (robustness.json, ...)")
     p.add_argument("--output-dir", default=None, help="folder to write report.md into")
-    p.add_argument("--output", default="report.md", help="markdown file to write (without --output-dir)")
+    # the markdown file to write without --output-dir (an older spelling, kept hidden)
+    p.add_argument("--output", default="report.md", help=argparse.SUPPRESS)
     p.add_argument("--digits", type=int, default=1, help="decimals of AP numbers")
     p.add_argument("--title", default="AP-loss: results")
     return p.parse_args(argv)

@@ -27,7 +27,6 @@ Outputs in ``--output-dir``: ``robustness.json`` (every evaluator result, AP50 a
 run and perturbation, perturbation statistics), ``robustness.md`` (Table 3: AP50 per run and
 perturbation) and ``robustness.png`` (examples of every perturbation on the first image).
 """
-import argparse
 import zlib
 from collections import Counter
 from typing import Callable, Dict
@@ -42,6 +41,7 @@ from detectron2.utils import comm
 from ..data.mapper import BoxAwareDatasetMapper, annotation_boxes
 from ..evaluation import build_evaluator
 from .common import (
+    add_opts,
     build_model_for_run,
     dataset_subset,
     fmt_num,
@@ -49,6 +49,7 @@ from .common import (
     prepare_runs,
     progress,
     pyplot,
+    study_parser,
     timestamp,
     write_study_outputs,
 )
@@ -387,24 +388,15 @@ def build_table(report, metric=None, digits=1):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.robustness",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, metavar="CONFIG:WEIGHTS[:LABEL]",
-                   help="a checkpoint to evaluate (repeatable); also RUN_DIR[:LABEL]")
-    p.add_argument("--dataset", default=None,
-                   help="registered test dataset (default: the first run's DATASETS.TEST[0])")
+    p = study_parser(STUDY, __doc__)
     p.add_argument("--max-images", type=int, default=None,
                    help="evaluate on the first N images only (ground truth restricted too)")
     p.add_argument("--perturbations", nargs="+", choices=list(PERTURBATIONS),
                    default=list(PERTURBATIONS))
     p.add_argument("--seed", type=int, default=0, help="per-image seed is seed + image id")
-    p.add_argument("--device", default=None, help="override MODEL.DEVICE")
     p.add_argument("--digits", type=int, default=1, help="decimals in the markdown table")
-    p.add_argument("--output-dir", default="output/robustness")
     p.add_argument("--no-plot", action="store_true", help="skip robustness.png")
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                   help="config overrides for every run (KEY VALUE ...), after the options")
+    add_opts(p)
     return p.parse_args(argv)
 
 

@@ -29,7 +29,6 @@ combined ``score_distribution.png``, ``score_distribution.json`` (per run: weigh
 mean score in the IoU bins [0, 0.1), ..., [0.9, 1.0]; high-score low-IoU anchor counts) and
 ``score_distribution.md``.
 """
-import argparse
 import re
 from typing import Dict
 
@@ -40,12 +39,14 @@ from detectron2.data.detection_utils import build_augmentation
 from detectron2.structures import Boxes, pairwise_iou
 
 from .common import (
+    add_opts,
     build_model_for_run,
     fmt_num,
     markdown_table,
     prepare_runs,
     progress,
     pyplot,
+    study_parser,
     timestamp,
     write_study_outputs,
 )
@@ -282,13 +283,7 @@ def build_table(report, digits=3):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.score_distribution",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, metavar="CONFIG:WEIGHTS[:LABEL]",
-                   help="a checkpoint (repeatable); also RUN_DIR[:LABEL]")
-    p.add_argument("--dataset", default=None,
-                   help="registered dataset (default: the first run's DATASETS.TEST[0])")
+    p = study_parser(STUDY, __doc__)
     p.add_argument("--max-images", type=int, default=50, help="first N images (-1: all)")
     p.add_argument("--zero-iou-samples", type=int, default=200,
                    help="IoU-0 anchors recorded per image (-1: all)")
@@ -299,10 +294,7 @@ def parse_args(argv=None):
                    help="auto: softmax with zero background logit for ce_ohem, else sigmoid")
     p.add_argument("--max-plot-points", type=int, default=50000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="override MODEL.DEVICE")
-    p.add_argument("--output-dir", default="output/score_distribution")
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                   help="config overrides for every run (KEY VALUE ...), after the options")
+    add_opts(p)
     return p.parse_args(argv)
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """RoI-sampling study of the paper's supplementary A4.3 (Table 14, Fig. 13).
 
 Faster R-CNN is trained with ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE`` in ``--sizes`` (default
@@ -12,8 +11,8 @@ constraint: all positives, the rest negatives), once per classification loss in 
 * ``roi_sampling_study.png``  AP vs #RoIs per image, one line per loss (like Fig. 13)
 * ``<loss>_rois<size>/``      one Detectron2 output directory per run
 
-Each run is trained by ``train_net.py`` (Detectron2's ``DefaultTrainer`` through
-``ap_loss_d2.engine.Trainer``) in a subprocess, one after the other, with ``--num-gpus`` passed
+Each run is trained by ``train_net.py``'s logic (``python -m ap_loss_d2.engine.train_net``:
+Detectron2's ``DefaultTrainer`` through ``ap_loss_d2.engine.Trainer``) in a subprocess, one after the other, with ``--num-gpus`` passed
 on, and evaluated here with the project's evaluator (``Trainer.test``, i.e.
 ``ap_loss_d2.evaluation.build_evaluator``) on ``model_final.pth``; the numbers in the report
 are that evaluator's output. The training subprocess gets ``DATASETS.TEST ()`` so the test set
@@ -21,7 +20,7 @@ is evaluated once.
 
 Resuming: rerunning the same command skips finished runs (those whose ``study_eval.json``
 exists), evaluates runs that finished training, and continues interrupted runs from their last
-checkpoint (``train_net.py --resume``). A run directory remembers its settings
+checkpoint (``--resume``). A run directory remembers its settings
 (``study_run.json``); rerunning with different settings into it is refused.
 
 Each run also sets ``MODEL.RPN.POST_NMS_TOPK_TRAIN`` to at least the RoI batch size, otherwise
@@ -39,8 +38,8 @@ images have fewer proposals), i.e. a few CPU-hours for the 12 default runs. Shor
 ``--iters`` / ``--sizes``, or add ``MODEL.DEVICE cuda``. The paper's setting (R50-FPN,
 VOC 07+12 -> 07 test)::
 
-    python tools/roi_sampling_study.py --num-gpus 8 \\
-        --config configs/FasterRCNN/faster_rcnn_R_50_FPN_18k_voc0712_ce.yaml \\
+    python -m ap_loss_d2.studies.roi_sampling --num-gpus 8 \\
+        --config-file configs/FasterRCNN/faster_rcnn_R_50_FPN_18k_voc0712_ce.yaml \\
         --output-dir output/roi_sampling_study_voc MODEL.DEVICE cuda
 
 Trailing ``KEY VALUE`` pairs are config overrides applied to every run, after the study's own
@@ -48,27 +47,32 @@ Trailing ``KEY VALUE`` pairs are config overrides applied to every run, after th
 """
 import argparse
 import contextlib
-import json
 import logging
-import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "FasterRCNN" / "faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
-DEFAULT_TRAIN_NET = REPO / "train_net.py"
+from .common import (
+    LOSS_LABELS,
+    check_run_settings,
+    default_config,
+    fmt_num,
+    markdown_table,
+    metrics_by_iteration,
+    pyplot,
+    read_json,
+    scaled_schedule,
+    to_jsonable,
+    train_net_command,
+    write_json,
+)
+
+CONFIG_REL = "FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
 DEFAULT_SIZES = (512, 1024, 1536, 2048, 3072, 4096)
 DEFAULT_LOSSES = ("ce", "ap")
 POSITIVE_FRACTION = 1.0
 METRICS = ("AP", "AP50", "AP75")
-LOSS_LABELS = {
-    "ce": "Faster R-CNN (CE)",
-    "ap": "Faster R-CNN + AP-loss",
-    "auc": "Faster R-CNN + AUC-loss",
-}
 
 RUN_FILE = "study_run.json"  # the settings of a run directory
 EVAL_FILE = "study_eval.json"  # the evaluator's output for a finished run
@@ -79,6 +83,7 @@ def build_parser():
     from ap_loss_d2.losses import cls_loss_names
 
     parser = argparse.ArgumentParser(
+        prog="python -m ap_loss_d2.studies.roi_sampling",
         description="Train and evaluate Faster R-CNN (CE vs AP-loss) for several numbers of "
         "sampled RoIs per image (paper supplementary A4.3, Table 14 / Fig. 13).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -88,13 +93,16 @@ def build_parser():
         help="values of MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
     add("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=cls_loss_names("roi_heads"),
         help="values of MODEL.CLS_LOSS.NAME")
-    add("--config-file", "--config", dest="config", default=str(DEFAULT_CONFIG), help="yaml config of a model with APLossROIHeads")
+    add("--config-file", "--config", dest="config", default=None,
+        help=f"yaml config of a model with APLossROIHeads (default: configs/{CONFIG_REL} of the "
+        "repository)")
     add("--iters", type=int, default=None,
         help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (None: the config's)")
     add("--output-dir", default="output/roi_sampling_study", help="report and run directories")
-    add("--num-gpus", type=int, default=1, help="passed to train_net.py")
-    add("--train-net", default=str(DEFAULT_TRAIN_NET),
-        help="training script taking Detectron2's default_argument_parser arguments")
+    add("--num-gpus", type=int, default=1, help="processes per training run (train_net's --num-gpus)")
+    add("--train-net", default=None,
+        help="another training script taking Detectron2's default_argument_parser arguments "
+        "(default: python -m ap_loss_d2.engine.train_net)")
     add("--verbose", action="store_true",
         help="also print the training and evaluation logs (always written to files)")
     add("opts", nargs=argparse.REMAINDER, default=[],
@@ -116,17 +124,8 @@ def _merged_cfg(config_file, opts):
     return cfg
 
 
-def scaled_steps(steps, max_iter, iters):
-    """``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters``, kept strictly
-    increasing and inside ``(0, iters)`` (what Detectron2's multi-step scheduler accepts)."""
-    out = []
-    for s in steps:
-        s = int(round(s * iters / max_iter))
-        if 0 < s < iters and (not out or s > out[-1]):
-            out.append(s)
-    while out and len(out) + 1 > iters:
-        out.pop()
-    return tuple(out)
+#: ``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters`` (the studies' one function).
+scaled_steps = scaled_schedule
 
 
 def run_overrides(base_cfg, loss, size, iters):
@@ -154,32 +153,6 @@ def run_name(loss, size):
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path, data):
-    """Write atomically (a rename), so an interrupted write never leaves a partial file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_finite_or_none(data), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _finite_or_none(x):
-    """NaN/Inf -> None (strict JSON), recursively."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite_or_none(v) for v in x]
-    return x
-
-
 def _last_checkpoint(run_dir):
     f = Path(run_dir) / "last_checkpoint"
     return f.read_text().strip() if f.exists() else None
@@ -193,7 +166,7 @@ def train(settings, run_dir, train_net, num_gpus, verbose=False):
     """
     # fmt: off
     cmd = [
-        sys.executable, str(train_net),
+        *(train_net_command() if train_net is None else [sys.executable, str(train_net)]),
         "--config-file", settings["config"],
         "--num-gpus", str(num_gpus),
         "--resume",
@@ -257,15 +230,11 @@ def mean_sampled_rois(run_dir):
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
         return None
-    values = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by an interruption
-                continue
-            if "roi_head/num_fg_samples" in record and "roi_head/num_bg_samples" in record:
-                values.append(record["roi_head/num_fg_samples"] + record["roi_head/num_bg_samples"])
+    values = [
+        r["roi_head/num_fg_samples"] + r["roi_head/num_bg_samples"]
+        for r in metrics_by_iteration(path)[0].values()
+        if "roi_head/num_fg_samples" in r and "roi_head/num_bg_samples" in r
+    ]
     return sum(values) / len(values) if values else None
 
 
@@ -275,33 +244,32 @@ def mean_sampled_rois(run_dir):
 
 
 def _fmt(x, digits=2):
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return f"{x:.{digits}f}"
+    return fmt_num(x, digits)
 
 
-def markdown_table(records, sizes, losses):
+def table14(records, sizes, losses):
+    """Table 14: per RoI batch size, AP/AP50/AP75 and RoIs sampled of each loss."""
     by_key = {(r["loss"], r["batch_size_per_image"]): r for r in records}
     head = ["#RoIs/img"]
     for loss in losses:
         label = LOSS_LABELS.get(loss, loss)
         head += [f"{label} {m}" for m in METRICS] + [f"{label} sampled"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for size in sizes:
         row = [str(size)]
         for loss in losses:
             r = by_key.get((loss, size))
             row += [_fmt(r[m]) if r else "-" for m in METRICS]
             row.append(_fmt(r["mean_sampled_rois_per_image"], 0) if r else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(row)
+    return markdown_table(head, rows) + "\n"
 
 
 def write_report(output_dir, records, meta):
     """Write the markdown table, the JSON and the plot of the runs finished so far."""
     output_dir = Path(output_dir)
     sizes, losses = meta["sizes"], meta["losses"]
-    _write_json(output_dir / f"{REPORT}.json", {**meta, "metrics": list(METRICS), "runs": records})
+    write_json(output_dir / f"{REPORT}.json", {**meta, "metrics": list(METRICS), "runs": records})
     total = len(sizes) * len(losses)
     overrides = " ".join(meta["overrides"])
     lines = [
@@ -315,24 +283,20 @@ def write_report(output_dir, records, meta):
         "AP, AP50, AP75 of each run (the evaluator's output); 'sampled': mean number of RoIs per "
         "image actually sampled during training.",
         "",
-        markdown_table(records, sizes, losses),
+        table14(records, sizes, losses),
     ]
     (output_dir / f"{REPORT}.md").write_text("\n".join(lines))
     plot(output_dir / f"{REPORT}.png", records, sizes, losses)
 
 
 def plot(path, records, sizes, losses):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for loss in losses:
         points = sorted(
             (r["batch_size_per_image"], r["AP"])
             for r in records
-            if r["loss"] == loss and r["AP"] is not None and math.isfinite(r["AP"])
+            if r["loss"] == loss and r["AP"] is not None
         )
         if points:
             xs, ys = zip(*points)
@@ -384,7 +348,7 @@ def main(argv=None):
         raise SystemExit(f"--iters must be positive, got {args.iters}")
     sizes = sorted(set(args.sizes))
     losses = list(dict.fromkeys(args.losses))
-    config = str(Path(args.config).resolve())
+    config = str(Path(args.config or default_config(CONFIG_REL)).resolve())
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     _log_detectron2(output_dir / "eval_log.txt", args.verbose)
@@ -411,20 +375,11 @@ def main(argv=None):
         run_dir.mkdir(exist_ok=True)
         overrides = run_overrides(base, loss, size, args.iters) + opts
         settings = {"config": config, "overrides": overrides}
-        run_file = run_dir / RUN_FILE
-        if run_file.exists():
-            previous = _read_json(run_file)
-            if previous != settings:
-                raise SystemExit(
-                    f"{run_dir} holds a run with other settings:\n  {previous}\n"
-                    f"now:\n  {settings}\nuse another --output-dir or delete that directory"
-                )
-        else:
-            _write_json(run_file, settings)
+        check_run_settings(run_dir, settings, RUN_FILE)
 
         eval_file = run_dir / EVAL_FILE
         if eval_file.exists():
-            record = _read_json(eval_file)
+            record = read_json(eval_file)
             _say(f"{tag}: done before, AP={_fmt(record['AP'])}")
             records.append(record)
             continue
@@ -452,8 +407,8 @@ def main(argv=None):
             "output_dir": str(run_dir),
             "results": results,
         }
-        record = _finite_or_none(record)
-        _write_json(eval_file, record)
+        record = to_jsonable(record)
+        write_json(eval_file, record)
         records.append(record)
         write_report(output_dir, records, meta)
         _say(
@@ -464,7 +419,7 @@ def main(argv=None):
     write_report(output_dir, records, meta)
     _say(f"table: {output_dir / (REPORT + '.md')}")
     _say(f"plot:  {output_dir / (REPORT + '.png')}")
-    print(markdown_table(records, sizes, losses), flush=True)
+    print(table14(records, sizes, losses), flush=True)
     return records
 
 

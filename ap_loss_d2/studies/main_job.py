@@ -1,0 +1,144 @@
+"""The main job: train RetinaNet with AP-loss on the embedded dataset (CPU) and evaluate it.
+
+    python -m ap_loss_d2.studies.main_job        # AP-loss (what `make main` runs)
+    python -m ap_loss_d2.studies.main_job MODEL.CLS_LOSS.NAME focal OUTPUT_DIR output/main_job_focal
+
+Runs ``train_net.py``'s logic (:func:`ap_loss_d2.engine.train_net.main`) in this process on
+``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml`` (``--config-file`` for another; extra
+arguments are config overrides; ``--output-dir`` sets ``OUTPUT_DIR``), which generates the
+embedded dataset on first use, trains, evaluates with Detectron2's COCOEvaluator, and then
+prints the AP table of the evaluation results that ``main`` returns and the wall time.
+
+When ``configs/quick/expected_results.json`` (written by ``python -m ap_loss_d2.studies.lr_sweep
+... --expected-results configs/quick/expected_results.json``) has a measurement for this run's
+config, loss and learning rate, the spread over the sweep's seeds is printed next to the result,
+so a user can tell whether their run landed where it should.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .common import REPO, default_config, load_cfg
+
+CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
+CONFIG = REPO / "configs" / CONFIG_REL
+EXPECTED = REPO / "configs" / "quick" / "expected_results.json"
+DEFAULT_OUTPUT = "output/main_job"
+#: Overrides that do not change what is measured (a sweep entry still applies).
+NEUTRAL_KEYS = ("OUTPUT_DIR", "MODEL.DEVICE", "SEED")
+_SWEPT = ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR")
+
+
+def _same_file(a, b) -> bool:
+    pa, pb = Path(a), Path(b)
+    pa = pa if pa.is_absolute() else REPO / pa
+    pb = pb if pb.is_absolute() else REPO / pb
+    return pa.resolve() == pb.resolve()
+
+
+def _relevant(opts):
+    pairs = list(zip(opts[::2], opts[1::2]))
+    return [(k, v) for k, v in pairs if k not in NEUTRAL_KEYS + _SWEPT]
+
+
+def expected_spread(config_file, opts, results=None, expected_file=EXPECTED):
+    """Lines saying what the LR sweep measured for this run's loss and LR (mean and range over
+    seeds), and where ``results`` (this run's metrics) falls; [] when the file has no
+    measurement of this setting."""
+    if not Path(expected_file).is_file():
+        return []
+    data = json.loads(Path(expected_file).read_text())
+    if not _same_file(data["config"], config_file) or _relevant(opts) != _relevant(
+        list(data.get("overrides", []))
+    ):
+        return []
+    cfg = load_cfg(str(config_file), [x for k, v in zip(opts[::2], opts[1::2])
+                                      if k in _SWEPT for x in (k, v)])
+    loss, lr = cfg.MODEL.CLS_LOSS.NAME, cfg.SOLVER.BASE_LR
+    entry = data["losses"].get(loss)
+    if entry is None:
+        return []
+    seeds = ", ".join(str(s) for s in data.get("seeds", []))
+    if abs(entry["lr"] - lr) > 1e-12 * max(1.0, lr):
+        return [f"[main_job] the LR sweep ({data.get('generated', '?')}) measured {loss} at its best "
+                f"LR {entry['lr']:g}, not at this run's {lr:g}: AP {entry['AP']['mean']:.1f} "
+                f"[{entry['AP']['min']:.1f}, {entry['AP']['max']:.1f}] over seeds {seeds}"]
+    lines = [f"[main_job] expected for {loss} at LR {lr:g} (LR sweep of {data.get('generated', '?')}, "
+             f"seeds {seeds}): " + ", ".join(
+                 f"{m} {entry[m]['mean']:.1f} [{entry[m]['min']:.1f}, {entry[m]['max']:.1f}]"
+                 for m in ("AP", "AP50", "AP75") if m in entry)]
+    if results and "AP" in results:
+        lo, hi = entry["AP"]["min"], entry["AP"]["max"]
+        where = "inside" if lo <= results["AP"] <= hi else "OUTSIDE"
+        lines.append(f"[main_job] this run's AP {results['AP']:.1f} is {where} the sweep's range "
+                     f"[{lo:.1f}, {hi:.1f}]")
+    return lines
+
+
+def bbox_results(results) -> dict:
+    """The ``bbox`` metrics of ``train_net.main``'s return value (``{"bbox": ...}`` for one test
+    set, ``{dataset: {"bbox": ...}}`` for several: the first)."""
+    if not results:
+        return {}
+    if "bbox" not in results:
+        results = next(iter(results.values()))
+    return dict(results.get("bbox", {}))
+
+
+def format_results(results: dict, dataset: str) -> str:
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    lines = [f"\n[main_job] COCO bbox metrics on {dataset}",
+             "| " + " | ".join(keys) + " |",
+             "|" + "---|" * len(keys),
+             "| " + " | ".join(f"{results.get(k, float('nan')):.2f}" for k in keys) + " |"]
+    per_class = {k: v for k, v in results.items() if k.startswith("AP-")}
+    if per_class:
+        lines.append("per class: " + ", ".join(f"{k[3:]} {v:.2f}" for k, v in per_class.items()))
+    return "\n".join(lines)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.main_job",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default=None,
+                        help=f"yacs config (default: configs/{CONFIG_REL} of the repository)")
+    parser.add_argument("--output-dir", default=None,
+                        help=f"OUTPUT_DIR of the run (default {DEFAULT_OUTPUT})")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    config_file = args.config_file or default_config(CONFIG_REL)
+    opts = list(args.opts)
+    if args.output_dir:
+        opts += ["OUTPUT_DIR", args.output_dir]
+    elif "OUTPUT_DIR" not in opts[::2]:
+        opts += ["OUTPUT_DIR", DEFAULT_OUTPUT]
+    out = dict(zip(opts[::2], opts[1::2]))["OUTPUT_DIR"]  # the last OUTPUT_DIR wins
+
+    from detectron2.engine import default_argument_parser
+
+    from ..engine.train_net import main as train_net_main
+
+    train_args = default_argument_parser().parse_args(["--config-file", config_file, *opts])
+    print("[main_job] train_net " + " ".join(["--config-file", config_file, *opts]), flush=True)
+    start = time.time()
+    raw = train_net_main(train_args)
+    wall = time.time() - start
+
+    results = bbox_results(raw)
+    if not results:
+        raise SystemExit(f"[main_job] the run in {out} evaluated nothing (DATASETS.TEST empty?)")
+    dataset = load_cfg(config_file, opts).DATASETS.TEST[0]
+    print(format_results(results, dataset))
+    for line in expected_spread(config_file, opts, results):
+        print(line)
+    print(f"[main_job] wall time {wall / 60:.1f} min (train + eval), output in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,4 @@
+"""``python -m ap_loss_d2.studies.optimization``: see :mod:`.cli`."""
+from .cli import main
+
+main()

@@ -1,0 +1,74 @@
+"""ap_loss_d2.studies.common: the one home of the studies' shared helpers, and the same flags
+on every study command."""
+import importlib
+import json
+import math
+
+import pytest
+
+from ap_loss_d2.studies import common
+
+
+def test_default_config_missing_names_configs_and_flag(monkeypatch, tmp_path):
+    assert common.default_config("quick/retinanet_R_18_FPN_1000it_synth_ap.yaml").endswith(".yaml")
+    monkeypatch.setattr(common, "REPO", tmp_path)  # an installed package: no configs/ beside it
+    with pytest.raises(SystemExit, match=r"configs/quick/x\.yaml.*--config-file"):
+        common.default_config("quick/x.yaml")
+
+
+def test_scaled_schedule():
+    assert common.scaled_schedule((450, 550), 600, 600) == (450, 550)
+    assert common.scaled_schedule((450, 550), 600, 60) == (45, 55)
+    assert common.scaled_schedule((450, 550), 600, 3) == (2,)  # increasing, inside (0, iters)
+    assert common.scaled_schedule((450, 550), 600, 1) == ()
+    assert common.scale_iter(100, 1000, 200) == 20
+
+
+def test_write_json_atomic_and_strict(tmp_path):
+    path = tmp_path / "sub" / "a.json"
+    common.write_json(path, {"x": float("nan"), "y": (1, 2.5), "z": math.inf})
+    assert json.loads(path.read_text()) == {"x": None, "y": [1, 2.5], "z": None}
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temporary file left
+
+
+def test_check_run_settings(tmp_path):
+    run = tmp_path / "run"
+    assert common.check_run_settings(run, {"a": 1, "b": (1, 2)}) is False  # new: written
+    assert common.check_run_settings(run, {"a": 1, "b": [1, 2]}) is True  # same: resume
+    with pytest.raises(SystemExit, match="other settings"):
+        common.check_run_settings(run, {"a": 2, "b": [1, 2]})
+    with pytest.raises(RuntimeError, match="other settings"):
+        common.check_run_settings(run, {"a": 2}, error=RuntimeError)
+
+
+def test_last_bbox_metrics(tmp_path):
+    path = tmp_path / "metrics.json"
+    rows = [{"iteration": 4, "bbox/AP": 1.0, "bbox/AP50": 2.0},
+            {"iteration": 9, "bbox/AP": 3.0, "bbox/AP-circle": 4.0, "val2/bbox/AP": 5.0},
+            {"iteration": 10, "total_loss": 1.0}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{cut")
+    assert common.last_bbox_metrics(path) == {
+        "": {"AP": 3.0, "AP50": 2.0, "iteration": 9}, "val2": {"AP": 5.0, "iteration": 9}}
+    assert common.last_bbox_metrics(path, None)[""]["AP-circle"] == 4.0
+    assert common.last_bbox_metrics(tmp_path / "missing.json") == {}
+
+
+STUDIES = ["a2_example", "cost", "lr_sweep", "main_job", "optimization", "report", "robustness",
+           "roi_sampling", "score_distribution"]
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_study_takes_output_dir(name, capsys):
+    pytest.importorskip("detectron2")
+    pytest.importorskip("matplotlib")
+    module = importlib.import_module(f"ap_loss_d2.studies.{name}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert f"python -m ap_loss_d2.studies.{name}" in text
+    assert "--output-dir" in text
+    if name in ("lr_sweep", "main_job", "optimization", "roi_sampling"):  # they train
+        assert "--config-file" in text
+    if name in ("lr_sweep", "roi_sampling"):  # they launch training processes
+        assert "--num-gpus" in text
