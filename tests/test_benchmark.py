@@ -62,6 +62,7 @@ def _check_report(out, device):
     return report
 
 
+@pytest.mark.slow
 def test_benchmark_quick(tmp_path):
     out = tmp_path / "bench"
     r = _bench("--quick", "--device", "cpu", "--output-dir", str(out))

@@ -628,6 +628,7 @@ def test_bad_input(kind):
 # ---------------------------------------------------------------------------------------------
 # 5. No Detectron2 needed; CUDA
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_losses_do_not_import_detectron2():
     # (a) static: nothing in ap_loss_d2/losses imports detectron2
     for path in (REPO / "ap_loss_d2" / "losses").glob("*.py"):

@@ -195,7 +195,8 @@ def parse_run_spec(text: str) -> RunSpec:
     label = parts[2] if len(parts) == 3 and parts[2] else None
     if not os.path.isfile(config):
         raise FileNotFoundError(f"run {text!r}: config {config} does not exist")
-    if weights and not os.path.isfile(weights):
+    # the file, without the checkpointer's query options (e.g. "?allow_partial=True")
+    if weights and not os.path.isfile(weights.split("?", 1)[0]):
         raise FileNotFoundError(f"run {text!r}: weights {weights} do not exist")
     return RunSpec(config, weights, label)
 
