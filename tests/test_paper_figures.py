@@ -134,3 +134,13 @@ def test_visualize(two_runs, tmp_path, dataset):
     assert report["dataset"] == dataset
     with pytest.raises(KeyError, match="--dataset 'nope' is not registered"):
         visualize.main(["--run", str(a), "--dataset", "nope", "--output-dir", str(out)])
+
+
+def test_visualize_without_opencv_names_the_fix(monkeypatch, tmp_path):
+    import sys
+
+    from ap_loss_d2.studies import visualize
+
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(ImportError, match="pip install opencv-python-headless"):
+        visualize.main(["--run", str(tmp_path), "--output-dir", str(tmp_path)])
