@@ -92,6 +92,9 @@ def test_training_curves(two_runs, tmp_path, monkeypatch):
     os.utime(a / "model_0000001.pth", ns=(1, 1))
     tc.main(argv)
     assert calls == [str(a / "model_0000001.pth")]
+    # another evaluation setting (here the test score threshold) evaluates every checkpoint again
+    tc.main(argv[:-len(FAST_EVAL)] + ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.5"] + FAST_EVAL[2:])
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("dataset", ["synth_shapes_val", "synth_shapes_voc_val"])

@@ -14,7 +14,8 @@ override it.
 
 The iteration of a checkpoint is the number of iterations trained: its stored ``iteration``
 (Detectron2's 0-based index) + 1. Writes ``training_curves.json`` (re-read on the next call:
-evaluations of unchanged checkpoints are not repeated), ``training_curves.md`` and
+evaluations of unchanged checkpoints with the same dataset and evaluation config are not
+repeated), ``training_curves.md`` and
 ``training_curves.png`` (AP and AP50 against iteration).
 """
 import argparse
@@ -81,7 +82,10 @@ def evaluate_checkpoint(cfg, weights) -> dict:
     if cfg.DATASETS.TEST[0] in results:
         results = results[cfg.DATASETS.TEST[0]]
     bbox = results.get("bbox", {})
-    return {m: bbox.get(m) for m in METRICS}
+    point = {m: bbox.get(m) for m in METRICS}
+    if not bbox:  # Detectron2's evaluators return nothing without a single detection
+        point["note"] = "no detections above the test score threshold"
+    return point
 
 
 def _parse_run(text):
@@ -96,6 +100,16 @@ def _parse_run(text):
 def _fingerprint(path):
     st = Path(path).stat()
     return f"{st.st_size}:{int(st.st_mtime_ns)}"
+
+
+def _config_hash(cfg):
+    """Hash of the evaluation config (without OUTPUT_DIR): a changed override re-evaluates."""
+    import hashlib
+
+    c = cfg.clone()
+    c.defrost()
+    c.OUTPUT_DIR = ""
+    return hashlib.sha1(c.dump().encode()).hexdigest()[:16]
 
 
 def main(argv=None):
@@ -120,7 +134,7 @@ def main(argv=None):
 
         for run in json.loads(cache_path.read_text()).get("runs", []):
             for point in run.get("points", []):
-                cache[(point["checkpoint"], point.get("fingerprint"), point.get("dataset"))] = point
+                cache[(point["checkpoint"], point.get("fingerprint"), point.get("dataset"), point.get("config"))] = point
 
     runs = []
     for text in args.run:
@@ -140,16 +154,17 @@ def main(argv=None):
         cfg.DATASETS.TEST = (dataset,)
         cfg.OUTPUT_DIR = str(out / "_eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", label))
         cfg.freeze()
+        config_hash = _config_hash(cfg)
         points = []
         for it, ckpt in list_checkpoints(run_dir):
-            key = (ckpt, _fingerprint(ckpt), dataset)
+            key = (ckpt, _fingerprint(ckpt), dataset, config_hash)
             if key in cache:
                 progress(STUDY, f"{label}: iteration {it} already evaluated ({ckpt})")
                 point = cache[key]
             else:
                 progress(STUDY, f"{label}: evaluating {ckpt} (iteration {it}) on {dataset}")
                 point = {"iteration": it, "checkpoint": ckpt, "fingerprint": key[1], "dataset": dataset,
-                         **evaluate_checkpoint(cfg, ckpt)}
+                         "config": config_hash, **evaluate_checkpoint(cfg, ckpt)}
                 cache[key] = point
             points.append(point)
             # written after every evaluation, so that an interrupted call resumes from here
@@ -173,7 +188,7 @@ def main(argv=None):
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
-    rows = [[run["label"], q["iteration"]] + [fmt_num(q.get(m)) for m in METRICS]
+    rows = [[run["label"], q["iteration"]] + (["no detections"] * len(METRICS) if q.get("note") else [fmt_num(q.get(m)) for m in METRICS])
             for run in report_runs for q in run["points"]]
     table = markdown_table(["run", "iteration"] + list(METRICS), rows)
     report = {"study": STUDY, "created": timestamp(), "runs": report_runs, "complete": True,
