@@ -27,7 +27,7 @@ def test_registry_is_detectron2_free():
 
 
 def test_heads_and_unknown_names():
-    assert cls_loss_names("retinanet") == ("ap", "auc", "focal", "ce_ohem", "ap_approx", "ap_hinge")
+    assert cls_loss_names("retinanet") == ("ap", "auc", "ap_ohem", "ap_random", "focal", "ce_ohem", "ap_approx", "ap_hinge", "ghm", "dr")
     assert cls_loss_names("roi_heads") == ("ap", "auc", "ce")
     with pytest.raises(ValueError, match=r"cls_loss='focal' is not a classification loss for the roi_heads head; valid names: ap, auc, ce"):
         get_cls_loss("focal", "roi_heads")

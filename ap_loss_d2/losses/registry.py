@@ -31,6 +31,7 @@ import torch
 
 from .alternatives import ap_loss_approx_gradient, ap_loss_structured_hinge
 from .distributed import group_size, ranking_set_group, ranking_set_layout, resolve_group, scale_gradient
+from .neg_selection import select_negatives
 from .ohem import ce_ohem_loss, ce_ohem_scores
 from .ranking import ap_loss, auc_loss
 
@@ -63,7 +64,8 @@ class ClsLoss:
         heads: the heads that may use it (subset of :data:`HEADS`).
         options: the keyword options ``fn`` takes besides ``stats``; the model passes them from
             its own arguments (``delta``, ``step``...) or from what it computes
-            (``entries_per_image``, ``normalizer``, ``focal_loss_alpha``...).
+            (``entries_per_image``, ``normalizer``, ``focal_loss_alpha``...; ``loss_state``: a
+            dict the RetinaNet model keeps between iterations, e.g. GHM-C's EMA).
         scores: inference scores from the logits of one image, ``(R, K) -> (R, K)``; None means
             the head's own (per-class sigmoids; Detectron2's softmax for a ``native`` loss).
         native: the head's own Detectron2 loss (``"ce"`` of ``FastRCNNOutputLayers``): the
@@ -166,6 +168,8 @@ def ranking_loss(
     images_per_ranking_set=0,
     entries_per_image=None,
     stats=None,
+    neg_selection="all",
+    neg_pos_ratio=3.0,
     **options,
 ):
     """AP-loss (``name="ap"``) or AUC-loss (``"auc"``) of per-class scores, ranked per ranking
@@ -200,6 +204,10 @@ def ranking_loss(
             dim 0; None when dim 0 indexes the images.
         stats: optional dict, filled with ``num_pos`` and ``num_neg_nontrivial`` (of this
             process's ranking set(s)).
+        neg_selection: ``"all"`` (every negative), ``"ohem"`` / ``"random"`` (per image, keep
+            ``ceil(neg_pos_ratio x positives)`` hardest / random negatives, ignore the others;
+            paper Table 8), see :func:`ap_loss_d2.losses.neg_selection.select_negatives`.
+        neg_pos_ratio: negatives kept per positive by ``"ohem"`` / ``"random"``.
         options: ``delta``, ``step``, ``sigmoid_k`` (and ``interpolate`` for AP), see
             :func:`ap_loss_d2.losses.ap_loss`.
 
@@ -208,6 +216,7 @@ def ranking_loss(
     """
     fn = {"ap": ap_loss, "auc": auc_loss}[name]
     targets = ranking_targets(gt_labels, num_classes)
+    targets = select_negatives(targets, logits, neg_selection, neg_pos_ratio, entries_per_image)
     if rank_across_processes and images_per_ranking_set:
         raise ValueError(
             "rank_across_processes=True (one ranking set = the whole global batch) and "
@@ -269,6 +278,30 @@ def _ap(logits, gt_labels, num_classes, *, stats, **options):
 )
 def _auc(logits, gt_labels, num_classes, *, stats, **options):
     return ranking_loss("auc", logits, gt_labels, num_classes, stats=stats, **options)
+
+
+@register_cls_loss(
+    "ap_ohem",
+    heads=("retinanet",),
+    options=_STEP_OPTIONS + ("interpolate", "ohem_neg_pos_ratio") + _SETS,
+    doc="OHEM + AP-loss (Table 8): per image the hardest negatives, ohem_neg_pos_ratio per positive, others ignored",
+)
+def _ap_ohem(logits, gt_labels, num_classes, *, stats, ohem_neg_pos_ratio, **options):
+    return ranking_loss(
+        "ap", logits, gt_labels, num_classes, stats=stats, neg_selection="ohem", neg_pos_ratio=ohem_neg_pos_ratio, **options
+    )
+
+
+@register_cls_loss(
+    "ap_random",
+    heads=("retinanet",),
+    options=_STEP_OPTIONS + ("interpolate", "ohem_neg_pos_ratio") + _SETS,
+    doc="Random sampling + AP-loss (Table 8): per image random negatives, ohem_neg_pos_ratio per positive, others ignored",
+)
+def _ap_random(logits, gt_labels, num_classes, *, stats, ohem_neg_pos_ratio, **options):
+    return ranking_loss(
+        "ap", logits, gt_labels, num_classes, stats=stats, neg_selection="random", neg_pos_ratio=ohem_neg_pos_ratio, **options
+    )
 
 
 @register_cls_loss(

@@ -129,6 +129,7 @@ class APLossRetinaNet(RetinaNet):
         self.box_reg_normalizer = box_reg_normalizer
         self.rank_across_processes = rank_across_processes
         self.images_per_ranking_set = images_per_ranking_set
+        self.cls_loss_state = {}
         # every option a registered loss may ask for; the entry takes the ones it declares
         self.loss_options = dict(
             delta=delta,
@@ -142,6 +143,8 @@ class APLossRetinaNet(RetinaNet):
             focal_loss_alpha=self.focal_loss_alpha,
             focal_loss_gamma=self.focal_loss_gamma,
             entries_per_image=None,
+            # state a loss keeps between iterations (GHM-C's EMA of its gradient density)
+            loss_state=self.cls_loss_state,
         )
 
     @property

@@ -1,0 +1,155 @@
+"""Paper Fig. 5 / Fig. 12: the detections of two or more models on the same images, side by side.
+
+``python -m ap_loss_d2.studies.visualize --run output/voc_ap --run output/voc_focal
+--dataset voc_2007_test --num-images 4 --score-thresh 0.3 --output-dir output/fig5
+[--device cpu] [KEY VALUE ...]``
+
+Each ``--run`` is ``RUN_DIR[:LABEL]`` (a ``train_net.py`` output folder: its ``config.yaml`` and
+last checkpoint) or ``CONFIG:WEIGHTS[:LABEL]``. The first ``--num-images`` images of
+``--dataset`` (any registered detection dataset: the embedded ``synth_shapes_*`` sets, COCO,
+VOC; default the first run's ``DATASETS.TEST[0]``) go through each model with Detectron2's test
+preprocessing (``DatasetMapper(cfg, is_train=False)``); the detections scoring at least
+``--score-thresh`` are drawn with Detectron2's ``Visualizer`` (class names from the dataset's
+metadata). Writes, per image, ``image_<k>.png`` (one row: one column per model, titled with the
+run's label) and ``visualize.png`` (every row: one row per image), plus ``visualize.json``
+(the drawn detections) and ``visualize.md``.
+"""
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from .common import build_model_for_run, markdown_table, parse_run_spec, progress, pyplot, resolve_run, timestamp
+from .common import unique_labels, write_json
+
+__all__ = ["detect", "main"]
+
+STUDY = "visualize"
+
+
+def detect(model, cfg, dataset_dict, score_thresh):
+    """Detectron2 ``Instances`` (CPU, original image size) of ``model`` on one dataset dict, the
+    detections scoring >= ``score_thresh``, and the RGB image they belong to."""
+    import torch
+    from detectron2.data import DatasetMapper
+    from detectron2.data import detection_utils as utils
+
+    inputs = DatasetMapper(cfg, is_train=False)(copy.deepcopy(dataset_dict))
+    with torch.no_grad():
+        instances = model([inputs])[0]["instances"].to("cpu")
+    instances = instances[instances.scores >= score_thresh]
+    image = utils.read_image(dataset_dict["file_name"], format="RGB")
+    return instances, image
+
+
+def _draw(image, instances, metadata):
+    from detectron2.utils.visualizer import Visualizer
+
+    # small images (the embedded set: 128 px) are drawn enlarged so that the labels stay legible
+    scale = max(1.0, 512 / max(image.shape[:2]))
+    return Visualizer(image, metadata=metadata, scale=scale).draw_instance_predictions(instances).get_image()
+
+
+def _figure(rows, labels, titles_per_row, path):
+    """rows: [[image per model]]; one subplot per (row, model), column titles = labels."""
+    plt = pyplot()
+    n_rows, n_cols = len(rows), len(labels)
+    h, w = rows[0][0].shape[:2]
+    scale = 4.0 / max(h, w)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * w * scale + 0.5, n_rows * h * scale + 0.6), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(labels[c])
+            if c == 0:
+                ax.set_ylabel(titles_per_row[r], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", required=True, help="RUN_DIR[:LABEL] or CONFIG:WEIGHTS[:LABEL] (repeat)")
+    p.add_argument("--dataset", default="", help="registered dataset (default: the first run's DATASETS.TEST[0])")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--device", default=None)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (every run)")
+    args = p.parse_args(argv)
+    try:
+        import cv2  # noqa: F401  (Detectron2's Visualizer needs OpenCV)
+    except ImportError:
+        raise ImportError(
+            "ap_loss_d2.studies.visualize draws with Detectron2's Visualizer, which needs OpenCV: "
+            "pip install opencv-python-headless"
+        ) from None
+    if args.num_images < 1:
+        raise ValueError(f"--num-images={args.num_images} must be >= 1")
+    if not 0 <= args.score_thresh <= 1:
+        raise ValueError(f"--score-thresh={args.score_thresh} must be in [0, 1]")
+
+    import ap_loss_d2.data  # noqa: F401  (registers the embedded and VOC sets)
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [parse_run_spec(r) for r in args.run]
+    resolved = [resolve_run(s, args.opts, args.device) for s in specs]
+    labels = unique_labels([lab for _, lab in resolved])
+    dataset = args.dataset or resolved[0][0].DATASETS.TEST[0]
+    if dataset not in DatasetCatalog.list():
+        raise KeyError(f"--dataset {dataset!r} is not registered; registered: {', '.join(sorted(DatasetCatalog.list()))}")
+    dicts = DatasetCatalog.get(dataset)[: args.num_images]
+    metadata = MetadataCatalog.get(dataset)
+    num_classes = len(metadata.get("thing_classes", []))
+
+    drawn = [[None] * len(specs) for _ in dicts]
+    records = [{"file_name": d["file_name"], "image_id": d.get("image_id"), "detections": {}} for d in dicts]
+    for m, ((cfg, _), spec, label) in enumerate(zip(resolved, specs, labels)):
+        progress(STUDY, f"{label}: {len(dicts)} images of {dataset}")
+        model = build_model_for_run(cfg, spec.weights)
+        k = cfg.MODEL.RETINANET.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet") else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        if num_classes and k != num_classes:
+            raise ValueError(f"run {label!r} predicts {k} classes but {dataset!r} has {num_classes}")
+        for i, d in enumerate(dicts):
+            instances, image = detect(model, cfg, d, args.score_thresh)
+            drawn[i][m] = _draw(image, instances, metadata)
+            records[i]["detections"][label] = [
+                {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "class": int(c)}
+                for b, s, c in zip(instances.pred_boxes.tensor.tolist(), instances.scores.tolist(), instances.pred_classes.tolist())
+            ]
+
+    row_titles = [Path(r["file_name"]).name for r in records]
+    figures = []
+    for i, row in enumerate(drawn):
+        name = f"image_{i}.png"
+        _figure([row], labels, [row_titles[i]], out / name)
+        figures.append(name)
+    _figure(drawn, labels, row_titles, out / f"{STUDY}.png")
+    figures.append(f"{STUDY}.png")
+
+    rows = [[row_titles[i], lab, len(r["detections"][lab]),
+             ", ".join(f"{x['score']:.2f}" for x in r["detections"][lab][:5]) or "-"]
+            for i, r in enumerate(records) for lab in labels]
+    table = markdown_table(["image", "run", f"detections >= {args.score_thresh}", "top scores"], rows)
+    report = {"study": STUDY, "created": timestamp(), "dataset": dataset, "score_thresh": args.score_thresh,
+              "runs": [{"label": lab, "config": s.config, "weights": s.weights} for lab, s in zip(labels, specs)],
+              "images": records, "figures": figures}
+    write_json(out / f"{STUDY}.json", report)
+    md = [f"# Fig. 5 / 12: detections on {dataset} (score >= {args.score_thresh})", "", table, ""]
+    md += [f"![{t}]({f})" for t, f in zip(row_titles, figures)]
+    (out / f"{STUDY}.md").write_text("\n".join(md) + "\n")
+    print(table, flush=True)
+    progress(STUDY, f"wrote {out / (STUDY + '.json')}, {out / (STUDY + '.md')}, {len(figures)} PNGs")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Paper Table 13, RetinaNet + PASCAL VOC, DR-loss baseline: same as the AP-loss config.
+LazyConfig twin of configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_dr.yaml."""
+from .retinanet_R_50_FPN_160e_voc0712_ap import dataloader, lr_multiplier, model, optimizer, train
+
+model.cls_loss = "dr"
