@@ -64,6 +64,10 @@ LOSS_LABELS = {
     "ce": "CE-Loss",
     "ap_approx": "AP-Loss (approx. gradient)",
     "ap_hinge": "AP-Loss (structured hinge)",
+    "ap_ohem": "OHEM + AP-Loss",
+    "ap_random": "Random sampling + AP-Loss",
+    "ghm": "GHM-C Loss",
+    "dr": "DR Loss",
     # benchmark.py's names
     "ap_loss": "AP-Loss",
     "auc_loss": "AUC-Loss",
