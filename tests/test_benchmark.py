@@ -83,6 +83,7 @@ def test_default_anchors_named():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+@pytest.mark.slow  # two subprocesses
 def test_device_cuda_without_gpu_is_a_clean_error(tmp_path):
     for extra in ((), ("--breakdown",)):
         r = _bench("--quick", "--device", "cuda", "--output-dir", str(tmp_path), *extra)
