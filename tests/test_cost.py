@@ -78,7 +78,7 @@ def test_metrics_label_and_missing_keys(tmp_path):
 def test_benchmark_tables_equal_benchmark_json(tmp_path):
     bench_dir = tmp_path / "bench"
     r = subprocess.run([sys.executable, "-m", "ap_loss_d2.benchmark", "--quick", "--device",
-                        "cpu", "--out", str(bench_dir)], cwd=str(REPO), capture_output=True,
+                        "cpu", "--output-dir", str(bench_dir)], cwd=str(REPO), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     bench = json.loads((bench_dir / "benchmark.json").read_text())
@@ -91,7 +91,7 @@ def test_benchmark_tables_equal_benchmark_json(tmp_path):
     md = (out / "cost.md").read_text()
     n_rows = 0
     for row in bench["results"]:
-        g = groups[f"{row['device']}, {row['positives']} positives"]
+        g = groups[f"{row['device']}, {row['anchors']} anchors, {row['positives']} positives"]
         i = g["images"].index(row["images"])
         mem_cells, time_cells = [], []
         for name in losses:
@@ -108,3 +108,16 @@ def test_benchmark_tables_equal_benchmark_json(tmp_path):
     assert report["benchmark"]["groups"] == groups
     assert "* extrapolated from a subset of the positives" in md
     assert (out / "cost_benchmark.png").stat().st_size > 0
+
+
+def test_benchmark_tables_keep_anchor_settings_apart():
+    """The benchmark measures two anchor counts (Detectron2's 9 and the paper's 6 per
+    location); rows of the same device, positives and batch size must not share a table."""
+    rows = [dict(device="cpu", anchors=a, positives=500, images=i,
+                 losses={"ap_loss": {"time_s": a * i * 1e-9}})
+            for a in (49104, 32736) for i in (1, 2)]
+    groups = cost.benchmark_tables({"losses": ["ap_loss"], "results": rows})
+    assert sorted(groups) == ["cpu, 32736 anchors, 500 positives", "cpu, 49104 anchors, 500 positives"]
+    for key, g in groups.items():
+        a = g["anchors"]
+        assert g["images"] == [1, 2] and g["time_s"]["ap_loss"] == [a * 1e-9, 2 * a * 1e-9]

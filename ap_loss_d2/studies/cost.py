@@ -128,13 +128,18 @@ def training_table(runs) -> str:
 
 
 def benchmark_tables(bench: dict) -> Dict[str, dict]:
-    """{"<device>, <P> positives": {"images": [...], "memory_mb": {loss: [...]},
-    "time_s": {loss: [...]}}} from a benchmark.json."""
+    """{"<device>, <A> anchors, <P> positives": {"images": [...], "memory_mb": {loss: [...]},
+    "time_s": {loss: [...]}}} from a benchmark.json (rows without an anchor count, from older
+    benchmarks, group without it)."""
     groups: Dict[str, dict] = {}
     losses = bench.get("losses") or []
-    for row in sorted(bench["results"], key=lambda r: (r["device"], r["positives"], r["images"])):
-        key = f"{row['device']}, {row['positives']} positives"
+    rows = sorted(bench["results"],
+                  key=lambda r: (r["device"], r.get("anchors", 0), r["positives"], r["images"]))
+    for row in rows:
+        anchors = f"{row['anchors']} anchors, " if "anchors" in row else ""
+        key = f"{row['device']}, {anchors}{row['positives']} positives"
         g = groups.setdefault(key, {"device": row["device"], "positives": row["positives"],
+                                    "anchors": row.get("anchors"),
                                     "images": [], "memory_mb": {n: [] for n in losses},
                                     "time_s": {n: [] for n in losses},
                                     "extrapolated": {n: [] for n in losses}})
@@ -148,7 +153,7 @@ def benchmark_tables(bench: dict) -> Dict[str, dict]:
 
 
 def benchmark_markdown(groups, losses, field, title, fmt):
-    """One markdown table per (device, positives) group: batch size x loss (``field``)."""
+    """One markdown table per (device, anchors, positives) group: batch size x loss (``field``)."""
     parts = []
     for key, g in groups.items():
         extrap = g.get("extrapolated", {}) if field == "time_s" else {}
