@@ -280,28 +280,32 @@ def _auc(logits, gt_labels, num_classes, *, stats, **options):
     return ranking_loss("auc", logits, gt_labels, num_classes, stats=stats, **options)
 
 
-@register_cls_loss(
-    "ap_ohem",
-    heads=("retinanet",),
-    options=_STEP_OPTIONS + ("interpolate", "ohem_neg_pos_ratio") + _SETS,
-    doc="OHEM + AP-loss (Table 8): per image the hardest negatives, ohem_neg_pos_ratio per positive, others ignored",
-)
-def _ap_ohem(logits, gt_labels, num_classes, *, stats, ohem_neg_pos_ratio, **options):
-    return ranking_loss(
-        "ap", logits, gt_labels, num_classes, stats=stats, neg_selection="ohem", neg_pos_ratio=ohem_neg_pos_ratio, **options
-    )
+def _register_negative_selection(name, selection, doc):
+    """Table 8: AP-loss over the positives and, per image, ``ohem_neg_pos_ratio`` negatives per
+    positive chosen by ``selection`` ("ohem": the hardest, "random"); other negatives ignored."""
+
+    def loss(logits, gt_labels, num_classes, *, stats, ohem_neg_pos_ratio, **options):
+        return ranking_loss(
+            "ap", logits, gt_labels, num_classes, stats=stats, neg_selection=selection,
+            neg_pos_ratio=ohem_neg_pos_ratio, **options
+        )
+
+    register_cls_loss(
+        name,
+        heads=("retinanet",),
+        options=_STEP_OPTIONS + ("interpolate", "ohem_neg_pos_ratio") + _SETS,
+        doc=doc,
+    )(loss)
 
 
-@register_cls_loss(
-    "ap_random",
-    heads=("retinanet",),
-    options=_STEP_OPTIONS + ("interpolate", "ohem_neg_pos_ratio") + _SETS,
-    doc="Random sampling + AP-loss (Table 8): per image random negatives, ohem_neg_pos_ratio per positive, others ignored",
+_register_negative_selection(
+    "ap_ohem", "ohem",
+    "OHEM + AP-loss (Table 8): per image the hardest negatives, ohem_neg_pos_ratio per positive, others ignored",
 )
-def _ap_random(logits, gt_labels, num_classes, *, stats, ohem_neg_pos_ratio, **options):
-    return ranking_loss(
-        "ap", logits, gt_labels, num_classes, stats=stats, neg_selection="random", neg_pos_ratio=ohem_neg_pos_ratio, **options
-    )
+_register_negative_selection(
+    "ap_random", "random",
+    "Random sampling + AP-loss (Table 8): per image random negatives, ohem_neg_pos_ratio per positive, others ignored",
+)
 
 
 @register_cls_loss(
