@@ -17,6 +17,11 @@ The iteration of a checkpoint is the number of iterations trained: its stored ``
 evaluations of unchanged checkpoints with the same dataset and evaluation config are not
 repeated), ``training_curves.md`` and
 ``training_curves.png`` (AP and AP50 against iteration).
+
+``--group``: runs given the same ``LABEL`` are seeds of one setting (e.g. ``--run
+output/lr_sweep/ap_lr0.01_seed0:AP-loss --run output/lr_sweep/ap_lr0.01_seed1:AP-loss``): the
+table shows, per label and iteration, the mean and ``[min, max]`` over its runs, and the plot a
+mean line with the range shaded. Every run's own points stay in the JSON.
 """
 import argparse
 import re
@@ -88,6 +93,34 @@ def evaluate_checkpoint(cfg, weights) -> dict:
     return point
 
 
+def group_points(runs) -> list:
+    """Runs with the same label -> ``[{"label", "num_runs", "points": [{"iteration", "AP", "AP_min",
+    "AP_max", ...}]}]``: per iteration saved by all of the label's runs, the mean, min and max of
+    each metric over the runs that have it (a checkpoint without detections counts as 0)."""
+    order, by_label = [], {}
+    for run in runs:
+        if run["label"] not in by_label:
+            order.append(run["label"])
+            by_label[run["label"]] = []
+        by_label[run["label"]].append(run)
+    groups = []
+    for label in order:
+        members = by_label[label]
+        common = set.intersection(*[{q["iteration"] for q in r["points"]} for r in members])
+        points = []
+        for it in sorted(common):
+            point = {"iteration": it}
+            for m in METRICS:
+                vals = [next(q for q in r["points"] if q["iteration"] == it) for r in members]
+                vals = [0.0 if q.get("note") else q.get(m) for q in vals]
+                vals = [v for v in vals if v is not None]
+                if vals:
+                    point.update({m: sum(vals) / len(vals), m + "_min": min(vals), m + "_max": max(vals)})
+            points.append(point)
+        groups.append({"label": label, "num_runs": len(members), "points": points})
+    return groups
+
+
 def _parse_run(text):
     head, sep, tail = text.rpartition(":")
     if sep and Path(head).is_dir():
@@ -120,6 +153,8 @@ def main(argv=None):
     p.add_argument("--dataset", default="", help="dataset to evaluate on (default: the config's DATASETS.TEST[0])")
     p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
     p.add_argument("--device", default=None)
+    p.add_argument("--group", action="store_true",
+                   help="runs with the same LABEL are seeds of one setting: mean and [min, max]")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
 
@@ -142,7 +177,8 @@ def main(argv=None):
         config = args.config_file or str(run_dir / "config.yaml")
         cfg = load_cfg(config, args.opts, args.device)
         runs.append((run_dir, label or loss_label(cfg), cfg))
-    labels = unique_labels([lab for _, lab, _ in runs])
+    labels = [lab for _, lab, _ in runs]
+    labels = labels if args.group else unique_labels(labels)
 
     report_runs = []
     for (run_dir, _, cfg), label in zip(runs, labels):
@@ -152,7 +188,7 @@ def main(argv=None):
         cfg = cfg.clone()
         cfg.defrost()
         cfg.DATASETS.TEST = (dataset,)
-        cfg.OUTPUT_DIR = str(out / "_eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", label))
+        cfg.OUTPUT_DIR = str(out / "_eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}_{len(report_runs)}" if args.group else label))
         cfg.freeze()
         config_hash = _config_hash(cfg)
         points = []
@@ -172,12 +208,22 @@ def main(argv=None):
             write_json(cache_path, {"study": STUDY, "runs": partial, "complete": False})
         report_runs.append({"label": label, "run_dir": str(run_dir), "points": points})
 
+    groups = group_points(report_runs) if args.group else None
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for metric, ax in zip(("AP", "AP50"), axes):
-        for run in report_runs:
-            pts = [(q["iteration"], q[metric]) for q in run["points"] if q.get(metric) is not None]
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=run["label"])
+        if groups is None:
+            for run in report_runs:
+                pts = [(q["iteration"], q[metric]) for q in run["points"] if q.get(metric) is not None]
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=run["label"])
+        else:
+            for group in groups:
+                pts = [q for q in group["points"] if q.get(metric) is not None]
+                its = [q["iteration"] for q in pts]
+                line, = ax.plot(its, [q[metric] for q in pts], marker="o",
+                                label=f"{group['label']} (mean of {group['num_runs']})")
+                ax.fill_between(its, [q[metric + "_min"] for q in pts], [q[metric + "_max"] for q in pts],
+                                color=line.get_color(), alpha=0.2)
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{metric} vs. training iteration")
@@ -188,11 +234,23 @@ def main(argv=None):
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
-    rows = [[run["label"], q["iteration"]] + (["no detections"] * len(METRICS) if q.get("note") else [fmt_num(q.get(m)) for m in METRICS])
-            for run in report_runs for q in run["points"]]
-    table = markdown_table(["run", "iteration"] + list(METRICS), rows)
+    if groups is None:
+        rows = [[run["label"], q["iteration"]] + (["no detections"] * len(METRICS) if q.get("note") else [fmt_num(q.get(m)) for m in METRICS])
+                for run in report_runs for q in run["points"]]
+        table = markdown_table(["run", "iteration"] + list(METRICS), rows)
+    else:
+        def cell(q, m):
+            if q.get(m) is None:
+                return "no detections"
+            return f"{fmt_num(q[m])} [{fmt_num(q[m + '_min'])}, {fmt_num(q[m + '_max'])}]"
+
+        rows = [[g["label"], g["num_runs"], q["iteration"]] + [cell(q, m) for m in METRICS]
+                for g in groups for q in g["points"]]
+        table = markdown_table(["runs", "n", "iteration"] + [f"{m} mean [min, max]" for m in METRICS], rows)
     report = {"study": STUDY, "created": timestamp(), "runs": report_runs, "complete": True,
               "figures": [png.name]}
+    if groups is not None:
+        report["groups"] = groups
     write_json(cache_path, report)
     md = [f"# Fig. 6: AP against training iteration", "", table, "", f"![training curves]({png.name})"]
     (out / f"{STUDY}.md").write_text("\n".join(md) + "\n")
