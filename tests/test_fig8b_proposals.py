@@ -238,6 +238,7 @@ def test_snapshot_runs_start_from_the_snapshot(proposal_study, tmp_path):
         # the trainer of that config, in a fresh folder, starts from the snapshot's weights
         cfg.defrost()
         cfg.OUTPUT_DIR = str(tmp_path / method)
+        (tmp_path / method).mkdir()
         trainer = study.StudyTrainer(cfg)
         trainer.resume_or_load(resume=True)
         assert trainer.start_iter == 0
@@ -246,6 +247,7 @@ def test_snapshot_runs_start_from_the_snapshot(proposal_study, tmp_path):
         # ... which differ from the default initialisation (this check can fail)
         cfg.MODEL.WEIGHTS = ""
         cfg.OUTPUT_DIR = str(tmp_path / (method + "_scratch"))
+        (tmp_path / (method + "_scratch")).mkdir()
         scratch = study.StudyTrainer(cfg)
         scratch.resume_or_load(resume=False)
         fresh = scratch.model.state_dict()
@@ -267,8 +269,6 @@ def test_fingerprint_skips_same_and_refuses_other_weights(proposal_study, propos
     _run(proposal_study, proposer_weights)
     assert (proposal_study / "fig8b.json").read_text() == before
     # same path, other content: refused (the fingerprint holds size and sha256)
-    other = tmp_path / "proposer.pth"
-    shutil.copy(proposer_weights, other)
     backup = tmp_path / "backup.pth"
     shutil.copy(proposer_weights, backup)
     _save_retinanet(proposer_weights, seed=5)

@@ -188,8 +188,9 @@ def report_fig8b(
         lines += [
             "",
             f"Rows \"from snapshot\" (dashed in the plot): initialised from `{snapshot['run']}`, "
-            f"{_label(snapshot['method'])} trained with N = {negatives_label(snapshot['num_negatives'])} "
-            f"for {snapshot['iters']} iterations (its final AP-loss: "
+            f"trained from the default initialisation with `{snapshot['method']}` and "
+            f"N = {negatives_label(snapshot['num_negatives'])} for {snapshot['iters']} iterations "
+            "(its final AP-loss: "
             f"{fmt_loss(snapshot.get('final_ap_loss'))}).",
         ]
     lines += [
@@ -225,7 +226,9 @@ def report_fig8b(
     ax.set_xscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("final AP-loss")
-    title = "Fig. 8b: imbalance" + ("" if proposals else " (random negatives)")
+    title = "Fig. 8b: imbalance" + (
+        " (top-N proposals of a frozen RetinaNet)" if proposals else " (RANDOM negatives)"
+    )
     _finish_plot(plt, fig, ax, title, output_dir / "fig8b.png")
     return data
 
