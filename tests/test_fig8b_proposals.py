@@ -349,3 +349,18 @@ def test_random_mode_is_labelled_as_such(tmp_path):
     md = (tmp_path / "fig8b.md").read_text()
     assert "RANDOM negatives (not the paper's Fig. 8b" in md
     assert (tmp_path / "fig8b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_command_line_options(tmp_path):
+    args = study.build_parser().parse_args(
+        ["--negative-mode", "random", "--proposal-weights", "w.pth", "--snapshot-proposals", "300",
+         "--snapshot-iters", "50", "--negatives", "100", "all"])
+    assert (args.negative_mode, args.proposal_weights, args.snapshot_proposals, args.snapshot_iters,
+            args.negatives) == ("random", "w.pth", "300", 50, ["100", "all"])
+    defaults = study.build_parser().parse_args([])
+    assert defaults.negative_mode == "proposals" and defaults.proposal_weights is None
+    with pytest.raises(ValueError, match="--proposal-weights.*make main"):
+        study.main(["--output-dir", str(tmp_path), "--parts", "b", "--negatives", "10", "--iters", "4",
+                    *TINY_OPTS])
+    with pytest.raises(SystemExit):
+        study.build_parser().parse_args(["--negative-mode", "hard"])
