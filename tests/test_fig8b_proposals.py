@@ -156,7 +156,7 @@ def _run(out, weights, **kw):
     args = dict(
         methods=METHODS, parts=("b",), negatives=[str(N), "all"], negative_mode="proposals",
         proposal_weights=weights, snapshot_proposals=str(SNAP_N), snapshot_iters=SNAP_ITERS,
-        iters=ITERS, record_period=PERIOD, checkpoint_period=1000, opts=TINY_OPTS,
+        snapshot_negatives=[str(N)], iters=ITERS, record_period=PERIOD, checkpoint_period=1000, opts=TINY_OPTS,
     )
     args.update(kw)
     return study.run_study(out, **args)
@@ -182,11 +182,14 @@ def test_fig8b_numbers_are_the_recorded_ones(proposal_study, proposer_weights):
     assert report["settings"]["proposal_weights"] == study.file_fingerprint(proposer_weights)
     snap = report["snapshot"]
     assert snap["run"] == f"snapshot_ap_prop{SNAP_N}_{SNAP_ITERS}it"
-    for key, snapshot_run in (("methods", False), ("methods_from_snapshot", True)):
+    for key, snapshot_run, levels in (
+        ("methods", False, [str(N), "all"]),
+        ("methods_from_snapshot", True, [str(N)]),  # snapshot_negatives: N only
+    ):
         data = report[key]
         assert set(data) == set(METHODS)
         for method, per_level in data.items():
-            assert list(per_level) == [str(N), "all"]
+            assert list(per_level) == levels
             for level, d in per_level.items():
                 name = study.run_name(method, -1 if level == "all" else N, "proposals", snapshot_run)
                 assert d["run"] == name == (f"{method}_{'negall' if level == 'all' else f'prop{N}'}"
@@ -213,7 +216,10 @@ def test_fig8b_numbers_are_the_recorded_ones(proposal_study, proposer_weights):
                 md = (proposal_study / "fig8b.md").read_text()
                 assert f"{d['final_ap_loss']:.4f}" in md
     md = (proposal_study / "fig8b.md").read_text()
-    assert "proposals per image" in md and f"(`ap_approx`), from snapshot |" in md
+    assert "proposals per image" in md and "(`ap_approx`), from snapshot |" in md
+    row = next(line for line in md.splitlines() if "(`ap`), from snapshot |" in line)
+    assert row.endswith("| not run |")  # level "all" was not run from the snapshot
+    assert not (proposal_study / "runs" / "ap_negall_snap").exists()
     assert (proposal_study / "fig8b.png").read_bytes()[:4] == b"\x89PNG"
     assert not (proposal_study / "fig8a.json").exists()
 
@@ -274,7 +280,8 @@ def test_fingerprint_skips_same_and_refuses_other_weights(proposal_study, propos
     _save_retinanet(proposer_weights, seed=5)
     try:
         with pytest.raises(RuntimeError, match="other settings"):
-            _run(proposal_study, proposer_weights, snapshot_proposals=None, snapshot_iters=None)
+            _run(proposal_study, proposer_weights, snapshot_proposals=None, snapshot_iters=None,
+                 snapshot_negatives=None)
     finally:
         shutil.copy(backup, proposer_weights)
     # another N is a new run, not a clash
@@ -309,7 +316,10 @@ def test_bad_input_is_refused_clearly(proposer_weights, tmp_path):
         build_model(_cfg(0, proposer_weights))
     with pytest.raises(ValueError, match="negative_mode.*valid: proposals, random"):
         study.run_study(tmp_path / "d", negative_mode="hard", opts=TINY_OPTS)
-    with pytest.raises(ValueError, match="--snapshot-iters needs --snapshot-proposals"):
+    with pytest.raises(ValueError, match="subset of --negatives.*not in it: 20"):
+        study.run_study(tmp_path / "e", parts=("b",), negatives=["10"], snapshot_proposals="10",
+                        snapshot_negatives=["20"], proposal_weights=proposer_weights, opts=TINY_OPTS)
+    with pytest.raises(ValueError, match="--snapshot-iters / --snapshot-negatives need --snapshot-proposals"):
         study.run_study(tmp_path / "e", parts=("b",), negatives=["10"], snapshot_iters=5,
                         proposal_weights=proposer_weights, opts=TINY_OPTS)
     # a checkpoint of another architecture: 5 classes; 48 FPN channels

@@ -31,10 +31,10 @@ iteration): easy negatives, the paper's Table 8 "random sampling", labelled as s
 outputs. The recorded AP-loss ranks the entries the loss sees; the AP-loss over all negatives is
 recorded too (``optim_study/ap_loss_all_negatives``).
 
-Snapshot runs (the paper's dashed lines, ``--snapshot-proposals N0 [--snapshot-iters M]``): first
-AP-loss is trained with N0 for M iterations from the default initialisation (its
-``model_final.pth`` is kept), then every (method, N) is run a second time initialised from it;
-fig8b plots them dashed.
+Snapshot runs (the paper's dashed lines, ``--snapshot-proposals N0 [--snapshot-iters M]
+[--snapshot-negatives N ...]``): first AP-loss is trained with N0 for M iterations from the
+default initialisation (its ``model_final.pth`` is kept), then every (method, N) -- or only the N
+of ``--snapshot-negatives`` -- is run a second time initialised from it; fig8b plots them dashed.
 
 Modules: :mod:`.model` (the study model, hook, trainer and config keys), :mod:`.runner` (one
 run, the study, resume), :mod:`.report` (fig8a/fig8b JSON, markdown, PNG), :mod:`.cli` (the

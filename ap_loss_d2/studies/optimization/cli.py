@@ -57,6 +57,10 @@ def build_parser():
         "--snapshot-iters", type=int, default=None,
         help="iterations of the snapshot run (default: --iters)",
     )
+    p.add_argument(
+        "--snapshot-negatives", nargs="+", default=None,
+        help="the N of --negatives run again from the snapshot (default: all of them)",
+    )
     p.add_argument("--iters", type=int, default=200, help="SOLVER.MAX_ITER of each run")
     p.add_argument(
         "--record-period", type=int, default=5, help="record the exact AP-loss every N iterations"
@@ -102,6 +106,7 @@ def main(argv=None):
         proposal_weights=args.proposal_weights,
         snapshot_proposals=args.snapshot_proposals,
         snapshot_iters=args.snapshot_iters,
+        snapshot_negatives=args.snapshot_negatives,
         iters=args.iters,
         record_period=args.record_period,
         checkpoint_period=args.checkpoint_period,

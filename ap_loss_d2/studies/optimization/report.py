@@ -203,8 +203,10 @@ def report_fig8b(
     for table_, suffix in ((methods, ""), (methods_snap or {}, ", from snapshot")):
         for m, per_level in table_.items():
             cells = [
-                f"{fmt_loss(d['final_ap_loss'])} ({fmt_loss(d['final_ap_loss_all_negatives'])})"
-                for d in per_level.values()
+                f"{fmt_loss(per_level[lv]['final_ap_loss'])} "
+                f"({fmt_loss(per_level[lv]['final_ap_loss_all_negatives'])})"
+                if lv in per_level else "not run"
+                for lv in levels
             ]
             lines.append(f"| {_label(m)} (`{m}`){suffix} | " + " | ".join(cells) + " |")
     (output_dir / "fig8b.md").write_text("\n".join(lines) + "\n")

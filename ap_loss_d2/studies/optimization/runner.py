@@ -286,6 +286,7 @@ def run_study(
     proposal_weights=None,
     snapshot_proposals=None,
     snapshot_iters=None,
+    snapshot_negatives=None,
     iters=200,
     record_period=5,
     checkpoint_period=100,
@@ -301,7 +302,8 @@ def run_study(
     top-N anchors per image of the frozen proposer ``proposal_weights``, with the positives;
     ``"random"``: N random background anchors). With ``snapshot_proposals`` (the paper's dashed
     lines): a snapshot is trained with AP-loss and that N for ``snapshot_iters`` (default
-    ``iters``) from the default initialisation, then every (method, N) is run again from it."""
+    ``iters``) from the default initialisation, then every (method, N) -- or only the N of
+    ``snapshot_negatives``, a subset of ``negatives`` -- is run again from it."""
     output_dir = Path(output_dir)
     for m in methods:
         if m not in cls_loss_names("retinanet"):
@@ -321,10 +323,21 @@ def run_study(
         snap_iters = int(iters if snapshot_iters is None else snapshot_iters)
         if snap_iters <= 0:
             raise ValueError(f"snapshot iterations must be > 0, got {snapshot_iters!r}")
+        snap_levels = requested
+        if snapshot_negatives is not None:
+            snap_levels = list(dict.fromkeys(parse_negatives(snapshot_negatives, negative_mode)))
+            extra = [negatives_label(n) for n in snap_levels if n not in requested]
+            if extra or not snap_levels:
+                raise ValueError(
+                    f"--snapshot-negatives must be a non-empty subset of --negatives "
+                    f"({', '.join(negatives_label(n) for n in requested)}); not in it: {', '.join(extra)}"
+                )
         snapshot = dict(method=SNAPSHOT_METHOD, num_negatives=snap_n, iters=snap_iters,
                         run=snapshot_name(SNAPSHOT_METHOD, snap_n, snap_iters, negative_mode))
-    elif snapshot_iters is not None:
-        raise ValueError("--snapshot-iters needs --snapshot-proposals (the N of the snapshot run)")
+    elif snapshot_iters is not None or snapshot_negatives is not None:
+        raise ValueError(
+            "--snapshot-iters / --snapshot-negatives need --snapshot-proposals (the N of the snapshot run)"
+        )
     needs_proposer = negative_mode == "proposals" and (
         any(n >= 0 for n in levels) or (snapshot is not None and snapshot["num_negatives"] >= 0)
     )
@@ -350,7 +363,7 @@ def run_study(
     )
     todo = [(m, n, False) for m in methods for n in levels]
     if snapshot is not None:
-        todo += [(m, n, True) for m in methods for n in requested]
+        todo += [(m, n, True) for m in methods for n in snap_levels]
     total = len(todo) + (snapshot is not None)
     what = "proposals" if negative_mode == "proposals" else "random background anchors"
     results: Dict[str, Dict[int, dict]] = {m: {} for m in methods}
@@ -390,7 +403,7 @@ def run_study(
             output_dir,
             negative_mode=negative_mode,
             from_snapshot=(
-                {m: {n: from_snapshot[m][n] for n in requested} for m in methods}
+                {m: {n: from_snapshot[m][n] for n in snap_levels} for m in methods}
                 if snapshot is not None else None
             ),
             snapshot=snapshot,
