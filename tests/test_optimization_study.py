@@ -57,6 +57,7 @@ def study_dir(tmp_path_factory, synth_dataset_dir):
             methods=METHODS,
             parts=("a", "b"),
             negatives=["50", "all"],
+            negative_mode="random",
             iters=ITERS,
             record_period=PERIOD,
             checkpoint_period=1000,
@@ -187,7 +188,8 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path, synth_dataset_dir):
 
 def _model(num_negatives):
     cfg = study.build_run_cfg(
-        study.DEFAULT_CONFIG, "ap", num_negatives, 10, "/nonexistent", opts=TINY_OPTS
+        study.DEFAULT_CONFIG, "ap", num_negatives, 10, "/nonexistent", negative_mode="random",
+        opts=TINY_OPTS,
     )
     torch.manual_seed(0)
     return build_model(cfg)

@@ -7,7 +7,8 @@ from detectron2.utils.logger import setup_logger
 
 from ...losses import cls_loss_names
 from ..common import default_config
-from .runner import CONFIG_REL, DEFAULT_METHODS, DEFAULT_NEGATIVES, run_study
+from .model import NEGATIVE_MODES
+from .runner import CONFIG_REL, DEFAULT_METHODS, DEFAULT_NEGATIVE_MODE, DEFAULT_NEGATIVES, run_study
 
 
 def build_parser():
@@ -28,7 +29,37 @@ def build_parser():
         "--negatives",
         nargs="+",
         default=list(DEFAULT_NEGATIVES),
-        help="part b: background anchors kept per image ('all' keeps all)",
+        help="part b: N per image, proposals (--negative-mode proposals) or random background "
+        "anchors (random); 'all' keeps every anchor (part a's run)",
+    )
+    p.add_argument(
+        "--negative-mode",
+        default=DEFAULT_NEGATIVE_MODE,
+        choices=NEGATIVE_MODES,
+        help="part b: 'proposals' (the paper's Fig. 8b: the top-N anchors of a frozen pre-trained "
+        "RetinaNet, --proposal-weights, united with the positives are the valid samples) or "
+        "'random' (N random background anchors per image, re-drawn every iteration; Table 8's "
+        "random sampling, not Fig. 8b)",
+    )
+    p.add_argument(
+        "--proposal-weights",
+        default=None,
+        help="checkpoint of a RetinaNet trained with the same config, the frozen proposer "
+        "(e.g. output/main_job/model_final.pth written by `make main`)",
+    )
+    p.add_argument(
+        "--snapshot-proposals",
+        default=None,
+        help="the dashed lines: first train AP-loss with this N for --snapshot-iters, then run "
+        "every (method, N) again initialised from that snapshot",
+    )
+    p.add_argument(
+        "--snapshot-iters", type=int, default=None,
+        help="iterations of the snapshot run (default: --iters)",
+    )
+    p.add_argument(
+        "--snapshot-negatives", nargs="+", default=None,
+        help="the N of --negatives run again from the snapshot (default: all of them)",
     )
     p.add_argument("--iters", type=int, default=200, help="SOLVER.MAX_ITER of each run")
     p.add_argument(
@@ -71,6 +102,11 @@ def main(argv=None):
         methods=args.methods,
         parts=args.parts,
         negatives=args.negatives,
+        negative_mode=args.negative_mode,
+        proposal_weights=args.proposal_weights,
+        snapshot_proposals=args.snapshot_proposals,
+        snapshot_iters=args.snapshot_iters,
+        snapshot_negatives=args.snapshot_negatives,
         iters=args.iters,
         record_period=args.record_period,
         checkpoint_period=args.checkpoint_period,
