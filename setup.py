@@ -12,5 +12,7 @@ setup(
     # pin of every path (setuptools<81, for detectron2.model_zoo's pkg_resources) is applied by
     # tools/setup_env.sh, not here: this package itself does not need pkg_resources.
     install_requires=["torch", "torchvision", "fvcore", "pycocotools", "numpy", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest"]},
+    # "vis": OpenCV for Detectron2's Visualizer (Fig. 5 / 12); tools/setup_env.sh installs
+    # opencv-python-headless==4.11.0.86, the newest release that works with numpy 1.x and 2.x.
+    extras_require={"test": ["pytest"], "vis": ["opencv-python-headless>=4.10.0.84"]},
 )

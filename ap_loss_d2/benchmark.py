@@ -1,14 +1,17 @@
 """Time and memory of classification losses side by side (the paper's Sec. 4.3 / Fig. 11).
 
 ``python -m ap_loss_d2.benchmark [--images 1 2 4 8] [--positives 500 2000] [--device all]
-[--anchors 49104 32736] [--output-dir output/benchmark]``
+[--anchors 32736 49104] [--output-dir output/benchmark]``
 
 ``python -m ap_loss_d2.benchmark --breakdown [--device cuda]``: the paper's Fig. 10, see
 :func:`breakdown`.
 
-Anchors per image (``--anchors``, default both): 49,104 = 9 anchors per location of a 512x512
-image over P3-P7 (Detectron2's RetinaNet default, issue 15's target size) and 32,736 = 6 per
-location (the paper's RetinaNet, Sec. 4.1). Every output row names which.
+Anchors per image (``--anchors``, default both, the paper's first): 32,736 = 6 anchors per
+location of a 512x512 image over P3-P7 (the paper's RetinaNet, Sec. 4.1: 2 scales x 3 ratios)
+and 49,104 = 9 per location (Detectron2's RetinaNet default, issue 15's target size). Every
+output row names which. These are synthetic logits (N(0, 1): the early-training regime); the
+costs measured during training are ``--breakdown`` below and ``ap_loss_d2.studies.cost
+--run-dir`` (from the training log).
 
 For every (device, anchors, batch size, number of positives) the same inputs are fed to
 
@@ -495,6 +498,9 @@ def format_table(report):
                 + (f"  {e['note']}" if e.get("note") else ""))
     mm = report["memory_method"]
     lines.append("")
+    lines.append("Synthetic logits (N(0, 1), random positives: the early-training regime), not "
+                 "a training run; for costs measured during training see --breakdown and "
+                 "ap_loss_d2.studies.cost --run-dir.")
     lines.append("time: median wall-clock of forward+backward; syncs: host synchronisations per "
                  "call; extra memory: peak above the inputs during one forward+backward (includes "
                  "the 1x logits gradient).")
@@ -734,9 +740,9 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, nargs="+", default=None,
                    help="batch sizes (images per batch); default 1 2 4 8 (--breakdown: 8 on "
                         "CUDA, 2 on CPU)")
-    p.add_argument("--anchors", type=int, nargs="+", default=[49104, 32736],
-                   help="anchors per image: 49104 = 9 per location at 512x512 (issue 15's "
-                        "target), 32736 = 6 per location (the paper's RetinaNet)")
+    p.add_argument("--anchors", type=int, nargs="+", default=[32736, 49104],
+                   help="anchors per image: 32736 = 6 per location at 512x512 (the paper's "
+                        "RetinaNet), 49104 = 9 per location (issue 15's target)")
     p.add_argument("--classes", type=int, default=20, help="foreground classes")
     p.add_argument("--positives", type=int, nargs="+", default=[500, 2000],
                    help="positives per batch (total over its images)")

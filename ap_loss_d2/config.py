@@ -90,8 +90,9 @@ def add_ap_loss_config(cfg):
     # count); "batch_mean" = the authors' code (sum / (4 x positive anchors of this process's
     # batch), i.e. the mean over positive anchors and coordinates).
     cfg.MODEL.CLS_LOSS.BOX_REG_NORMALIZER = "ema"
-    # Negatives kept per positive by "ce_ohem" (the paper's CE+OHEM baseline uses 3:1), and per
-    # positive entry of an image by "ap_ohem" / "ap_random" (Table 8's negative selection).
+    # Background anchors kept per positive anchor of an image (SSD-style), by "ce_ohem" (the
+    # paper's CE+OHEM baseline uses 3:1) and by "ap_ohem" / "ap_random" (Table 8's negative
+    # selection; each kept anchor brings all its K class entries).
     cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO = 3.0
     # Rank the scores of all processes' images together (exact, across GPUs and machines):
     # one ranking set = the whole global batch. Excludes IMAGES_PER_RANKING_SET.

@@ -76,7 +76,7 @@ def test_default_anchors_named():
     from ap_loss_d2.benchmark import ANCHOR_NAMES, parse_args
 
     args = parse_args([])
-    assert args.anchors == [49104, 32736]
+    assert args.anchors == [32736, 49104]  # the paper's 6 per location first (issue 14 item 5)
     assert "paper" in ANCHOR_NAMES[32736] and "issue 15" in ANCHOR_NAMES[49104]
     assert 32736 == 6 * sum((512 // 2**k) ** 2 for k in range(3, 8))  # 6 per location, P3-P7
     assert 49104 == 9 * sum((512 // 2**k) ** 2 for k in range(3, 8))

@@ -63,6 +63,9 @@ def test_training_table_equals_inputs(run_dir, tmp_path):
     assert "| AP-Loss | cls_loss/num_pos | 3 | 19-59 | 310 | 340 | 326.7 | 310 | 340 |" in md
     assert (out / "cost_training.png").stat().st_size > 0
     assert saved["figures"] == ["cost_training.png"]
+    # training measurements are labelled as such, with the 20-iteration window median
+    assert "## Measured during training (Fig. 10)" in md and "20-iteration smoothing window" in md
+    assert "Synthetic logits" not in md
 
 
 def test_metrics_label_and_missing_keys(tmp_path):
@@ -108,6 +111,27 @@ def test_benchmark_tables_equal_benchmark_json(tmp_path):
     assert report["benchmark"]["groups"] == groups
     assert "* extrapolated from a subset of the positives" in md
     assert (out / "cost_benchmark.png").stat().st_size > 0
+
+
+def test_both_sources_labelled_paper_anchors_first(run_dir, tmp_path):
+    """With a training run and a benchmark, the report says which numbers come from training
+    and which from synthetic logits, and lists the paper's 32,736 anchors first."""
+    from ap_loss_d2.benchmark import ANCHOR_NAMES, parse_args
+
+    anchors = parse_args([]).anchors
+    rows = [dict(device="cpu", anchors=a, positives=500, images=1,
+                 losses={"ap_loss": {"time_s": 1e-3, "extra_peak_mb": 2.0}}) for a in anchors]
+    bench = {"losses": ["ap_loss"], "results": rows,
+             "config": {"anchors_are": {str(a): ANCHOR_NAMES[a] for a in anchors}}}
+    f = tmp_path / "benchmark.json"
+    f.write_text(json.dumps(bench))
+    out = tmp_path / "cost"
+    report = cost.main(["--run-dir", str(run_dir), "--benchmark", str(f), "--output-dir", str(out)])
+    md = (out / "cost.md").read_text()
+    assert md.index("## Measured during training") < md.index("## Synthetic logits: memory")
+    assert "## Synthetic logits: time cost of the losses (Fig. 11)" in md
+    assert "N(0, 1) logits" in md and "Anchors per image: 32736 = 6 anchors/location" in md
+    assert list(report["benchmark"]["groups"])[0].startswith("cpu, 32736 anchors")
 
 
 def test_benchmark_tables_keep_anchor_settings_apart():

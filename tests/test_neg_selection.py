@@ -1,5 +1,8 @@
 """Table 8: OHEM / random negative selection before AP-loss ("ap_ohem", "ap_random") against a
-naive per-image selection and the Algorithm 1 oracle on the kept entries."""
+naive per-image selection and the Algorithm 1 oracle on the kept entries. The unit is the
+anchor (SSD-style, as ce_ohem): background anchors are kept or dropped with all their K entries;
+``unit="entry"`` is the per-entry variant."""
+import itertools
 import math
 
 import pytest
@@ -12,7 +15,26 @@ from ap_loss_d2.losses.registry import compute_cls_loss, ranking_targets
 from .ap_oracle import ap_oracle
 
 
+def _naive_ohem_anchors(targets, logits, ratio):
+    """Per image: keep every positive anchor, and the ceil(ratio * max(#positive anchors, 1))
+    background anchors of highest max score with all their entries; ignore the others."""
+    out = targets.clone()
+    for i in range(targets.shape[0]):
+        t, x = out[i], logits[i].tolist()
+        rows = t.tolist()
+        pos = sum(1 for r in rows if 1 in r)
+        bg = [a for a, r in enumerate(rows) if 1 not in r and 0 in r]
+        keep = math.ceil(ratio * max(pos, 1))
+        hard = sorted(bg, key=lambda a: -max(x[a][c] for c in range(len(rows[a])) if rows[a][c] == 0))
+        for a in hard[keep:]:
+            for c in range(len(rows[a])):
+                if rows[a][c] == 0:
+                    t[a, c] = -1
+    return out
+
+
 def _naive_ohem(targets, logits, ratio):
+    """Per-entry variant (unit="entry")."""
     out = targets.clone()
     for i in range(targets.shape[0]):
         t, x = out[i].reshape(-1), logits[i].reshape(-1).tolist()
@@ -30,9 +52,15 @@ def test_ohem_matches_naive_hand_case():
     # 1 positive, ratio 2 -> keep the 2 hardest: (1,0) and (2,1)
     logits = torch.tensor([[[5.0, 0.3], [2.0, -1.0], [0.5, 1.0]]])
     targets = ranking_targets(torch.tensor([[0, 2, 2]]), 2)
-    out = select_negatives(targets, logits, "ohem", 2.0)
+    out = select_negatives(targets, logits, "ohem", 2.0, unit="entry")
     assert out.tolist() == [[[1, -1], [0, -1], [-1, 0]]]
     assert select_negatives(targets, logits, "all") is targets
+    # per anchor (default): the positive anchor keeps its negative entry (0,1); background anchors
+    # by max score: anchor 1 (2.0), anchor 2 (1.0); ratio 2 keeps both, ratio 1 keeps anchor 1 only
+    assert select_negatives(targets, logits, "ohem", 2.0).tolist() == [[[1, 0], [0, 0], [0, 0]]]
+    assert select_negatives(targets, logits, "ohem", 1.0).tolist() == [[[1, 0], [0, 0], [-1, -1]]]
+    with pytest.raises(ValueError, match="unit='rows'; valid values: anchor, entry"):
+        select_negatives(targets, logits, "ohem", 1.0, unit="rows")
 
 
 def test_ohem_and_random_per_image():
@@ -43,17 +71,28 @@ def test_ohem_and_random_per_image():
     labels[2, :3] = -1
     targets = ranking_targets(labels, 4)
     for ratio in (0.5, 1.0, 3.0):
-        assert torch.equal(select_negatives(targets, logits, "ohem", ratio), _naive_ohem(targets, logits, ratio))
-        out = select_negatives(targets, logits, "random", ratio, generator=torch.Generator().manual_seed(1))
+        entry = select_negatives(targets, logits, "ohem", ratio, unit="entry")
+        assert torch.equal(entry, _naive_ohem(targets, logits, ratio))
+        assert torch.equal(select_negatives(targets, logits, "ohem", ratio), _naive_ohem_anchors(targets, logits, ratio))
+        out = select_negatives(targets, logits, "random", ratio, generator=torch.Generator().manual_seed(1), unit="entry")
+        anchors = select_negatives(targets, logits, "random", ratio, generator=torch.Generator().manual_seed(1))
         for i in range(3):
             pos = int((targets[i] == 1).sum())
             n_neg = int((targets[i] == 0).sum())
             assert int((out[i] == 0).sum()) == min(n_neg, math.ceil(ratio * max(pos, 1)))
             assert torch.equal(out[i] == 1, targets[i] == 1)  # positives untouched
             assert torch.equal(out[i][targets[i] == -1], targets[i][targets[i] == -1])
+            bg = (labels[i] == 4).sum().item()
+            kept_bg = ((anchors[i] == 0).all(dim=1) & (labels[i] == 4)).sum().item()
+            assert kept_bg == min(bg, math.ceil(ratio * max(pos, 1)))
+            # a background anchor is kept or dropped whole; positive anchors keep every entry
+            assert bool(((anchors[i] == 0).all(dim=1) | (anchors[i] == -1).all(dim=1) | (labels[i] < 4)).all())
+            assert torch.equal(anchors[i][labels[i] < 4], targets[i][labels[i] < 4])
     # the 2-D layout of a two-stage head gives the same selection
-    flat = select_negatives(targets.reshape(60, 4), logits.reshape(60, 4), "ohem", 1.0, entries_per_image=[20, 20, 20])
+    flat = select_negatives(targets.reshape(60, 4), logits.reshape(60, 4), "ohem", 1.0, entries_per_image=[20, 20, 20], unit="entry")
     assert torch.equal(flat.reshape(3, 20, 4), _naive_ohem(targets, logits, 1.0))
+    flat = select_negatives(targets.reshape(60, 4), logits.reshape(60, 4), "ohem", 1.0, entries_per_image=[20, 20, 20])
+    assert torch.equal(flat.reshape(3, 20, 4), _naive_ohem_anchors(targets, logits, 1.0))
 
 
 def test_bad_selection_values():
@@ -70,11 +109,12 @@ def test_ap_ohem_is_ap_loss_on_the_kept_entries():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 30, 3, generator=g, requires_grad=True)
     labels = torch.randint(0, 4, (2, 30), generator=g)
+    labels[:, 10:] = 3  # mostly background, so that anchor-level OHEM drops some anchors
     options = dict(delta=1.0, step="linear", sigmoid_k=0.5, interpolate=True, entries_per_image=None,
                    rank_across_processes=False, images_per_ranking_set=0, ohem_neg_pos_ratio=1.0)
     assert "ap_ohem" in cls_loss_names("retinanet") and "ap_random" in cls_loss_names("retinanet")
     loss = compute_cls_loss(CLS_LOSSES["ap_ohem"], logits, labels, 3, options, {})
-    kept = _naive_ohem(ranking_targets(labels, 3), logits.detach(), 1.0)
+    kept = _naive_ohem_anchors(ranking_targets(labels, 3), logits.detach(), 1.0)
     value, grad = ap_oracle(logits.detach().double().numpy(), kept.numpy(), delta=1.0, interpolate=True)
     assert loss.item() == pytest.approx(value, rel=1e-5)
     loss.backward()
@@ -87,6 +127,62 @@ def test_ap_ohem_is_ap_loss_on_the_kept_entries():
     torch.manual_seed(7)
     b = compute_cls_loss(CLS_LOSSES["ap_random"], logits, labels, 3, options, {})
     assert a.item() == b.item() and 0 <= a.item() <= 1
+
+
+_OPTIONS = dict(delta=1.0, step="linear", sigmoid_k=0.5, interpolate=True, entries_per_image=None,
+                rank_across_processes=False, images_per_ranking_set=0, ohem_neg_pos_ratio=2.0)
+
+
+def test_ap_ohem_hand_selected_subset():
+    """The kept set written out by hand; value and gradient of "ap_ohem" against Algorithm 1."""
+    # image 0, K = 2: anchor 0 class 0 (scores 1.0, 0.2); background anchors 1..4 with max scores
+    # 1.5, 0.9, 0.0, 2.0. 1 positive anchor, ratio 2 -> keep anchors 4 and 1, all their entries,
+    # and the positive anchor's negative entry 0.2.
+    # image 1: no positive -> keeps ceil(2 * 1) = 2 background anchors: 0 (max 0.7), 2 (max 0.3).
+    x = torch.tensor([[[1.0, 0.2], [0.5, 1.5], [0.9, -1.0], [-0.5, 0.0], [2.0, -2.0]],
+                      [[0.7, -0.1], [-1.0, -2.0], [0.3, 0.1], [-0.2, 0.2], [-3.0, -3.0]]], requires_grad=True)
+    labels = torch.tensor([[0, 2, 2, 2, 2], [2, 2, 2, 2, 2]])
+    kept = torch.tensor([[[1, 0], [0, 0], [-1, -1], [-1, -1], [0, 0]],
+                         [[0, 0], [-1, -1], [0, 0], [-1, -1], [-1, -1]]])
+    loss = compute_cls_loss(CLS_LOSSES["ap_ohem"], x, labels, 2, _OPTIONS, {})
+    value, grad = ap_oracle(x.detach().double().numpy(), kept.numpy(), delta=1.0, interpolate=True)
+    assert loss.item() == pytest.approx(value, rel=1e-6)
+    loss.backward()
+    assert x.grad.double().numpy() == pytest.approx(grad, abs=1e-7)
+    # the per-entry selection keeps only the entries 2.0 and 1.5 of image 0: entry 0.5 of anchor 1
+    # (non-trivial, above min_P s - delta = 0) and 0.2 drop out, so its value is smaller
+    entry = torch.tensor([[[1, -1], [-1, 0], [-1, -1], [-1, -1], [0, -1]],
+                          [[0, -1], [-1, -1], [0, -1], [-1, -1], [-1, -1]]])
+    assert ap_oracle(x.detach().double().numpy(), entry.numpy())[0] < value - 0.02
+
+
+def test_ap_random_is_ap_loss_of_a_random_anchor_subset():
+    """Every "ap_random" draw equals Algorithm 1 on one of the possible kept sets (enumerated by
+    hand: the positive anchor + 2 of the 4 background anchors), and different seeds draw
+    different sets."""
+    # positive 1.0; each background anchor has one non-trivial entry, f = 0.8, 0.4, 0.2, 0.1
+    # (linear step, delta 1), so the 6 pairs give 6 different values
+    x = torch.tensor([[[1.0, 0.2], [1.6, -1.0], [-1.0, 0.8], [0.4, -1.0], [-1.0, 0.2]]], requires_grad=True)
+    labels = torch.tensor([[0, 2, 2, 2, 2]])
+    candidates = []
+    for pair in itertools.combinations(range(1, 5), 2):
+        t = torch.full((1, 5, 2), -1)
+        t[0, 0] = torch.tensor([1, 0])
+        for a in pair:
+            t[0, a] = 0
+        candidates.append(ap_oracle(x.detach().double().numpy(), t.numpy()))
+    assert len({round(v, 9) for v, _ in candidates}) == 6  # the 6 subsets are distinguishable
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        x.grad = None
+        loss = compute_cls_loss(CLS_LOSSES["ap_random"], x, labels, 2, _OPTIONS, {})
+        loss.backward()
+        match = [i for i, (v, _) in enumerate(candidates) if abs(v - loss.item()) < 1e-6]
+        assert len(match) == 1
+        assert x.grad.double().numpy() == pytest.approx(candidates[match[0]][1], abs=1e-7)
+        seen.add(match[0])
+    assert len(seen) > 1
 
 
 @pytest.mark.parametrize("loss", ["ap_ohem", "ap_random"])

@@ -50,6 +50,18 @@ fi
 
 "$PY" tools/install_detectron2.py
 
+# OpenCV for Detectron2's Visualizer (Fig. 5 / 12: ap_loss_d2.studies.visualize and its tests).
+# Headless (no GUI libraries). 4.11.0.86 is the newest release whose wheels take numpy 1.x as
+# well as 2.x (numpy>=1.23.5 on Python 3.11, so the fallback's numpy<1.24 is kept; 4.12 needs
+# numpy>=2). An OpenCV already importable (e.g. opencv-python) is kept.
+OPENCV_SPEC=${OPENCV_SPEC:-"opencv-python-headless==4.11.0.86"}
+if ! "$PY" -c "import cv2" >/dev/null 2>&1; then
+  log "installing $OPENCV_SPEC (Detectron2's Visualizer)"
+  "${PIP[@]}" install "$OPENCV_SPEC"
+else
+  log "OpenCV present: $("$PY" -c 'import cv2; print(cv2.__version__)')"
+fi
+
 if ! "$PY" -c "import ap_loss_d2, pytest" >/dev/null 2>&1 \
    || [ "$("$PY" -c 'import ap_loss_d2, os; print(os.path.dirname(os.path.dirname(ap_loss_d2.__file__)))')" != "$(pwd)" ]; then
   log "installing ap_loss_d2 (editable) with test extras"

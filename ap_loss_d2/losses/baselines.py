@@ -1,16 +1,25 @@
 """The anti-imbalance baselines of the paper's Table 13, as registered RetinaNet classification
 losses: GHM-C (``"ghm"``) and DR-loss (``"dr"``). Needs only PyTorch.
 
-Both are written from their papers' equations:
+Both are written from their papers' equations and checked against the authors' released code
+(read, not copied):
 
 * GHM-C: B. Li, Y. Liu, X. Wang, "Gradient Harmonized Single-stage Detector", AAAI 2019
   (Sec. 3: gradient norm g = |p - p*|, gradient density by unit-region approximation with M
-  bins, EMA of the bin counts with momentum alpha; M = 30, alpha = 0.75 as in their released
-  defaults).
+  bins, EMA of the bin counts with momentum alpha). Defaults M = 30, alpha = 0.75: the RetinaNet
+  config of the authors' code, libuyu/GHM_Detection ``experiments/cfg_retinanet_ghm_r50_fpn_1x.py``
+  (``loss_cls=dict(type='GHMC', bins=30, momentum=0.75, use_sigmoid=True, loss_weight=1.0)``).
+  The paper and that code differ in the normalisation and the EMA start; ``variant`` picks one
+  (default ``"released"``: the code the paper's numbers came from, also mmdetection's
+  ``mmdet/models/losses/ghm_loss.py``).
 * DR-loss: Q. Qian, L. Chen, H. Li, R. Jin, "DR Loss: Improving Object Detection by
   Distributional Ranking", CVPR 2020 (entropy-regularised distributions over the positives and
-  negatives of an image, ranked with a margin, smoothed logistic loss; their defaults
-  lambda_+ = 1, lambda_- = 0.1 / ln 3.5, margin gamma = 0.5, L = 6, loss weight tau = 4).
+  negatives of an image, ranked with a margin, smoothed logistic loss). Defaults as in the
+  authors' idstcv/DR_loss ``sigmoid_dr_loss.py`` (``SigmoidDRLoss``): lambda_+ = 1,
+  lambda_- = 0.1 / ln 3.5, margin 0.5, L = 6, tau = 4; an image without positives is scored
+  against P_+ = 1 as there. (Their RetinaNet config ``configs/dr_retina/dr_R-50-FPN_1x.yaml``
+  also initialises the classifier with ``PRIOR_PROB: 0.5`` instead of RetinaNet's 0.01; that is
+  a model setting, ``MODEL.RETINANET.PRIOR_PROB``, not part of the loss.)
 
 Classification entries: as for AP-loss (paper Fig. 3), each non-ignored anchor is one entry per
 class, positive for its matched class and negative for the others (every class of a background
@@ -23,12 +32,15 @@ import torch.nn.functional as F
 
 from .registry import ranking_targets, register_cls_loss
 
-__all__ = ["ghm_c_loss", "dr_loss", "GHM_BINS", "GHM_MOMENTUM", "DR_DEFAULTS"]
+__all__ = ["ghm_c_loss", "dr_loss", "GHM_BINS", "GHM_MOMENTUM", "GHM_VARIANTS", "DR_DEFAULTS"]
 
-#: GHM-C defaults (Li et al.): M unit regions of the gradient norm, EMA momentum alpha.
+#: GHM-C defaults (Li et al.; libuyu/GHM_Detection RetinaNet config): M unit regions of the
+#: gradient norm, EMA momentum alpha.
 GHM_BINS = 30
 GHM_MOMENTUM = 0.75
-#: DR-loss defaults (Qian et al., Sec. 4 / implementation details).
+#: GHM-C normalisations: "released" = the authors' code, "paper" = the paper's equations.
+GHM_VARIANTS = ("released", "paper")
+#: DR-loss defaults (Qian et al.; idstcv/DR_loss sigmoid_dr_loss.py, SigmoidDRLoss.__init__).
 DR_DEFAULTS = dict(pos_lambda=1.0, neg_lambda=0.1 / math.log(3.5), margin=0.5, L=6.0, tau=4.0)
 
 
@@ -41,20 +53,27 @@ def _check_inputs(logits, gt_labels, num_classes):
         )
 
 
-def ghm_c_loss(logits, gt_labels, num_classes, *, bins=GHM_BINS, momentum=GHM_MOMENTUM, state=None, stats=None):
+def ghm_c_loss(
+    logits, gt_labels, num_classes, *, bins=GHM_BINS, momentum=GHM_MOMENTUM, variant="released", state=None, stats=None
+):
     """GHM-C: sigmoid binary cross entropy of every entry, weighted by the inverse gradient
     density (Li et al., Eq. 4-8).
 
     For entry i with probability p_i = sigmoid(x_i) and target p*_i in {0, 1}, the gradient norm
     is g_i = |p_i - p*_i| in [0, 1]. [0, 1] is cut into ``bins`` = M unit regions of width
-    eps = 1/M (the last one closed); R_j counts the entries in region j. The gradient density is
-    GD(g) = R_ind(g) / eps = M * R_ind(g), and with ``momentum`` alpha > 0 R_j is replaced by
-    its EMA S_j = alpha * S_j(previous call) + (1 - alpha) * R_j (Eq. 8; the first call starts
-    from S_j = R_j, and the EMA lives in ``state["ghm_acc"]``, a dict the caller keeps between
-    iterations; without ``state`` each call uses its own counts). With beta_i = N / GD(g_i) the
-    loss is the paper's ``(1/N) sum_i beta_i CE(p_i, p*_i) = sum_i CE_i / (M * S_ind(g_i))``
-    (N: the number of entries). The weights are constants (no gradient through them).
-    (The authors' released code divides by the number of non-empty regions instead of M.)
+    eps = 1/M (the last one closed); R_j counts the entries in region j and S_j is what stands
+    for it: R_j itself, or with ``momentum`` alpha > 0 and a ``state`` dict kept by the caller
+    between iterations (``state["ghm_acc"]``), the EMA S_j = alpha * S_j(previous) + (1 - alpha) * R_j
+    (Eq. 8; without ``state`` each call uses its own counts). The weights are constants (no
+    gradient through them). With N entries:
+
+    * ``variant="released"`` (default; libuyu/GHM_Detection ``mmdetection/mmdet/core/loss/ghm_loss.py``
+      ``GHMC_Loss.calc``, the same in mmdetection): loss = sum_i CE_i / (n * S_ind(g_i)), n = the
+      number of non-empty regions of this call; the EMA starts from S = 0 and only non-empty
+      regions are updated.
+    * ``variant="paper"`` (Eq. 4-8: GD(g) = M * S_ind(g), beta_i = N / GD(g_i), loss =
+      (1/N) sum_i beta_i CE_i): loss = sum_i CE_i / (M * S_ind(g_i)); the EMA starts from S = R
+      and updates every region (empty ones decay).
 
     Args:
         logits: ``(N, R, K)`` (or ``(E, K)``) scores.
@@ -62,6 +81,7 @@ def ghm_c_loss(logits, gt_labels, num_classes, *, bins=GHM_BINS, momentum=GHM_MO
         num_classes: K.
         bins: M >= 1.
         momentum: alpha in [0, 1); 0 = no EMA.
+        variant: one of ``GHM_VARIANTS``.
         state: optional dict holding the EMA between calls.
         stats: optional dict, filled with ``num_pos``.
 
@@ -73,6 +93,8 @@ def ghm_c_loss(logits, gt_labels, num_classes, *, bins=GHM_BINS, momentum=GHM_MO
         raise ValueError(f"bins={bins!r} must be an int >= 1")
     if not (0 <= momentum < 1):
         raise ValueError(f"momentum={momentum!r} must be in [0, 1)")
+    if variant not in GHM_VARIANTS:
+        raise ValueError(f"variant={variant!r}: valid choices are {GHM_VARIANTS}")
     targets = ranking_targets(gt_labels, num_classes)
     valid = targets >= 0
     if stats is not None:
@@ -85,15 +107,19 @@ def ghm_c_loss(logits, gt_labels, num_classes, *, bins=GHM_BINS, momentum=GHM_MO
         g = (x.sigmoid() - t).abs()
         idx = (g * bins).long().clamp_(max=bins - 1)
         counts = torch.bincount(idx, minlength=bins).float()
+        nonempty = counts > 0
         if momentum > 0 and state is not None:
             acc = state.get("ghm_acc")
-            if acc is None or acc.numel() != bins:
-                acc = counts
+            fresh = acc is None or acc.numel() != bins
+            if variant == "released":
+                acc = counts.new_zeros(bins) if fresh else acc.to(counts.device)
+                acc = torch.where(nonempty, momentum * acc + (1 - momentum) * counts, acc)
             else:
-                acc = momentum * acc.to(counts.device) + (1 - momentum) * counts
+                acc = counts if fresh else momentum * acc.to(counts.device) + (1 - momentum) * counts
             state["ghm_acc"] = acc
             counts = acc
-        weights = 1.0 / (bins * counts[idx])
+        norm = nonempty.sum().float() if variant == "released" else float(bins)
+        weights = 1.0 / (norm * counts[idx])
     loss = (F.binary_cross_entropy_with_logits(x, t, reduction="none") * weights).sum()
     return loss.to(logits.dtype) if logits.dtype == torch.float64 else loss
 
@@ -117,9 +143,12 @@ def dr_loss(
     its entries), the entropy-regularised worst-case distributions are
     q_- = softmax(p_- / lambda_-) (hard negatives weigh more) and
     q_+ = softmax(-p_+ / lambda_+) (hard positives weigh more); the expectations are
-    P_- = sum q_- p_- and P_+ = sum q_+ p_+ (P_+ = 0 for an image without positives). The
-    image's loss is tau * l(P_- - P_+ + margin) with the smoothed logistic loss
-    l(z) = log(1 + exp(L z)) / L, and the result is the mean over the images.
+    P_- = sum q_- p_- and P_+ = sum q_+ p_+ (P_+ = 1 for an image without positives, as in
+    the authors' ``SigmoidDRLoss.forward``). The image's loss is tau * l(P_- - P_+ + margin)
+    with the smoothed logistic loss l(z) = log(1 + exp(L z)) / L, and the result is the mean
+    over the images. (Per image as in the paper, "for each image, we convert the classification
+    problem to a ranking problem"; the released module ranks whatever entries it is given, in
+    maskrcnn-benchmark's RetinaNet loss the concatenated anchors of the batch.)
 
     Args:
         logits: ``(N, R, K)`` scores of N images (a 2-D ``(R, K)`` input is one image).
@@ -146,7 +175,7 @@ def dr_loss(
             continue
         neg_dist = (torch.softmax(neg / neg_lambda, dim=0) * neg).sum()
         pos = p[t == 1]
-        pos_dist = (torch.softmax(-pos / pos_lambda, dim=0) * pos).sum() if pos.numel() else neg_dist.new_zeros(())
+        pos_dist = (torch.softmax(-pos / pos_lambda, dim=0) * pos).sum() if pos.numel() else neg_dist.new_ones(())
         z = neg_dist - pos_dist + margin
         losses.append(tau * F.softplus(L * z) / L)
     if not losses:

@@ -1,40 +1,61 @@
 """Negative selection before a ranking loss (paper supplementary Table 8: "OHEM + AP-loss" and
 "Random Sampling + AP-loss"): a subset of the negatives of each image is kept, the others are
 ignored, and AP-loss ranks what is left. Needs only PyTorch.
+
+The unit of selection is the anchor (RoI), as in SSD-style hard negative mining and in this
+repo's CE + OHEM baseline (:func:`ap_loss_d2.losses.ohem.ce_ohem_loss`): per image,
+``ceil(ratio * max(#positive anchors, 1))`` background anchors are kept, each with all of its K
+class entries; positive anchors keep all their entries (the positive one and the K - 1
+negative ones). The paper's Table 8 text "use OHEM or Random Sampling to select a subset of
+negative samples" counts samples = anchor boxes (its Sec. 1: "each sample (anchor box)"), and
+its OHEM is [2] / SSD [21]. ``unit="entry"`` selects single anchor x class entries instead (3
+negative entries per positive entry: K times fewer negatives; kept for comparison).
 """
 import math
 
 import torch
 
-__all__ = ["NEG_SELECTIONS", "select_negatives"]
+__all__ = ["NEG_SELECTIONS", "SELECTION_UNITS", "select_negatives"]
 
 #: ``"all"``: every negative (plain AP-loss); ``"ohem"``: the highest-scored (hardest)
 #: negatives; ``"random"``: negatives drawn uniformly at random.
 NEG_SELECTIONS = ("all", "ohem", "random")
+#: What one selected negative is: a background ``"anchor"`` (all its K entries) or one ``"entry"``.
+SELECTION_UNITS = ("anchor", "entry")
 
 
-def select_negatives(targets, logits, mode, neg_pos_ratio=3.0, entries_per_image=None, generator=None):
-    """Keep, per image, ``ceil(neg_pos_ratio * max(P, 1))`` negatives (P: the image's positive
-    entries) and mark the other negatives ignored.
+def select_negatives(targets, logits, mode, neg_pos_ratio=3.0, entries_per_image=None, generator=None, unit="anchor"):
+    """Keep, per image, ``ceil(neg_pos_ratio * max(P, 1))`` negative units and mark the other
+    negatives ignored.
 
-    Entries are anchors/RoIs x classes (paper Fig. 3); hardness is the entry's score (a higher
-    score ranks a negative above more positives). An image with fewer negatives keeps them all.
-    Ties between equal scores are broken arbitrarily.
+    ``unit="anchor"`` (default): P = the image's positive anchors (rows holding a 1); a negative
+    unit is a background anchor (a row with a 0 and no 1), kept with all its negative entries;
+    its hardness is its highest score (the entry ranked highest among the negatives), as SSD
+    ranks background anchors by their confidence loss. Positive anchors are never touched.
+    ``unit="entry"``: P = the image's positive entries, a negative unit is one entry (anchor x
+    class, paper Fig. 3), hardness its score.
+
+    An image with fewer negative units keeps them all. Ties between equal scores are broken
+    arbitrarily.
 
     Args:
         targets: ``(N, R, K)`` (or ``(sum_i R_i, K)``) int8 ranking targets: 1 positive, 0
             negative, -1 ignored (:func:`ap_loss_d2.losses.registry.ranking_targets`).
         logits: scores of the same shape (only read, no gradient).
         mode: one of :data:`NEG_SELECTIONS`.
-        neg_pos_ratio: negatives kept per positive, a finite number > 0.
+        neg_pos_ratio: negative units kept per positive unit, a finite number > 0 (the rule of
+            ``MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO``, shared with ``ce_ohem``).
         entries_per_image: ``[R_1, ..., R_N]`` for a 2-D input (None: dim 0 indexes images).
         generator: optional ``torch.Generator`` for ``"random"``.
+        unit: one of :data:`SELECTION_UNITS`.
 
     Returns:
         New targets of the same shape (``targets`` itself for ``"all"``).
     """
     if mode not in NEG_SELECTIONS:
         raise ValueError(f"neg_selection={mode!r}; valid values: {', '.join(NEG_SELECTIONS)}")
+    if unit not in SELECTION_UNITS:
+        raise ValueError(f"unit={unit!r}; valid values: {', '.join(SELECTION_UNITS)}")
     if isinstance(neg_pos_ratio, bool) or not (
         isinstance(neg_pos_ratio, (int, float)) and math.isfinite(neg_pos_ratio) and neg_pos_ratio > 0
     ):
@@ -49,15 +70,32 @@ def select_negatives(targets, logits, mode, neg_pos_ratio=3.0, entries_per_image
     else:
         sizes = [int(r) for r in entries_per_image]
         images = list(zip(out.split(sizes, dim=0), logits.split(sizes, dim=0)))
+    k = targets.shape[-1]
     for t, x in images:  # views of ``out``: written in place
-        t = t.reshape(-1)
-        neg = (t == 0).nonzero().squeeze(1)
-        keep = math.ceil(neg_pos_ratio * max(int((t == 1).sum()), 1))
+        if unit == "anchor":
+            t, x = t.reshape(-1, k), x.detach().reshape(-1, k)
+            is_pos = (t == 1).any(dim=1)
+            neg = ((t == 0).any(dim=1) & ~is_pos).nonzero().squeeze(1)
+            num_pos = int(is_pos.sum())
+        else:
+            t, x = t.reshape(-1), x.detach().reshape(-1)
+            neg = (t == 0).nonzero().squeeze(1)
+            num_pos = int((t == 1).sum())
+        keep = math.ceil(neg_pos_ratio * max(num_pos, 1))
         if neg.numel() <= keep:
             continue
         if mode == "ohem":
-            order = x.detach().reshape(-1)[neg].argsort(descending=True)
+            if unit == "anchor":
+                hardness = x[neg].masked_fill(t[neg] != 0, -math.inf).amax(dim=1)
+            else:
+                hardness = x[neg]
+            order = hardness.argsort(descending=True)
         else:
             order = torch.randperm(neg.numel(), generator=generator, device="cpu").to(neg.device)
-        t[neg[order[keep:]]] = -1
+        drop = neg[order[keep:]]
+        if unit == "anchor":
+            rows = t[drop]
+            t[drop] = rows.masked_fill(rows == 0, -1)
+        else:
+            t[drop] = -1
     return out

@@ -3,15 +3,20 @@
 ``python -m ap_loss_d2.studies.cost [--run-dir RUN_DIR[:LABEL] ...] [--metrics FILE[:LABEL] ...]
 [--benchmark benchmark.json] --output-dir DIR``
 
-* Training runs (Fig. 10): from each run's ``metrics.json`` (Detectron2's ``JSONWriter``: one
-  JSON object per line; entries of the same iteration are merged, later lines win) the series
-  ``cls_loss/time`` (classification loss forward time, written by ``APLossRetinaNet``),
-  ``time`` (whole iteration), ``cls_loss/num_neg_nontrivial`` and ``cls_loss/num_pos`` against
-  the iteration; table of first/last/mean/min/max. Note that Detectron2 writes the median over
-  its smoothing window (20 iterations) for these scalars, not single iterations' values.
-* Loss benchmark (Fig. 9 and 11): from a ``benchmark.json`` of ``python -m
+Two sources, labelled as such in every output:
+
+* Measured during training (Fig. 10; ``--run-dir`` / ``--metrics``): from each run's
+  ``metrics.json`` (Detectron2's ``JSONWriter``: one JSON object per line; entries of the same
+  iteration are merged, later lines win) the series ``cls_loss/time`` (classification loss
+  forward time per iteration, written by ``APLossRetinaNet`` / the RoI heads), ``time`` (whole
+  iteration), ``cls_loss/num_neg_nontrivial`` and ``cls_loss/num_pos`` against the iteration;
+  table of first/last/mean/min/max. Each logged point is the median over Detectron2's
+  smoothing window (20 iterations), not a single iteration's value. These are the real logits
+  of the run (its own anchors per image), at every stage of training.
+* Synthetic logits (Fig. 9 and 11; ``--benchmark``): from a ``benchmark.json`` of ``python -m
   ap_loss_d2.benchmark``: extra peak memory (MB) and forward+backward time of every loss
-  against the batch size, per device and number of positives.
+  against the batch size, per device, anchors per image (the paper's 32,736 first) and number
+  of positives, on N(0, 1) logits (the early-training regime).
 
 Outputs in ``--output-dir``: ``cost.json``, ``cost.md``, ``cost_training.png`` (two panels:
 times; non-trivial negatives) and ``cost_benchmark.png`` (memory and time vs batch size).
@@ -199,10 +204,10 @@ def plot_training(runs, path):
                    color=c, label=f"{run['label']}: positives")
     a.set_xlabel("iteration")
     a.set_ylabel("time (s)")
-    a.set_title("Time cost of the loss and of the iteration (Fig. 10)", fontsize=9)
+    a.set_title("Measured during training: loss and iteration time (Fig. 10)", fontsize=9)
     b.set_xlabel("iteration")
     b.set_ylabel("anchors per batch")
-    b.set_title("Non-trivial negatives |N^| and positives |P|", fontsize=9)
+    b.set_title("Measured during training: non-trivial negatives |N^|, positives |P|", fontsize=9)
     for ax in (a, b):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -232,8 +237,8 @@ def plot_benchmark(groups, losses, path):
             ax.set_xticks(g["images"])
             ax.set_xlabel("batch size (images)")
             ax.set_ylabel(ylabel)
-            ax.set_title(("Memory (Fig. 9)" if row == 0 else "Time (Fig. 11)") + f": {key}",
-                         fontsize=9)
+            ax.set_title(("Memory (Fig. 9)" if row == 0 else "Time (Fig. 11)")
+                         + f", synthetic logits: {key}", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -280,9 +285,11 @@ def main(argv=None):
     if report["runs"]:
         plot_training(report["runs"], out / "cost_training.png")
         report["figures"].append("cost_training.png")
-        md += ["## Time cost during training (Fig. 10)", "",
-               "Values as logged in metrics.json (Detectron2 logs the median over its smoothing "
-               "window). Times in seconds.", "", training_table(report["runs"]), ""]
+        md += ["## Measured during training (Fig. 10)", "",
+               "Per-iteration loss time (forward), iteration time, non-trivial negatives and "
+               "positives of the runs' own logits, as logged in metrics.json: each point is the "
+               "median over Detectron2's 20-iteration smoothing window. Times in seconds.", "",
+               training_table(report["runs"]), ""]
         shares = [(r["label"], r["loss_share_of_iteration"]) for r in report["runs"]
                   if r["loss_share_of_iteration"] is not None]
         if shares:
@@ -300,11 +307,15 @@ def main(argv=None):
                                "losses": losses, "groups": groups}
         plot_benchmark(groups, losses, out / "cost_benchmark.png")
         report["figures"].append("cost_benchmark.png")
-        md += ["## Memory cost of the losses (Fig. 9)", "",
-               "Extra peak memory of one forward + backward of the loss (MB), from "
-               f"`{args.benchmark}`.", "",
+        anchors_are = (bench.get("config") or {}).get("anchors_are") or {}
+        md += ["## Synthetic logits: memory cost of the losses (Fig. 9)", "",
+               "N(0, 1) logits with random positives (the early-training regime), not a training "
+               f"run; from `{args.benchmark}`. Anchors per image: "
+               + ("; ".join(f"{a} = {n}" for a, n in anchors_are.items()) or "see benchmark.json")
+               + ".", "",
+               "Extra peak memory of one forward + backward of the loss (MB).", "",
                benchmark_markdown(groups, losses, "memory_mb", "Extra memory (MB)", fmt_mb),
-               "## Time cost of the losses (Fig. 11)", "",
+               "## Synthetic logits: time cost of the losses (Fig. 11)", "",
                benchmark_markdown(groups, losses, "time_s", "Forward + backward time (ms)", fmt_ms),
                "\\* extrapolated from a subset of the positives (see benchmark.json).", "",
                "![loss benchmark](cost_benchmark.png)", ""]
