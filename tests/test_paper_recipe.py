@@ -376,3 +376,17 @@ def test_nodifficult_loader_and_official_evaluation(tmp_path):
     ])
     res = evaluator.evaluate()["bbox"]
     assert res["AP50"] == pytest.approx(100.0)
+
+
+DR_AUTHORS_PRIOR = 0.5  # idstcv/DR_loss configs/dr_retina/*.yaml: RETINANET.PRIOR_PROB 0.5
+RETINANET_PRIOR = 0.01  # Lin et al. (focal loss), and cccorn/AP-loss's head initialisation
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_classifier_prior(path):
+    """The classifier bias starts at -log((1 - pi) / pi): pi = 0.5 for DR-loss (its authors'
+    setting), 0.01 for every other loss."""
+    model, _, _ = load(path)
+    prior = DR_AUTHORS_PRIOR if path.endswith(("_dr.yaml", "_dr.py")) else RETINANET_PRIOR
+    bias = model.head.cls_score.bias.detach()
+    assert torch.allclose(bias, torch.full_like(bias, -math.log((1 - prior) / prior)), atol=1e-6)

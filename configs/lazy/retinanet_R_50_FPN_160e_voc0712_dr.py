@@ -3,3 +3,5 @@ LazyConfig twin of configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_dr.yaml
 from .retinanet_R_50_FPN_160e_voc0712_ap import dataloader, lr_multiplier, model, optimizer, train
 
 model.cls_loss = "dr"
+# DR-loss's own setting (the authors' configs: PRIOR_PROB 0.5), as the yaml twin.
+model.head.prior_prob = 0.5
