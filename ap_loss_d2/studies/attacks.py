@@ -55,6 +55,7 @@ __all__ = [
     "AdversarialPatch",
     "AttackExample",
     "check_attack_model",
+    "check_threshold",
     "deepfool_binary",
     "deepfool_detector",
     "deepfool_dataset",
@@ -90,7 +91,7 @@ def check_attack_model(model_or_class, attack: str):
         )
 
 
-def _check_threshold(t: float):
+def check_threshold(t: float):
     if not (isinstance(t, (int, float)) and 0.0 < float(t) < 1.0):
         raise ValueError(
             f"score threshold {t!r}: the attacks need 0 < t < 1 (the anchors' score logit is "
@@ -448,7 +449,7 @@ def detector_margin(model, instances: Instances, threshold: float):
     """``f(x) = max_a g_a(x) - logit(threshold)`` over the anchors of ``model`` matched to the
     objects of ``instances``, as a function of the model input ``x`` ((C, H, W) float); None
     when no anchor is matched (see :func:`matched_score_logits`)."""
-    _check_threshold(threshold)
+    check_threshold(threshold)
     c = math.log(threshold) - math.log1p(-threshold)
 
     def f(x):
@@ -498,7 +499,7 @@ def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int]
     check_attack_model(model, "deepfool")
     _check_positive("deepfool scale", scale, float)
     threshold = model.test_score_thresh if threshold is None else threshold
-    _check_threshold(threshold)
+    check_threshold(threshold)
     examples = load_examples(cfg, dataset_name, max_images)
     was_training = model.training
     model.eval()
