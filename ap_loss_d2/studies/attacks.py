@@ -293,20 +293,24 @@ def _resize_image(x: torch.Tensor, size) -> torch.Tensor:
                          antialias=True)[0]
 
 
-def patch_objective(model, examples: Sequence[AttackExample], patch: torch.Tensor) -> torch.Tensor:
-    """Mean over the matched anchors of ``examples`` of ``softplus(g)`` (``g``: score logit of the
-    anchor at its object's class) with ``patch`` ((C, S, S), pixel units 0..255) pasted at the
-    centre of every box of each image, then the image resized to its test size; the quantity
-    :func:`train_adversarial_patch` minimises (a scalar, differentiable w.r.t. ``patch``)."""
+def _patch_terms(model, examples, patch):
     images = [
         _resize_image(paste_patch_tensor(_hwc_to_tensor(ex.image).to(patch.device), ex.boxes, patch),
                       ex.size)
         for ex in examples
     ]
-    g = torch.cat(matched_score_logits(model, images, [ex.instances for ex in examples]))
-    if g.numel() == 0:
+    return F.softplus(torch.cat(matched_score_logits(model, images, [ex.instances for ex in examples])))
+
+
+def patch_objective(model, examples: Sequence[AttackExample], patch: torch.Tensor) -> torch.Tensor:
+    """Mean over the matched anchors of ``examples`` of ``softplus(g)`` (``g``: score logit of the
+    anchor at its object's class) with ``patch`` ((C, S, S), pixel units 0..255) pasted at the
+    centre of every box of each image, then the image resized to its test size; the quantity
+    :func:`train_adversarial_patch` minimises (a scalar, differentiable w.r.t. ``patch``)."""
+    terms = _patch_terms(model, examples, patch)
+    if terms.numel() == 0:
         return patch.sum() * 0.0
-    return F.softplus(g).mean()
+    return terms.mean()
 
 
 def _check_positive(name, value, kind=int):
@@ -353,9 +357,9 @@ def train_adversarial_patch(model, examples: Sequence[AttackExample], *, steps: 
 
     def full_objective(patch01):
         with torch.no_grad():
-            vals = [patch_objective(model, examples[i:i + batch_size], patch01 * 255.0).item()
-                    for i in range(0, len(examples), batch_size)]
-        return float(np.mean(vals))
+            terms = torch.cat([_patch_terms(model, examples[i:i + batch_size], patch01 * 255.0)
+                               for i in range(0, len(examples), batch_size)])
+        return float(terms.mean()) if terms.numel() else 0.0
 
     with frozen_params(model):
         initial = full_objective(param.detach().mul(255).round().div(255))
@@ -466,10 +470,10 @@ class _NoMatch(Exception):
 
 
 def deepfool_detector(model, example: AttackExample, *, threshold: float, max_iter: int = 50,
-                      overshoot: float = 0.02) -> Dict:
+                      overshoot: float = 0.02, keep_perturbation: bool = False) -> Dict:
     """DeepFool on one image (see the module docstring): per-image result dict (``rho``,
     ``r_norm``, ``x_norm``, ``success``, ``reason``, ``iterations``, ``f0``, ``f``,
-    ``objects``)."""
+    ``objects``; ``perturbation``, the (C, H, W) tensor ``r``, if ``keep_perturbation``)."""
     check_attack_model(model, "deepfool")
     device = next(model.parameters()).device
     x0 = _hwc_to_tensor(example.test_image).to(device)
@@ -484,9 +488,12 @@ def deepfool_detector(model, example: AttackExample, *, threshold: float, max_it
         return dict(res, reason="no_matched_anchor", success=False, attacked=False)
     r_norm = float(out["r"].double().norm())
     x_norm = float(x0.double().norm())
-    return dict(res, reason=out["reason"], attacked=out["reason"] != "already",
-                success=out["reason"] == "success", iterations=out["iterations"], f0=out["f0"],
-                f=out["f"], r_norm=r_norm, x_norm=x_norm, rho=r_norm / x_norm if x_norm else None)
+    res = dict(res, reason=out["reason"], attacked=out["reason"] != "already",
+               success=out["reason"] == "success", iterations=out["iterations"], f0=out["f0"],
+               f=out["f"], r_norm=r_norm, x_norm=x_norm, rho=r_norm / x_norm if x_norm else None)
+    if keep_perturbation:
+        res["perturbation"] = out["r"]
+    return res
 
 
 def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int] = None,
