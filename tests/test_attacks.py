@@ -14,6 +14,7 @@ from detectron2.data import DatasetCatalog, build_detection_test_loader  # noqa:
 from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.evaluation import inference_on_dataset  # noqa: E402
 from detectron2.modeling import GeneralizedRCNN  # noqa: E402
+from detectron2.structures import BoxMode  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
@@ -311,3 +312,28 @@ def test_cli_attack_columns_end_to_end(tiny_data, tiny_model, tmp_path):
            f"{d['rho_scaled']:.2f} |")
     assert row in md
     assert (out / "robustness.png").is_file()
+
+
+def test_cli_defaults_are_the_documented_budgets():
+    args = rb.parse_args(["--run", f"{QUICK_CONFIG}::x"])
+    assert args.perturbations == list(rb.COLUMNS) == [
+        "original", "black_patch", "random_patch", "flip_patch", "advs_patch",
+        "gaussian_noise", "deepfool"]  # the paper's column order
+    assert (args.patch_size, args.patch_steps, args.patch_lr, args.patch_batch,
+            args.patch_images, args.patch_seed) == (32, 100, 0.03, 8, 64, 0)
+    assert (args.deepfool_max_iter, args.deepfool_overshoot, args.deepfool_scale,
+            args.deepfool_images, args.deepfool_score_thresh) == (50, 0.02, 1000.0, None, None)
+
+
+def test_mapper_pastes_the_patch_before_the_test_resize(tiny_data):
+    cfg = load_cfg(QUICK_CONFIG, ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"])
+    record = DatasetCatalog.get(f"{PREFIX}_val")[0]
+    with pytest.raises(ValueError, match="needs fn"):
+        rb.PerturbedDatasetMapper(cfg, "advs_patch")
+    fn = A.AdversarialPatch(_image(8, 8, seed=9))
+    adv = rb.PerturbedDatasetMapper(cfg, "advs_patch", fn=fn)(record)
+    plain = rb.PerturbedDatasetMapper(cfg, "original")(record)["image"].permute(1, 2, 0).numpy()
+    boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                      for a in record["annotations"]])
+    np.testing.assert_array_equal(adv["image"].permute(1, 2, 0).numpy(), fn(plain, boxes))
+    assert adv["perturbation"]["patches"] == len(record["annotations"])
