@@ -1,7 +1,8 @@
 """Robustness to local perturbations (the paper's Sec. 4.2.2 "Robustness", Table 3).
 
 ``python -m ap_loss_d2.studies.robustness --run CONFIG:WEIGHTS[:LABEL] [--run ...]
-[--dataset NAME] [--max-images N] [--perturbations ...] [--seed S] --output-dir DIR``
+[--dataset NAME] [--max-images N] [--perturbations ...] [--seed S] [--patch-* ...]
+[--deepfool-* ...] --output-dir DIR``
 
 Each checkpoint is evaluated with its dataset's own evaluator (``ap_loss_d2.evaluation
 .build_evaluator``: COCO AP or Pascal VOC AP) on perturbed copies of the test set, made on the
@@ -17,16 +18,30 @@ perturbation applied to the decoded image before the test-time resize):
 * ``flip_patch``: that patch is replaced by itself flipped left/right, top/bottom or both
   (chosen at random per object);
 * ``gaussian_noise``: zero-mean Gaussian noise of variance 0.01 added to the image scaled to
-  [0, 1] (pixel / 255), then back to uint8 with rounding and clipping.
+  [0, 1] (pixel / 255), then back to uint8 with rounding and clipping;
+* ``advs_patch`` (the paper's [57], Brown et al.): per run, one universal adversarial patch is
+  trained white-box on ``--patch-images`` images of ``--patch-dataset`` (default: the run's
+  first training set) to turn the objects into background, then pasted (resized) into the same
+  centre region of every object as the other patches (see :mod:`.attacks`);
+* ``deepfool`` (the paper's [56]): not an mAP column; per test image (the first
+  ``--deepfool-images``) the minimal L2 perturbation, found by binary DeepFool on the score
+  logits of the anchors matched to the objects, that drops every such anchor below the test
+  score threshold; the column is ``rho`` = mean ``||r||_2 / ||x||_2`` over the images attacked
+  successfully, times ``--deepfool-scale`` (default 1000; the paper does not state its scale).
+  Larger is more robust. See :mod:`.attacks` for the exact definitions.
 
-The paper's adversarial patch and DeepFool columns are not reproduced. Randomness is seeded per
+The two attacks need a RetinaNet (stock or ``APLossRetinaNet``). Randomness is seeded per
 image with ``seed + image_id`` (non-integer ids, e.g. VOC file ids, through CRC32), so results
-are reproducible and independent of data-loader workers and order.
+are reproducible and independent of data-loader workers and order; the patch with
+``--patch-seed``.
 
 Outputs in ``--output-dir``: ``robustness.json`` (every evaluator result, AP50 and AP per
-run and perturbation, perturbation statistics), ``robustness.md`` (Table 3: AP50 per run and
-perturbation) and ``robustness.png`` (examples of every perturbation on the first image).
+run and perturbation, perturbation statistics, the patch training and DeepFool results per
+image), ``robustness.md`` (Table 3: AP50 per run and perturbation, DeepFool's scaled rho),
+``advs_patch_run<i>.png`` (each run's patch, RGB) and ``robustness.png`` (examples of every
+image perturbation on the first image, with the first run's patch).
 """
+import argparse
 import zlib
 from collections import Counter
 from typing import Callable, Dict
@@ -34,12 +49,13 @@ from typing import Callable, Dict
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
+from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset
 from detectron2.utils import comm
 
 from ..data.mapper import BoxAwareDatasetMapper, annotation_boxes
 from ..evaluation import build_evaluator
+from . import attacks
 from .common import (
     add_opts,
     build_model_for_run,
@@ -55,6 +71,8 @@ from .common import (
 )
 
 __all__ = [
+    "ATTACKS",
+    "COLUMNS",
     "PERTURBATIONS",
     "PERTURBATION_NAMES",
     "PerturbAugmentation",
@@ -225,7 +243,14 @@ PERTURBATION_NAMES = {
     "random_patch": "Random Patch",
     "flip_patch": "Flip Patch",
     "gaussian_noise": "Gaussian Noise",
+    "advs_patch": "Advs-Patch",
+    "deepfool": "DeepFool",
 }
+#: The white-box attacks (per model; RetinaNet only).
+ATTACKS = ("advs_patch", "deepfool")
+#: Every column of Table 3, in the paper's order (the choices of ``--perturbations``).
+COLUMNS = ("original", "black_patch", "random_patch", "flip_patch", "advs_patch",
+           "gaussian_noise", "deepfool")
 
 
 def image_seed(seed: int, image_id) -> int:
@@ -276,26 +301,30 @@ class PerturbAugmentation(T.Augmentation):
 
 class PerturbedDatasetMapper(BoxAwareDatasetMapper):
     """Detectron2's test ``DatasetMapper(cfg, is_train=False)`` whose first augmentation applies
-    ``perturbation`` (a key of :data:`PERTURBATIONS`) to the decoded image, with the record's
-    annotation boxes (all of them, XYXY, through ``AugInput.boxes``) and
-    ``np.random.default_rng(seed + image_id)`` (``AugInput.image_seed``).
+    ``perturbation`` (a key of :data:`PERTURBATIONS`, or ``"advs_patch"`` with ``fn`` an
+    :class:`~ap_loss_d2.studies.attacks.AdversarialPatch`) to the decoded image, with the
+    record's annotation boxes (all of them, XYXY, through ``AugInput.boxes``) and
+    ``np.random.default_rng(seed + image_id)`` (``AugInput.image_seed``). ``fn``, when given,
+    replaces the perturbation's function.
 
     Returned dicts also carry ``"perturbation": {"name", "image_id", <per-image stats>}``.
     """
 
     include_crowd = True
 
-    def __init__(self, cfg, perturbation: str, seed: int = 0):
-        if perturbation not in PERTURBATIONS:
-            raise ValueError(
-                f"Unknown perturbation {perturbation!r}; valid: {', '.join(PERTURBATIONS)}"
-            )
+    def __init__(self, cfg, perturbation: str, seed: int = 0, fn: Callable = None):
+        if perturbation == "advs_patch":
+            if fn is None:
+                raise ValueError("perturbation 'advs_patch' needs fn=AdversarialPatch(patch)")
+        elif perturbation not in PERTURBATIONS:
+            valid = ", ".join(list(PERTURBATIONS) + ["advs_patch (with fn)"])
+            raise ValueError(f"Unknown perturbation {perturbation!r}; valid: {valid}")
         super().__init__(cfg, is_train=False)
         self.perturbation = perturbation
         self.seed = seed
         # Perturb the decoded image first, then run Detectron2's test-time augmentations.
         self.augmentations = T.AugmentationList(
-            [PerturbAugmentation(PERTURBATIONS[perturbation]), self.augmentations]
+            [PerturbAugmentation(fn or PERTURBATIONS[perturbation]), self.augmentations]
         )
 
     def aug_input(self, dataset_dict, image, sem_seg):
@@ -334,10 +363,11 @@ class PerturbationStats(DatasetEvaluator):
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
-def evaluate_run(cfg, model, dataset_name, perturbation, seed, output_folder):
-    """Evaluator results of ``model`` on ``dataset_name`` perturbed by ``perturbation``:
+def evaluate_run(cfg, model, dataset_name, perturbation, seed, output_folder, fn=None):
+    """Evaluator results of ``model`` on ``dataset_name`` perturbed by ``perturbation`` (its
+    function replaced by ``fn`` if given, e.g. an ``AdversarialPatch``):
     ``(results, perturbation_stats)`` with ``results`` the dataset evaluator's dict."""
-    mapper = PerturbedDatasetMapper(cfg, perturbation, seed)
+    mapper = PerturbedDatasetMapper(cfg, perturbation, seed, fn=fn)
     loader = build_detection_test_loader(
         DatasetCatalog.get(dataset_name), mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
     )
@@ -356,18 +386,23 @@ def _metric(results, key):
     return float(bbox[key])
 
 
-def plot_examples(dataset_name, perturbations, seed, path):
-    """One figure: every perturbation of the first image of ``dataset_name`` (boxes drawn)."""
+def plot_examples(dataset_name, perturbations, seed, path, fns=None, image_format="RGB"):
+    """One figure: every image perturbation of the first image of ``dataset_name`` (boxes
+    drawn); ``fns`` maps a name to its function where it is not in :data:`PERTURBATIONS`
+    (``advs_patch``); names without a function (``deepfool``) are left out. ``image_format``:
+    the format the functions expect (the patch's channel order)."""
+    fns = dict(PERTURBATIONS, **(fns or {}))
+    perturbations = [p for p in perturbations if p in fns]
     record = DatasetCatalog.get(dataset_name)[0]
-    image = read_image(record["file_name"], format="RGB")
+    image = read_image(record["file_name"], format=image_format)
     boxes = annotation_boxes(record, include_crowd=True)
     plt = pyplot()
     fig, axes = plt.subplots(1, len(perturbations), figsize=(2.6 * len(perturbations), 3.0),
                              squeeze=False)
     for ax, name in zip(axes[0], perturbations):
-        img = PERTURBATIONS[name](image, boxes, np.random.default_rng(
+        img = fns[name](image, boxes, np.random.default_rng(
             image_seed(seed, record["image_id"])), None)
-        ax.imshow(img)
+        ax.imshow(convert_image_to_rgb(img, image_format))
         for x0, y0, x1, y1 in boxes:
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6,
                                        color="yellow"))
@@ -378,31 +413,142 @@ def plot_examples(dataset_name, perturbations, seed, path):
     plt.close(fig)
 
 
+def _cell(run, metric, pert, digits):
+    if pert == "deepfool":
+        return fmt_num((run.get("deepfool") or {}).get("rho_scaled"), digits + 1)
+    return fmt_num(run[metric].get(pert), digits)
+
+
+def column_header(pert, report=None):
+    """Table 3 header of a column (DeepFool with its scale)."""
+    if pert == "deepfool":
+        scale = (report or {}).get("deepfool", {}).get("scale", DEEPFOOL_SCALE)
+        return f"DeepFool (rho x {fmt_num(scale, 0)})"
+    return PERTURBATION_NAMES[pert]
+
+
 def build_table(report, metric=None, digits=1):
-    """Table 3 as markdown: one row per run, one column per perturbation (``metric``)."""
+    """Table 3 as markdown: one row per run, one column per perturbation (``metric``; the
+    DeepFool column: its scaled mean rho, with one more decimal)."""
     metric = metric or report["metric"]
     perts = report["perturbations"]
-    rows = [[run["label"]] + [fmt_num(run[metric].get(p), digits) for p in perts]
+    rows = [[run["label"]] + [_cell(run, metric, p, digits) for p in perts]
             for run in report["runs"]]
-    return markdown_table(["Training Loss"] + [PERTURBATION_NAMES[p] for p in perts], rows)
+    return markdown_table(["Training Loss"] + [column_header(p, report) for p in perts], rows)
+
+
+DEEPFOOL_SCALE = 1000.0
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a float") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
+    return value
 
 
 def parse_args(argv=None):
     p = study_parser(STUDY, __doc__)
     p.add_argument("--max-images", type=int, default=None,
                    help="evaluate on the first N images only (ground truth restricted too)")
-    p.add_argument("--perturbations", nargs="+", choices=list(PERTURBATIONS),
-                   default=list(PERTURBATIONS))
+    p.add_argument("--perturbations", nargs="+", choices=list(COLUMNS), default=list(COLUMNS),
+                   help="Table 3 columns (default: all, in the paper's order); advs_patch and "
+                        "deepfool need RetinaNet runs")
     p.add_argument("--seed", type=int, default=0, help="per-image seed is seed + image id")
     p.add_argument("--digits", type=int, default=1, help="decimals in the markdown table")
     p.add_argument("--no-plot", action="store_true", help="skip robustness.png")
+    g = p.add_argument_group("Advs-Patch (one universal patch per run, trained white-box)")
+    g.add_argument("--patch-dataset", default=None,
+                   help="training images of the patch (default: the run's DATASETS.TRAIN[0])")
+    g.add_argument("--patch-images", type=_positive(int), default=64,
+                   help="the first N images of --patch-dataset (default 64)")
+    g.add_argument("--patch-steps", type=_positive(int), default=100,
+                   help="Adam steps (default 100)")
+    g.add_argument("--patch-lr", type=_positive(float), default=0.03,
+                   help="Adam step size on pixel values in [0, 1] (default 0.03)")
+    g.add_argument("--patch-batch", type=_positive(int), default=8,
+                   help="images per step (default 8)")
+    g.add_argument("--patch-size", type=_positive(int), default=32,
+                   help="side of the square patch in pixels before resizing (default 32)")
+    g.add_argument("--patch-seed", type=int, default=0,
+                   help="initial patch and image order (default 0)")
+    g = p.add_argument_group("DeepFool (minimal L2 perturbation per test image)")
+    g.add_argument("--deepfool-images", type=_positive(int), default=None,
+                   help="attack the first N evaluated images (default: all)")
+    g.add_argument("--deepfool-max-iter", type=_positive(int), default=50,
+                   help="DeepFool steps per image before it counts as failed (default 50)")
+    g.add_argument("--deepfool-overshoot", type=_non_negative_float, default=0.02,
+                   help="DeepFool's overshoot (default 0.02)")
+    g.add_argument("--deepfool-score-thresh", type=float, default=None,
+                   help="score an anchor must fall below (default: the run's "
+                        "MODEL.RETINANET.SCORE_THRESH_TEST)")
+    g.add_argument("--deepfool-scale", type=_positive(float), default=DEEPFOOL_SCALE,
+                   help=f"factor on rho in the table (default {DEEPFOOL_SCALE:g})")
     add_opts(p)
     return p.parse_args(argv)
+
+
+def check_attacks(args, resolved):
+    """Fail before any work when an attack is asked of a run it does not support."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    for pert in ATTACKS:
+        if pert not in args.perturbations:
+            continue
+        for cfg, label in resolved:
+            try:
+                attacks.check_attack_model(
+                    META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), pert)
+            except ValueError as e:
+                raise ValueError(f"run {label!r}: {e}") from None
+            if pert == "deepfool":
+                t = args.deepfool_score_thresh
+                attacks.check_threshold(cfg.MODEL.RETINANET.SCORE_THRESH_TEST if t is None else t)
+
+
+def _save_png(array, path):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def run_advs_patch(args, cfg, model, run_index, out):
+    """Train the run's patch, save it as PNG; ``(AdversarialPatch, summary dict)``."""
+    dataset = args.patch_dataset or cfg.DATASETS.TRAIN[0]
+    examples = attacks.load_examples(cfg, dataset, args.patch_images)
+    res = attacks.train_adversarial_patch(
+        model, examples, steps=args.patch_steps, lr=args.patch_lr, batch_size=args.patch_batch,
+        size=args.patch_size, seed=args.patch_seed, log=lambda m: progress(STUDY, "    " + m))
+    name = f"advs_patch_run{run_index}.png"
+    _save_png(attacks.patch_to_rgb_uint8(res["patch"], cfg.INPUT.FORMAT), out / name)
+    summary = {k: v for k, v in res.items() if k != "patch"}
+    summary.update(dataset=dataset, file=name, image_format=cfg.INPUT.FORMAT,
+                   objective_definition="mean softplus(score logit) of the matched anchors "
+                                        "at their object's class (minimised)")
+    return attacks.AdversarialPatch(res["patch"]), summary
 
 
 def main(argv=None):
     args = parse_args(argv)
     out, specs, resolved, labels, dataset = prepare_runs(args)
+    check_attacks(args, [(cfg, lab) for (cfg, _), lab in zip(resolved, labels)])
     eval_name = dataset_subset(dataset, args.max_images, out / "subsets")
     evaluator_type = MetadataCatalog.get(eval_name).get("evaluator_type", None)
     metric = "AP50"
@@ -422,18 +568,47 @@ def main(argv=None):
         "runs": [],
         "figures": [],
     }
+    if "advs_patch" in args.perturbations:
+        report["advs_patch"] = dict(
+            dataset=args.patch_dataset, images=args.patch_images, steps=args.patch_steps,
+            lr=args.patch_lr, batch_size=args.patch_batch, size=args.patch_size,
+            seed=args.patch_seed)
+    if "deepfool" in args.perturbations:
+        report["deepfool"] = dict(
+            images=args.deepfool_images, max_iter=args.deepfool_max_iter,
+            overshoot=args.deepfool_overshoot, score_thresh=args.deepfool_score_thresh,
+            scale=args.deepfool_scale,
+            definition="rho = mean over images attacked successfully of ||r||_2 / ||x||_2 "
+                       "(x: test-resized input, pixel units); binary DeepFool on "
+                       "max over matched anchors of score logit - logit(threshold)")
     n_total = len(specs) * len(args.perturbations)
     k = 0
+    plot_fns = {}
     for spec, (cfg, _), label in zip(specs, resolved, labels):
         model = build_model_for_run(cfg, spec.weights)
+        index = len(report["runs"])
         run = {"label": label, "config": spec.config, "weights": spec.weights or cfg.MODEL.WEIGHTS,
                "cls_loss": cfg.MODEL.CLS_LOSS.NAME, "results": {}, "perturbation_stats": {},
                "AP50": {}, "AP": {}}
         for pert in args.perturbations:
             k += 1
             progress(STUDY, f"({k}/{n_total}) {label}: {PERTURBATION_NAMES[pert]} on {eval_name}")
-            folder = out / "eval" / f"run{len(report['runs'])}" / pert
-            results, stats = evaluate_run(cfg, model, eval_name, pert, args.seed, folder)
+            if pert == "deepfool":
+                run["deepfool"] = attacks.deepfool_dataset(
+                    cfg, model, eval_name, max_images=args.deepfool_images,
+                    threshold=args.deepfool_score_thresh, max_iter=args.deepfool_max_iter,
+                    overshoot=args.deepfool_overshoot, scale=args.deepfool_scale,
+                    log=lambda m: progress(STUDY, "    " + m))
+                d = run["deepfool"]
+                progress(STUDY, f"    rho x {args.deepfool_scale:g}: {fmt_num(d['rho_scaled'], 3)}"
+                                f"; succeeded {d['succeeded']}/{d['attacked']} attacked images")
+                continue
+            fn = None
+            if pert == "advs_patch":
+                fn, run["advs_patch"] = run_advs_patch(args, cfg, model, index, out)
+                plot_fns.setdefault("advs_patch", (fn, cfg.INPUT.FORMAT))
+            folder = out / "eval" / f"run{index}" / pert
+            results, stats = evaluate_run(cfg, model, eval_name, pert, args.seed, folder, fn=fn)
             run["results"][pert] = results
             run["perturbation_stats"][pert] = stats
             for m in ("AP50", "AP"):
@@ -445,7 +620,9 @@ def main(argv=None):
 
     if not args.no_plot:
         try:
-            plot_examples(eval_name, args.perturbations, args.seed, out / "robustness.png")
+            fmt = plot_fns["advs_patch"][1] if plot_fns else "RGB"
+            plot_examples(eval_name, args.perturbations, args.seed, out / "robustness.png",
+                          fns={k: v[0] for k, v in plot_fns.items()}, image_format=fmt)
             report["figures"].append("robustness.png")
         except (OSError, ValueError) as e:
             progress(STUDY, f"no example figure: {type(e).__name__}: {e}")
@@ -459,6 +636,30 @@ def main(argv=None):
         "random_patch_fallbacks", 0) for r in report["runs"]}
     if any(fallbacks.values()):
         md.append(f"Random patch fallbacks (no box-free region): {fallbacks}")
+    if "advs_patch" in args.perturbations:
+        a = report["advs_patch"]
+        md += ["", f"Advs-Patch: one {a['size']}x{a['size']} patch per run, {a['steps']} Adam "
+                   f"steps (step size {a['lr']:g}, {a['batch_size']} images per step, seed "
+                   f"{a['seed']}) on the first {a['images']} images of the patch dataset, "
+                   "minimising the mean softplus of the matched anchors' score logits at their "
+                   "object's class; pasted resized into the centre half-box of every object. "
+                   "Objective on the training images, initial -> final patch: " + "; ".join(
+                       f"{r['label']} {r['advs_patch']['initial_objective']:.4f} -> "
+                       f"{r['advs_patch']['final_objective']:.4f} (`{r['advs_patch']['file']}`)"
+                       for r in report["runs"] if "advs_patch" in r)]
+    if "deepfool" in args.perturbations:
+        d = report["deepfool"]
+        md += ["", f"DeepFool: rho = mean ||r||_2 / ||x||_2 over the images attacked "
+                   f"successfully, times {d['scale']:g} (larger = more robust); binary DeepFool "
+                   f"(overshoot {d['overshoot']:g}, at most {d['max_iter']} steps) on the max "
+                   "over the anchors matched to the objects of the score logit at the object's "
+                   "class minus logit(score threshold). Per run: " + "; ".join(
+                       f"{r['label']} succeeded {r['deepfool']['succeeded']}/"
+                       f"{r['deepfool']['attacked']} attacked images ("
+                       f"{r['deepfool']['already_undetected']} already below the threshold "
+                       f"{r['deepfool']['threshold']:g}, {r['deepfool']['no_objects']} without "
+                       f"matched objects, of {r['deepfool']['images']})"
+                       for r in report["runs"] if "deepfool" in r)]
     if report["figures"]:
         md += ["", "![perturbation examples](robustness.png)"]
     write_study_outputs(out, "robustness", STUDY, report, md, table)
