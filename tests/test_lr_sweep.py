@@ -154,3 +154,27 @@ def test_main_job_prints_the_sweeps_spread(tmp_path):
     # a different setting (another override) has no measurement
     assert mj.expected_spread(mj.CONFIG, ["SOLVER.MAX_ITER", "10"], {"AP": 1.0}, path) == []
     assert mj.expected_spread(mj.CONFIG, [], None, tmp_path / "missing.json") == []
+
+
+def test_committed_expected_results_match_the_readme_and_the_main_job():
+    """configs/quick/expected_results.json (written by the README's sweep command) measures the
+    main job's own loss and LR, `make main` prints it, and the README's best-LR table shows
+    its numbers."""
+    pytest.importorskip("detectron2")
+    mj = _main_job()
+    data = json.loads(mj.EXPECTED.read_text())
+    assert data["seeds"] == [0, 1, 2] and set(data["losses"]) == {"ap", "focal"}
+    from ap_loss_d2.studies.common import load_cfg
+
+    cfg = load_cfg(str(REPO / mj.CONFIG))
+    ap = data["losses"][cfg.MODEL.CLS_LOSS.NAME]
+    assert ap["lr"] == cfg.SOLVER.BASE_LR  # the main job runs at AP-loss's best LR
+    lines = mj.expected_spread(mj.CONFIG, [], None)
+    assert len(lines) == 1 and f"AP {ap['AP']['mean']:.1f} [{ap['AP']['min']:.1f}, {ap['AP']['max']:.1f}]" in lines[0]
+    readme = (REPO / "README.md").read_text()
+    for loss, label in (("ap", "AP-loss"), ("focal", "focal")):
+        e = data["losses"][loss]
+        cell = " | ".join(f"{e[m]['mean']:.1f} [{e[m]['min']:.1f}, {e[m]['max']:.1f}]" for m in ("AP", "AP50", "AP75"))
+        cell = cell.replace(f"{e['AP']['mean']:.1f} [{e['AP']['min']:.1f}, {e['AP']['max']:.1f}]",
+                            f"**{e['AP']['mean']:.1f} [{e['AP']['min']:.1f}, {e['AP']['max']:.1f}]**", 1)
+        assert f"| {label} | **{e['lr']:g}** | {cell} |" in readme
