@@ -71,8 +71,11 @@ def expected_spread(config_file, opts, results=None, expected_file=EXPECTED):
     if results and "AP" in results:
         lo, hi = entry["AP"]["min"], entry["AP"]["max"]
         where = "inside" if lo <= results["AP"] <= hi else "OUTSIDE"
-        lines.append(f"[main_job] this run's AP {results['AP']:.1f} is {where} the sweep's range "
-                     f"[{lo:.1f}, {hi:.1f}]")
+        line = f"[main_job] this run's AP {results['AP']:.1f} is {where} the sweep's range [{lo:.1f}, {hi:.1f}]"
+        if where == "OUTSIDE":
+            line += (f" of {len(data.get('seeds', []))} seeds, which understates the run-to-run spread "
+                     "(other thread counts and seeds: README, 'What to expect from make main')")
+        lines.append(line)
     return lines
 
 
