@@ -64,6 +64,12 @@ def _few_threads():
 _MODELS = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    yield
+    _MODELS.clear()
+
+
 def load(path):
     """(model, kind, cfg) of a paper config, randomly initialised, on CPU (cached)."""
     if path not in _MODELS:
@@ -80,7 +86,7 @@ def load(path):
             if "images_per_ranking_set" in cfg.model:
                 cfg.model.images_per_ranking_set = 0
             _MODELS[path] = (instantiate(cfg.model), "lazy", cfg)
-        if len(_MODELS) > 3:  # keep memory bounded
+        if len(_MODELS) > len(ALL):  # every paper model built once per module (~4 GB at most)
             _MODELS.pop(next(iter(_MODELS)))
     return _MODELS[path]
 
