@@ -37,3 +37,15 @@ def synth_dataset_dir():
     from ap_loss_d2.data import ensure_synthetic_dataset
 
     return ensure_synthetic_dataset()
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with torch on one thread (the model tests are faster and steadier so on the
+    shared 2-core machines), restoring the previous count afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

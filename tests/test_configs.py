@@ -42,11 +42,8 @@ def load_yaml_cfg(path, opts=()):
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _few_threads(one_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 def test_configs_found():

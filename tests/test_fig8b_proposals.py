@@ -26,11 +26,8 @@ ANCHORS_PER_IMAGE = (8 * 8 + 4 * 4 + 2 * 2) * 6
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _few_threads(one_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 def _cfg(num_negatives=-1, weights="", mode="proposals", output_dir="/nonexistent", iters=10,

@@ -10,7 +10,6 @@ import pytest
 pytest.importorskip("detectron2")
 pytestmark = pytest.mark.slow  # trains two tiny runs
 
-import torch  # noqa: E402
 
 from .test_train_net import FAST_EVAL, TINY_YAML, run_train_net  # noqa: E402
 
@@ -29,11 +28,8 @@ def two_runs(synth_dataset_dir, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _few_threads(one_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 def _independent_ap(run_dir, weights, dataset, tmp_path):

@@ -54,11 +54,8 @@ def test_configs_found():
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _few_threads(one_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 _MODELS = {}

@@ -56,11 +56,8 @@ def make_batch(num_objects=(3, 2), seed=0):
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _few_threads(one_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 def train_step(model, batch):
