@@ -115,8 +115,8 @@ class RankingSets:
         for x, t in parts:
             part = {}
             losses.append(fn(x, t, stats=part, process_group=group, **options))
-            for k, v in part.items():
-                totals[k] = totals.get(k, 0) + v
+            for k in ("num_pos", "num_neg_nontrivial"):
+                totals[k] = totals.get(k, 0) + part[k]
         if stats is not None:
             stats.update(totals)
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
