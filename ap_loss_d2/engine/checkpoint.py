@@ -231,8 +231,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                     "from MODEL.WEIGHTS."
                 ) from None
             self.logger.warning(
-                f"--resume: resuming from {fallback} (the readable checkpoint with the highest "
-                f"iteration) instead of the latest, which cannot be used: {problem}. Nothing was deleted."
+                f"--resume: the latest checkpoint cannot be used ({problem}); resuming from "
+                f"{fallback}, the readable one with finite weights and the highest iteration "
+                "(nothing was deleted)"
             )
             return self.load(fallback)
         finally:
