@@ -1,29 +1,21 @@
-"""Detectron2's ``DetectionCheckpointer`` plus safety: nothing else differs from Detectron2.
+"""Detectron2's ``DetectionCheckpointer`` plus safety; nothing else differs from Detectron2.
 
 Loading, resuming, fine-tuning (tensors whose shapes differ are skipped with Detectron2's
 warning), the restored scheduler state and ``metrics.json`` (appended to) are Detectron2's.
-:class:`SafeDetectionCheckpointer` adds:
+:class:`SafeDetectionCheckpointer` adds (details: ``docs/checkpoints.md``):
 
-* **No code runs from a file.** ``.pth``/``.pyth`` files are read with
-  ``torch.load(weights_only=True)``; ``.pkl`` files (Detectron2 / Caffe2 model zoo) are checked
-  with a restricted unpickler that admits numpy arrays and builtin containers only, before
-  Detectron2's reader converts them (:class:`UnsafeCheckpointError` otherwise).
-* **Atomic saves.** A checkpoint (and ``last_checkpoint``) is written to ``<name>.tmp``, synced
-  and renamed; a failed save (disk full, killed) removes its ``.tmp`` and leaves the previous
-  files untouched.
-* **Unreadable files are named.** An empty, text, truncated or corrupt file raises
-  :class:`CorruptCheckpointError` naming it.
-* **No NaN/Inf weights.** Loading weights that hold NaN or Inf (to evaluate, fine-tune or resume)
-  raises :class:`NonFiniteCheckpointError` naming the file and the tensor.
-* **Resume falls back by iteration.** When the checkpoint named by ``last_checkpoint`` is missing,
-  unreadable or not finite, ``--resume`` warns and resumes from the readable, finite ``.pth`` of
-  the folder with the highest stored iteration (never by file time); nothing is deleted.
-* **Resume into another model is an error.** A checkpoint whose tensors do not fit the model
-  (another class count or classifier layout) raises :class:`CheckpointCompatibilityError`
-  naming the tensors and both shapes; to fine-tune from it, load it as weights without resume.
-* **Loading options.** ``path?matching_heuristics=True`` loads by Detectron2's name-matching
-  heuristics (as Detectron2's main branch, on every Detectron2 and file type); any other option
-  or value is a ``ValueError``.
+* no code runs from a file: ``.pth``/``.pyth`` are read with ``torch.load(weights_only=True)``,
+  ``.pkl`` (model zoo) first pass a restricted unpickler (numpy arrays and containers only);
+* atomic saves: written to ``<name>.tmp``, synced, renamed; a failed save (disk full) removes
+  its ``.tmp`` and leaves the previous files untouched;
+* an empty, truncated or corrupt file raises :class:`CorruptCheckpointError` naming it;
+* weights holding NaN/Inf raise :class:`NonFiniteCheckpointError` naming the file and tensor;
+* ``--resume`` falls back, when the checkpoint ``last_checkpoint`` names cannot be used, to the
+  readable one with finite weights and the highest stored iteration (never by file time);
+* ``--resume`` into a model the checkpoint does not fit (another class count or classifier
+  layout) raises :class:`CheckpointCompatibilityError` naming the tensors and both shapes;
+* ``path?matching_heuristics=True`` loads by Detectron2's name-matching heuristics (as on
+  Detectron2's main branch, here on every version and file type); other options are errors.
 """
 import contextlib
 import glob
@@ -41,12 +33,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
-    "CheckpointCompatibilityError",
-    "CorruptCheckpointError",
-    "NonFiniteCheckpointError",
-    "SafeDetectionCheckpointer",
-    "UnsafeCheckpointError",
-    "newest_usable_checkpoint",
+    "CheckpointCompatibilityError", "CorruptCheckpointError", "NonFiniteCheckpointError",
+    "SafeDetectionCheckpointer", "UnsafeCheckpointError", "newest_usable_checkpoint", "usable_checkpoints",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,15 +60,8 @@ class CheckpointCompatibilityError(ValueError):
 
 _UNREADABLE = (CorruptCheckpointError, UnsafeCheckpointError, NonFiniteCheckpointError)
 # (module, name) pairs a model-zoo .pkl may reference
-_PKL_ALLOWED = {
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),
+_PKL_ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
 }
 
 
@@ -184,7 +165,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     """Drop-in replacement of Detectron2's ``DetectionCheckpointer`` (same arguments)."""
 
     _options: dict = {}
-    _resuming = False
+    _resuming = None  # the file being resumed from
 
     def _local(self) -> bool:
         return bool(self.save_dir) and "://" not in self.save_dir
@@ -215,12 +196,11 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     def resume_or_load(self, path: str, *, resume: bool = True):
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
-        self._resuming = True
         try:
             last, problem = self._last_checkpoint()
             if last is not None:
                 try:
-                    return self.load(last)
+                    return self._resume(last)
                 except _UNREADABLE as e:
                     problem = e
             fallback = newest_usable_checkpoint(self.save_dir, exclude=(last,))
@@ -235,9 +215,13 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 f"{fallback}, the readable one with finite weights and the highest iteration "
                 "(nothing was deleted)"
             )
-            return self.load(fallback)
+            return self._resume(fallback)
         finally:
-            self._resuming = False
+            self._resuming = None
+
+    def _resume(self, path):
+        self._resuming = path
+        return self.load(path)
 
     def _last_checkpoint(self):
         """(the file ``last_checkpoint`` names, None) or (None, what is wrong with it)."""
@@ -260,8 +244,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             differences += [f"{k}: only in the model" for k in incompatible.missing_keys]
             differences += [f"{k}: only in the checkpoint" for k in incompatible.unexpected_keys]
             raise CheckpointCompatibilityError(
-                f"--resume: the checkpoint in {self.save_dir} was saved from another model than "
-                f"the one built from the config ({len(differences)} tensor(s) differ):\n  "
+                f"--resume: {self._resuming} was saved from another model than the one built "
+                f"from the config ({len(differences)} tensor(s) differ):\n  "
                 + "\n  ".join(differences[:5])
                 + "\nResume with the settings it was trained with (class count, MODEL.CLS_LOSS.NAME, "
                 "...), or use another OUTPUT_DIR; to fine-tune from its weights, load it as "
@@ -292,20 +276,28 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return loaded
 
 
-def newest_usable_checkpoint(save_dir: str, exclude=()):
-    """The ``.pth`` of ``save_dir`` with the highest stored ``iteration`` that is readable and
-    holds finite weights (files in ``exclude`` aside); None if there is none. Reads every file."""
+def usable_checkpoints(save_dir: str, exclude=()):
+    """``[(iteration, path, largest |weight|)]`` of the readable ``.pth`` files of ``save_dir``
+    with finite weights (files in ``exclude`` aside), by stored ``iteration`` (-1 if none), then
+    name. Reads every file."""
     reader = SafeDetectionCheckpointer(torch.nn.Module())
-    best = None
+    found = []
     for path in sorted(glob.glob(os.path.join(save_dir, "*.pth"))):
         if path in exclude:
             continue
         try:
-            iteration = reader._load_file(path).get("iteration", -1)
+            loaded = reader._load_file(path)
         except _UNREADABLE as e:
             logger.warning(f"Skipping checkpoint {path}: {e}")
             continue
-        iteration = iteration if isinstance(iteration, int) else -1
-        if best is None or iteration > best[0]:
-            best = (iteration, path)
-    return best[1] if best else None
+        iteration = loaded.get("iteration")
+        floats = [v for v in loaded["model"].values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+        largest = max((float(v.abs().max()) for v in floats), default=0.0)
+        found.append((iteration if isinstance(iteration, int) else -1, path, largest))
+    return sorted(found)
+
+
+def newest_usable_checkpoint(save_dir: str, exclude=()):
+    """The path of the last of :func:`usable_checkpoints`; None if there is none."""
+    found = usable_checkpoints(save_dir, exclude)
+    return found[-1][1] if found else None
