@@ -34,7 +34,7 @@ from detectron2.utils.file_io import PathManager
 
 __all__ = [
     "CheckpointCompatibilityError", "CorruptCheckpointError", "NonFiniteCheckpointError",
-    "SafeDetectionCheckpointer", "UnsafeCheckpointError", "newest_usable_checkpoint", "usable_checkpoints",
+    "SafeDetectionCheckpointer", "UnsafeCheckpointError", "usable_checkpoints",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ class CheckpointCompatibilityError(ValueError):
 
 _UNREADABLE = (CorruptCheckpointError, UnsafeCheckpointError, NonFiniteCheckpointError)
 # (module, name) pairs a model-zoo .pkl may reference
-_PKL_ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
-    (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
-}
+_PKL_ALLOWED = {
+    ("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")
+} | {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -80,7 +80,8 @@ def _check_pickle(filename: str, data: bytes) -> None:
         _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{filename}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError) as e:
         raise CorruptCheckpointError(
             f"{filename} is not a readable weights pickle (truncated, corrupt, or another kind "
             f"of file; starts with {data[:16]!r}): {type(e).__name__}: {e}"
@@ -104,7 +105,9 @@ def _load_torch(filename: str, data: bytes):
                 "a trusted copy with torch.save(model.state_dict(), path) (numpy arrays in "
                 "Detectron2's model-zoo format: name the file .pkl)."
             ) from None
-        raise CorruptCheckpointError(f"{filename} is truncated or corrupt: not a readable weights pickle") from None
+        raise CorruptCheckpointError(
+            f"{filename} is truncated or corrupt: not a readable weights pickle"
+        ) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
         reason = str(e).split(". This is an internal")[0].strip().splitlines()
         raise CorruptCheckpointError(
@@ -185,7 +188,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._local():
             return super().tag_last_checkpoint(last_filename_basename)
-        _atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(tag, lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path, *args, **kwargs):
         self._options = {}
@@ -203,8 +207,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                     return self._resume(last)
                 except _UNREADABLE as e:
                     problem = e
-            fallback = newest_usable_checkpoint(self.save_dir, exclude=(last,))
-            if fallback is None:
+            usable = usable_checkpoints(self.save_dir, exclude=(last,))
+            if not usable:
                 raise CorruptCheckpointError(
                     f"--resume: no readable checkpoint with finite weights in {self.save_dir} "
                     f"({problem}). Start without --resume (or set another OUTPUT_DIR) to train "
@@ -212,10 +216,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 ) from None
             self.logger.warning(
                 f"--resume: the latest checkpoint cannot be used ({problem}); resuming from "
-                f"{fallback}, the readable one with finite weights and the highest iteration "
+                f"{usable[-1][1]}, the readable one with finite weights and the highest iteration "
                 "(nothing was deleted)"
             )
-            return self._resume(fallback)
+            return self._resume(usable[-1][1])
         finally:
             self._resuming = None
 
@@ -239,10 +243,13 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
-        if self._resuming and (incompatible.incorrect_shapes or incompatible.missing_keys or incompatible.unexpected_keys):
-            differences = [f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model" for k, a, b in incompatible.incorrect_shapes]
-            differences += [f"{k}: only in the model" for k in incompatible.missing_keys]
-            differences += [f"{k}: only in the checkpoint" for k in incompatible.unexpected_keys]
+        differences = [
+            f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model"
+            for k, a, b in incompatible.incorrect_shapes
+        ]
+        differences += [f"{k}: only in the model" for k in incompatible.missing_keys]
+        differences += [f"{k}: only in the checkpoint" for k in incompatible.unexpected_keys]
+        if self._resuming and differences:
             raise CheckpointCompatibilityError(
                 f"--resume: {self._resuming} was saved from another model than the one built "
                 f"from the config ({len(differences)} tensor(s) differ):\n  "
@@ -257,16 +264,21 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         with PathManager.open(filename, "rb") as f:
             data = f.read()
         if not data:
-            raise CorruptCheckpointError(f"{filename} is empty (0 bytes): the save that wrote it did not finish")
+            raise CorruptCheckpointError(
+                f"{filename} is empty (0 bytes): the save that wrote it did not finish"
+            )
         if filename.endswith(".pkl"):
             _check_pickle(filename, data)
             loaded = super()._load_file(filename)  # Detectron2's conversions; arrays only
         else:
             loaded = _load_torch(filename, data)
             if not isinstance(loaded, dict):
-                raise CorruptCheckpointError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint (a dict of weights)")
+                raise CorruptCheckpointError(
+                    f"{filename} holds a {type(loaded).__name__}, not a checkpoint (a dict of weights)"
+                )
             if filename.endswith(".pyth"):  # pycls, as Detectron2 reads it
-                state = {k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")}
+                state = loaded["model_state"]
+                state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
                 loaded = {"model": state, "__author__": "pycls", "matching_heuristics": True}
             elif "model" not in loaded:
                 loaded = {"model": loaded}
@@ -291,13 +303,8 @@ def usable_checkpoints(save_dir: str, exclude=()):
             logger.warning(f"Skipping checkpoint {path}: {e}")
             continue
         iteration = loaded.get("iteration")
-        floats = [v for v in loaded["model"].values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
-        largest = max((float(v.abs().max()) for v in floats), default=0.0)
+        tensors = [v for v in loaded["model"].values() if isinstance(v, torch.Tensor)]
+        largest = max((float(v.abs().max()) for v in tensors if v.is_floating_point() and v.numel()), default=0.0)
         found.append((iteration if isinstance(iteration, int) else -1, path, largest))
     return sorted(found)
 
-
-def newest_usable_checkpoint(save_dir: str, exclude=()):
-    """The path of the last of :func:`usable_checkpoints`; None if there is none."""
-    found = usable_checkpoints(save_dir, exclude)
-    return found[-1][1] if found else None

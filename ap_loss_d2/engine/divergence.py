@@ -7,13 +7,15 @@ from .checkpoint import usable_checkpoints
 __all__ = ["NonFiniteGuard", "divergence_message"]
 
 
-def divergence_message(iteration: int, save_dir: str, cause, lr_key="SOLVER.BASE_LR", weights_option="MODEL.WEIGHTS {}") -> str:
+def divergence_message(
+    iteration: int, save_dir: str, cause, lr_key="SOLVER.BASE_LR", weights_option="MODEL.WEIGHTS {}"
+) -> str:
     """The message that stops a diverged run: the iteration, and the checkpoints with finite
     weights (:func:`~.checkpoint.usable_checkpoints`, the newest five) with their largest
     |weight|, so that one saved before the weights grew can be chosen."""
     found = usable_checkpoints(save_dir) if save_dir else []
     if not found:
-        advice = f"no checkpoint with finite weights was saved yet: start again, e.g. with a lower {lr_key}"
+        advice = f"no checkpoint with finite weights was saved yet: start again with a lower {lr_key}"
     else:
         listed = ", ".join(f"{os.path.basename(p)} ({m:.3g})" for _, p, m in found[-5:])
         advice = (
