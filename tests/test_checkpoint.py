@@ -1,4 +1,7 @@
-"""SafeDetectionCheckpointer: atomic saves, no code execution when loading weights."""
+"""SafeDetectionCheckpointer: atomic saves, no code execution when loading weights, resume
+fallback by iteration, loading options; fine-tuning across class counts as Detectron2."""
+import errno
+import logging
 import os
 import pickle
 
@@ -7,11 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from ap_loss_d2.engine.checkpoint import (
-    SafeDetectionCheckpointer,
-    UnsafeCheckpointError,
-    load_options_supported,
-)
+from detectron2.checkpoint import DetectionCheckpointer
+
+from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer, UnsafeCheckpointError
 
 
 class _Evil:
@@ -104,12 +105,56 @@ def test_model_zoo_style_pkl_loads(tmp_path):
     assert os.path.exists(path)
 
 
-# Loading options in the path (``model.pth?matching_heuristics=True``): Detectron2 main after v0.6.
-OPTIONS = load_options_supported()
-needs_options = pytest.mark.skipif(
-    not OPTIONS, reason="this Detectron2's DetectionCheckpointer does not parse ?key=value options "
-    "(v0.6); they exist on the main branch"
-)
+def test_disk_full_leaves_no_tmp_and_keeps_previous(tmp_path, monkeypatch):
+    model = _model()
+    ck = SafeDetectionCheckpointer(model, str(tmp_path))
+    ck.save("model_0000009", iteration=9)
+    good = (tmp_path / "model_0000009.pth").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    for name in ("model_0000019", "model_0000009"):
+        with pytest.raises(OSError, match="No space left"):
+            ck.save(name, iteration=19)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
+    assert (tmp_path / "model_0000009.pth").read_bytes() == good
+
+
+def test_resume_falls_back_by_iteration_not_file_time(tmp_path):
+    """A run folder copied with ``cp -r`` (file times no longer in iteration order) whose newest
+    checkpoint is truncated: --resume takes the intact checkpoint with the highest iteration."""
+    models = {}
+    for it in (9, 19, 29, 39):
+        models[it] = _model()
+        with torch.no_grad():
+            models[it][0].bias.fill_(it)
+        SafeDetectionCheckpointer(models[it], str(tmp_path)).save(f"model_{it:07d}", iteration=it)
+    newest = tmp_path / "model_0000039.pth"
+    newest.write_bytes(newest.read_bytes()[:500])
+    # file times: 19 newest, then 39, 9, 29 oldest
+    for age, it in enumerate((19, 39, 9, 29)):
+        os.utime(tmp_path / f"model_{it:07d}.pth", (1e9 - age * 1000, 1e9 - age * 1000))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = _model()
+    extra = SafeDetectionCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert extra["iteration"] == 29
+    torch.testing.assert_close(model[0].bias, models[29][0].bias)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing deleted
+
+
+def test_pth_with_numpy_arrays_is_refused_with_a_hint(tmp_path):
+    torch.save({"model": {k: v.numpy() for k, v in _model().state_dict().items()}}, tmp_path / "np.pth")
+    with pytest.raises(UnsafeCheckpointError, match=r"np\.pth is not a weights-only.*name the file \.pkl"):
+        SafeDetectionCheckpointer(_model()).load(str(tmp_path / "np.pth"))
+
+
+# Loading options in the path (``model.pth?matching_heuristics=True``), as Detectron2's main
+# branch parses them; here on every Detectron2 and file type.
+STOCK_OPTIONS = hasattr(DetectionCheckpointer(nn.Module()), "_parsed_url_during_load")
 
 
 class _Wrapped(nn.Module):
@@ -129,10 +174,7 @@ def _bare_checkpoint(tmp_path):
     return path, weights
 
 
-@needs_options
-def test_matching_heuristics_option_as_detectron2(tmp_path):
-    from detectron2.checkpoint import DetectionCheckpointer
-
+def test_matching_heuristics_option(tmp_path):
     path, weights = _bare_checkpoint(tmp_path)
     plain = _Wrapped()
     before = {k: v.clone() for k, v in plain.state_dict().items()}
@@ -140,13 +182,15 @@ def test_matching_heuristics_option_as_detectron2(tmp_path):
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(v, before[k])
 
-    ours, stock = _Wrapped(), _Wrapped()
+    ours = _Wrapped()
     SafeDetectionCheckpointer(ours).load(f"{path}?matching_heuristics=True")
-    DetectionCheckpointer(stock).load(f"{path}?matching_heuristics=True")
     for k, v in weights.items():
         torch.testing.assert_close(ours.state_dict()[f"body.{k}"], v)
-    for k, v in stock.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[k], v)
+    if STOCK_OPTIONS:
+        stock = _Wrapped()
+        DetectionCheckpointer(stock).load(f"{path}?matching_heuristics=True")
+        for k, v in stock.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k], v)
 
     same = _Wrapped()
     SafeDetectionCheckpointer(same).load(f"{path}?matching_heuristics=False")
@@ -154,7 +198,6 @@ def test_matching_heuristics_option_as_detectron2(tmp_path):
         torch.testing.assert_close(v, before[k])
 
 
-@needs_options
 def test_options_keep_weights_only_loading(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
@@ -162,13 +205,6 @@ def test_options_keep_weights_only_loading(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="evil.pth"):
         SafeDetectionCheckpointer(_model()).load(f"{path}?matching_heuristics=True")
     assert not marker.exists()
-
-
-@needs_options
-def test_bad_option_value_is_rejected(tmp_path):
-    path, _ = _bare_checkpoint(tmp_path)
-    with pytest.raises(ValueError, match="matching_heuristics=True or False"):
-        SafeDetectionCheckpointer(_Wrapped()).load(f"{path}?matching_heuristics=yes")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".pkl"])
@@ -180,16 +216,63 @@ def test_unknown_option_is_rejected(tmp_path, suffix):
         with open(path, "wb") as f:
             pickle.dump({"model": {k: v.numpy() for k, v in _model().state_dict().items()},
                          "__author__": "test"}, f)
-    with pytest.raises(ValueError, match="bogus") as e:
+    with pytest.raises(ValueError, match="unknown loading option 'bogus'; supported: matching_heuristics=True|False"):
         SafeDetectionCheckpointer(_model()).load(f"{path}?bogus=1")
-    if OPTIONS:
-        assert "supported: matching_heuristics=True|False" in str(e.value)
-    else:
-        assert "main branch" in str(e.value)
+    with pytest.raises(ValueError, match="matching_heuristics='yes' is not valid; use matching_heuristics=True or False"):
+        SafeDetectionCheckpointer(_model()).load(f"{path}?matching_heuristics=yes")
 
 
-@pytest.mark.skipif(OPTIONS, reason="this Detectron2 parses loading options")
-def test_options_without_detectron2_support_fail_clearly(tmp_path):
-    path, _ = _bare_checkpoint(tmp_path)
-    with pytest.raises(ValueError, match="need a Detectron2 whose DetectionCheckpointer parses them"):
-        SafeDetectionCheckpointer(_Wrapped()).load(f"{path}?matching_heuristics=True")
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.slow  # builds two RetinaNets and trains one iteration
+def test_finetune_3_class_retinanet_into_5_classes(synth_dataset_dir, tmp_path, one_thread):
+    """MODEL.WEIGHTS from a 3-class RetinaNet into a 5-class one: the classifier is skipped with
+    Detectron2's warning (the same warnings and weights as Detectron2's DetectionCheckpointer),
+    everything else is loaded, and training runs."""
+    from detectron2.checkpoint import DetectionCheckpointer as Stock
+
+    from ap_loss_d2.engine import Trainer, get_ap_loss_cfg
+
+    def cfg(*opts):
+        c = get_ap_loss_cfg()
+        c.merge_from_file("tests/configs/tiny_synth_retinanet.yaml")
+        c.merge_from_list(["OUTPUT_DIR", str(tmp_path / "out"), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1", *opts])
+        return c
+
+    source = Trainer.build_model(cfg())
+    SafeDetectionCheckpointer(source, str(tmp_path / "src")).save("model_final", iteration=99)
+    weights = str(tmp_path / "src" / "model_final.pth")
+    five = cfg("MODEL.RETINANET.NUM_CLASSES", "5", "MODEL.WEIGHTS", weights)
+    trainer = Trainer(five)
+
+    logs = {}
+    for name, load in (("ours", lambda: trainer.resume_or_load(resume=False)),
+                       ("stock", lambda: Stock(stock_model).load(weights, checkpointables=[]))):
+        stock_model = Trainer.build_model(five)
+        handler = _Records()
+        logging.getLogger("fvcore").addHandler(handler)
+        try:
+            load()
+        finally:
+            logging.getLogger("fvcore").removeHandler(handler)
+        logs[name] = handler.lines
+    skipped = [line for line in logs["ours"] if line.startswith("Skip loading parameter")]
+    assert [line.split("'")[1] for line in skipped] == ["head.cls_score.weight", "head.cls_score.bias"]
+    assert "(18, 16, 3, 3) in the checkpoint but (30, 16, 3, 3) in the model" in skipped[0]
+    assert logs["ours"] == logs["stock"]
+    ours = trainer.model.state_dict()
+    for k, v in stock_model.state_dict().items():
+        if not k.startswith("head.cls_score"):
+            torch.testing.assert_close(ours[k], source.state_dict()[k])
+            torch.testing.assert_close(ours[k], v)
+    assert trainer.start_iter == 0
+    trainer.train()
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+    assert trainer.model.head.cls_score.out_channels == 30

@@ -7,14 +7,16 @@
   without annotations (dropped from training while ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is
   True).
 * :func:`install_dataset_checks`: wraps the ``DatasetCatalog`` functions of the given names
-  (embedded, built-in or user-registered) so that every ``DatasetCatalog.get`` runs the check.
-  Idempotent. Called at start-up (``ap_loss_d2.engine.validation``) for the configured datasets.
+  (embedded, built-in or user-registered) so that every ``DatasetCatalog.get`` runs the check,
+  and an annotation file that is not valid JSON (truncated, corrupt) raises ``ValueError``
+  naming the dataset and the file. Idempotent. Called at start-up (``ap_loss_d2.engine.validation``) for the configured datasets.
 * :class:`NamingReadErrors`: wraps any dataset mapper; an image that fails to decode
   (truncated JPEG, not an image, missing) raises ``OSError`` naming its file.
 * :func:`hint_filter_empty`: turns Detectron2's "No valid data found in X" into a message that
   names ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``.
 """
 import contextlib
+import json
 import logging
 from typing import Iterable, List
 
@@ -101,7 +103,7 @@ def check_dataset_dicts(dicts: List[dict], name: str) -> List[dict]:
 def install_dataset_checks(names: Iterable[str]) -> None:
     """Make ``DatasetCatalog.get(name)`` run :func:`check_dataset_dicts` for each of ``names``
     (registered names only; already wrapped ones are left alone)."""
-    from detectron2.data import DatasetCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
 
     for name in names:
         if name not in DatasetCatalog:
@@ -111,7 +113,15 @@ def install_dataset_checks(names: Iterable[str]) -> None:
             continue
 
         def checked(func=func, name=name):
-            return check_dataset_dicts(func(), name)
+            try:
+                dicts = func()
+            except json.JSONDecodeError as e:
+                source = MetadataCatalog.get(name).get("json_file", None) or "its annotation file"
+                raise ValueError(
+                    f"dataset {name!r}: {source} is not valid JSON ({e}); the file is truncated "
+                    "or corrupt. Restore it (download or copy it again)."
+                ) from e
+            return check_dataset_dicts(dicts, name)
 
         checked._ap_loss_d2_checked = True
         DatasetCatalog.remove(name)

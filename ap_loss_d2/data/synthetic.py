@@ -506,7 +506,13 @@ def load_validated_coco_json(
 
     json_file, image_root = str(json_file), str(image_root)
     with open(json_file) as f:
-        raw = json.load(f)
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{json_file} is not valid JSON ({e}); the file is truncated or corrupt. Restore "
+                "it (an embedded synth_shapes set is generated again once its folder is deleted)."
+            ) from None
     cat_ids = {c["id"] for c in raw.get("categories", [])}
     images = {img["id"]: img for img in raw.get("images", [])}
     for img in images.values():

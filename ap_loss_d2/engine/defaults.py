@@ -1,20 +1,23 @@
 """Training with yacs (``.yaml``) configs: config set-up with validation, and the Trainer."""
+import logging
 import weakref
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_ap_loss_config
 from ..data import AUGMENTATIONS, build_train_mapper
 from ..data.checks import NamingReadErrors, hint_filter_empty
 from ..evaluation import build_evaluator
 from ..losses.registry import build_cls_loss
-from .checkpoint import SafeDetectionCheckpointer, keep_config_lr
+from .checkpoint import SafeDetectionCheckpointer
 from .divergence import NonFiniteGuard
-from .launch import cpu_ddp_in_default_trainer
+from .launch import create_ddp_model_for
 from .validation import check_startup
 
 __all__ = ["Trainer", "check_cls_loss_is_read", "get_ap_loss_cfg", "setup_cfg", "validate_cfg"]
@@ -96,25 +99,34 @@ class Trainer(NonFiniteGuard, DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection, training mapper
     (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``) and checkpointer
     (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading); NaN/Inf stops with
-    :class:`~.divergence.NonFiniteGuard`'s message. Trains in several CPU processes too (DistributedDataParallel without ``device_ids``, see ``.launch``)."""
+    :class:`~.divergence.NonFiniteGuard`'s message. Trains in several CPU processes too: the model
+    is wrapped by :meth:`wrap_model` (``DistributedDataParallel`` without ``device_ids`` on CPU)."""
 
     def __init__(self, cfg):
-        with cpu_ddp_in_default_trainer(cfg.MODEL.DEVICE):
-            super().__init__(cfg)
+        # DefaultTrainer.__init__, with the model wrapped by wrap_model and the checkpointer
+        # SafeDetectionCheckpointer
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.wrap_model(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
-    def build_hooks(self):
-        # atomic checkpoint writes and weights-only loading (see .checkpoint), used by resume,
-        # MODEL.WEIGHTS and the periodic checkpointer hook built below
-        self.checkpointer = SafeDetectionCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        return super().build_hooks()
+    @classmethod
+    def wrap_model(cls, model):
+        """``DistributedDataParallel`` for several processes (as ``DefaultTrainer``), without
+        ``device_ids`` for a model on CPU."""
+        return create_ddp_model_for(model, broadcast_buffers=False)
 
-    def resume_or_load(self, resume=True):
-        base_lrs = list(self.scheduler.base_lrs)  # from the config
-        super().resume_or_load(resume=resume)
-        if resume and self.start_iter > 0:  # a lower SOLVER.BASE_LR after a divergence applies
-            keep_config_lr(self.optimizer, self.scheduler, base_lrs)
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)

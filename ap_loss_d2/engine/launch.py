@@ -4,9 +4,8 @@ Detectron2 v0.6's ``launch`` requires CUDA for more than one process ("cuda is n
 available"), and Detectron2's ``create_ddp_model`` passes ``device_ids=[local rank]``, which
 ``DistributedDataParallel`` rejects for CPU modules. :func:`launch` starts CPU processes with
 the Gloo backend when CUDA is unavailable, and :func:`create_ddp_model_for` wraps CPU models
-without ``device_ids``; on CUDA machines both defer to Detectron2.
+without ``device_ids``; on CUDA machines both are Detectron2's own.
 """
-import contextlib
 import logging
 import socket
 from datetime import timedelta
@@ -16,11 +15,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detectron2.engine import create_ddp_model
-from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
-__all__ = ["create_ddp_model_for", "cpu_ddp_in_default_trainer", "launch"]
+__all__ = ["create_ddp_model_for", "launch"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -42,12 +40,13 @@ def launch(
 ):
     """Run ``main_func(*args)`` in ``num_machines * num_gpus_per_machine`` processes.
 
-    Same arguments as Detectron2's ``launch``. With CUDA (or a single process) this is
-    Detectron2's ``launch``. Without CUDA, ``num_gpus_per_machine`` CPU processes per machine
-    are started with the Gloo backend (``dist_url="auto"`` picks a free local port).
+    Same arguments as Detectron2's ``launch``. With CUDA, or for at most one process (``--num-gpus
+    0`` or 1 on one machine: ``main_func`` runs in this process), this is Detectron2's ``launch``.
+    Without CUDA, ``num_gpus_per_machine`` CPU processes per machine are started with the Gloo
+    backend (``dist_url="auto"`` picks a free local port).
     """
     world_size = num_machines * num_gpus_per_machine
-    if world_size == 1 or torch.cuda.is_available():
+    if world_size <= 1 or torch.cuda.is_available():
         return d2_launch(
             main_func,
             num_gpus_per_machine,
@@ -55,6 +54,7 @@ def launch(
             machine_rank=machine_rank,
             dist_url=dist_url,
             args=args,
+            timeout=timeout,
         )
     if not dist.is_available() or not dist.is_gloo_available():
         raise RuntimeError(
@@ -89,29 +89,8 @@ def _cpu_worker(local_rank, main_func, world_size, per_machine, machine_rank, di
     main_func(*args)
 
 
-def _on_cpu(model):
-    return all(p.device.type == "cpu" for p in model.parameters())
-
-
 def create_ddp_model_for(model, **kwargs):
     """Detectron2's ``create_ddp_model``, without ``device_ids`` for a model on CPU."""
-    if _on_cpu(model) and comm.get_world_size() > 1:
+    if comm.get_world_size() > 1 and all(p.device.type == "cpu" for p in model.parameters()):
         kwargs.setdefault("device_ids", None)
     return create_ddp_model(model, **kwargs)
-
-
-@contextlib.contextmanager
-def cpu_ddp_in_default_trainer(device):
-    """While constructing Detectron2's ``DefaultTrainer`` for a CPU model in several
-    processes, make its ``create_ddp_model(model, broadcast_buffers=False)`` call use
-    :func:`create_ddp_model_for` (no ``device_ids``). A no-op on GPUs, for one process, or if
-    Detectron2 no longer calls ``create_ddp_model`` from ``detectron2.engine.defaults``."""
-    original = getattr(d2_defaults, "create_ddp_model", None)
-    if str(device).split(":")[0] != "cpu" or comm.get_world_size() == 1 or original is not create_ddp_model:
-        yield
-        return
-    d2_defaults.create_ddp_model = create_ddp_model_for
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = original

@@ -85,10 +85,12 @@ def do_test_lazy(cfg, model):
 
 class _GuardedSimpleTrainer(NonFiniteGuard, SimpleTrainer):
     lr_key = "optimizer.lr"
+    weights_option = "train.init_checkpoint={}"
 
 
 class _GuardedAMPTrainer(NonFiniteGuard, AMPTrainer):
     lr_key = "optimizer.lr"
+    weights_option = "train.init_checkpoint={}"
 
 
 def verify_lazy_results(cfg, results):

@@ -13,7 +13,8 @@ several test sets) of ``--eval-only`` and of the evaluation that ends a training
 in the same process (``ap_loss_d2.studies.main_job``) needs no ``metrics.json``.
 
 ``--num-gpus N`` starts N processes: on GPUs with NCCL (Detectron2's launcher), and on a machine
-without CUDA N CPU processes with Gloo (:mod:`.launch`; use MODEL.DEVICE cpu / train.device=cpu).
+without CUDA N CPU processes with Gloo (:mod:`.launch`; use MODEL.DEVICE cpu / train.device=cpu);
+``--num-gpus 0`` or 1 trains in this process, as Detectron2 does.
 """
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
