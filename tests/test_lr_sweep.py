@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ap_loss_d2.studies import lr_sweep
+from ap_loss_d2.studies.common import cls_loss_label as L
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = "tests/configs/tiny_synth_retinanet.yaml"
@@ -49,7 +50,7 @@ def fake_train(tmp_path, monkeypatch):
 def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
     out = tmp_path / "sweep"
     expected = tmp_path / "expected.json"
-    argv = ["--config", TINY_YAML, "--output-dir", str(out), "--losses", "ap", "focal",
+    argv = ["--config-file", TINY_YAML, "--output-dir", str(out), "--losses", "ap", "focal",
             "--lrs", "0.01", "0.05", "5", "--seeds", "0", "1", "2", "--num-parallel", "3",
             "--expected-results", str(expected), "SOLVER.MAX_ITER", "10"]
     report = lr_sweep.main(argv)
@@ -63,9 +64,9 @@ def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
     # best LR: the highest mean AP among LRs where no seed diverged (5 "diverged")
     assert report["best"]["ap"]["lr"] == 0.05 and report["best"]["focal"]["lr"] == 0.05
     md = (out / "lr_sweep.md").read_text()
-    assert "| AP-Loss | **0.05** | 3/3 | **46.0 [45.0, 47.0]**" in md
+    assert f"| {L('ap')} | **0.05** | 3/3 | **46.0 [45.0, 47.0]**" in md
     assert "seed 0 at it. 7" in md
-    assert "| AP-Loss, best LR 0.05 | 46.0 [45.0, 47.0] | 66.0 [65.0, 67.0] | 51.0 [50.0, 52.0] |" in md
+    assert f"| {L('ap')}, best LR 0.05 | 46.0 [45.0, 47.0] | 66.0 [65.0, 67.0] | 51.0 [50.0, 52.0] |" in md
     assert (out / "lr_sweep.png").is_file()
     saved = json.loads((out / "lr_sweep.json").read_text())
     assert saved["best"]["focal"]["AP"]["mean"] == pytest.approx(36.0)
@@ -112,7 +113,7 @@ def test_bad_arguments():
 def test_tiny_real_sweep(tmp_path, synth_dataset_dir):
     """train_net.py for real: 6 iterations on CPU; LR 1e5 diverges and is recorded as such."""
     out = tmp_path / "sweep"
-    report = lr_sweep.main(["--config", TINY_YAML, "--output-dir", str(out), "--losses", "ap",
+    report = lr_sweep.main(["--config-file", TINY_YAML, "--output-dir", str(out), "--losses", "ap",
                             "--lrs", "0.01", "1e5", "--seeds", "0", "--num-parallel", "2",
                             "SOLVER.MAX_ITER", "6", "MODEL.DEVICE", "cpu",
                             "DATASETS.TEST", "('synth_shapes_val',)"])
@@ -150,7 +151,20 @@ def test_main_job_prints_the_sweeps_spread(tmp_path):
     assert "best LR 0.01, not at this run's 0.02" in lines[0]
     lines = mj.expected_spread(mj.CONFIG, ["MODEL.CLS_LOSS.NAME", "focal", "SOLVER.BASE_LR", "0.01"],
                                {"AP": 5.0}, path)
-    assert "OUTSIDE" in lines[1]
+    assert lines[1] == ("[main_job] this run's AP 5.0 is 13.6 below the sweep's range [18.6, 21.0] "
+                        "of 3 seeds")
+    # fresh make-main runs widen the range to expect
+    data["fresh_runs"] = {"AP": [17.0, 25.0], "how": "fresh clones"}
+    path.write_text(json.dumps(data))
+    focal = ["MODEL.CLS_LOSS.NAME", "focal", "SOLVER.BASE_LR", "0.01"]
+    lines = mj.expected_spread(mj.CONFIG, focal, {"AP": 22.0}, path)
+    assert lines[1].startswith("[main_job] this run's AP 22.0 is 1.0 above the sweep's range "
+                               "[18.6, 21.0] of 3 seeds; seeds understate the run-to-run spread: "
+                               "it is inside the spread to expect [17.0, 25.0]")
+    assert "2 fresh runs (fresh clones: AP 17.0, 25.0)" in lines[1]
+    lines = mj.expected_spread(mj.CONFIG, focal, {"AP": 30.0}, path)
+    assert "is 9.0 above the sweep's range [18.6, 21.0] of 3 seeds and 5.0 above the spread" in lines[1]
+    assert all("OUTSIDE" not in line for line in lines)
     # a different setting (another override) has no measurement
     assert mj.expected_spread(mj.CONFIG, ["SOLVER.MAX_ITER", "10"], {"AP": 1.0}, path) == []
     assert mj.expected_spread(mj.CONFIG, [], None, tmp_path / "missing.json") == []

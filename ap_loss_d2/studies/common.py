@@ -494,8 +494,9 @@ class StudyArgumentParser(argparse.ArgumentParser):
         argv = list(sys.argv[1:] if args is None else args)
         head, tail = self._split_overrides(argv)
         namespace, extras = super().parse_known_args(head, namespace)
-        namespace.opts = list(namespace.opts or []) + tail
-        if len(namespace.opts) % 2:
+        extras += namespace.opts or []  # before the first config key: not an override
+        namespace.opts = tail
+        if len(tail) % 2:
             self.error(f"config overrides must be KEY VALUE pairs, got {namespace.opts}")
         return namespace, extras
 
@@ -517,14 +518,15 @@ def study_argument_parser(study: str, description: str, *, config: Optional[str]
                           num_gpus: bool = False, runs: Optional[str] = None, opts: bool = True):
     """The argument parser of every study command (``python -m ap_loss_d2.studies.<study>``).
 
-    Every command gets ``--output-dir`` (default ``output/<study>``); ``config``: a
+    Options are spelled out in full (no abbreviations). Every command gets ``--output-dir``
+    (default ``output/<study>``); ``config``: a
     ``--config-file`` whose help names that default; ``num_gpus``: ``--num-gpus``, processes per
     launched training run; ``runs``: the checkpoint studies' ``--run`` (repeatable, ``runs`` is its
     form, e.g. :data:`RUN_SPEC`), ``--dataset``, ``--device`` (read by :func:`prepare_runs`); ``opts``: trailing ``KEY VALUE``
     config overrides, after any option or after ``--`` (:class:`StudyArgumentParser`).
     """
     p = StudyArgumentParser(prog=f"python -m ap_loss_d2.studies.{study}", description=description,
-                            formatter_class=_HelpFormatter)
+                            formatter_class=_HelpFormatter, allow_abbrev=False)
     p.add_argument("--output-dir", default=f"output/{study}", help="folder of the outputs")
     if config is not None:
         p.add_argument("--config-file", default=None, metavar="FILE",

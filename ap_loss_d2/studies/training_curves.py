@@ -40,7 +40,7 @@ from .common import (
     write_json,
 )
 
-__all__ = ["checkpoint_iteration", "evaluate_checkpoint", "list_checkpoints", "main"]
+__all__ = ["checkpoint_iteration", "evaluate_checkpoint", "list_checkpoints", "main", "parse_args"]
 
 STUDY = "training_curves"
 METRICS = ("AP", "AP50", "AP75")
@@ -145,13 +145,17 @@ def _config_hash(cfg):
     return hashlib.sha1(c.dump().encode()).hexdigest()[:16]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = study_argument_parser(STUDY, __doc__, config="each run's config.yaml",
                               runs="RUN_DIR[:LABEL]")
     p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
     p.add_argument("--group", action="store_true",
                    help="runs with the same LABEL are seeds of one setting: mean and [min, max]")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     import ap_loss_d2.data  # noqa: F401  (registers the embedded and VOC sets)
 

@@ -31,7 +31,7 @@ from .common import (
     write_json,
 )
 
-__all__ = ["detect", "main"]
+__all__ = ["detect", "main", "parse_args"]
 
 STUDY = "visualize"
 
@@ -81,11 +81,15 @@ def _figure(rows, labels, titles_per_row, path):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = study_argument_parser(STUDY, __doc__, runs=RUN_SPEC)
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--score-thresh", type=float, default=0.3)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         import cv2  # noqa: F401  (Detectron2's Visualizer needs OpenCV)
     except ImportError:
