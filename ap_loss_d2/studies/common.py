@@ -211,15 +211,9 @@ def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] =
 def cls_loss_label(name: str) -> str:
     """The registry's label of the loss ``name`` (``MODEL.CLS_LOSS.NAME``), ``name`` itself when
     no loss of that name is registered."""
-    return _REGISTRY_LABELS.get(name, name)
+    from ..losses import registry
 
-
-_REGISTRY_LABELS = {
-    "ap": "AP-loss", "auc": "AUC-loss", "focal": "Focal loss", "ce_ohem": "CE-loss + OHEM",
-    "ce": "CE-loss", "ap_approx": "AP-loss (approx. gradient)",
-    "ap_hinge": "AP-loss (structured hinge)", "ap_ohem": "OHEM + AP-loss",
-    "ap_random": "Random sampling + AP-loss", "ghm": "GHM-C loss", "dr": "DR loss",
-}
+    return registry.cls_loss_label(name) if name in registry.cls_loss_names() else name
 
 
 def loss_label(cfg) -> str:

@@ -80,7 +80,7 @@ REPORT = "roi_sampling_study"
 
 
 def build_parser():
-    from ap_loss_d2.losses import cls_loss_names
+    from ap_loss_d2.losses.registry import cls_loss_names
 
     parser = study_argument_parser(
         "roi_sampling",
