@@ -27,6 +27,10 @@ FAKE = textwrap.dedent('''
     loss, lr, seed = opts["MODEL.CLS_LOSS.NAME"], float(opts["SOLVER.BASE_LR"]), int(opts["SEED"])
     if loss == "broken":
         print("FileNotFoundError: no dataset"); sys.exit(2)
+    if loss == "empty":  # trains, detects nothing: COCOEvaluator logs NaN
+        (out / "metrics.json").write_text(json.dumps({"iteration": 9, "bbox/AP": float("nan"),
+                                                      "bbox/AP50": float("nan"), "bbox/AP75": float("nan")}))
+        sys.exit(0)
     if lr > 1:
         (out / "last_checkpoint").write_text("model_0000004.pth")
         print("FloatingPointError: Training stopped at iteration 7: NaN or Inf in the model's outputs")
@@ -56,6 +60,7 @@ def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
     report = lr_sweep.main(argv)
     calls = (out / "calls.txt").read_text().splitlines()
     assert len(calls) == 18 and all("SOLVER.MAX_ITER 10" in c for c in calls)
+    assert all("MODEL.CLS_LOSS.DIAGNOSTICS True" in c for c in calls)  # cls_loss/time for cost
     t = report["table"]
     # AP = base + 100 lr + seed over seeds 0, 1, 2: mean base + 100 lr + 1, range +-1
     assert t["ap"]["0.05"]["AP"] == {"mean": pytest.approx(46.0), "min": 45.0, "max": 47.0}
@@ -85,17 +90,22 @@ def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
 @pytest.mark.slow  # launches (fake) training processes
 def test_failed_runs_are_retried_and_interrupted_runs_resume(tmp_path, fake_train):
     out = tmp_path / "sweep"
-    argv = ["--output-dir", str(out), "--losses", "broken", "ap", "--lrs", "0.01", "--seeds", "0"]
+    argv = ["--output-dir", str(out), "--losses", "broken", "ap", "empty", "--lrs", "0.01",
+            "--seeds", "0"]
     report = lr_sweep.main(argv)
     status = {r["settings"]["loss"]: r["status"] for r in report["runs"]}
-    assert status == {"broken": "failed", "ap": "ok"}
+    assert status == {"broken": "failed", "ap": "ok", "empty": "failed"}
     assert "no dataset" in report["runs"][0]["log_tail"]
+    assert report["runs"][2]["reason"] == "no detections: AP, AP50, AP75 are NaN or missing"
+    assert "empty" not in report["best"]  # never the best
+    md = (out / "lr_sweep.md").read_text()
+    assert "| empty | 0.01 | 0/1 | - | - | - | - (failed: seeds [0]) |" in md
     # an interrupted run (checkpoint, no result) resumes
     (out / "ap_lr0.01_seed0" / "sweep_run.json").unlink()
     (out / "ap_lr0.01_seed0" / "last_checkpoint").write_text("model_0000004.pth")
     lr_sweep.main(argv)
     calls = (out / "calls.txt").read_text().splitlines()
-    assert len(calls) == 4  # broken twice (retried), ap twice
+    assert len(calls) == 5  # broken twice (retried), ap twice, empty once (kept as failed)
     assert "--resume" in calls[-1] or "--resume" in calls[-2]
 
 
