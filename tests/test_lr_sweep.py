@@ -180,10 +180,10 @@ def test_main_job_prints_the_sweeps_spread(tmp_path):
     assert mj.expected_spread(mj.CONFIG, [], None, tmp_path / "missing.json") == []
 
 
-def test_committed_expected_results_match_the_readme_and_the_main_job():
+def test_committed_expected_results_match_the_docs_and_the_main_job():
     """configs/quick/expected_results.json (written by the README's sweep command) measures the
-    main job's own loss and LR, `make main` prints it, and the README's best-LR table shows
-    its numbers."""
+    main job's own loss and LR, `make main` prints it, the README's best-LR table and
+    docs/paper.md's full grid show its numbers, and the README quotes its fresh runs."""
     pytest.importorskip("detectron2")
     mj = _main_job()
     data = json.loads(mj.EXPECTED.read_text())
@@ -195,10 +195,15 @@ def test_committed_expected_results_match_the_readme_and_the_main_job():
     assert ap["lr"] == cfg.SOLVER.BASE_LR  # the main job runs at AP-loss's best LR
     lines = mj.expected_spread(mj.CONFIG, [], None)
     assert len(lines) == 1 and f"AP {ap['AP']['mean']:.1f} [{ap['AP']['min']:.1f}, {ap['AP']['max']:.1f}]" in lines[0]
+    fmt = lambda s: f"{s['mean']:.1f} [{s['min']:.1f}, {s['max']:.1f}]"  # noqa: E731
     readme = (REPO / "README.md").read_text()
+    row = " | ".join(f"**{fmt(ap[m])}**".replace(" [", "** [").replace("]**", "]") for m in ("AP", "AP50", "AP75"))
+    assert f"| RetinaNet R18-FPN + **AP-loss** (main job) | {ap['lr']:g} | {row} |" in readme
+    fresh = data["fresh_runs"]["AP"]
+    assert ("gave AP " + ", ".join(f"{v:.1f}" for v in fresh[:-1]) + f"\nand {fresh[-1]:.1f}") in readme
+    paper = (REPO / "docs" / "paper.md").read_text()
     for loss, label in (("ap", "AP-loss"), ("focal", "focal")):
         e = data["losses"][loss]
-        cell = " | ".join(f"{e[m]['mean']:.1f} [{e[m]['min']:.1f}, {e[m]['max']:.1f}]" for m in ("AP", "AP50", "AP75"))
-        cell = cell.replace(f"{e['AP']['mean']:.1f} [{e['AP']['min']:.1f}, {e['AP']['max']:.1f}]",
-                            f"**{e['AP']['mean']:.1f} [{e['AP']['min']:.1f}, {e['AP']['max']:.1f}]**", 1)
-        assert f"| {label} | **{e['lr']:g}** | {cell} |" in readme
+        cell = " | ".join(fmt(e[m]) for m in ("AP", "AP50", "AP75"))
+        cell = cell.replace(fmt(e["AP"]), f"**{fmt(e['AP'])}**", 1)
+        assert f"| {label} | **{e['lr']:g}** | {cell} |" in paper
