@@ -45,6 +45,7 @@ __all__ = [
     "load_cfg",
     "loss_label",
     "markdown_table",
+    "not_finite",
     "parse_run_spec",
     "progress",
     "pyplot",
@@ -427,6 +428,13 @@ def read_metrics_json(path) -> Tuple[List[dict], int]:
             else:
                 skipped += 1
     return entries, skipped
+
+
+def not_finite(values: dict, keys: Sequence[str]) -> List[str]:
+    """The ``keys`` whose value in ``values`` is missing, not a number, NaN or infinite (an
+    evaluation of a model that detects nothing logs AP NaN)."""
+    return [k for k in keys if not isinstance(values.get(k), (int, float))
+            or not math.isfinite(values[k])]
 
 
 def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> dict:

@@ -51,6 +51,7 @@ from .common import (
     fmt_num,
     last_bbox_metrics,
     markdown_table,
+    not_finite,
     progress,
     study_argument_parser,
     timestamp,
@@ -160,8 +161,7 @@ def run_status(returncode: int, log: str, metrics: dict) -> dict:
         return {"status": "diverged", "diverged_at": diverged_at}
     if returncode != 0:
         return {"status": "failed", "log_tail": "\n".join(log.splitlines()[-15:])}
-    bad = [m for m in METRICS if not isinstance(metrics.get(m), (int, float))
-           or not math.isfinite(metrics[m])]
+    bad = not_finite(metrics, METRICS)
     if bad:
         return {"status": "failed",
                 "reason": f"no detections: {', '.join(bad)} "
@@ -177,8 +177,7 @@ def _stats(values: List[float]) -> dict:
 
 def _is_ok(record: dict) -> bool:
     """Status ok with finite AP / AP50 / AP75 (a record read back from JSON has NaN as null)."""
-    return record["status"] == "ok" and all(
-        isinstance(record.get(m), (int, float)) and math.isfinite(record[m]) for m in METRICS)
+    return record["status"] == "ok" and not not_finite(record, METRICS)
 
 
 def summarize(records: List[dict], losses, lrs) -> dict:

@@ -19,7 +19,6 @@ The page has Table 2 (AP / AP50 / AP75 per loss and detector + dataset), a per-r
 table, then each study's table with its pictures (links relative to the report's folder).
 """
 import json
-import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +29,7 @@ from .common import (
     fmt_num,
     last_bbox_metrics,
     markdown_table,
+    not_finite,
     progress,
     study_argument_parser,
     timestamp,
@@ -83,8 +83,7 @@ def run_status(values: dict) -> str:
     evaluation with NaN AP: no detections)."""
     if not any(m in values for m in METRICS):
         return "no evaluation"
-    bad = [m for m in METRICS if not isinstance(values.get(m), (int, float))
-           or not math.isfinite(values[m])]
+    bad = not_finite(values, METRICS)
     if bad:
         return f"failed: no detections ({', '.join(bad)} NaN or missing)"
     return "ok"

@@ -17,7 +17,6 @@ run's label) and ``visualize.png`` (every row: one row per image), plus ``visual
 import copy
 from pathlib import Path
 
-import numpy as np
 
 from .common import (
     RUN_SPEC,
