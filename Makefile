@@ -12,7 +12,7 @@ main: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# pure-tensor, config and model-step tests: no training run, no launched process (README, Tests)
+# pure-tensor, config and model-step tests: no training run, no launched process (docs/development.md)
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
@@ -22,7 +22,7 @@ env: setup
 benchmark: setup
 	$(PY) -m ap_loss_d2.benchmark
 
-# Compatibility check against a Detectron2 source tree (README, Development):
+# Compatibility check against a Detectron2 source tree (docs/development.md):
 #   make check-d2-source D2_SOURCE=/path/to/detectron2 [D2_VENV=/tmp/venv-d2]
 D2_VENV ?= /tmp/ap_loss_d2-d2src-venv
 check-d2-source:

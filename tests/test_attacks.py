@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.evaluation import build_evaluator  # noqa: E402
 from ap_loss_d2.studies import attacks as A  # noqa: E402
+from ap_loss_d2.studies import perturbations as pt  # noqa: E402
 from ap_loss_d2.studies import robustness as rb  # noqa: E402
 from ap_loss_d2.studies.common import build_model_for_run, load_cfg, save_checkpoint  # noqa: E402
 
@@ -109,7 +110,7 @@ def _image(h=60, w=80, seed=0):
 def test_adversarial_patch_is_pasted_exactly_into_center_patch_region():
     img = _image()
     boxes = np.array([[10, 20, 30, 60], [40, 4, 76, 24], [70, 50, 95, 70]], dtype=np.float64)
-    regions = [rb.center_patch_region(b, 60, 80) for b in boxes]
+    regions = [pt.center_patch_region(b, 60, 80) for b in boxes]
     assert regions == [(15, 30, 25, 50), (49, 9, 67, 19), (76, 55, 80, 60)]  # last one clipped
     # a constant patch resizes to the same constant: the regions hold exactly it
     flat = A.AdversarialPatch(np.full((8, 8, 3), (200, 0, 17), np.uint8))

@@ -346,6 +346,66 @@ def check_world(*opts, world_size):
 _L = torch.zeros(2, 5)
 _T = torch.tensor([[1, 0, 0, 0, 0], [0, 0, 1, 0, 0]])
 
+# ------------------------------------------------------------------ study commands (issue 21)
+
+
+def _study(name):
+    import importlib
+
+    return importlib.import_module(f"ap_loss_d2.studies.{name}")
+
+
+def study_args(name, *argv, parser="parse_args", field="opts"):
+    """Parse ``argv`` with a study's parser; the text is ``repr`` of ``args.<field>``, or
+    argparse's error after ``SystemExit:``."""
+    def call(tmp):
+        import contextlib
+        import io
+
+        module = _study(name)
+        parse = module.build_parser().parse_args if parser == "build_parser" else module.parse_args
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return repr(getattr(parse(list(argv)), field))
+        except SystemExit:
+            return "SystemExit: " + err.getvalue()
+    return call
+
+
+def _metrics_run(tmp, ap):
+    d = tmp / "run"
+    d.mkdir()
+    (d / "config.yaml").write_text("MODEL:\n  CLS_LOSS:\n    NAME: ap\n")
+    rows = [{"iteration": 9, "time": 0.5, "cls_loss/num_neg_nontrivial": 100, "cls_loss/num_pos": 3},
+            {"iteration": 9, "bbox/AP": ap, "bbox/AP50": ap, "bbox/AP75": ap}]
+    (d / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+def report_status_of_nan_ap(tmp):
+    return _study("report").collect_run(_metrics_run(tmp, float("nan")))[0]["status"]
+
+
+def cost_figure_of_one_point(tmp):
+    cost = _study("cost")
+    run = cost.analyse_run(_metrics_run(tmp, 1.0) / "metrics.json", "x")
+    ax = cost.training_figure([run]).axes[1]
+    return f"{ax.get_ylabel()}; markers={[line.get_marker() for line in ax.get_lines()]}"
+
+
+def score_distribution_legends(tmp):
+    pairs = {"iou": np.array([0.0, 0.6]), "score": np.array([0.1, 0.9]), "match_label": np.array([0, 1])}
+    summary = {"bins": [{"mean_score": 0.5}] * 10,
+               "high_score_low_iou": {"score_at_least": 0.5, "iou_below": 0.4, "count": 0}}
+    fig = _study("score_distribution").combined_figure([("a", pairs, summary), ("b", pairs, summary)], 0.5)
+    return f"legends={[ax.get_legend() is not None for ax in fig.axes]}"
+
+
+def main_job_verdict(ap):
+    return lambda tmp: _study("main_job").expected_spread(_study("main_job").CONFIG, [], {"AP": ap})[1]
+
+
 def _resumed(reason):
     return r"latest checkpoint cannot be used \(\S*model_0000009\.pth" + reason + r".*\); resuming from \S*model_0000004\.pth.*result=4"
 
@@ -415,6 +475,21 @@ ROWS = [
     ("truncated-json-builtin-coco", truncated_json_builtin_coco, r"ValueError: dataset 'coco_2017_val': datasets/coco/annotations/instances_val2017\.json is not valid JSON"),
     # --- launching
     ("num-gpus-0-runs-one-process", launch_num_gpus_0, r"^ran in this process$"),
+    # --- study commands
+    ("study-overrides-after-multi-value-option", study_args("lr_sweep", "--seeds", "0", "SOLVER.MAX_ITER", "10"), r"^\['SOLVER\.MAX_ITER', '10'\]$"),
+    ("study-overrides-after-double-dash", study_args("lr_sweep", "--seeds", "0", "1", "--", "SOLVER.MAX_ITER", "10"), r"^\['SOLVER\.MAX_ITER', '10'\]$"),
+    ("training-curves-default-output-dir", study_args("training_curves", "--run", "x", field="output_dir"), r"^'output/training_curves'$"),
+    ("visualize-default-output-dir", study_args("visualize", "--run", "x", field="output_dir"), r"^'output/visualize'$"),
+    ("lr-sweep-no-detections-is-failed", lambda tmp: repr(_study("lr_sweep").run_status(0, "", {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")})), r"'status': 'failed', 'reason': 'no detections: AP, AP50, AP75 are NaN or missing'"),
+    ("report-no-detections-is-failed", report_status_of_nan_ap, r"^failed: no detections \(AP, AP50, AP75 NaN or missing\)$"),
+    ("cost-plot-entries-and-single-point", cost_figure_of_one_point, r"^anchor × class entries per batch; markers=\['o', 'o'\]$"),
+    ("score-distribution-combined-legend", score_distribution_legends, r"^legends=\[True, True, True\]$"),
+    ("main-job-verdict-above-sweep", main_job_verdict(42.8), r"AP 42\.8 is 0\.1 above the sweep's range \[40\.0, 42\.7\] of 3 seeds; .*inside the spread to expect \[40\.0, 48\.5\]"),
+    ("main-job-verdict-below-everything", main_job_verdict(30.0), r"AP 30\.0 is 10\.0 below the sweep's range \[40\.0, 42\.7\] of 3 seeds and 10\.0 below the spread to expect"),
+    ("lr-sweep-old-config-flag", study_args("lr_sweep", "--config", YAML), r"SystemExit: .*unrecognized arguments: --config "),
+    ("report-old-output-flag", study_args("report", "run", "--output", "r.md"), r"SystemExit: .*unrecognized arguments: --output r\.md"),
+    ("roi-sampling-old-config-flag", study_args("roi_sampling", "--config", YAML, parser="build_parser"), r"SystemExit: .*unrecognized arguments: --config "),
+    ("optimization-old-config-flag", study_args("optimization.cli", "--config", YAML, parser="build_parser"), r"SystemExit: .*unrecognized arguments: --config "),
 ]
 
 # Cases that build a trainer (a few seconds each).

@@ -1,5 +1,5 @@
 """tools/check_detectron2_source.sh and the set-up scripts: what can be checked without building
-an environment (the full check is run by hand, see README "Development")."""
+an environment (the full check is run by hand, see docs/development.md)."""
 import re
 import subprocess
 from pathlib import Path
@@ -24,8 +24,8 @@ def _fallback_pins():
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
-def test_readme_states_the_fallback_pins():
-    install = (REPO / "README.md").read_text().split("## Install", 1)[1].split("\n## ", 1)[0]
+def test_install_doc_states_the_fallback_pins():
+    install = (REPO / "docs" / "install.md").read_text()
     stated = re.findall(r"`([A-Za-z-]+[<>=][^`]*)`", install.split("offline PyPI fallback", 1)[1].split("Force a path", 1)[0])
     assert stated == _fallback_pins()
 

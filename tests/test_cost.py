@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ap_loss_d2.studies import cost
+from ap_loss_d2.studies.common import cls_loss_label as L
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_training_table_equals_inputs(run_dir, tmp_path):
     saved = json.loads((out / "cost.json").read_text())
     assert saved["study"] == "cost"
     run = saved["runs"][0]
-    assert run["label"] == "AP-Loss" and run["skipped_lines"] == 1
+    assert run["label"] == L("ap") and run["skipped_lines"] == 1
     assert run == json.loads(json.dumps(report["runs"][0]))
     s = run["series"]
     assert s["cls_loss/time"] == {"iterations": [19, 39, 59], "values": [0.5, 0.3125, 0.25]}
@@ -55,12 +56,12 @@ def test_training_table_equals_inputs(run_dir, tmp_path):
     assert run["loss_share_of_iteration"] == pytest.approx(
         ((0.5 + 0.3125 + 0.25) / 3) / ((1.25 + 0.875 + 0.75) / 3))
     md = (out / "cost.md").read_text()
-    assert ("| AP-Loss | cls_loss/time | 3 | 19-59 | 0.5000 | 0.2500 | 0.3542 | 0.2500 | "
+    assert (f"| {L('ap')} | cls_loss/time | 3 | 19-59 | 0.5000 | 0.2500 | 0.3542 | 0.2500 | "
             "0.5000 |") in md
-    assert "| AP-Loss | time | 3 | 19-59 | 1.2500 | 0.7500 | 0.9583 | 0.7500 | 1.2500 |" in md
-    assert ("| AP-Loss | cls_loss/num_neg_nontrivial | 3 | 19-59 | 48000 | 12000 | 26666.7 | "
+    assert f"| {L('ap')} | time | 3 | 19-59 | 1.2500 | 0.7500 | 0.9583 | 0.7500 | 1.2500 |" in md
+    assert (f"| {L('ap')} | cls_loss/num_neg_nontrivial | 3 | 19-59 | 48000 | 12000 | 26666.7 | "
             "12000 | 48000 |") in md
-    assert "| AP-Loss | cls_loss/num_pos | 3 | 19-59 | 310 | 340 | 326.7 | 310 | 340 |" in md
+    assert f"| {L('ap')} | cls_loss/num_pos | 3 | 19-59 | 310 | 340 | 326.7 | 310 | 340 |" in md
     assert (out / "cost_training.png").stat().st_size > 0
     assert saved["figures"] == ["cost_training.png"]
     # training measurements are labelled as such, with the 20-iteration window median

@@ -1,6 +1,6 @@
 """The parameter update under DistributedDataParallel equals the single-process update.
 
-Semantics (README, Multi-GPU): the training loss is the mean over ranking sets of each set's
+Semantics (docs/multi_gpu.md): the training loss is the mean over ranking sets of each set's
 AP-loss, so after DDP's average over the processes the parameter gradient must equal the mean,
 over the ranking sets, of the gradient of one process ranking that set's images.
 

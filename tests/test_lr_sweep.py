@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ap_loss_d2.studies import lr_sweep
+from ap_loss_d2.studies.common import cls_loss_label as L
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = "tests/configs/tiny_synth_retinanet.yaml"
@@ -26,6 +27,10 @@ FAKE = textwrap.dedent('''
     loss, lr, seed = opts["MODEL.CLS_LOSS.NAME"], float(opts["SOLVER.BASE_LR"]), int(opts["SEED"])
     if loss == "broken":
         print("FileNotFoundError: no dataset"); sys.exit(2)
+    if loss == "empty":  # trains, detects nothing: COCOEvaluator logs NaN
+        (out / "metrics.json").write_text(json.dumps({"iteration": 9, "bbox/AP": float("nan"),
+                                                      "bbox/AP50": float("nan"), "bbox/AP75": float("nan")}))
+        sys.exit(0)
     if lr > 1:
         (out / "last_checkpoint").write_text("model_0000004.pth")
         print("FloatingPointError: Training stopped at iteration 7: NaN or Inf in the model's outputs")
@@ -49,12 +54,13 @@ def fake_train(tmp_path, monkeypatch):
 def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
     out = tmp_path / "sweep"
     expected = tmp_path / "expected.json"
-    argv = ["--config", TINY_YAML, "--output-dir", str(out), "--losses", "ap", "focal",
+    argv = ["--config-file", TINY_YAML, "--output-dir", str(out), "--losses", "ap", "focal",
             "--lrs", "0.01", "0.05", "5", "--seeds", "0", "1", "2", "--num-parallel", "3",
             "--expected-results", str(expected), "SOLVER.MAX_ITER", "10"]
     report = lr_sweep.main(argv)
     calls = (out / "calls.txt").read_text().splitlines()
     assert len(calls) == 18 and all("SOLVER.MAX_ITER 10" in c for c in calls)
+    assert all("MODEL.CLS_LOSS.DIAGNOSTICS True" in c for c in calls)  # cls_loss/time for cost
     t = report["table"]
     # AP = base + 100 lr + seed over seeds 0, 1, 2: mean base + 100 lr + 1, range +-1
     assert t["ap"]["0.05"]["AP"] == {"mean": pytest.approx(46.0), "min": 45.0, "max": 47.0}
@@ -63,9 +69,9 @@ def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
     # best LR: the highest mean AP among LRs where no seed diverged (5 "diverged")
     assert report["best"]["ap"]["lr"] == 0.05 and report["best"]["focal"]["lr"] == 0.05
     md = (out / "lr_sweep.md").read_text()
-    assert "| AP-Loss | **0.05** | 3/3 | **46.0 [45.0, 47.0]**" in md
+    assert f"| {L('ap')} | **0.05** | 3/3 | **46.0 [45.0, 47.0]**" in md
     assert "seed 0 at it. 7" in md
-    assert "| AP-Loss, best LR 0.05 | 46.0 [45.0, 47.0] | 66.0 [65.0, 67.0] | 51.0 [50.0, 52.0] |" in md
+    assert f"| {L('ap')}, best LR 0.05 | 46.0 [45.0, 47.0] | 66.0 [65.0, 67.0] | 51.0 [50.0, 52.0] |" in md
     assert (out / "lr_sweep.png").is_file()
     saved = json.loads((out / "lr_sweep.json").read_text())
     assert saved["best"]["focal"]["AP"]["mean"] == pytest.approx(36.0)
@@ -84,17 +90,22 @@ def test_sweep_summary_best_lr_and_resume(tmp_path, fake_train):
 @pytest.mark.slow  # launches (fake) training processes
 def test_failed_runs_are_retried_and_interrupted_runs_resume(tmp_path, fake_train):
     out = tmp_path / "sweep"
-    argv = ["--output-dir", str(out), "--losses", "broken", "ap", "--lrs", "0.01", "--seeds", "0"]
+    argv = ["--output-dir", str(out), "--losses", "broken", "ap", "empty", "--lrs", "0.01",
+            "--seeds", "0"]
     report = lr_sweep.main(argv)
     status = {r["settings"]["loss"]: r["status"] for r in report["runs"]}
-    assert status == {"broken": "failed", "ap": "ok"}
+    assert status == {"broken": "failed", "ap": "ok", "empty": "failed"}
     assert "no dataset" in report["runs"][0]["log_tail"]
+    assert report["runs"][2]["reason"] == "no detections: AP, AP50, AP75 are NaN or missing"
+    assert "empty" not in report["best"]  # never the best
+    md = (out / "lr_sweep.md").read_text()
+    assert "| empty | 0.01 | 0/1 | - | - | - | - (failed: seeds [0]) |" in md
     # an interrupted run (checkpoint, no result) resumes
     (out / "ap_lr0.01_seed0" / "sweep_run.json").unlink()
     (out / "ap_lr0.01_seed0" / "last_checkpoint").write_text("model_0000004.pth")
     lr_sweep.main(argv)
     calls = (out / "calls.txt").read_text().splitlines()
-    assert len(calls) == 4  # broken twice (retried), ap twice
+    assert len(calls) == 5  # broken twice (retried), ap twice, empty once (kept as failed)
     assert "--resume" in calls[-1] or "--resume" in calls[-2]
 
 
@@ -112,7 +123,7 @@ def test_bad_arguments():
 def test_tiny_real_sweep(tmp_path, synth_dataset_dir):
     """train_net.py for real: 6 iterations on CPU; LR 1e5 diverges and is recorded as such."""
     out = tmp_path / "sweep"
-    report = lr_sweep.main(["--config", TINY_YAML, "--output-dir", str(out), "--losses", "ap",
+    report = lr_sweep.main(["--config-file", TINY_YAML, "--output-dir", str(out), "--losses", "ap",
                             "--lrs", "0.01", "1e5", "--seeds", "0", "--num-parallel", "2",
                             "SOLVER.MAX_ITER", "6", "MODEL.DEVICE", "cpu",
                             "DATASETS.TEST", "('synth_shapes_val',)"])
@@ -150,16 +161,29 @@ def test_main_job_prints_the_sweeps_spread(tmp_path):
     assert "best LR 0.01, not at this run's 0.02" in lines[0]
     lines = mj.expected_spread(mj.CONFIG, ["MODEL.CLS_LOSS.NAME", "focal", "SOLVER.BASE_LR", "0.01"],
                                {"AP": 5.0}, path)
-    assert "OUTSIDE" in lines[1]
+    assert lines[1] == ("[main_job] this run's AP 5.0 is 13.6 below the sweep's range [18.6, 21.0] "
+                        "of 3 seeds")
+    # fresh make-main runs widen the range to expect
+    data["fresh_runs"] = {"AP": [17.0, 25.0], "how": "fresh clones"}
+    path.write_text(json.dumps(data))
+    focal = ["MODEL.CLS_LOSS.NAME", "focal", "SOLVER.BASE_LR", "0.01"]
+    lines = mj.expected_spread(mj.CONFIG, focal, {"AP": 22.0}, path)
+    assert lines[1].startswith("[main_job] this run's AP 22.0 is 1.0 above the sweep's range "
+                               "[18.6, 21.0] of 3 seeds; seeds understate the run-to-run spread: "
+                               "it is inside the spread to expect [17.0, 25.0]")
+    assert "2 fresh runs (fresh clones: AP 17.0, 25.0)" in lines[1]
+    lines = mj.expected_spread(mj.CONFIG, focal, {"AP": 30.0}, path)
+    assert "is 9.0 above the sweep's range [18.6, 21.0] of 3 seeds and 5.0 above the spread" in lines[1]
+    assert all("OUTSIDE" not in line for line in lines)
     # a different setting (another override) has no measurement
     assert mj.expected_spread(mj.CONFIG, ["SOLVER.MAX_ITER", "10"], {"AP": 1.0}, path) == []
     assert mj.expected_spread(mj.CONFIG, [], None, tmp_path / "missing.json") == []
 
 
-def test_committed_expected_results_match_the_readme_and_the_main_job():
+def test_committed_expected_results_match_the_docs_and_the_main_job():
     """configs/quick/expected_results.json (written by the README's sweep command) measures the
-    main job's own loss and LR, `make main` prints it, and the README's best-LR table shows
-    its numbers."""
+    main job's own loss and LR, `make main` prints it, the README's best-LR table and
+    docs/paper.md's full grid show its numbers, and the README quotes its fresh runs."""
     pytest.importorskip("detectron2")
     mj = _main_job()
     data = json.loads(mj.EXPECTED.read_text())
@@ -171,10 +195,15 @@ def test_committed_expected_results_match_the_readme_and_the_main_job():
     assert ap["lr"] == cfg.SOLVER.BASE_LR  # the main job runs at AP-loss's best LR
     lines = mj.expected_spread(mj.CONFIG, [], None)
     assert len(lines) == 1 and f"AP {ap['AP']['mean']:.1f} [{ap['AP']['min']:.1f}, {ap['AP']['max']:.1f}]" in lines[0]
+    fmt = lambda s: f"{s['mean']:.1f} [{s['min']:.1f}, {s['max']:.1f}]"  # noqa: E731
     readme = (REPO / "README.md").read_text()
+    row = " | ".join(f"**{fmt(ap[m])}**".replace(" [", "** [").replace("]**", "]") for m in ("AP", "AP50", "AP75"))
+    assert f"| RetinaNet R18-FPN + **AP-loss** (main job) | {ap['lr']:g} | {row} |" in readme
+    fresh = data["fresh_runs"]["AP"]
+    assert ("gave AP " + ", ".join(f"{v:.1f}" for v in fresh[:-1]) + f"\nand {fresh[-1]:.1f}") in readme
+    paper = (REPO / "docs" / "paper.md").read_text()
     for loss, label in (("ap", "AP-loss"), ("focal", "focal")):
         e = data["losses"][loss]
-        cell = " | ".join(f"{e[m]['mean']:.1f} [{e[m]['min']:.1f}, {e[m]['max']:.1f}]" for m in ("AP", "AP50", "AP75"))
-        cell = cell.replace(f"{e['AP']['mean']:.1f} [{e['AP']['min']:.1f}, {e['AP']['max']:.1f}]",
-                            f"**{e['AP']['mean']:.1f} [{e['AP']['min']:.1f}, {e['AP']['max']:.1f}]**", 1)
-        assert f"| {label} | **{e['lr']:g}** | {cell} |" in readme
+        cell = " | ".join(fmt(e[m]) for m in ("AP", "AP50", "AP75"))
+        cell = cell.replace(fmt(e["AP"]), f"**{fmt(e['AP'])}**", 1)
+        assert f"| {label} | **{e['lr']:g}** | {cell} |" in paper

@@ -11,6 +11,8 @@ pytest.importorskip("detectron2")
 pytestmark = pytest.mark.slow  # trains two tiny runs
 
 
+from ap_loss_d2.studies.common import cls_loss_label  # noqa: E402
+
 from .test_train_net import FAST_EVAL, TINY_YAML, run_train_net  # noqa: E402
 
 
@@ -64,7 +66,7 @@ def test_training_curves(two_runs, tmp_path, monkeypatch):
             "--max-images", "3", *FAST_EVAL]
     report = tc.main(argv)
     data = json.loads((out / "training_curves.json").read_text())
-    assert data["complete"] and [r["label"] for r in data["runs"]] == ["AP", "Focal Loss"]
+    assert data["complete"] and [r["label"] for r in data["runs"]] == ["AP", cls_loss_label("focal")]
     assert [[q["iteration"] for q in r["points"]] for r in data["runs"]] == [[2, 4], [2, 4]]
     assert (out / "training_curves.png").stat().st_size > 0 and "| AP | 4 |" in (out / "training_curves.md").read_text()
     subset = data["runs"][0]["points"][0]["dataset"]

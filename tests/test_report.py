@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 from ap_loss_d2.studies import cost, report
+from ap_loss_d2.studies.common import cls_loss_label as L
 
 CONFIG = """MODEL:
   META_ARCHITECTURE: {arch}
@@ -75,26 +76,26 @@ def test_report_tables_contain_exactly_the_runs_numbers(tmp_path):
 
     out = tmp_path / "out" / "report.md"
     text = report.main([str(focal), str(ap), str(coco), str(ohem), str(two), "--studies",
-                        str(tmp_path / "elsewhere"), "--output", str(out), "--digits", "2"])
+                        str(tmp_path / "elsewhere"), "--output-dir", str(out.parent), "--digits", "2"])
     assert out.read_text() == text
 
     # Table 2: groups in order of appearance, rows in the paper's order
     header = ("| Training Loss | AP (RetinaNet + voc_2007_test) | AP50 (RetinaNet + voc_2007_test) "
               "| AP75 (RetinaNet + voc_2007_test) | AP (RetinaNet + coco_2017_val) ")
     assert header in text
-    assert "| CE-Loss + OHEM | - | - | - | - | - | - | - | - | - | - | - | - |" in text
-    assert "| Focal Loss | 51.30 | 80.90 | 55.30 | - | - | - |" in text
-    assert "| AUC-Loss | - | - | - | - | - | - | 10.25 | 20.50 | 5.75 | 1.50 | 2.50 | 3.50 |" in text
-    assert "| AP-Loss | 53.10 | 82.30 | 58.10 | 35.00 | 57.20 | 36.60 | - | - | - | - | - | - |" in text
+    assert f"| {L('ce_ohem')} | - | - | - | - | - | - | - | - | - | - | - | - |" in text
+    assert f"| {L('focal')} | 51.30 | 80.90 | 55.30 | - | - | - |" in text
+    assert f"| {L('auc')} | - | - | - | - | - | - | 10.25 | 20.50 | 5.75 | 1.50 | 2.50 | 3.50 |" in text
+    assert f"| {L('ap')} | 53.10 | 82.30 | 58.10 | 35.00 | 57.20 | 36.60 | - | - | - | - | - | - |" in text
     t2 = text.split("## Detection accuracy")[1].split("## Robustness")[0]
-    order = [t2.index(f"| {lab} |") for lab in ("CE-Loss + OHEM", "Focal Loss", "AUC-Loss",
-                                                 "AP-Loss")]
+    order = [t2.index(f"| {L(name)} |") for name in ("ce_ohem", "focal", "auc", "ap")]
     assert order == sorted(order)
     assert "40.00" not in t2  # the last evaluation of a run is used
     # details: one row per run and dataset
-    assert "| Focal Loss | RetinaNet | voc_2007_test | 1999 | 51.30 | 80.90 | 55.30 | " \
+    assert f"| {L('focal')} | RetinaNet | voc_2007_test | 1999 | 51.30 | 80.90 | 55.30 | ok | " \
            "`../runs/voc_focal` |" in text
-    assert "| AUC-Loss | RetinaNet | b_val | 5 | 1.50 | 2.50 | 3.50 |" in text
+    assert f"| {L('auc')} | RetinaNet | b_val | 5 | 1.50 | 2.50 | 3.50 | ok |" in text
+    assert f"| {L('ce_ohem')} | RetinaNet | voc_2007_test | - | - | - | - | no evaluation |" in text
 
     # studies found in the run folder and in --studies, pictures linked relative to the report
     assert "| AP-Loss | 82.30 | 65.20 | 68.80 |" in text
@@ -103,7 +104,7 @@ def test_report_tables_contain_exactly_the_runs_numbers(tmp_path):
     assert "![score_distribution.png](../elsewhere/score/score_distribution.png)" in text
     assert "| AP-Loss | 0.010 | 0.020 | 0.030 |" in text and "| 17 | 0.00125 |" in text
     assert "![cost_training.png](../runs/voc_ap/cost/cost_training.png)" in text
-    assert "| AP-Loss | cls_loss/time | 2 | 9-1999 | 0.2000 | 0.1000 | 0.1500 |" in text
+    assert f"| {L('ap')} | cls_loss/time | 2 | 9-1999 | 0.2000 | 0.1000 | 0.1500 |" in text
     for link in ("../runs/voc_ap/robustness/robustness.png", "../runs/voc_ap/cost/cost_training.png"):
         assert (out.parent / link).is_file()
 
@@ -112,5 +113,14 @@ def test_report_default_digits_and_label_fallback(tmp_path):
     d = tmp_path / "plain"
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps({"iteration": 3, **_bbox(12.34, 45.67, 8.9)}))
-    text = report.main([str(d), "--output", str(tmp_path / "r.md")])
+    text = report.main([str(d), "--output-dir", str(tmp_path)])
     assert "| plain | 12.3 | 45.7 | 8.9 |" in text
+
+
+def test_run_with_no_detections_is_failed(tmp_path):
+    """COCOEvaluator logs AP NaN when a model detects nothing: failed, in both tables."""
+    d = _run(tmp_path, "empty", "ap", "synth_shapes_val", [(9, _bbox(float("nan"), float("nan"),
+                                                                     float("nan")))])
+    text = report.main([str(d), "--output-dir", str(tmp_path / "out")])
+    assert f"| {L('ap')} | failed | failed | failed |" in text
+    assert "failed: no detections (AP, AP50, AP75 NaN or missing)" in text

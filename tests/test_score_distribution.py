@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.studies import score_distribution as sd  # noqa: E402
-from ap_loss_d2.studies.common import build_model_for_run, load_cfg, save_checkpoint  # noqa: E402
+from ap_loss_d2.studies.common import build_model_for_run, cls_loss_label, load_cfg, save_checkpoint  # noqa: E402
 
 QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 TINY = SyntheticShapesSpec(seed=12, image_size=64, num_train=2, num_val=3, min_objects=2,
@@ -59,7 +59,7 @@ def test_json_bins_equal_recomputed_from_npz(tiny_ckpt, tmp_path, loss):
     saved = json.loads((out / "score_distribution.json").read_text())
     assert saved == json.loads(json.dumps(report))  # what main returned is what it wrote
     run = saved["runs"][0]
-    assert run["label"] == {"ap": "AP-Loss", "ce_ohem": "CE-Loss + OHEM"}[loss]
+    assert run["label"] == cls_loss_label(loss)
     assert run["score_mode"] == ("softmax" if loss == "ce_ohem" else "sigmoid")
     pairs = dict(np.load(out / run["pairs"]))
     totals = run["totals"]

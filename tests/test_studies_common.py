@@ -54,7 +54,7 @@ def test_last_bbox_metrics(tmp_path):
 
 
 STUDIES = ["a2_example", "cost", "lr_sweep", "main_job", "optimization", "report", "robustness",
-           "roi_sampling", "score_distribution"]
+           "roi_sampling", "score_distribution", "training_curves", "visualize"]
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -65,10 +65,53 @@ def test_every_study_takes_output_dir(name, capsys):
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
     assert e.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
     assert f"python -m ap_loss_d2.studies.{name}" in text
-    assert "--output-dir" in text
-    if name in ("lr_sweep", "main_job", "optimization", "roi_sampling"):  # they train
+    assert "--output-dir" in text and f"(default: output/{name})" in text
+    if name in ("lr_sweep", "main_job", "optimization", "roi_sampling", "training_curves"):
         assert "--config-file" in text
     if name in ("lr_sweep", "roi_sampling"):  # they launch training processes
         assert "--num-gpus" in text
+
+
+def _parser_with_opts():
+    p = common.study_argument_parser("x", "a study", runs=common.RUN_SPEC)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--flag", action="store_true")
+    return p
+
+
+@pytest.mark.parametrize("argv,seeds,opts", [
+    (["--run", "r", "--seeds", "0", "1", "SOLVER.MAX_ITER", "10"], [0, 1], ["SOLVER.MAX_ITER", "10"]),
+    (["--run", "r", "--seeds", "0", "--", "SEED", "3"], [0], ["SEED", "3"]),
+    (["--run", "r", "--", "--seeds", "2"], [0], ["--seeds", "2"]),
+    (["--run", "SOLVER.X", "--flag", "MODEL.DEVICE", "cpu"], [0], ["MODEL.DEVICE", "cpu"]),
+    (["--run", "r", "--seeds", "4"], [4], []),
+])
+def test_trailing_overrides_after_any_option(argv, seeds, opts):
+    """As Detectron2's default_argument_parser: KEY VALUE pairs after the options (here also
+    after a multi-value option and after --); the value of a one-value option is never one."""
+    args = _parser_with_opts().parse_args(argv)
+    assert (args.seeds, args.opts, args.output_dir) == (seeds, opts, "output/x")
+
+
+def test_odd_overrides_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        _parser_with_opts().parse_args(["--run", "r", "SOLVER.MAX_ITER"])
+    assert "KEY VALUE pairs" in capsys.readouterr().err
+
+
+def test_studies_share_helpers_through_public_names():
+    """No study module imports another's private name, and the attacks do not import the
+    robustness study that uses them (their shared helpers live in studies/perturbations.py)."""
+    import ast
+    from pathlib import Path
+
+    private, circle = [], []
+    for path in sorted(Path(common.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("ap_loss_d2")):
+                private += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+                if path.name == "attacks.py" and "robustness" in (node.module or ""):
+                    circle.append(node.lineno)
+    assert private == [] and circle == []

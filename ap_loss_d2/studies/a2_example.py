@@ -16,7 +16,6 @@ positive (separable: both positives score above the negative when ``0 < theta_1 
 [--output-dir output/a2_example]`` prints a table and writes ``a2_example.json`` and
 ``a2_example.png`` (both loss curves). Needs only PyTorch (matplotlib for the PNG).
 """
-import argparse
 import json
 import math
 import os
@@ -257,18 +256,15 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m ap_loss_d2.studies.a2_example",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    from .common import study_argument_parser
+
+    parser = study_argument_parser("a2_example", __doc__.split("\n")[0], opts=False)
     parser.add_argument("--theta0", type=float, nargs=2, default=list(DEFAULT_THETA0))
     parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--gd-steps", type=int, default=5000)
     parser.add_argument("--sigmoid-k", type=float, default=1.0)
     parser.add_argument("--ed-step", choices=("heaviside", "linear"), default="heaviside")
     parser.add_argument("--ed-lr", type=float, default=None, help="default: --lr")
-    parser.add_argument("--output-dir", default="output/a2_example")
     args = parser.parse_args(argv)
     result = run_a2(
         args.theta0,

@@ -15,7 +15,7 @@ the test threshold ``t`` (``MODEL.RETINANET.SCORE_THRESH_TEST``), i.e. ``g > log
   ``size`` x ``size`` pixels, trained by Adam on its pixel values (in [0, 1], clipped after every
   step) over a set of training images. The patch is resized (bilinear, antialiased) to the centre
   region of every object box, the region of the other patches
-  (:func:`~ap_loss_d2.studies.robustness.center_patch_region`: half the box's width and height)
+  (:func:`~ap_loss_d2.studies.perturbations.center_patch_region`: half the box's width and height)
   and pasted there, in the original image; the image is then resized as at test time (bilinear,
   antialiased, differentiable) and fed to the model. The objective is minimised: the mean, over
   the matched anchors of the batch, of ``softplus(g) = -log(1 - sigmoid(g))``, the binary
@@ -51,6 +51,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..data.mapper import annotation_boxes
 from ..losses.registry import ClsLoss
+from .perturbations import center_patch_region, check_image_boxes, count
 
 __all__ = [
     "AdversarialPatch",
@@ -241,8 +242,6 @@ def resize_patch(patch: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _regions(boxes, height, width):
-    from .robustness import center_patch_region
-
     regions = (center_patch_region(b, height, width) for b in np.asarray(boxes).reshape(-1, 4))
     return [r for r in regions if r is not None]
 
@@ -259,7 +258,7 @@ def paste_patch_tensor(image: torch.Tensor, boxes, patch: torch.Tensor) -> torch
 
 class AdversarialPatch:
     """The test-time perturbation of a trained patch, with the signature of
-    :data:`~ap_loss_d2.studies.robustness.PERTURBATIONS`: ``(image, boxes, rng, stats)``.
+    :data:`~ap_loss_d2.studies.perturbations.PERTURBATIONS`: ``(image, boxes, rng, stats)``.
 
     ``patch``: (S, S, C) uint8 in the image format of the mapper (``cfg.INPUT.FORMAT``). Each
     box's centre region is replaced by the patch resized as in training (bilinear, antialiased),
@@ -273,16 +272,14 @@ class AdversarialPatch:
         self._tensor = _hwc_to_tensor(patch)
 
     def __call__(self, image, boxes, rng=None, stats=None):
-        from .robustness import _check, _count
-
-        image, boxes = _check(image, boxes)
+        image, boxes = check_image_boxes(image, boxes)
         out = image.copy()
         h, w = image.shape[:2]
         for x0, y0, x1, y1 in _regions(boxes, h, w):
             p = resize_patch(self._tensor, y1 - y0, x1 - x0)
             p = p.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
             out[y0:y1, x0:x1] = p
-            _count(stats, "patches")
+            count(stats, "patches")
         return out
 
 

@@ -3,16 +3,18 @@
 A *run* is given on the command line as ``CONFIG:WEIGHTS[:LABEL]`` (a yacs ``.yaml`` config,
 a checkpoint, an optional label) or as a training output folder ``RUN_DIR[:LABEL]`` (its
 ``config.yaml`` and its last checkpoint, as written by ``train_net.py``). The label defaults to
-the paper's name of ``MODEL.CLS_LOSS.NAME`` ("AP-Loss", "Focal Loss", ...).
+the registry's label of ``MODEL.CLS_LOSS.NAME`` ("AP-loss", "Focal loss", ...).
 
 Every study writes ``<name>.json`` with ``"study": "<name>"`` at the top, a markdown table
 ``<name>.md`` and, where useful, PNG figures listed under ``"figures"`` (paths relative to the
 JSON's folder); :mod:`ap_loss_d2.studies.report` collects them.
 """
+import argparse
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +24,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = [
-    "LOSS_LABELS",
     "REPO",
     "check_run_settings",
+    "cls_loss_label",
     "default_config",
     "last_bbox_metrics",
     "metrics_by_iteration",
@@ -33,15 +35,17 @@ __all__ = [
     "scale_iter",
     "scaled_schedule",
     "train_net_command",
+    "RUN_SPEC",
     "RunSpec",
-    "add_opts",
-    "study_parser",
+    "StudyArgumentParser",
+    "study_argument_parser",
     "build_model_for_run",
     "dataset_subset",
     "fmt_num",
     "load_cfg",
     "loss_label",
     "markdown_table",
+    "not_finite",
     "parse_run_spec",
     "progress",
     "pyplot",
@@ -53,26 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: The paper's names of the classification losses: ``MODEL.CLS_LOSS.NAME`` and the loss names of
-#: ``ap_loss_d2.benchmark`` (the one table of labels of every study).
-LOSS_LABELS = {
-    "ap": "AP-Loss",
-    "auc": "AUC-Loss",
-    "focal": "Focal Loss",
-    "ce_ohem": "CE-Loss + OHEM",
-    "ce": "CE-Loss",
-    "ap_approx": "AP-Loss (approx. gradient)",
-    "ap_hinge": "AP-Loss (structured hinge)",
-    "ap_ohem": "OHEM + AP-Loss",
-    "ap_random": "Random sampling + AP-Loss",
-    "ghm": "GHM-C Loss",
-    "dr": "DR Loss",
-    # benchmark.py's names
-    "ap_loss": "AP-Loss",
-    "auc_loss": "AUC-Loss",
-    "ap_positive_loop": "AP-Loss (loop on positives)",
-}
 
 #: The repository root of a source checkout (``configs/``, ``train_net.py``); an installed
 #: package has no ``configs/``: :func:`default_config` then says where they are expected.
@@ -225,12 +209,20 @@ def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] =
     return cfg
 
 
+def cls_loss_label(name: str) -> str:
+    """The registry's label of the loss ``name`` (``MODEL.CLS_LOSS.NAME``), ``name`` itself when
+    no loss of that name is registered."""
+    from ..losses import registry
+
+    return registry.cls_loss_label(name) if name in registry.cls_loss_names() else name
+
+
 def loss_label(cfg) -> str:
-    """The paper's name of the classification loss of ``cfg`` (or the meta-architecture)."""
+    """The label of the classification loss of ``cfg`` (or the meta-architecture)."""
     name = cfg.MODEL.get("CLS_LOSS", {}).get("NAME", None) if hasattr(cfg, "MODEL") else None
     if name is None:
         return str(cfg.MODEL.META_ARCHITECTURE)
-    return LOSS_LABELS.get(name, name)
+    return cls_loss_label(name)
 
 
 def build_model_for_run(cfg, weights: str):
@@ -438,6 +430,13 @@ def read_metrics_json(path) -> Tuple[List[dict], int]:
     return entries, skipped
 
 
+def not_finite(values: dict, keys: Sequence[str]) -> List[str]:
+    """The ``keys`` whose value in ``values`` is missing, not a number, NaN or infinite (an
+    evaluation of a model that detects nothing logs AP NaN)."""
+    return [k for k in keys if not isinstance(values.get(k), (int, float))
+            or not math.isfinite(values[k])]
+
+
 def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> dict:
     """The last logged COCO-style bbox metrics of a ``metrics.json``:
     ``{dataset prefix ("" for single-dataset keys): {metric: value, "iteration": it}}``
@@ -460,36 +459,98 @@ def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> 
     return out
 
 
-def study_parser(study: str, description: str):
-    """The argument parser of a checkpoint study (``python -m ap_loss_d2.studies.<study>``) with
-    the arguments :func:`prepare_runs` reads: ``--run`` (repeatable), ``--dataset``,
-    ``--device``, ``--output-dir`` (default ``output/<study>``); :func:`add_opts` adds the
-    trailing config overrides after the study's own options."""
-    import argparse
+#: A yacs config key (``SOLVER.MAX_ITER``, ``SEED``): where the trailing overrides start.
+CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*")
 
-    p = argparse.ArgumentParser(prog=f"python -m ap_loss_d2.studies.{study}",
-                                description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, metavar="CONFIG:WEIGHTS[:LABEL]",
-                   help="a checkpoint to study (repeatable); also RUN_DIR[:LABEL]")
-    p.add_argument("--dataset", default=None,
-                   help="registered test dataset (default: the first run's DATASETS.TEST[0])")
-    p.add_argument("--device", default=None, help="override MODEL.DEVICE")
-    p.add_argument("--output-dir", default=f"output/{study}")
+
+#: The form of ``--run`` of the studies that take checkpoints (:func:`parse_run_spec`).
+RUN_SPEC = "CONFIG:WEIGHTS[:LABEL] or RUN_DIR[:LABEL]"
+
+
+class StudyArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with Detectron2's trailing config overrides (``opts``, ``argparse.REMAINDER``).
+
+    The overrides start at ``--`` or at the first config key (:data:`CONFIG_KEY`) that is not the
+    value of a one-value option, so they may follow a multi-value option
+    (``--seeds 0 1 SOLVER.MAX_ITER 10``), which argparse alone would feed them to.
+    """
+
+    def _split_overrides(self, argv: List[str]) -> Tuple[List[str], List[str]]:
+        one_value = {s for a in self._actions if a.option_strings and a.nargs is None
+                     for s in a.option_strings}
+        i = 0
+        while i < len(argv):
+            if argv[i] == "--":
+                return argv[:i], argv[i + 1:]
+            if argv[i] in one_value:
+                i += 2
+                continue
+            if CONFIG_KEY.fullmatch(argv[i]):
+                return argv[:i], argv[i:]
+            i += 1
+        return argv, []
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not any(a.dest == "opts" for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        head, tail = self._split_overrides(argv)
+        namespace, extras = super().parse_known_args(head, namespace)
+        extras += namespace.opts or []  # before the first config key: not an override
+        namespace.opts = tail
+        if len(tail) % 2:
+            self.error(f"config overrides must be KEY VALUE pairs, got {namespace.opts}")
+        return namespace, extras
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; an option's default after its help unless the help names
+    one or the default is None / False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False
+                and default is not argparse.SUPPRESS and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def study_argument_parser(study: str, description: str, *, config: Optional[str] = None,
+                          num_gpus: bool = False, runs: Optional[str] = None, opts: bool = True):
+    """The argument parser of every study command (``python -m ap_loss_d2.studies.<study>``).
+
+    Options are spelled out in full (no abbreviations). Every command gets ``--output-dir``
+    (default ``output/<study>``); ``config``: a
+    ``--config-file`` whose help names that default; ``num_gpus``: ``--num-gpus``, processes per
+    launched training run; ``runs``: the checkpoint studies' ``--run`` (repeatable, ``runs`` is its
+    form, e.g. :data:`RUN_SPEC`), ``--dataset``, ``--device`` (read by :func:`prepare_runs`); ``opts``: trailing ``KEY VALUE``
+    config overrides, after any option or after ``--`` (:class:`StudyArgumentParser`).
+    """
+    p = StudyArgumentParser(prog=f"python -m ap_loss_d2.studies.{study}", description=description,
+                            formatter_class=_HelpFormatter, allow_abbrev=False)
+    p.add_argument("--output-dir", default=f"output/{study}", help="folder of the outputs")
+    if config is not None:
+        p.add_argument("--config-file", default=None, metavar="FILE",
+                       help=f"yacs config (default: {config})")
+    if num_gpus:
+        p.add_argument("--num-gpus", type=int, default=1,
+                       help="processes per training run (train_net.py's --num-gpus)")
+    if runs:
+        p.add_argument("--run", action="append", required=True, metavar=runs,
+                       help="a run to study (repeatable)")
+        p.add_argument("--dataset", default=None,
+                       help="registered test dataset (default: the first run's DATASETS.TEST[0])")
+        p.add_argument("--device", default=None, help="override MODEL.DEVICE")
+    if opts:
+        p.add_argument("opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
+                       help="config overrides for every run, after the options or after --")
     return p
 
 
-def add_opts(parser) -> None:
-    """The trailing ``KEY VALUE`` config overrides (after the options)."""
-    import argparse
-
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides for every run (KEY VALUE ...), after the options")
-
-
 def prepare_runs(args):
-    """Shared set-up of the checkpoint studies from their ``--run``/``--dataset``/``--device``/
-    ``--output-dir`` arguments and trailing overrides.
+    """Shared set-up of the checkpoint studies from the arguments of
+    ``study_argument_parser(..., runs=True)``.
 
     Returns ``(output dir, run specs, [(cfg, weights)], labels, dataset name)``.
     """

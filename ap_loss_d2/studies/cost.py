@@ -21,19 +21,20 @@ Two sources, labelled as such in every output:
 Outputs in ``--output-dir``: ``cost.json``, ``cost.md``, ``cost_training.png`` (two panels:
 times; non-trivial negatives) and ``cost_benchmark.png`` (memory and time vs batch size).
 """
-import argparse
 import json
 import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..benchmark import LABELS as BENCHMARK_LABELS
 from .common import (
-    LOSS_LABELS,
+    cls_loss_label,
     markdown_table,
     metrics_by_iteration,
     progress,
     pyplot,
+    study_argument_parser,
     timestamp,
     unique_labels,
     write_json,
@@ -41,6 +42,7 @@ from .common import (
 
 __all__ = [
     "METRIC_KEYS",
+    "benchmark_label",
     "benchmark_markdown",
     "benchmark_tables",
     "fmt_mb",
@@ -49,6 +51,7 @@ __all__ = [
     "main",
     "series",
     "summarize_series",
+    "training_figure",
     "training_table",
 ]
 
@@ -95,7 +98,7 @@ def _label_for(metrics_path: Path, label: Optional[str]) -> str:
             data = {}
         name = ((data.get("MODEL") or {}).get("CLS_LOSS") or {}).get("NAME")
         if name:
-            return LOSS_LABELS.get(name, name)
+            return cls_loss_label(name)
     return metrics_path.parent.name
 
 
@@ -169,9 +172,14 @@ def benchmark_markdown(groups, losses, field, title, fmt):
 
         rows = [[g["images"][i]] + [cell(n, i) for n in losses] for i in range(len(g["images"]))]
         parts += [f"**{title}, {key}**", "",
-                  markdown_table(["batch size"] + [LOSS_LABELS.get(n, n) for n in losses],
+                  markdown_table(["batch size"] + [benchmark_label(n) for n in losses],
                                  rows), ""]
     return "\n".join(parts)
+
+
+def benchmark_label(name: str) -> str:
+    """The label of a loss of ``ap_loss_d2.benchmark`` (its name when the benchmark has none)."""
+    return BENCHMARK_LABELS.get(name, name)
 
 
 def fmt_mb(v):
@@ -182,32 +190,35 @@ def fmt_ms(v):
     return "-" if v is None else f"{v * 1e3:.2f}"
 
 
-def plot_training(runs, path):
+def _line_style(n_points: int) -> dict:
+    """A line, with a marker when it has one point (a line alone would draw nothing)."""
+    return {"marker": "o", "ms": 4} if n_points == 1 else {}
+
+
+def training_figure(runs):
+    """Fig. 10 measured during training: loss and iteration time; non-trivial negative and
+    positive anchor x class entries."""
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, run in enumerate(runs):
         c = colors[k % len(colors)]
         s = run["series"]
-        if "cls_loss/time" in s:
-            a.plot(s["cls_loss/time"]["iterations"], s["cls_loss/time"]["values"], "-", color=c,
-                   label=f"{run['label']}: loss")
-        if "time" in s:
-            a.plot(s["time"]["iterations"], s["time"]["values"], "--", color=c,
-                   label=f"{run['label']}: iteration")
-        if "cls_loss/num_neg_nontrivial" in s:
-            b.plot(s["cls_loss/num_neg_nontrivial"]["iterations"],
-                   s["cls_loss/num_neg_nontrivial"]["values"], "-", color=c,
-                   label=f"{run['label']}: non-trivial negatives")
-        if "cls_loss/num_pos" in s:
-            b.plot(s["cls_loss/num_pos"]["iterations"], s["cls_loss/num_pos"]["values"], ":",
-                   color=c, label=f"{run['label']}: positives")
+        for ax, key, ls, what in ((a, "cls_loss/time", "-", "loss"),
+                                  (a, "time", "--", "iteration"),
+                                  (b, "cls_loss/num_neg_nontrivial", "-", "non-trivial negatives"),
+                                  (b, "cls_loss/num_pos", ":", "positives")):
+            if key in s:
+                its = s[key]["iterations"]
+                ax.plot(its, s[key]["values"], ls, color=c, label=f"{run['label']}: {what}",
+                        **_line_style(len(its)))
     a.set_xlabel("iteration")
     a.set_ylabel("time (s)")
     a.set_title("Measured during training: loss and iteration time (Fig. 10)", fontsize=9)
     b.set_xlabel("iteration")
-    b.set_ylabel("anchors per batch")
-    b.set_title("Measured during training: non-trivial negatives |N^|, positives |P|", fontsize=9)
+    b.set_ylabel("anchor × class entries per batch")
+    b.set_title("Measured during training: non-trivial negative entries |N^|, positive entries |P|",
+                fontsize=9)
     for ax in (a, b):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -215,8 +226,13 @@ def plot_training(runs, path):
     if b.get_lines() and all(min(line.get_ydata()) > 0 for line in b.get_lines()):
         b.set_yscale("log")
     fig.tight_layout()
+    return fig
+
+
+def plot_training(runs, path):
+    fig = training_figure(runs)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_benchmark(groups, losses, path):
@@ -232,7 +248,7 @@ def plot_benchmark(groups, losses, path):
                 extrap = row == 1 and any(g.get("extrapolated", {}).get(name, []))
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if extrap else "-o",
-                            ms=3, label=LOSS_LABELS.get(name, name)
+                            ms=3, label=benchmark_label(name)
                             + (" (extrapolated)" if extrap else ""))
             ax.set_xticks(g["images"])
             ax.set_xlabel("batch size (images)")
@@ -247,14 +263,12 @@ def plot_benchmark(groups, losses, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = study_argument_parser(STUDY, __doc__, opts=False)
     p.add_argument("--run-dir", action="append", default=[], metavar="RUN_DIR[:LABEL]",
                    help="training output folder with metrics.json (repeatable)")
     p.add_argument("--metrics", action="append", default=[], metavar="FILE[:LABEL]",
                    help="a metrics.json file (repeatable)")
     p.add_argument("--benchmark", default=None, help="benchmark.json of ap_loss_d2.benchmark")
-    p.add_argument("--output-dir", default="output/cost")
     args = p.parse_args(argv)
     if not (args.run_dir or args.metrics or args.benchmark):
         p.error("give at least one of --run-dir, --metrics, --benchmark")
@@ -281,7 +295,11 @@ def main(argv=None):
     md = []
     for (f, _), label in zip(inputs, labels):
         progress(STUDY, f"{label}: reading {f}")
-        report["runs"].append(analyse_run(f, label))
+        run = analyse_run(f, label)
+        if "cls_loss/time" not in run["series"]:
+            progress(STUDY, f"{label}: {f} logs no cls_loss/time; train with "
+                            "MODEL.CLS_LOSS.DIAGNOSTICS True to measure the loss time")
+        report["runs"].append(run)
     if report["runs"]:
         plot_training(report["runs"], out / "cost_training.png")
         report["figures"].append("cost_training.png")

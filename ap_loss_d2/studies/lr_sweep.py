@@ -3,7 +3,7 @@
 ``python -m ap_loss_d2.studies.lr_sweep --output-dir output/lr_sweep --losses ap focal
 --lrs 0.005 0.01 0.02 --seeds 0 1 2 [--num-parallel N] [--devices 0 1 ...] [KEY VALUE ...]``
 
-Trains ``--config`` (default: the main job, ``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml``)
+Trains ``--config-file`` (default: the main job, ``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml``)
 once per (loss, learning rate, seed) with ``train_net.py`` in a subprocess, every run with the
 same schedule (the config's, plus the trailing ``KEY VALUE`` overrides, e.g. ``MODEL.DEVICE cuda``
 or ``SOLVER.MAX_ITER 20``), and reads each run's final COCO/VOC bbox evaluation from its
@@ -22,15 +22,17 @@ the spread to expect (``configs/quick/expected_results.json`` for the main job).
 
 A run that stops on NaN/Inf (``train_net.py``'s "Training stopped at iteration N: NaN or Inf",
 or Detectron2's "Loss became infinite or NaN") is recorded as *diverged* with its iteration; it
-is not a failure of the sweep. The best LR of a loss is the one with the highest mean AP among
-the LRs at which no seed diverged (if every LR diverged somewhere: among all). Other failures
-(e.g. a missing dataset) are reported and retried by the next invocation.
+is not a failure of the sweep. A run that trains but evaluates to no detections (AP NaN) is
+recorded as *failed*, never ok, and is not retried. The best LR of a loss is the one with the
+highest mean AP over its ok seeds among the LRs at which no seed diverged or failed (if every LR
+has such a seed: among all). Other failures (e.g. a missing dataset) are reported and retried by
+the next invocation. Every run logs ``cls_loss/time`` (``MODEL.CLS_LOSS.DIAGNOSTICS True``) for
+``ap_loss_d2.studies.cost``.
 
 Resuming: rerunning the command skips finished runs (``sweep_run.json`` present, with the same
 settings) and continues interrupted ones from their last checkpoint (``--resume``). Runs execute
 ``--num-parallel`` at a time; ``--devices`` assigns ``CUDA_VISIBLE_DEVICES`` round-robin to them.
 """
-import argparse
 import json
 import math
 import os
@@ -43,18 +45,21 @@ from pathlib import Path
 from typing import List, Optional
 
 from .common import (
+    cls_loss_label,
     REPO,
     default_config,
     fmt_num,
     last_bbox_metrics,
     markdown_table,
+    not_finite,
     progress,
+    study_argument_parser,
     timestamp,
     train_net_command,
     write_json,
 )
 
-__all__ = ["DIVERGED_PATTERNS", "main", "parse_divergence", "run_name", "summarize"]
+__all__ = ["DIVERGED_PATTERNS", "main", "parse_divergence", "run_name", "run_status", "summarize"]
 
 STUDY = "lr_sweep"
 CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
@@ -81,7 +86,7 @@ def parse_divergence(log: str) -> Optional[int]:
 
 
 def _settings(args, loss, lr, seed) -> dict:
-    return {"config": args.config, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
+    return {"config": args.config_file, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
 
 
 def config_path(config: str) -> str:
@@ -112,13 +117,15 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
         return record
     out.mkdir(parents=True, exist_ok=True)
     resume = (out / "last_checkpoint").is_file()
-    cmd = [*train_net_command(), "--config-file", config_path(args.config)]
+    cmd = [*train_net_command(), "--config-file", config_path(args.config_file)]
     if resume:
         cmd.append("--resume")
     if args.num_gpus > 1:
         cmd += ["--num-gpus", str(args.num_gpus)]
-    cmd += ["MODEL.CLS_LOSS.NAME", loss, "SOLVER.BASE_LR", repr(float(lr)), "SEED", str(seed),
-            *args.opts, "OUTPUT_DIR", str(out.resolve())]
+    # DIAGNOSTICS: cls_loss/time in metrics.json, which the cost study plots (Fig. 10)
+    cmd += ["MODEL.CLS_LOSS.DIAGNOSTICS", "True", "MODEL.CLS_LOSS.NAME", loss,
+            "SOLVER.BASE_LR", repr(float(lr)), "SEED", str(seed), *args.opts,
+            "OUTPUT_DIR", str(out.resolve())]
     env = dict(os.environ)
     if args.devices:
         env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
@@ -129,28 +136,48 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": proc.returncode}
     metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
                for m, v in per_dataset.items() if m in METRICS}
-    diverged_at = parse_divergence(text) if proc.returncode != 0 else None
-    if diverged_at is not None:
-        record.update(status="diverged", diverged_at=diverged_at)
-    elif proc.returncode == 0 and all(m in metrics for m in METRICS):
-        record.update(status="ok", **{m: metrics[m] for m in METRICS})
-    else:
-        tail = "\n".join(text.splitlines()[-15:])
-        record.update(status="failed", log_tail=tail)
+    record.update(run_status(proc.returncode, text, metrics))
+    if record["status"] == "failed" and "reason" not in record:
         progress(STUDY, f"{out.name}: FAILED (exit {proc.returncode}); see {out / 'sweep_log.txt'}"
-                        f"\n{tail}")
+                        f"\n{record['log_tail']}")
         return record  # not marked finished: retried next time
     write_json(done, record)
-    progress(STUDY, f"{out.name}: {record['status']}"
-                    + (f" AP {record['AP']:.2f}" if record["status"] == "ok" else
-                       f" at iteration {record.get('diverged_at')}"))
+    if record["status"] == "ok":
+        progress(STUDY, f"{out.name}: ok, AP {record['AP']:.2f}")
+    elif record["status"] == "diverged":
+        progress(STUDY, f"{out.name}: diverged at iteration {record['diverged_at']}")
+    else:
+        progress(STUDY, f"{out.name}: FAILED, {record['reason']}")
     return record
+
+
+def run_status(returncode: int, log: str, metrics: dict) -> dict:
+    """The status of a finished training process from its exit code, output and last bbox
+    ``metrics``: ``ok`` with AP / AP50 / AP75 (all finite); ``diverged`` with the iteration
+    (NaN/Inf); ``failed`` with a ``reason`` when it trained but evaluated to no detections (NaN
+    or missing AP: kept, not retried), else with the ``log_tail`` (retried on the next call)."""
+    diverged_at = parse_divergence(log) if returncode != 0 else None
+    if diverged_at is not None:
+        return {"status": "diverged", "diverged_at": diverged_at}
+    if returncode != 0:
+        return {"status": "failed", "log_tail": "\n".join(log.splitlines()[-15:])}
+    bad = not_finite(metrics, METRICS)
+    if bad:
+        return {"status": "failed",
+                "reason": f"no detections: {', '.join(bad)} "
+                          f"{'is' if len(bad) == 1 else 'are'} NaN or missing"}
+    return {"status": "ok", **{m: metrics[m] for m in METRICS}}
 
 
 def _stats(values: List[float]) -> dict:
     if not values:
         return {"mean": None, "min": None, "max": None}
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def _is_ok(record: dict) -> bool:
+    """Status ok with finite AP / AP50 / AP75 (a record read back from JSON has NaN as null)."""
+    return record["status"] == "ok" and not not_finite(record, METRICS)
 
 
 def summarize(records: List[dict], losses, lrs) -> dict:
@@ -162,13 +189,14 @@ def summarize(records: List[dict], losses, lrs) -> dict:
         for lr in lrs:
             rs = [r for r in records if r["settings"]["loss"] == loss
                   and math.isclose(r["settings"]["lr"], lr)]
-            ok = [r for r in rs if r["status"] == "ok"]
+            ok = [r for r in rs if _is_ok(r)]
             cell = {
                 "seeds": sorted(r["settings"]["seed"] for r in rs),
                 "ok": len(ok),
                 "diverged": sorted([r["settings"]["seed"], r["diverged_at"]]
                                    for r in rs if r["status"] == "diverged"),
-                "failed": sorted(r["settings"]["seed"] for r in rs if r["status"] == "failed"),
+                "failed": sorted(r["settings"]["seed"] for r in rs
+                                 if not _is_ok(r) and r["status"] != "diverged"),
             }
             for m in METRICS:
                 cell[m] = _stats([r[m] for r in ok])
@@ -207,15 +235,16 @@ def render(summary: dict, args, labels) -> List[str]:
     readme = []
     for loss, b in summary["best"].items():
         readme.append([f"{labels.get(loss, loss)}, best LR {b['lr']:g}"
-                       + ("" if b["stable"] else " (diverged at every LR for some seed)"),
+                       + ("" if b["stable"] else " (every LR has a diverged or failed seed)"),
                        *(_fmt_range(b[m]) for m in METRICS)])
     seeds = ", ".join(str(s) for s in args.seeds)
     opts = " ".join(args.opts) or "none"
     return [
         "# Learning-rate sweep", "",
         f"Generated {timestamp()} by `python -m ap_loss_d2.studies.lr_sweep`. Config "
-        f"`{args.config}`, overrides: `{opts}`; seeds {seeds}; the same schedule for every run. "
-        "Bold: each loss's best LR (highest mean AP among the LRs where no seed diverged).", "",
+        f"`{args.config_file}`, overrides: `{opts}`; seeds {seeds}; the same schedule for every run. "
+        "Bold: each loss's best LR (highest mean AP among the LRs where no seed diverged or "
+        "failed; a run with no detections, AP NaN, is failed).", "",
         markdown_table(headers, rows, align="llr" + "r" * len(METRICS) + "l"), "",
         "## Each loss at its best learning rate (README table)", "",
         markdown_table(["run", *(f"{m} mean [min, max]" for m in METRICS)], readme), "",
@@ -251,38 +280,41 @@ def plot(summary: dict, path: Path, labels) -> bool:
     return drawn
 
 
-def expected_results(summary: dict, args) -> dict:
-    """What ap_loss_d2.studies.main_job prints as the spread to expect: per loss, its best LR's stats."""
+def expected_results(summary: dict, args, previous: Optional[Path] = None) -> dict:
+    """What ap_loss_d2.studies.main_job prints as the spread to expect: per loss, its best LR's
+    stats; the ``fresh_runs`` (APs of fresh ``make main`` runs, added by hand) of ``previous``
+    are kept when it measured the same config."""
+    kept = {}
+    if previous is not None and previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("config") == args.config_file and "fresh_runs" in old:
+            kept = {"fresh_runs": old["fresh_runs"]}
     return {
         "generated": timestamp(),
         "command": "python -m ap_loss_d2.studies.lr_sweep " + " ".join(sys.argv[1:]),
-        "config": args.config,
+        "config": args.config_file,
         "overrides": list(args.opts),
         "seeds": list(args.seeds),
         "losses": {loss: {"lr": b["lr"], **{m: b[m] for m in METRICS}}
                    for loss, b in summary["best"].items()},
+        **kept,
     }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.lr_sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", "--config", dest="config", default=DEFAULT_CONFIG, help="yacs config to train (main job's)")
-    p.add_argument("--output-dir", default="output/lr_sweep")
+    p = study_argument_parser(STUDY, __doc__, config=DEFAULT_CONFIG + " (the main job's)",
+                              num_gpus=True)
     p.add_argument("--losses", nargs="+", default=["ap", "focal"])
     p.add_argument("--lrs", nargs="+", type=float, default=[0.005, 0.01, 0.02])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--num-parallel", type=int, default=1, help="runs trained at the same time")
-    p.add_argument("--num-gpus", type=int, default=1, help="GPUs per run (train_net.py)")
     p.add_argument("--devices", nargs="*", default=[],
                    help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
     p.add_argument("--expected-results", default=None, metavar="FILE",
                    help="also write the best-LR summary read by ap_loss_d2.studies.main_job")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
-    config_path(args.config)  # fail early on a missing config
-    if len(args.opts) % 2:
-        p.error(f"overrides must be KEY VALUE pairs, got {args.opts}")
+    args.config_file = args.config_file or DEFAULT_CONFIG
+    config_path(args.config_file)  # fail early on a missing config
     for key in ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR", "SEED", "OUTPUT_DIR"):
         if key in args.opts[::2]:
             p.error(f"{key} is set by the sweep per run; use --losses/--lrs/--seeds/--output-dir")
@@ -295,8 +327,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from .common import LOSS_LABELS
-
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(loss, lr, seed) for loss in args.losses for lr in args.lrs for seed in args.seeds]
@@ -319,21 +349,25 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=args.num_parallel) as pool:
         records = list(pool.map(task, jobs))
     summary = summarize(records, args.losses, args.lrs)
-    md = render(summary, args, LOSS_LABELS)
-    figures = ["lr_sweep.png"] if plot(summary, out / "lr_sweep.png", LOSS_LABELS) else []
-    report = {"study": STUDY, "generated": timestamp(), "config": args.config,
+    labels = {loss: cls_loss_label(loss) for loss in args.losses}
+    md = render(summary, args, labels)
+    figures = ["lr_sweep.png"] if plot(summary, out / "lr_sweep.png", labels) else []
+    report = {"study": STUDY, "generated": timestamp(), "config": args.config_file,
               "overrides": list(args.opts), "losses": args.losses, "lrs": args.lrs,
               "seeds": args.seeds, **summary, "runs": records, "figures": figures}
     write_json(out / "lr_sweep.json", report)
     (out / "lr_sweep.md").write_text("\n".join(md) + "\n")
     if args.expected_results:
-        write_json(Path(args.expected_results), expected_results(summary, args))
+        write_json(Path(args.expected_results),
+                   expected_results(summary, args, Path(args.expected_results)))
         progress(STUDY, f"wrote {args.expected_results}")
     print("\n".join(md), flush=True)
     progress(STUDY, f"wrote {out / 'lr_sweep.md'}, {out / 'lr_sweep.json'}")
     failed = [r for r in records if r["status"] == "failed"]
+    retried = [r for r in failed if "reason" not in r]
     if failed:
-        progress(STUDY, f"{len(failed)} run(s) failed (not diverged); rerun the command to retry")
+        progress(STUDY, f"{len(failed)} run(s) failed (not diverged)"
+                        + (f"; rerun the command to retry {len(retried)}" if retried else ""))
     return report
 
 

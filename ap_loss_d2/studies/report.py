@@ -1,7 +1,7 @@
 """One markdown page from several training runs and their studies (the paper's Table 2 & co).
 
 ``python -m ap_loss_d2.studies.report RUN_DIR [RUN_DIR ...] [--studies DIR ...]
---output report.md``
+[--output-dir DIR]`` writes ``DIR/report.md`` (default ``output/report/report.md``).
 
 For every ``RUN_DIR`` (an output folder of ``train_net.py``):
 
@@ -18,23 +18,31 @@ For every ``RUN_DIR`` (an output folder of ``train_net.py``):
 The page has Table 2 (AP / AP50 / AP75 per loss and detector + dataset), a per-run detail
 table, then each study's table with its pictures (links relative to the report's folder).
 """
-import argparse
 import json
 import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import List
 
-from .common import LOSS_LABELS, fmt_num, last_bbox_metrics, markdown_table, progress, timestamp
+from .common import (
+    cls_loss_label,
+    fmt_num,
+    last_bbox_metrics,
+    markdown_table,
+    not_finite,
+    progress,
+    study_argument_parser,
+    timestamp,
+)
 
 __all__ = ["STUDY_FILES", "collect_run", "find_studies", "last_bbox_metrics", "main",
-           "render_report"]
+           "render_report", "run_status"]
 
 STUDY = "report"
 STUDY_FILES = ("robustness.json", "score_distribution.json", "cost.json")
 METRICS = ("AP", "AP50", "AP75")
-#: Row order of Table 2.
-PAPER_ORDER = ("CE-Loss + OHEM", "CE-Loss", "Focal Loss", "AUC-Loss", "AP-Loss")
+#: Row order of Table 2 (loss names).
+PAPER_ORDER = ("ce_ohem", "ce", "focal", "auc", "ap")
 DETECTOR_NAMES = {"APLossRetinaNet": "RetinaNet", "RetinaNet": "RetinaNet",
                   "GeneralizedRCNN": "Faster R-CNN"}
 
@@ -56,7 +64,7 @@ def collect_run(run_dir: Path) -> List[dict]:
     loss = (model.get("CLS_LOSS") or {}).get("NAME")
     arch = model.get("META_ARCHITECTURE", "?")
     tests = list((cfg.get("DATASETS") or {}).get("TEST") or [])
-    label = LOSS_LABELS.get(loss, loss) if loss else run_dir.name
+    label = cls_loss_label(loss) if loss else run_dir.name
     metrics = last_bbox_metrics(run_dir / "metrics.json", METRICS)
     if not metrics:
         metrics = {"": {}}
@@ -65,9 +73,20 @@ def collect_run(run_dir: Path) -> List[dict]:
         dataset = prefix or (tests[0] if tests else "?")
         rows.append({"run_dir": str(run_dir), "label": label, "cls_loss": loss,
                      "detector": DETECTOR_NAMES.get(arch, arch), "dataset": dataset,
-                     "iteration": values.get("iteration"),
+                     "iteration": values.get("iteration"), "status": run_status(values),
                      **{m: values.get(m) for m in METRICS}})
     return rows
+
+
+def run_status(values: dict) -> str:
+    """``ok`` (AP, AP50, AP75 finite), ``no evaluation`` (none logged) or ``failed: ...`` (an
+    evaluation with NaN AP: no detections)."""
+    if not any(m in values for m in METRICS):
+        return "no evaluation"
+    bad = not_finite(values, METRICS)
+    if bad:
+        return f"failed: no detections ({', '.join(bad)} NaN or missing)"
+    return "ok"
 
 
 def find_studies(folder: Path, max_depth: int = 3) -> List[Path]:
@@ -86,7 +105,7 @@ def find_studies(folder: Path, max_depth: int = 3) -> List[Path]:
 
 
 def _ordered_labels(labels):
-    known = [lab for lab in PAPER_ORDER if lab in labels]
+    known = [lab for lab in map(cls_loss_label, PAPER_ORDER) if lab in labels]
     return known + [lab for lab in labels if lab not in known]
 
 
@@ -110,16 +129,20 @@ def table2(rows, digits) -> str:
             match = [r for r in rows
                      if r["row"] == name and (r["detector"], r["dataset"]) == (det, ds)]
             for m in METRICS:
-                cells.append(fmt_num(match[0][m], digits) if match else "-")
+                if match and match[0]["status"].startswith("failed"):
+                    cells.append("failed")
+                else:
+                    cells.append(fmt_num(match[0][m], digits) if match else "-")
         table.append(cells)
     return markdown_table(headers, table)
 
 
 def details_table(rows, digits, rel) -> str:
     body = [[r["label"], r["detector"], r["dataset"], fmt_num(r["iteration"]),
-             *(fmt_num(r[m], digits) for m in METRICS), f"`{rel(r['run_dir'])}`"] for r in rows]
+             *(fmt_num(r[m], digits) for m in METRICS), r["status"], f"`{rel(r['run_dir'])}`"]
+            for r in rows]
     return markdown_table(["Training Loss", "detector", "test set", "iteration", *METRICS,
-                           "run folder"], body, align="lllrrrrl")
+                           "status", "run folder"], body, align="lllrrrrll")
 
 
 def _figures(data, json_path: Path, rel):
@@ -198,14 +221,10 @@ def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.studies.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = study_argument_parser(STUDY, __doc__, opts=False)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train_net.py output folders")
     p.add_argument("--studies", nargs="*", default=[], metavar="DIR",
                    help="more folders with study outputs (robustness.json, ...)")
-    p.add_argument("--output-dir", default=None, help="folder to write report.md into")
-    # the markdown file to write without --output-dir (an older spelling, kept hidden)
-    p.add_argument("--output", default="report.md", help=argparse.SUPPRESS)
     p.add_argument("--digits", type=int, default=1, help="decimals of AP numbers")
     p.add_argument("--title", default="AP-loss: results")
     return p.parse_args(argv)
@@ -213,7 +232,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    output = Path(args.output_dir) / "report.md" if args.output_dir else Path(args.output)
+    output = Path(args.output_dir) / "report.md"
     rows, study_paths = [], []
     for d in args.run_dirs:
         d = Path(d)

@@ -44,7 +44,7 @@ image perturbation on the first image, with the first run's patch).
 import argparse
 import zlib
 from collections import Counter
-from typing import Callable, Dict
+from typing import Callable
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
@@ -56,8 +56,9 @@ from detectron2.utils import comm
 from ..data.mapper import BoxAwareDatasetMapper, annotation_boxes
 from ..evaluation import build_evaluator
 from . import attacks
+from .perturbations import NOISE_VARIANCE, PERTURBATIONS
 from .common import (
-    add_opts,
+    RUN_SPEC,
     build_model_for_run,
     dataset_subset,
     fmt_num,
@@ -65,7 +66,7 @@ from .common import (
     prepare_runs,
     progress,
     pyplot,
-    study_parser,
+    study_argument_parser,
     timestamp,
     write_study_outputs,
 )
@@ -73,169 +74,18 @@ from .common import (
 __all__ = [
     "ATTACKS",
     "COLUMNS",
-    "PERTURBATIONS",
     "PERTURBATION_NAMES",
     "PerturbAugmentation",
     "PerturbTransform",
     "PerturbationStats",
     "PerturbedDatasetMapper",
-    "black_patch",
-    "center_patch_region",
-    "flip_patch",
-    "gaussian_noise",
     "image_seed",
     "main",
-    "random_patch",
 ]
 
 STUDY = "robustness"
-NOISE_VARIANCE = 0.01
 
 
-# ---------------------------------------------------------------------------------------------
-# Perturbations: f(image HxWxC uint8, boxes (B, 4) XYXY absolute, rng, stats=None) -> image
-# ---------------------------------------------------------------------------------------------
-def _round(v: float) -> int:
-    return int(np.floor(v + 0.5))  # half up, unlike Python's round()
-
-
-def center_patch_region(box, height: int, width: int):
-    """Integer pixel region ``(x0, y0, x1, y1)`` (end exclusive) of the centre patch of ``box``:
-    half the box's width and height (rounded half up, at least 1 pixel), centred on the box
-    centre, clipped to the image. None if it falls outside the image."""
-    bx0, by0, bx1, by1 = (float(v) for v in box)
-    pw = max(1, _round((bx1 - bx0) / 2))
-    ph = max(1, _round((by1 - by0) / 2))
-    x0 = _round((bx0 + bx1) / 2 - pw / 2)
-    y0 = _round((by0 + by1) / 2 - ph / 2)
-    x0c, y0c = max(x0, 0), max(y0, 0)
-    x1c, y1c = min(x0 + pw, width), min(y0 + ph, height)
-    if x1c <= x0c or y1c <= y0c:
-        return None
-    return x0c, y0c, x1c, y1c
-
-
-def _check(image, boxes):
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3:
-        raise ValueError(f"expected an HxWxC uint8 image, got {image.dtype} {image.shape}")
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return image, boxes
-
-
-def _count(stats, key, n=1):
-    if stats is not None:
-        stats[key] = stats.get(key, 0) + n
-
-
-def black_patch(image, boxes, rng=None, stats=None):
-    """Zero the centre patch (half width, half height) of every box."""
-    image, boxes = _check(image, boxes)
-    out = image.copy()
-    h, w = image.shape[:2]
-    for box in boxes:
-        r = center_patch_region(box, h, w)
-        if r is not None:
-            out[r[1]:r[3], r[0]:r[2]] = 0
-            _count(stats, "patches")
-    return out
-
-
-FLIP_MODES = ("left_right", "top_bottom", "both")
-
-
-def flip_patch(image, boxes, rng, stats=None):
-    """Replace the centre patch of every box by itself flipped left/right, top/bottom or both
-    (uniformly at random per box; the mode counts go to ``stats["flip_<mode>"]``)."""
-    image, boxes = _check(image, boxes)
-    out = image.copy()
-    h, w = image.shape[:2]
-    for box in boxes:
-        r = center_patch_region(box, h, w)
-        if r is None:
-            continue
-        mode = FLIP_MODES[int(rng.integers(len(FLIP_MODES)))]
-        patch = image[r[1]:r[3], r[0]:r[2]]
-        if mode in ("left_right", "both"):
-            patch = patch[:, ::-1]
-        if mode in ("top_bottom", "both"):
-            patch = patch[::-1, :]
-        out[r[1]:r[3], r[0]:r[2]] = patch
-        _count(stats, "patches")
-        _count(stats, f"flip_{mode}")
-    return out
-
-
-def box_mask(boxes, height: int, width: int) -> np.ndarray:
-    """Boolean HxW mask of the pixels touched by any box (box ``[x0, x1]`` covers the columns
-    ``floor(x0) .. ceil(x1) - 1``)."""
-    mask = np.zeros((height, width), dtype=bool)
-    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-        c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
-        c1, r1 = min(int(np.ceil(x1)), width), min(int(np.ceil(y1)), height)
-        if c1 > c0 and r1 > r0:
-            mask[r0:r1, c0:c1] = True
-    return mask
-
-
-def _window_sums(mask: np.ndarray, ph: int, pw: int) -> np.ndarray:
-    """Sum of ``mask`` over every ph x pw window; entry (y, x) is the window at top-left (y, x)."""
-    s = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    s[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
-    return s[ph:, pw:] - s[:-ph, pw:] - s[ph:, :-pw] + s[:-ph, :-pw]
-
-
-def random_patch(image, boxes, rng, stats=None):
-    """Replace the centre patch of every box by content cut from a same-size region outside
-    every box of the image, chosen uniformly among all such regions. If no region of that size
-    avoids all boxes, the least-overlapping one is used (ties at random) and counted in
-    ``stats["random_patch_fallbacks"]``."""
-    image, boxes = _check(image, boxes)
-    out = image.copy()
-    h, w = image.shape[:2]
-    mask = box_mask(boxes, h, w)
-    for box in boxes:
-        r = center_patch_region(box, h, w)
-        if r is None:
-            continue
-        pw, ph = r[2] - r[0], r[3] - r[1]
-        sums = _window_sums(mask, ph, pw)
-        best = sums.min()
-        ys, xs = np.nonzero(sums == best)
-        k = int(rng.integers(len(ys)))
-        sy, sx = int(ys[k]), int(xs[k])
-        if best > 0:
-            _count(stats, "random_patch_fallbacks")
-        out[r[1]:r[3], r[0]:r[2]] = image[sy:sy + ph, sx:sx + pw]
-        _count(stats, "patches")
-    return out
-
-
-def gaussian_noise(image, boxes=None, rng=None, stats=None, variance: float = NOISE_VARIANCE):
-    """Add N(0, ``variance``) noise to ``image / 255``, then back to uint8 (round, clip)."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {image.dtype}")
-    if rng is None:
-        rng = np.random.default_rng()
-    x = image.astype(np.float64) / 255.0 + rng.normal(0.0, np.sqrt(variance), size=image.shape)
-    _count(stats, "noised_images")
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
-
-
-def original(image, boxes=None, rng=None, stats=None):
-    """No perturbation (the image itself)."""
-    return np.asarray(image)
-
-
-#: name -> function, in the paper's column order.
-PERTURBATIONS: Dict[str, Callable] = {
-    "original": original,
-    "black_patch": black_patch,
-    "random_patch": random_patch,
-    "flip_patch": flip_patch,
-    "gaussian_noise": gaussian_noise,
-}
 #: name -> Table 3 column header.
 PERTURBATION_NAMES = {
     "original": "Original",
@@ -465,7 +315,7 @@ def _non_negative_float(text):
 
 
 def parse_args(argv=None):
-    p = study_parser(STUDY, __doc__)
+    p = study_argument_parser(STUDY, __doc__, runs=RUN_SPEC)
     p.add_argument("--max-images", type=int, default=None,
                    help="evaluate on the first N images only (ground truth restricted too)")
     p.add_argument("--perturbations", nargs="+", choices=list(COLUMNS), default=list(COLUMNS),
@@ -478,30 +328,29 @@ def parse_args(argv=None):
     g.add_argument("--patch-dataset", default=None,
                    help="training images of the patch (default: the run's DATASETS.TRAIN[0])")
     g.add_argument("--patch-images", type=_positive(int), default=64,
-                   help="the first N images of --patch-dataset (default 64)")
+                   help="the first N images of --patch-dataset")
     g.add_argument("--patch-steps", type=_positive(int), default=100,
-                   help="Adam steps (default 100)")
+                   help="Adam steps")
     g.add_argument("--patch-lr", type=_positive(float), default=0.03,
-                   help="Adam step size on pixel values in [0, 1] (default 0.03)")
+                   help="Adam step size on pixel values in [0, 1]")
     g.add_argument("--patch-batch", type=_positive(int), default=8,
-                   help="images per step (default 8)")
+                   help="images per step")
     g.add_argument("--patch-size", type=_positive(int), default=32,
-                   help="side of the square patch in pixels before resizing (default 32)")
+                   help="side of the square patch in pixels before resizing")
     g.add_argument("--patch-seed", type=int, default=0,
-                   help="initial patch and image order (default 0)")
+                   help="initial patch and image order")
     g = p.add_argument_group("DeepFool (minimal L2 perturbation per test image)")
     g.add_argument("--deepfool-images", type=_positive(int), default=None,
                    help="attack the first N evaluated images (default: all)")
     g.add_argument("--deepfool-max-iter", type=_positive(int), default=50,
-                   help="DeepFool steps per image before it counts as failed (default 50)")
+                   help="DeepFool steps per image before it counts as failed")
     g.add_argument("--deepfool-overshoot", type=_non_negative_float, default=0.02,
-                   help="DeepFool's overshoot (default 0.02)")
+                   help="DeepFool's overshoot")
     g.add_argument("--deepfool-score-thresh", type=float, default=None,
                    help="score an anchor must fall below (default: the run's "
                         "MODEL.RETINANET.SCORE_THRESH_TEST)")
     g.add_argument("--deepfool-scale", type=_positive(float), default=DEEPFOOL_SCALE,
-                   help=f"factor on rho in the table (default {DEEPFOOL_SCALE:g})")
-    add_opts(p)
+                   help="factor on rho in the table")
     return p.parse_args(argv)
 
 

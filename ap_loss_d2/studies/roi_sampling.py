@@ -45,7 +45,6 @@ VOC 07+12 -> 07 test)::
 Trailing ``KEY VALUE`` pairs are config overrides applied to every run, after the study's own
 (so they win).
 """
-import argparse
 import contextlib
 import logging
 import subprocess
@@ -54,8 +53,8 @@ import time
 from pathlib import Path
 
 from .common import (
-    LOSS_LABELS,
     check_run_settings,
+    cls_loss_label,
     default_config,
     fmt_num,
     markdown_table,
@@ -63,6 +62,7 @@ from .common import (
     pyplot,
     read_json,
     scaled_schedule,
+    study_argument_parser,
     to_jsonable,
     train_net_command,
     write_json,
@@ -82,31 +82,23 @@ REPORT = "roi_sampling_study"
 def build_parser():
     from ap_loss_d2.losses.registry import cls_loss_names
 
-    parser = argparse.ArgumentParser(
-        prog="python -m ap_loss_d2.studies.roi_sampling",
-        description="Train and evaluate Faster R-CNN (CE vs AP-loss) for several numbers of "
-        "sampled RoIs per image (paper supplementary A4.3, Table 14 / Fig. 13).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = study_argument_parser(
+        "roi_sampling",
+        "Train and evaluate Faster R-CNN (CE vs AP-loss) for several numbers of sampled RoIs per "
+        "image (paper supplementary A4.3, Table 14 / Fig. 13).",
+        config=f"configs/{CONFIG_REL}, a model with APLossROIHeads", num_gpus=True)
     add = parser.add_argument
     add("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
         help="values of MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
     add("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=cls_loss_names("roi_heads"),
         help="values of MODEL.CLS_LOSS.NAME")
-    add("--config-file", "--config", dest="config", default=None,
-        help=f"yaml config of a model with APLossROIHeads (default: configs/{CONFIG_REL} of the "
-        "repository)")
     add("--iters", type=int, default=None,
-        help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (None: the config's)")
-    add("--output-dir", default="output/roi_sampling_study", help="report and run directories")
-    add("--num-gpus", type=int, default=1, help="processes per training run (train_net's --num-gpus)")
+        help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (default: the config's)")
     add("--train-net", default=None,
         help="another training script taking Detectron2's default_argument_parser arguments "
         "(default: python -m ap_loss_d2.engine.train_net)")
     add("--verbose", action="store_true",
         help="also print the training and evaluation logs (always written to files)")
-    add("opts", nargs=argparse.REMAINDER, default=[],
-        help="config overrides 'KEY VALUE ...' applied to every run (last)")
     return parser
 
 
@@ -252,7 +244,7 @@ def table14(records, sizes, losses):
     by_key = {(r["loss"], r["batch_size_per_image"]): r for r in records}
     head = ["#RoIs/img"]
     for loss in losses:
-        label = LOSS_LABELS.get(loss, loss)
+        label = cls_loss_label(loss)
         head += [f"{label} {m}" for m in METRICS] + [f"{label} sampled"]
     rows = []
     for size in sizes:
@@ -300,7 +292,7 @@ def plot(path, records, sizes, losses):
         )
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=LOSS_LABELS.get(loss, loss))
+            ax.plot(xs, ys, marker="o", label=cls_loss_label(loss))
     ax.set_xticks(sorted(sizes))
     ax.set_xlabel("number of RoI samples per image")
     ax.set_ylabel("AP")
@@ -338,17 +330,13 @@ def _say(msg):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     opts = list(args.opts)
-    if opts and opts[0] == "--":
-        opts = opts[1:]
-    if len(opts) % 2:
-        raise SystemExit(f"config overrides must be KEY VALUE pairs, got {opts}")
     if any(s <= 0 for s in args.sizes):
         raise SystemExit(f"--sizes must be positive, got {args.sizes}")
     if args.iters is not None and args.iters <= 0:
         raise SystemExit(f"--iters must be positive, got {args.iters}")
     sizes = sorted(set(args.sizes))
     losses = list(dict.fromkeys(args.losses))
-    config = str(Path(args.config or default_config(CONFIG_REL)).resolve())
+    config = str(Path(args.config_file or default_config(CONFIG_REL)).resolve())
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     _log_detectron2(output_dir / "eval_log.txt", args.verbose)

@@ -39,19 +39,19 @@ from detectron2.data.detection_utils import build_augmentation
 from detectron2.structures import Boxes, pairwise_iou
 
 from .common import (
-    add_opts,
+    RUN_SPEC,
     build_model_for_run,
     fmt_num,
     markdown_table,
     prepare_runs,
     progress,
     pyplot,
-    study_parser,
+    study_argument_parser,
     timestamp,
     write_study_outputs,
 )
 
-__all__ = ["BIN_EDGES", "collect_pairs", "main", "score_mode_of", "summarize"]
+__all__ = ["BIN_EDGES", "collect_pairs", "combined_figure", "main", "score_mode_of", "summarize"]
 
 STUDY = "score_distribution"
 #: IoU bin edges: [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0] (the last bin includes 1).
@@ -234,19 +234,21 @@ def _scatter(ax, pairs, summary, label, high_score, max_points, seed):
     ax.set_title(f"{label}\nscore>={hs['score_at_least']} at IoU<{hs['iou_below']}: "
                  f"{hs['count']}", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", markerscale=3)
 
 
 def plot_run(pairs, summary, label, path, high_score, max_points=50000, seed=0):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 4.2))
     _scatter(ax, pairs, summary, label, high_score, max_points, seed)
-    ax.legend(fontsize=7, loc="upper left", markerscale=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_all(runs_data, path, high_score, max_points=50000, seed=0):
+def combined_figure(runs_data, high_score, max_points=50000, seed=0):
+    """The combined figure: one scatter panel per run, then the runs' mean score per IoU bin;
+    ``runs_data``: ``[(label, pairs, summary)]``."""
     plt = pyplot()
     n = len(runs_data)
     fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 4.0), squeeze=False)
@@ -264,8 +266,13 @@ def plot_all(runs_data, path, high_score, max_points=50000, seed=0):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_all(runs_data, path, high_score, max_points=50000, seed=0):
+    fig = combined_figure(runs_data, high_score, max_points, seed)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def build_table(report, digits=3):
@@ -283,7 +290,7 @@ def build_table(report, digits=3):
 
 
 def parse_args(argv=None):
-    p = study_parser(STUDY, __doc__)
+    p = study_argument_parser(STUDY, __doc__, runs=RUN_SPEC)
     p.add_argument("--max-images", type=int, default=50, help="first N images (-1: all)")
     p.add_argument("--zero-iou-samples", type=int, default=200,
                    help="IoU-0 anchors recorded per image (-1: all)")
@@ -294,7 +301,6 @@ def parse_args(argv=None):
                    help="auto: softmax with zero background logit for ce_ohem, else sigmoid")
     p.add_argument("--max-plot-points", type=int, default=50000)
     p.add_argument("--seed", type=int, default=0)
-    add_opts(p)
     return p.parse_args(argv)
 
 

@@ -23,7 +23,6 @@ output/lr_sweep/ap_lr0.01_seed0:AP-loss --run output/lr_sweep/ap_lr0.01_seed1:AP
 table shows, per label and iteration, the mean and ``[min, max]`` over its runs, and the plot a
 mean line with the range shaded. Every run's own points stay in the JSON.
 """
-import argparse
 import re
 from pathlib import Path
 
@@ -35,12 +34,13 @@ from .common import (
     markdown_table,
     progress,
     pyplot,
+    study_argument_parser,
     timestamp,
     unique_labels,
     write_json,
 )
 
-__all__ = ["checkpoint_iteration", "evaluate_checkpoint", "list_checkpoints", "main"]
+__all__ = ["checkpoint_iteration", "evaluate_checkpoint", "list_checkpoints", "main", "parse_args"]
 
 STUDY = "training_curves"
 METRICS = ("AP", "AP50", "AP75")
@@ -145,18 +145,17 @@ def _config_hash(cfg):
     return hashlib.sha1(c.dump().encode()).hexdigest()[:16]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, help="RUN_DIR[:LABEL] (repeat for each run)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--config-file", default="", help="yaml config for every run (default: each run's config.yaml)")
-    p.add_argument("--dataset", default="", help="dataset to evaluate on (default: the config's DATASETS.TEST[0])")
+def parse_args(argv=None):
+    p = study_argument_parser(STUDY, __doc__, config="each run's config.yaml",
+                              runs="RUN_DIR[:LABEL]")
     p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
-    p.add_argument("--device", default=None)
     p.add_argument("--group", action="store_true",
                    help="runs with the same LABEL are seeds of one setting: mean and [min, max]")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     import ap_loss_d2.data  # noqa: F401  (registers the embedded and VOC sets)
 
@@ -252,7 +251,7 @@ def main(argv=None):
     if groups is not None:
         report["groups"] = groups
     write_json(cache_path, report)
-    md = [f"# Fig. 6: AP against training iteration", "", table, "", f"![training curves]({png.name})"]
+    md = ["# Fig. 6: AP against training iteration", "", table, "", f"![training curves]({png.name})"]
     (out / f"{STUDY}.md").write_text("\n".join(md) + "\n")
     print(table, flush=True)
     progress(STUDY, f"wrote {cache_path}, {out / (STUDY + '.md')}, {png}")

@@ -14,16 +14,23 @@ metadata). Writes, per image, ``image_<k>.png`` (one row: one column per model, 
 run's label) and ``visualize.png`` (every row: one row per image), plus ``visualize.json``
 (the drawn detections) and ``visualize.md``.
 """
-import argparse
 import copy
 from pathlib import Path
 
-import numpy as np
 
-from .common import build_model_for_run, markdown_table, parse_run_spec, progress, pyplot, resolve_run, timestamp
-from .common import unique_labels, write_json
+from .common import (
+    RUN_SPEC,
+    build_model_for_run,
+    markdown_table,
+    prepare_runs,
+    progress,
+    pyplot,
+    study_argument_parser,
+    timestamp,
+    write_json,
+)
 
-__all__ = ["detect", "main"]
+__all__ = ["detect", "main", "parse_args"]
 
 STUDY = "visualize"
 
@@ -73,16 +80,15 @@ def _figure(rows, labels, titles_per_row, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, help="RUN_DIR[:LABEL] or CONFIG:WEIGHTS[:LABEL] (repeat)")
-    p.add_argument("--dataset", default="", help="registered dataset (default: the first run's DATASETS.TEST[0])")
+def parse_args(argv=None):
+    p = study_argument_parser(STUDY, __doc__, runs=RUN_SPEC)
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--score-thresh", type=float, default=0.3)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--device", default=None)
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (every run)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         import cv2  # noqa: F401  (Detectron2's Visualizer needs OpenCV)
     except ImportError:
@@ -98,12 +104,7 @@ def main(argv=None):
     import ap_loss_d2.data  # noqa: F401  (registers the embedded and VOC sets)
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = [parse_run_spec(r) for r in args.run]
-    resolved = [resolve_run(s, args.opts, args.device) for s in specs]
-    labels = unique_labels([lab for _, lab in resolved])
-    dataset = args.dataset or resolved[0][0].DATASETS.TEST[0]
+    out, specs, resolved, labels, dataset = prepare_runs(args)
     if dataset not in DatasetCatalog.list():
         raise KeyError(f"--dataset {dataset!r} is not registered; registered: {', '.join(sorted(DatasetCatalog.list()))}")
     dicts = DatasetCatalog.get(dataset)[: args.num_images]

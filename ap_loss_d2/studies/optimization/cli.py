@@ -1,28 +1,22 @@
 """Command line of the Fig. 8 study: ``python -m ap_loss_d2.studies.optimization``."""
-import argparse
 from pathlib import Path
 
 import torch
 from detectron2.utils.logger import setup_logger
 
 from ...losses.registry import cls_loss_names
-from ..common import default_config
+from ..common import default_config, study_argument_parser
 from .model import NEGATIVE_MODES
 from .runner import CONFIG_REL, DEFAULT_METHODS, DEFAULT_NEGATIVE_MODE, DEFAULT_NEGATIVES, run_study
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        prog="python -m ap_loss_d2.studies.optimization",
-        description="Fig. 8 of the AP-loss paper: AP-loss optimised by the error-driven update, "
-        "the approximate gradient and the structured hinge loss (classification branch only).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = study_argument_parser(
+        "optimization",
+        "Fig. 8 of the AP-loss paper: AP-loss optimised by the error-driven update, the "
+        "approximate gradient and the structured hinge loss (classification branch only).",
+        config=f"configs/{CONFIG_REL}, an APLossRetinaNet",
     )
-    p.add_argument(
-        "--config-file", "--config", dest="config", default=None,
-        help=f"yaml config of an APLossRetinaNet (default: configs/{CONFIG_REL} of the repository)",
-    )
-    p.add_argument("--output-dir", default="output/optimization_study")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=cls_loss_names("retinanet"))
     p.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b"])
     p.add_argument(
@@ -83,9 +77,6 @@ def build_parser():
         help="torch.set_num_threads for the runs (0: PyTorch's default); on a CPU shared "
         "with other jobs, 1 avoids oversubscription",
     )
-    p.add_argument(
-        "opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ..."
-    )
     return p
 
 
@@ -98,7 +89,7 @@ def main(argv=None):
     setup_logger(args.output_dir, name="ap_loss_d2")
     out = run_study(
         args.output_dir,
-        config_file=args.config or default_config(CONFIG_REL),
+        config_file=args.config_file or default_config(CONFIG_REL),
         methods=args.methods,
         parts=args.parts,
         negatives=args.negatives,

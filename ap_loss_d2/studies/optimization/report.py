@@ -4,7 +4,7 @@ mode; solid: default initialisation, dashed: from the snapshot), each as JSON, m
 from pathlib import Path
 from typing import Dict, Optional
 
-from ..common import LOSS_LABELS, pyplot, write_json
+from ..common import cls_loss_label, pyplot, write_json
 
 
 def negatives_label(n: int) -> str:
@@ -28,7 +28,7 @@ def snapshot_name(method: str, num_negatives: int, iters: int, negative_mode: st
 
 
 def _label(method):
-    label = LOSS_LABELS.get(method, method)
+    label = cls_loss_label(method)
     return f"{label}, error-driven update" if method in ("ap", "auc") else label
 
 
