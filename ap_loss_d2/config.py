@@ -11,6 +11,7 @@ import warnings
 from detectron2.config import CfgNode as CN
 
 from .losses.registry import cls_loss_names
+from .ssd_config import add_ssd_config
 
 # Valid values of MODEL.CLS_LOSS.NAME: the registry of ap_loss_d2.losses.registry
 # (cls_loss_names("retinanet") / cls_loss_names("roi_heads")).
@@ -111,4 +112,5 @@ def add_ap_loss_config(cfg):
     cfg.AP_LOSS_INPUT.FIXED_SIZE = 512
     # Largest zoom-out (canvas / image side) of the "ssd" augmentation's expand step (SSD: 4).
     cfg.AP_LOSS_INPUT.EXPAND_MAX_RATIO = 4.0
+    add_ssd_config(cfg)  # MODEL.SSD.* (APLossSSD)
     return cfg
