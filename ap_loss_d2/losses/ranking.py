@@ -177,14 +177,21 @@ def auc_loss(
     return _apply(logits, targets, "auc", opts)
 
 
+def check_ranking_options(*, delta, step, sigmoid_k, interpolate=True):
+    """ValueError/TypeError naming the option unless ``delta`` and ``sigmoid_k`` are finite
+    numbers > 0, ``step`` one of :data:`STEPS` and ``interpolate`` a bool."""
+    if step not in STEPS:
+        raise ValueError(f"step={step!r} is not a valid step function; choose one of {STEPS}")
+    for name, value in (("delta", delta), ("sigmoid_k", sigmoid_k)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not isinstance(interpolate, bool):
+        raise TypeError(f"interpolate must be True or False, got {interpolate!r}")
+
+
 class _Options:
     def __init__(self, delta, interpolate, step, sigmoid_k, stats, process_group, sigmoid_cut):
-        if step not in STEPS:
-            raise ValueError(f"step={step!r} is not a valid step function; choose one of {STEPS}")
-        if not (float(delta) > 0) or not math.isfinite(float(delta)):
-            raise ValueError(f"delta must be a finite number > 0, got {delta}")
-        if step == "sigmoid" and not (float(sigmoid_k) > 0):
-            raise ValueError(f"sigmoid_k must be > 0, got {sigmoid_k}")
+        check_ranking_options(delta=delta, step=step, sigmoid_k=sigmoid_k, interpolate=interpolate)
         self.delta = float(delta)
         self.interpolate = bool(interpolate)
         self.step = step
