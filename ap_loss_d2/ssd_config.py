@@ -48,4 +48,8 @@ def add_ssd_config(cfg):
     # Inference: IoU of the per-class NMS (the paper's 0.5, as its RetinaNet; SSD's own is 0.45).
     # Detections kept per image: TEST.DETECTIONS_PER_IMAGE (SSD: 200).
     s.NMS_THRESH_TEST = 0.5
+    # Inference: resize every image to this square inside the model (the paper tests SSD at
+    # 512x512); 0 = as the test mapper gives it. Set INPUT.MIN_SIZE_TEST 0 so that the mapper
+    # passes the original image.
+    s.TEST_FIXED_SIZE = 512
     return cfg

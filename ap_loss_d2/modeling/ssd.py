@@ -9,6 +9,7 @@ import math
 from typing import List
 
 import torch
+import torch.nn.functional as F
 from fvcore.nn import smooth_l1_loss
 from torch import nn
 
@@ -18,10 +19,10 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.structures import Boxes, pairwise_iou
+from detectron2.structures import Boxes, ImageList, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from ..losses.registry import build_cls_loss
+from ..losses.registry import build_cls_loss, check_head, check_number
 
 __all__ = ["APLossSSD", "SSDHead", "ssd_match"]
 
@@ -66,15 +67,15 @@ class SSDHead(nn.Module):
                 "give MODEL.SSD.PRIOR_* one entry per MODEL.SSD.IN_FEATURES"
             )
         self.num_classes = num_classes
-        self.cls_score = nn.ModuleList(
+        self.cls_convs = nn.ModuleList(
             nn.Conv2d(s.channels, a * num_classes, 3, padding=1) for s, a in zip(input_shape, num_anchors)
         )
-        self.bbox_pred = nn.ModuleList(nn.Conv2d(s.channels, a * 4, 3, padding=1) for s, a in zip(input_shape, num_anchors))
+        self.box_convs = nn.ModuleList(nn.Conv2d(s.channels, a * 4, 3, padding=1) for s, a in zip(input_shape, num_anchors))
         bias = -math.log((1 - prior_prob) / prior_prob) if prior_prob > 0 else 0.0
-        for conv in [*self.cls_score, *self.bbox_pred]:
+        for conv in [*self.cls_convs, *self.box_convs]:
             nn.init.xavier_uniform_(conv.weight)
             nn.init.zeros_(conv.bias)
-        for conv in self.cls_score:
+        for conv in self.cls_convs:
             nn.init.constant_(conv.bias, bias)
 
     @classmethod
@@ -87,8 +88,8 @@ class SSDHead(nn.Module):
         }
 
     def forward(self, features: List[torch.Tensor]):
-        logits = [conv(x) for conv, x in zip(self.cls_score, features)]
-        deltas = [conv(x) for conv, x in zip(self.bbox_pred, features)]
+        logits = [conv(x) for conv, x in zip(self.cls_convs, features)]
+        deltas = [conv(x) for conv, x in zip(self.box_convs, features)]
         return logits, deltas
 
 
@@ -128,6 +129,7 @@ class APLossSSD(DenseDetector):
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.5,
         max_detections_per_image: int = 200,
+        test_fixed_size: int = 0,
         pixel_mean,
         pixel_std,
         input_format: str = "BGR",
@@ -144,20 +146,26 @@ class APLossSSD(DenseDetector):
             box_reg_weight: weight of the box loss.
             test_score_thresh, test_topk_candidates, test_nms_thresh, max_detections_per_image:
                 inference (see the class doc).
+            test_fixed_size: at inference, resize every image to this square (SSD512: 512, as
+                the paper tests); 0 keeps the mapper's size. Detections are mapped back to each
+                input's ``height`` x ``width`` by Detectron2's postprocessing.
             pixel_mean, pixel_std, input_format: image normalisation, as Detectron2's models.
         """
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.anchor_generator = anchor_generator
         self.box2box_transform = box2box_transform
-        self.cls_loss = cls_loss
+        self.cls_loss = check_head(cls_loss, self.cls_loss_head)
         self.num_classes = num_classes
-        self.iou_threshold = iou_threshold
-        self.smooth_l1_beta = smooth_l1_beta
-        self.box_reg_weight = box_reg_weight
+        self.iou_threshold = check_number("iou_threshold (MODEL.SSD.IOU_THRESHOLD)", iou_threshold, upper=1.0 + 1e-9)
+        self.smooth_l1_beta = check_number("smooth_l1_beta (MODEL.SSD.SMOOTH_L1_BETA)", smooth_l1_beta, allow_zero=True)
+        self.box_reg_weight = check_number("box_reg_weight (MODEL.CLS_LOSS.BOX_REG_WEIGHT)", box_reg_weight, allow_zero=True)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
-        self.test_nms_thresh = test_nms_thresh
+        self.test_nms_thresh = check_number("test_nms_thresh (MODEL.SSD.NMS_THRESH_TEST)", test_nms_thresh, upper=1.0 + 1e-9)
         self.max_detections_per_image = max_detections_per_image
+        if isinstance(test_fixed_size, bool) or not isinstance(test_fixed_size, int) or test_fixed_size < 0:
+            raise ValueError(f"test_fixed_size (MODEL.SSD.TEST_FIXED_SIZE)={test_fixed_size!r} must be an integer >= 0")
+        self.test_fixed_size = test_fixed_size
         self.input_format = input_format
 
     @classmethod
@@ -187,10 +195,24 @@ class APLossSSD(DenseDetector):
             "test_topk_candidates": s.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": s.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "test_fixed_size": s.TEST_FIXED_SIZE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
         }
+
+    def preprocess_image(self, batched_inputs):
+        """Detectron2's normalisation and batching; at inference with ``test_fixed_size``, each
+        image is then resized (bilinear) to that square."""
+        images = super().preprocess_image(batched_inputs)
+        if self.training or not self.test_fixed_size:
+            return images
+        size = (self.test_fixed_size, self.test_fixed_size)
+        resized = [
+            F.interpolate(images.tensor[i : i + 1, :, :h, :w], size=size, mode="bilinear", align_corners=False)
+            for i, (h, w) in enumerate(images.image_sizes)
+        ]
+        return ImageList(torch.cat(resized), [size] * len(resized))
 
     @torch.no_grad()
     def label_anchors(self, anchors: List[Boxes], gt_instances):
@@ -231,8 +253,9 @@ class APLossSSD(DenseDetector):
         labels = torch.stack(gt_labels)  # (N, R)
         pos = labels < self.num_classes
         num_pos = int(pos.sum().item())
-        get_event_storage().put_scalar("num_pos_anchors", num_pos / max(len(gt_labels), 1))
-        loss_cls = self.cls_loss(cat(pred_logits, dim=1), labels, normalizer=max(num_pos, 1))
+        storage = get_event_storage()
+        storage.put_scalar("num_pos_anchors", num_pos / max(len(gt_labels), 1))
+        loss_cls = self.cls_loss(cat(pred_logits, dim=1), labels, normalizer=max(num_pos, 1), storage=storage)
         priors = Boxes.cat(anchors).tensor
         target = torch.stack([self.box2box_transform.get_deltas(priors, b) for b in gt_boxes])  # (N, R, 4)
         loss_box = smooth_l1_loss(cat(pred_deltas, dim=1)[pos], target[pos], self.smooth_l1_beta, reduction="sum")

@@ -10,11 +10,10 @@ conv4_3 64, conv7 32, conv8_2 16, conv9_2 8, conv10_2 4, conv11_2 2, conv12_2 1 
 
 Convert ImageNet weights once (the user downloads torchvision's ``vgg16-397923af.pth``)::
 
-    python -m ap_loss_d2.modeling.vgg convert vgg16-397923af.pth vgg16_ssd_d2.pth
+    python tools/convert_vgg16_to_d2.py vgg16-397923af.pth vgg16_ssd_d2.pth
 
 and set ``MODEL.WEIGHTS vgg16_ssd_d2.pth``.
 """
-import argparse
 from typing import Dict, List, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-__all__ = ["L2Norm", "VGG16SSD", "build_vgg16_ssd_backbone", "convert_torchvision_vgg16", "OUTPUT_NAMES"]
+__all__ = ["L2Norm", "VGG16SSD", "build_vgg16_ssd_backbone", "convert_torchvision_vgg16", "convert_vgg16_checkpoint", "OUTPUT_NAMES"]
 
 #: VGG-16 conv widths per stage (conv1 .. conv5), 2-2-3-3-3 convolutions.
 _STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -202,26 +201,12 @@ def convert_torchvision_vgg16(state_dict, prefix: str = "backbone.") -> Dict[str
     return out
 
 
-def _convert_command(src: str, dst: str) -> None:
+def convert_vgg16_checkpoint(src: str, dst: str) -> int:
+    """Write the Detectron2 checkpoint ``dst`` (``{"model", "__author__",
+    "matching_heuristics": False}``) converted from the torchvision vgg16 state dict ``src``;
+    returns the number of tensors."""
     state = torch.load(src, map_location="cpu", weights_only=True)
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
     model = convert_torchvision_vgg16(state)
     # Exact names: Detectron2 must not rename them by its heuristics (meant for other layouts).
-    torch.save({"model": model, "__author__": "torchvision vgg16 (ap_loss_d2 conversion)", "matching_heuristics": False}, dst)
-    params = sum(v.numel() for v in model.values())
-    print(f"wrote {dst}: {len(model)} tensors, {params / 1e6:.1f} M parameters")
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.modeling.vgg", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="torchvision vgg16 ImageNet state dict -> Detectron2 checkpoint of VGG16SSD")
-    c.add_argument("src", help="torchvision vgg16 state dict (.pth), e.g. vgg16-397923af.pth")
-    c.add_argument("dst", help="output Detectron2 checkpoint (.pth) for MODEL.WEIGHTS")
-    args = p.parse_args(argv)
-    _convert_command(args.src, args.dst)
-
-
-if __name__ == "__main__":
-    main()
+    torch.save({"model": model, "__author__": "torchvision vgg16, converted by ap_loss_d2", "matching_heuristics": False}, dst)
+    return len(model)
