@@ -9,14 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("detectron2")
 
+import detectron2.data.transforms as T  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.data import DatasetMapper  # noqa: E402
 from detectron2.engine import create_ddp_model  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -142,6 +145,12 @@ def test_yaml_and_lazy_twins_build_the_same_model(stem):
     assert sum(len(p) for p in a["priors"]) == 36  # 4 + 6 + 6 + 6 + 6 + 4 + 4 priors per cell
     assert lazy.train.init_checkpoint == cfg.MODEL.WEIGHTS
     assert lazy.optimizer.lr == cfg.SOLVER.BASE_LR and lazy.train.max_iter == cfg.SOLVER.MAX_ITER
+    # test input: both routes hand the image to the model as loaded (it resizes to 512x512)
+    image = np.zeros((300, 500, 3), dtype=np.uint8)
+    for augs in (DatasetMapper(cfg, is_train=False).augmentations, instantiate(lazy.dataloader.test.mapper).augmentations):
+        assert augs(T.AugInput(image)).apply_image(image).shape == image.shape
+    train_augs = instantiate(lazy.dataloader.train.mapper.augmentations)
+    assert tuple(train_augs[-2].shape) == (cfg.AP_LOSS_INPUT.FIXED_SIZE,) * 2
 
 
 # ----------------------------------------------------------------------------------------------
