@@ -27,6 +27,13 @@ from ..losses.registry import build_cls_loss, check_head, check_number
 __all__ = ["APLossSSD", "SSDHead", "ssd_match"]
 
 
+def _check_fraction(name: str, value) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
+    return float(value)
+
+
 def ssd_match(iou: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """SSD's matching of priors to ground truth.
 
@@ -156,12 +163,12 @@ class APLossSSD(DenseDetector):
         self.box2box_transform = box2box_transform
         self.cls_loss = check_head(cls_loss, self.cls_loss_head)
         self.num_classes = num_classes
-        self.iou_threshold = check_number("iou_threshold (MODEL.SSD.IOU_THRESHOLD)", iou_threshold, upper=1.0 + 1e-9)
+        self.iou_threshold = _check_fraction("iou_threshold (MODEL.SSD.IOU_THRESHOLD)", iou_threshold)
         self.smooth_l1_beta = check_number("smooth_l1_beta (MODEL.SSD.SMOOTH_L1_BETA)", smooth_l1_beta, allow_zero=True)
         self.box_reg_weight = check_number("box_reg_weight (MODEL.CLS_LOSS.BOX_REG_WEIGHT)", box_reg_weight, allow_zero=True)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
-        self.test_nms_thresh = check_number("test_nms_thresh (MODEL.SSD.NMS_THRESH_TEST)", test_nms_thresh, upper=1.0 + 1e-9)
+        self.test_nms_thresh = _check_fraction("test_nms_thresh (MODEL.SSD.NMS_THRESH_TEST)", test_nms_thresh)
         self.max_detections_per_image = max_detections_per_image
         if isinstance(test_fixed_size, bool) or not isinstance(test_fixed_size, int) or test_fixed_size < 0:
             raise ValueError(f"test_fixed_size (MODEL.SSD.TEST_FIXED_SIZE)={test_fixed_size!r} must be an integer >= 0")

@@ -155,10 +155,6 @@ class VGG16SSD(Backbone):
             outputs[f"{name}_2"] = x
         return {k: outputs[k] for k in self._out_features}
 
-    @property
-    def size_divisibility(self) -> int:
-        return 0
-
 
 @BACKBONE_REGISTRY.register()
 def build_vgg16_ssd_backbone(cfg, input_shape: ShapeSpec) -> VGG16SSD:
