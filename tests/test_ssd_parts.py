@@ -47,23 +47,40 @@ def test_l2norm_scales_unit_vectors():
     torch.testing.assert_close(y.norm(dim=1), torch.full((2, 3, 5), 20.0))
 
 
-def test_conversion_matches_torchvision_conv4_3_and_fc_subsampling(tmp_path):
-    torch.manual_seed(0)
-    tv = torchvision.models.vgg16(weights=None).eval()
-    src, dst = tmp_path / "vgg16.pth", tmp_path / "vgg16_ssd_d2.pth"
-    torch.save(tv.state_dict(), src)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, str(REPO / "tools" / "convert_vgg16_to_d2.py"), str(src), str(dst)], check=True, env=env)
-    saved = torch.load(dst, weights_only=True)
-    assert saved["matching_heuristics"] is False and "__author__" in saved
+class _Holder(torch.nn.Module):
+    """A model whose ``backbone`` is SSD's VGG-16: the names the converted checkpoint has."""
 
-    class Holder(torch.nn.Module):  # the checkpoint's names are those of a model's "backbone."
-        def __init__(self):
-            super().__init__()
-            self.backbone = VGG16SSD()
+    def __init__(self):
+        super().__init__()
+        self.backbone = VGG16SSD()
 
-    model = Holder().eval()
-    DetectionCheckpointer(model).load(str(dst))
+
+@pytest.fixture(scope="module")
+def torchvision_vgg16():
+    """torchvision's ``vgg16(weights=None)``, built on the meta device and filled cheaply (its
+    random initialisation of 138 M parameters takes seconds): random convolutions, and fc
+    layers holding a ramp, so that every entry differs."""
+    with torch.device("meta"):
+        tv = torchvision.models.vgg16(weights=None)
+    tv = tv.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight[0].numel()))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.linspace(-1, 1, m.weight.numel()).view_as(m.weight))
+                m.bias.copy_(torch.linspace(-1, 1, m.bias.numel()))
+    return tv
+
+
+def test_conversion_matches_torchvision_conv4_3_and_fc_subsampling(torchvision_vgg16, tmp_path):
+    tv = torchvision_vgg16
+    path = tmp_path / "vgg16_ssd_d2.pth"
+    torch.save({"model": convert_torchvision_vgg16(tv.state_dict()), "matching_heuristics": False}, path)
+    model = _Holder().eval()
+    DetectionCheckpointer(model).load(str(path))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.backbone.features[:CONV4_3_END](x), tv.features[:23](x))
@@ -71,8 +88,22 @@ def test_conversion_matches_torchvision_conv4_3_and_fc_subsampling(tmp_path):
     for o in (0, 4, 1020):
         for i, j in ((0, 0), (1, 2), (2, 1)):
             assert torch.equal(model.backbone.fc6.weight[o, :, i, j], fc6[4 * o, :, 3 * i, 3 * j])
+    assert torch.equal(model.backbone.fc6.bias, tv.classifier[0].bias[::4])
     assert torch.equal(model.backbone.fc7.weight[5, 7, 0, 0], tv.classifier[3].weight[20, 28])
     assert torch.equal(model.backbone.fc7.bias, tv.classifier[3].bias[::4])
+
+
+@pytest.mark.slow  # writes and reads torchvision's 528 MB state dict in a subprocess
+def test_conversion_command(torchvision_vgg16, tmp_path):
+    src, dst = tmp_path / "vgg16.pth", tmp_path / "vgg16_ssd_d2.pth"
+    torch.save(torchvision_vgg16.state_dict(), src)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, str(REPO / "tools" / "convert_vgg16_to_d2.py"), str(src), str(dst)], check=True, env=env)
+    saved = torch.load(dst, weights_only=True)
+    assert saved["matching_heuristics"] is False and "__author__" in saved
+    expected = convert_torchvision_vgg16(torchvision_vgg16.state_dict())
+    assert saved["model"].keys() == expected.keys()
+    assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
 
 
 def test_conversion_rejects_other_state_dicts():
