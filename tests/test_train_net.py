@@ -121,7 +121,7 @@ def test_lazy_training_and_eval_only(synth_dataset_dir, tmp_path):
         "hydra-core>=1.3 with omegaconf>=2.3 (both work with Detectron2 v0.6)."
     )
     out = tmp_path / "lazy"
-    log = run_train_net("--config-file", TINY_LAZY, f"train.output_dir={out}", "model.cls_loss=auc")
+    log = run_train_net("--config-file", TINY_LAZY, f"train.output_dir={out}", "model.cls_loss.delta=0.5")
     assert (out / "model_final.pth").is_file()
     metrics = read_metrics(out)
     assert [m["iteration"] for m in metrics if "total_loss" in m] == [0, 1]

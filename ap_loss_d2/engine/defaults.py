@@ -11,6 +11,7 @@ from ..config import add_ap_loss_config
 from ..data import AUGMENTATIONS, build_train_mapper
 from ..data.checks import NamingReadErrors, hint_filter_empty
 from ..evaluation import build_evaluator
+from ..losses.registry import build_cls_loss
 from .checkpoint import SafeDetectionCheckpointer, keep_config_lr
 from .divergence import NonFiniteGuard
 from .launch import cpu_ddp_in_default_trainer
@@ -37,15 +38,16 @@ def check_cls_loss_is_read(cfg):
     """ValueError if ``MODEL.CLS_LOSS.NAME`` is set while the model of ``cfg`` does not read it
     (stock ``RetinaNet``, ``StandardROIHeads``...), unless it names that model's own loss
     (``"focal"`` for RetinaNet, ``"ce"`` for StandardROIHeads); the message names the class to
-    use instead. Whether a model reads it: its ``cls_loss_head`` attribute."""
+    use instead. Returns the head that reads it (the model's ``cls_loss_head``), or None."""
     name = cfg.MODEL.CLS_LOSS.NAME
     model = _registered(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
     if model is not None and issubclass(model, GeneralizedRCNN):
         model = _registered(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
-    if not name or model is None or getattr(model, "cls_loss_head", None):
-        return
+    head = getattr(model, "cls_loss_head", None)
+    if not name or model is None or head:
+        return head
     if any(issubclass(model, stock) and name == own for stock, own in _STOCK_LOSSES):
-        return
+        return None
     if issubclass(model, RetinaNet):
         where, fix = f"MODEL.META_ARCHITECTURE={model.__name__!r}", "MODEL.META_ARCHITECTURE: APLossRetinaNet"
     elif cfg.MODEL.META_ARCHITECTURE == model.__name__:
@@ -60,10 +62,15 @@ def check_cls_loss_is_read(cfg):
 
 
 def validate_cfg(cfg):
-    """Checks of a merged config that no constructor makes (ValueError naming the key): a
-    ``MODEL.CLS_LOSS.NAME`` the model would ignore, and ``AP_LOSS_INPUT``. The loss options are
-    checked by the loss's constructor when the model is built."""
-    check_cls_loss_is_read(cfg)
+    """Fail fast, before anything is written or built (ValueError naming the key): a
+    ``MODEL.CLS_LOSS.NAME`` the model would ignore; the loss of ``MODEL.CLS_LOSS``, built once
+    here so that its constructor checks its options; ``AP_LOSS_INPUT``."""
+    head = check_cls_loss_is_read(cfg)
+    if head is not None:
+        try:
+            build_cls_loss(cfg, head)
+        except ValueError as e:
+            raise ValueError(f"MODEL.CLS_LOSS (NAME={cfg.MODEL.CLS_LOSS.NAME or 'ap'!r}): {e}") from None
     aug = cfg.AP_LOSS_INPUT.AUGMENTATION
     if aug not in AUGMENTATIONS:
         raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={aug!r}; valid values: {', '.join(AUGMENTATIONS)}")

@@ -29,6 +29,7 @@ __all__ = [
     "build_lazy_model",
     "do_test_lazy",
     "do_train_lazy",
+    "check_lazy_cls_loss",
     "setup_lazy_cfg",
     "verify_lazy_results",
 ]
@@ -36,11 +37,29 @@ __all__ = [
 logger = logging.getLogger("detectron2")
 
 
+def check_lazy_cls_loss(cfg):
+    """Fail fast, before anything is written or built: instantiate the loss nodes of
+    ``cfg.model`` (``model.cls_loss``, ``model.roi_heads.box_predictor.cls_loss``) once, so that
+    their constructors check their options (ValueError naming the node)."""
+    model = cfg.get("model", None)
+    nodes = {"model.cls_loss": model.get("cls_loss", None) if hasattr(model, "get") else None}
+    roi_heads = model.get("roi_heads", None) if hasattr(model, "get") else None
+    predictor = roi_heads.get("box_predictor", None) if hasattr(roi_heads, "get") else None
+    nodes["model.roi_heads.box_predictor.cls_loss"] = predictor.get("cls_loss", None) if hasattr(predictor, "get") else None
+    for key, node in nodes.items():
+        if hasattr(node, "get") and "_target_" in node:
+            try:
+                instantiate(node)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+
+
 def setup_lazy_cfg(args):
     """Load ``args.config_file``, apply ``args.opts`` (``key=value``), check datasets and paths,
     ``default_setup``. The model's arguments are checked by their constructors."""
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_lazy_cls_loss(cfg)
     check_startup_lazy(cfg)  # datasets, output paths, batch size: before anything is built
     default_setup(cfg, args)
     return cfg

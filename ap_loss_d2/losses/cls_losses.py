@@ -2,18 +2,22 @@
 Tables 2, 8, 13 and Fig. 8). Each validates its arguments once, in its constructor, and is built
 from ``MODEL.CLS_LOSS`` by :func:`~ap_loss_d2.losses.registry.build_cls_loss`.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from detectron2.config import configurable
 
 from .alternatives import ap_loss_approx_gradient, ap_loss_structured_hinge
+from .distributed import group_size, resolve_group
 from .baselines import DR_DEFAULTS, GHM_BINS, GHM_MOMENTUM, GHM_VARIANTS, dr_loss, ghm_c_loss
 from .neg_selection import check_neg_pos_ratio, select_negatives
 from .ohem import ce_ohem_loss, ce_ohem_scores
 from .ranking import ap_loss, auc_loss, check_ranking_options
 from .ranking_sets import RankingSets, ranking_targets
-from .registry import CLS_LOSS_REGISTRY, ClsLoss, check_number
+from .base import ClsLoss, check_number
+from .registry import CLS_LOSS_REGISTRY
 
 __all__ = [
     "APLoss",
@@ -30,6 +34,16 @@ __all__ = [
 ]
 
 
+def _images_per_process(cfg) -> Optional[int]:
+    """``SOLVER.IMS_PER_BATCH`` per process (scaled as DefaultTrainer.auto_scale_workers does
+    when ``SOLVER.REFERENCE_WORLD_SIZE`` differs from the world); None if it does not split."""
+    world = group_size(resolve_group(True))
+    total, reference = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.get("REFERENCE_WORLD_SIZE", 0)
+    if reference and reference != world:
+        total = int(round(total * world / reference))
+    return total // world if total % world == 0 and total > 0 else None
+
+
 class _RankingLoss(ClsLoss):
     """Shared by AP- and AUC-loss: the step function and the ranking sets."""
 
@@ -44,12 +58,14 @@ class _RankingLoss(ClsLoss):
         sigmoid_k: float = 0.5,
         images_per_ranking_set: int = 0,
         rank_across_processes: bool = False,
+        images_per_process: Optional[int] = None,
+        num_processes: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_ranking_options(delta=delta, step=step, sigmoid_k=sigmoid_k)
         self.options = dict(delta=delta, step=step, sigmoid_k=sigmoid_k)
-        self.sets = RankingSets(images_per_ranking_set, rank_across_processes)
+        self.sets = RankingSets(images_per_ranking_set, rank_across_processes, images_per_process, num_processes)
 
     @classmethod
     def from_config(cls, cfg):
@@ -61,6 +77,7 @@ class _RankingLoss(ClsLoss):
             "sigmoid_k": c.SIGMOID_K,
             "images_per_ranking_set": c.IMAGES_PER_RANKING_SET,
             "rank_across_processes": c.RANK_ACROSS_PROCESSES,
+            "images_per_process": _images_per_process(cfg),
         }
 
     def extra_repr(self):

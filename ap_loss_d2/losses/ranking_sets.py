@@ -49,7 +49,21 @@ class RankingSets:
     over all processes, so the gradient (not the value) is scaled by ``G``.
     """
 
-    def __init__(self, images_per_set: int = 0, rank_across_processes: bool = False):
+    def __init__(
+        self,
+        images_per_set: int = 0,
+        rank_across_processes: bool = False,
+        images_per_process: Optional[int] = None,
+        num_processes: Optional[int] = None,
+    ):
+        """
+        Args:
+            images_per_set, rank_across_processes: the ranking set (see the class docstring).
+            images_per_process: images each process holds per iteration, when known (yaml:
+                ``SOLVER.IMS_PER_BATCH`` / processes): the set is then checked here, once,
+                against it and ``num_processes`` (the current world when None); otherwise at
+                the first call.
+        """
         if isinstance(images_per_set, bool) or not isinstance(images_per_set, int) or images_per_set < 0:
             raise ValueError(
                 f"images_per_ranking_set={images_per_set!r} must be an integer >= 0 (images ranked "
@@ -66,6 +80,22 @@ class RankingSets:
             )
         self.images_per_set = images_per_set
         self.rank_across_processes = rank_across_processes
+        if images_per_process is not None:
+            self.check(images_per_process, num_processes)
+
+    def check(self, images_per_process: int, num_processes: Optional[int] = None):
+        """``(sets in a process, processes per set)``; ValueError saying why and listing the
+        valid set sizes when ``images_per_set`` does not fit the layout."""
+        world = group_size(resolve_group(True)) if num_processes is None else num_processes
+        if not self.images_per_set:
+            return 1, 1
+        try:
+            return ranking_set_layout(self.images_per_set, images_per_process, world)
+        except ValueError as e:
+            raise ValueError(
+                f"images_per_ranking_set={self.images_per_set} (MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET) "
+                f"with {images_per_process} image(s) per process on {world} process(es): {e}"
+            ) from None
 
     def layout(self, num_images: int):
         """``(process group or None, sets in this process)`` for ``num_images`` per process."""
@@ -73,14 +103,7 @@ class RankingSets:
             return resolve_group(True), 1
         if not self.images_per_set:
             return None, 1
-        world = group_size(resolve_group(True))
-        try:
-            sets, processes = ranking_set_layout(self.images_per_set, num_images, world)
-        except ValueError as e:
-            raise ValueError(
-                f"images_per_ranking_set={self.images_per_set} (MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET) "
-                f"with {num_images} image(s) per process on {world} process(es): {e}"
-            ) from None
+        sets, processes = self.check(num_images)
         return ranking_set_group(processes), sets
 
     def __call__(
@@ -115,8 +138,8 @@ class RankingSets:
         for x, t in parts:
             part = {}
             losses.append(fn(x, t, stats=part, process_group=group, **options))
-            for k, v in part.items():
-                totals[k] = totals.get(k, 0) + v
+            for k in ("num_pos", "num_neg_nontrivial"):
+                totals[k] = totals.get(k, 0) + part[k]
         if stats is not None:
             stats.update(totals)
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
