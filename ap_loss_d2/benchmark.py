@@ -600,7 +600,6 @@ def breakdown(args):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    import ap_loss_d2.losses.registry as labels_module  # the module whose ap_loss/auc_loss the models call
     from ap_loss_d2.engine import get_ap_loss_cfg
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -630,23 +629,25 @@ def breakdown(args):
         _sync(device)
         clock[key] = time.perf_counter()
 
-    original = {"ap": labels_module.ap_loss, "auc": labels_module.auc_loss}
+    def before_loss(module, args, kwargs):
+        logits, labels = args[0], args[1]
+        mark("loss_start")
+        clock["numel"] = logits.numel()
+        clock["positives"] = int(((labels >= 0) & (labels < logits.shape[-1])).sum())
+        if logits.requires_grad:
+            logits.register_hook(lambda g: (mark("loss_bwd_end"), None)[1])
 
-    def wrap(fn):
-        def timed(logits, targets, **kw):
-            mark("loss_start")
-            out = fn(logits, targets, **kw)
-            mark("loss_end")
-            clock["numel"] = logits.numel()
-            clock["positives"] = int((targets == 1).sum())
-            if out.requires_grad:
-                out.register_hook(lambda g: (mark("loss_bwd_start"), None)[1])
-                logits.register_hook(lambda g: (mark("loss_bwd_end"), None)[1])
-            return out
-        return timed
+    def after_loss(module, args, kwargs, out):
+        mark("loss_end")
+        if out.requires_grad:
+            out.register_hook(lambda g: (mark("loss_bwd_start"), None)[1])
 
     rows = []
-    labels_module.ap_loss, labels_module.auc_loss = wrap(original["ap"]), wrap(original["auc"])
+    # the model's loss module, timed by module and tensor hooks (any registered loss)
+    handles = [
+        model.cls_loss.register_forward_pre_hook(before_loss, with_kwargs=True),
+        model.cls_loss.register_forward_hook(after_loss, with_kwargs=True),
+    ]
     try:
         with EventStorage():
             for it in range(args.warmup + iters):
@@ -675,7 +676,8 @@ def breakdown(args):
                     "numel": c["numel"], "positives": c["positives"],
                 })
     finally:
-        labels_module.ap_loss, labels_module.auc_loss = original["ap"], original["auc"]
+        for handle in handles:
+            handle.remove()
 
     med = {k: statistics.median(r[k] for r in rows) for k, _ in BREAKDOWN_PARTS}
     med["iteration"] = statistics.median(r["iteration"] for r in rows)
