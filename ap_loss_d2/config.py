@@ -8,6 +8,7 @@ the SSD mapper.
 from detectron2.config import CfgNode as CN
 
 from . import modeling  # noqa: F401  (registers the models the keys configure)
+from .ssd_config import add_ssd_config
 
 __all__ = ["add_ap_loss_config"]
 
@@ -65,4 +66,5 @@ def add_ap_loss_config(cfg):
     cfg.AP_LOSS_INPUT.FIXED_SIZE = 512
     # Largest zoom-out (canvas / image side) of the "ssd" augmentation's expand step (SSD: 4).
     cfg.AP_LOSS_INPUT.EXPAND_MAX_RATIO = 4.0
+    add_ssd_config(cfg)  # MODEL.SSD.* (APLossSSD)
     return cfg

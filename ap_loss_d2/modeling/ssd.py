@@ -1,0 +1,283 @@
+"""SSD (Liu et al., ECCV 2016) whose classification loss comes from the loss registry (head
+``"ssd"``, ``MODEL.CLS_LOSS.NAME``), as the paper's SSD experiments (Sec. 4.1.1, Table 2, Fig. 6b).
+
+``MODEL.META_ARCHITECTURE: APLossSSD`` with ``MODEL.BACKBONE.NAME: build_vgg16_ssd_backbone``
+and ``MODEL.ANCHOR_GENERATOR.NAME: SSDPriorGenerator``; keys under ``MODEL.SSD`` (see
+:func:`ap_loss_d2.ssd_config.add_ssd_config`).
+"""
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from fvcore.nn import smooth_l1_loss
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, ImageList, pairwise_iou
+from detectron2.utils.events import get_event_storage
+
+from ..losses.registry import build_cls_loss, check_head, check_number
+
+__all__ = ["APLossSSD", "SSDHead", "ssd_match"]
+
+
+def _check_fraction(name: str, value) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
+    return float(value)
+
+
+def ssd_match(iou: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """SSD's matching of priors to ground truth.
+
+    Args:
+        iou: ``(G, R)`` IoU of G ground-truth boxes with R priors.
+        threshold: priors with IoU >= this with some ground truth are positive.
+
+    Returns:
+        ``(R,)`` int64: the matched ground truth of each prior, -1 for background. Each ground
+        truth's best prior is matched to it whatever its IoU (when two ground truths share their
+        best prior, the later one keeps it); every other prior goes to its best ground truth if
+        that IoU is >= ``threshold``. No prior is ignored.
+    """
+    num_gt, num_priors = iou.shape
+    if num_gt == 0:
+        return torch.full((num_priors,), -1, dtype=torch.int64, device=iou.device)
+    best_iou, matched = iou.max(dim=0)
+    matched = torch.where(best_iou >= threshold, matched, torch.full_like(matched, -1))
+    best_prior = iou.argmax(dim=1)  # (G,)
+    for g in range(num_gt):
+        matched[best_prior[g]] = g
+    return matched
+
+
+class SSDHead(nn.Module):
+    """Per-level 3x3 class and box convolutions of SSD.
+
+    ``forward(features)``: per level ``(N, C_l, H_l, W_l)`` -> ``(logits, deltas)``, per level
+    ``(N, A_l * K, H_l, W_l)`` and ``(N, A_l * 4, H_l, W_l)``.
+    """
+
+    @configurable
+    def __init__(self, *, input_shape: List[ShapeSpec], num_classes: int, num_anchors: List[int], prior_prob: float = 0.01):
+        super().__init__()
+        if len(num_anchors) != len(input_shape):
+            raise ValueError(
+                f"SSDHead: {len(input_shape)} feature levels but priors for {len(num_anchors)}; "
+                "give MODEL.SSD.PRIOR_* one entry per MODEL.SSD.IN_FEATURES"
+            )
+        self.num_classes = num_classes
+        self.cls_convs = nn.ModuleList(
+            nn.Conv2d(s.channels, a * num_classes, 3, padding=1) for s, a in zip(input_shape, num_anchors)
+        )
+        self.box_convs = nn.ModuleList(nn.Conv2d(s.channels, a * 4, 3, padding=1) for s, a in zip(input_shape, num_anchors))
+        bias = -math.log((1 - prior_prob) / prior_prob) if prior_prob > 0 else 0.0
+        for conv in [*self.cls_convs, *self.box_convs]:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        for conv in self.cls_convs:
+            nn.init.constant_(conv.bias, bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        return {
+            "input_shape": input_shape,
+            "num_classes": cfg.MODEL.SSD.NUM_CLASSES,
+            "num_anchors": build_anchor_generator(cfg, input_shape).num_cell_anchors,
+            "prior_prob": cfg.MODEL.SSD.CLS_PRIOR_PROB,
+        }
+
+    def forward(self, features: List[torch.Tensor]):
+        logits = [conv(x) for conv, x in zip(self.cls_convs, features)]
+        deltas = [conv(x) for conv, x in zip(self.box_convs, features)]
+        return logits, deltas
+
+
+@META_ARCH_REGISTRY.register()
+class APLossSSD(DenseDetector):
+    """SSD with its classification loss taken from the loss registry.
+
+    Training: priors matched to ground truth by :func:`ssd_match`; ``loss_cls`` is
+    ``cls_loss((N, R, K) logits, (N, R) labels, normalizer=positives)`` (labels: class of the
+    matched ground truth, ``K`` for background), ``loss_box_reg`` the smooth-L1 of the box
+    deltas of the positives, summed over positives and coordinates and divided by the
+    positives of the batch (SSD's multibox loss), times ``box_reg_weight``.
+
+    Inference: ``cls_loss.scores`` per prior and class (sigmoid, or the softmax of
+    ``"ce_ohem"``), candidates above ``test_score_thresh`` (best ``test_topk_candidates`` per
+    level), per-class NMS, best ``max_detections_per_image`` as Detectron2 ``Instances``.
+    """
+
+    #: The registry head this model reads ``MODEL.CLS_LOSS`` for (see engine validation).
+    cls_loss_head = "ssd"
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone,
+        head: SSDHead,
+        head_in_features: List[str],
+        anchor_generator: nn.Module,
+        box2box_transform: Box2BoxTransform,
+        cls_loss: nn.Module,
+        num_classes: int,
+        iou_threshold: float = 0.5,
+        smooth_l1_beta: float = 1.0,
+        box_reg_weight: float = 1.0,
+        test_score_thresh: float = 0.01,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.5,
+        max_detections_per_image: int = 200,
+        test_fixed_size: int = 0,
+        pixel_mean,
+        pixel_std,
+        input_format: str = "BGR",
+    ):
+        """
+        Args:
+            backbone, head, head_in_features, anchor_generator: the VGG-16 backbone, the
+                :class:`SSDHead`, the backbone outputs it reads and the prior generator.
+            box2box_transform: box coding (SSD: weights (10, 10, 5, 5)).
+            cls_loss: a classification loss module registered for the ``"ssd"`` head.
+            num_classes: foreground classes K.
+            iou_threshold: IoU from which a prior is positive (:func:`ssd_match`).
+            smooth_l1_beta: beta of the smooth-L1 box loss.
+            box_reg_weight: weight of the box loss.
+            test_score_thresh, test_topk_candidates, test_nms_thresh, max_detections_per_image:
+                inference (see the class doc).
+            test_fixed_size: at inference, resize every image to this square (SSD512: 512, as
+                the paper tests); 0 keeps the mapper's size. Detections are mapped back to each
+                input's ``height`` x ``width`` by Detectron2's postprocessing.
+            pixel_mean, pixel_std, input_format: image normalisation, as Detectron2's models.
+        """
+        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.anchor_generator = anchor_generator
+        self.box2box_transform = box2box_transform
+        self.cls_loss = check_head(cls_loss, self.cls_loss_head)
+        self.num_classes = num_classes
+        self.iou_threshold = _check_fraction("iou_threshold (MODEL.SSD.IOU_THRESHOLD)", iou_threshold)
+        self.smooth_l1_beta = check_number("smooth_l1_beta (MODEL.SSD.SMOOTH_L1_BETA)", smooth_l1_beta, allow_zero=True)
+        self.box_reg_weight = check_number("box_reg_weight (MODEL.CLS_LOSS.BOX_REG_WEIGHT)", box_reg_weight, allow_zero=True)
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = _check_fraction("test_nms_thresh (MODEL.SSD.NMS_THRESH_TEST)", test_nms_thresh)
+        self.max_detections_per_image = max_detections_per_image
+        if isinstance(test_fixed_size, bool) or not isinstance(test_fixed_size, int) or test_fixed_size < 0:
+            raise ValueError(f"test_fixed_size (MODEL.SSD.TEST_FIXED_SIZE)={test_fixed_size!r} must be an integer >= 0")
+        self.test_fixed_size = test_fixed_size
+        self.input_format = input_format
+
+    @classmethod
+    def from_config(cls, cfg):
+        s = cfg.MODEL.SSD
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in s.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.SSD.IN_FEATURES names {missing}, which the backbone does not output "
+                f"({', '.join(shapes)})"
+            )
+        feature_shapes = [shapes[f] for f in s.IN_FEATURES]
+        return {
+            "backbone": backbone,
+            "head": SSDHead(cfg, feature_shapes),
+            "head_in_features": list(s.IN_FEATURES),
+            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "box2box_transform": Box2BoxTransform(weights=s.BBOX_REG_WEIGHTS),
+            "cls_loss": build_cls_loss(cfg, cls.cls_loss_head),
+            "num_classes": s.NUM_CLASSES,
+            "iou_threshold": s.IOU_THRESHOLD,
+            "smooth_l1_beta": s.SMOOTH_L1_BETA,
+            "box_reg_weight": cfg.MODEL.CLS_LOSS.BOX_REG_WEIGHT,
+            "test_score_thresh": s.SCORE_THRESH_TEST,
+            "test_topk_candidates": s.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": s.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "test_fixed_size": s.TEST_FIXED_SIZE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    def preprocess_image(self, batched_inputs):
+        """Detectron2's normalisation and batching; at inference with ``test_fixed_size``, each
+        image is then resized (bilinear) to that square."""
+        images = super().preprocess_image(batched_inputs)
+        if self.training or not self.test_fixed_size:
+            return images
+        size = (self.test_fixed_size, self.test_fixed_size)
+        resized = [
+            F.interpolate(images.tensor[i : i + 1, :, :h, :w], size=size, mode="bilinear", align_corners=False)
+            for i, (h, w) in enumerate(images.image_sizes)
+        ]
+        return ImageList(torch.cat(resized), [size] * len(resized))
+
+    @torch.no_grad()
+    def label_anchors(self, anchors: List[Boxes], gt_instances):
+        """Per image ``(R,)`` labels (class, or K for background) and ``(R, 4)`` matched
+        ground-truth boxes (the prior itself for background, unused)."""
+        anchors = Boxes.cat(anchors)
+        gt_labels, matched_boxes = [], []
+        for gt in gt_instances:
+            matched = ssd_match(pairwise_iou(gt.gt_boxes, anchors), self.iou_threshold)
+            pos = matched >= 0
+            idx = matched.clamp(min=0)
+            if len(gt) > 0:
+                labels = torch.where(pos, gt.gt_classes[idx], torch.full_like(idx, self.num_classes))
+                boxes = torch.where(pos[:, None], gt.gt_boxes.tensor[idx], anchors.tensor)
+            else:
+                labels = torch.full_like(idx, self.num_classes)
+                boxes = anchors.tensor.clone()
+            gt_labels.append(labels)
+            matched_boxes.append(boxes)
+        return gt_labels, matched_boxes
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        pred_logits, pred_deltas = self._transpose_dense_predictions(predictions, [self.num_classes, 4])
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        return self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes):
+        """
+        Args:
+            anchors: per level ``Boxes`` of ``R_l`` priors.
+            pred_logits, pred_deltas: per level ``(N, R_l, K)`` / ``(N, R_l, 4)``.
+            gt_labels, gt_boxes: per image ``(R,)`` / ``(R, 4)`` (:meth:`label_anchors`).
+
+        Returns:
+            ``{"loss_cls", "loss_box_reg"}``, 0-dim tensors.
+        """
+        labels = torch.stack(gt_labels)  # (N, R)
+        pos = labels < self.num_classes
+        num_pos = int(pos.sum().item())
+        storage = get_event_storage()
+        storage.put_scalar("num_pos_anchors", num_pos / max(len(gt_labels), 1))
+        loss_cls = self.cls_loss(cat(pred_logits, dim=1), labels, normalizer=max(num_pos, 1), storage=storage)
+        priors = Boxes.cat(anchors).tensor
+        target = torch.stack([self.box2box_transform.get_deltas(priors, b) for b in gt_boxes])  # (N, R, 4)
+        loss_box = smooth_l1_loss(cat(pred_deltas, dim=1)[pos], target[pos], self.smooth_l1_beta, reduction="sum")
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box / max(num_pos, 1) * self.box_reg_weight}
+
+    def forward_inference(self, images, features, predictions):
+        pred_logits, pred_deltas = self._transpose_dense_predictions(predictions, [self.num_classes, 4])
+        anchors = self.anchor_generator(features)
+        results = []
+        for i, image_size in enumerate(images.image_sizes):
+            scores = [self.cls_loss.scores(x[i]) for x in pred_logits]
+            deltas = [x[i] for x in pred_deltas]
+            pred = self._decode_multi_level_predictions(
+                anchors, scores, deltas, self.test_score_thresh, self.test_topk_candidates, image_size
+            )
+            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh)
+            results.append(pred[keep[: self.max_detections_per_image]])
+        return results
