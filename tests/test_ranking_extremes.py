@@ -13,6 +13,7 @@ import torch
 
 from ap_loss_d2.losses import ap_loss, auc_loss
 from tests.ap_oracle import ap_oracle, auc_oracle
+from tests.kernels import kernel  # noqa: F401  (the fixture)
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -44,7 +45,7 @@ def _against_oracle(s, t, **kw):
             assert np.array_equal(grad32 != 0, exp_grad != 0)
 
 
-def test_issue_example_huge_negative_positive():
+def test_issue_example_huge_negative_positive(kernel):
     # Algorithm 1: f(0 - (-1e30)) = 1, a = 1, b = 1: loss 0.5, gradients -0.5 / +0.5
     for dtype in (torch.float32, torch.float64):
         loss, grad = _call(ap_loss, [-1e30, 0.0], [1, 0], dtype)
@@ -55,7 +56,7 @@ def test_issue_example_huge_negative_positive():
 
 @pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3])
 @pytest.mark.parametrize("step", ["linear", "heaviside"])
-def test_float32_extremes(delta, step):
+def test_float32_extremes(delta, step, kernel):
     big = float(np.float32(3e38))
     s = [big, -big, 0.0, 1.0, big, -big, F32_MAX, -F32_MAX, 0.5, -1e30, 1e30, 1e-30, big]
     t = [1, 1, 0, 1, 0, 0, 0, 1, -1, 0, 1, 0, 0]
@@ -67,7 +68,7 @@ def test_float32_extremes(delta, step):
 
 
 @pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3])
-def test_spread_1e12_many_negatives(delta):
+def test_spread_1e12_many_negatives(delta, kernel):
     """1e5 negatives spread over 1e12, each positive with negatives inside its window: the sums
     must not cancel (the issue's 0.6666 instead of 0.7143)."""
     rng = np.random.default_rng(int(delta * 1000) % 97)
@@ -85,7 +86,7 @@ def test_spread_1e12_many_negatives(delta):
     _against_oracle(s.astype(np.float32).astype(np.float64), t, delta=delta)
 
 
-def test_spread_1e12_value_from_issue():
+def test_spread_1e12_value_from_issue(kernel):
     """A small case whose value is known in closed form: positives at 0 and 1e12 - 0.5, negatives
     at 1e12 and 1e12 + ... every negative inside the upper positive's window (delta = 1)."""
     s = np.array([0.0, 1e12 - 0.5] + [1e12 + 0.25] * 4)
@@ -98,7 +99,7 @@ def test_spread_1e12_value_from_issue():
     _against_oracle(s, t)
 
 
-def test_delta_range_random():
+def test_delta_range_random(kernel):
     rng = np.random.default_rng(5)
     for delta in (1e-3, 1e-1, 10.0, 1e3):
         s = rng.normal(0, 3 * delta, 400)
@@ -110,31 +111,25 @@ def test_delta_range_random():
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact sigmoid step (Eq. 54) and the delta cut
+# Exact sigmoid step (Eq. 54): over all negatives
 # ---------------------------------------------------------------------------------------------
-def test_sigmoid_toy_k1_exact_and_cut():
-    # one positive at 0, negatives at -0.5 and -3 (below min_P s - delta = -1), k = 1
+def test_sigmoid_toy_k1_exact():
+    # one positive at 0, negatives at -0.5 and -3 (below min_P s - delta = -1), k = 1: both count
     s, t = np.array([0.0, -0.5, -3.0]), np.array([1, 0, 0])
     sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
     b_exact = sig(-0.5) + sig(-3.0)
     exp_exact = 1 - 1 / (1 + b_exact)  # a = 1 (no other positive)
-    exp_cut = 1 - 1 / (1 + sig(-0.5))
     loss, _ = _call(ap_loss, s, t, torch.float64, step="sigmoid", sigmoid_k=1.0)
-    loss_cut, _ = _call(ap_loss, s, t, torch.float64, step="sigmoid", sigmoid_k=1.0,
-                        sigmoid_cut=True)
-    assert abs(loss - exp_exact) < 1e-12 and abs(loss_cut - exp_cut) < 1e-12
-    assert loss > loss_cut
-    for cut in (False, True):
-        _against_oracle(s, t, step="sigmoid", sigmoid_k=1.0, sigmoid_cut=cut)
+    assert abs(loss - exp_exact) < 1e-12
+    _against_oracle(s, t, step="sigmoid", sigmoid_k=1.0)
 
 
-def test_sigmoid_random_exact_and_cut():
+def test_sigmoid_random_exact():
     rng = np.random.default_rng(9)
     s = rng.normal(0, 2, 300)
     t = np.zeros(300, int)
     t[rng.choice(300, 20, replace=False)] = 1
-    for cut in (False, True):
-        _against_oracle(s, t, step="sigmoid", sigmoid_k=0.5, sigmoid_cut=cut)
+    _against_oracle(s, t, step="sigmoid", sigmoid_k=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
