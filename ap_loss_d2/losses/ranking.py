@@ -327,13 +327,7 @@ class _RankingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "ap_loss/auc_loss support no double backward: create_graph=True (e.g. for a "
-                "gradient penalty) and torch.func.grad/jacrev would differentiate the "
-                "error-driven update, which has no derivative here. Use loss.backward() or "
-                "torch.autograd.grad without create_graph for the ranking loss."
-            )
+        _refuse_double_backward()
         return _RankingLoss._backward_once(ctx, grad_output)
 
     @staticmethod
@@ -346,11 +340,25 @@ class _RankingLoss(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
+        _refuse_vmap()
+
+
+def _refuse_double_backward():
+    if torch.is_grad_enabled():
         raise RuntimeError(
-            "ap_loss/auc_loss do not support torch.func.vmap: all entries are ranked together "
-            "(there is no per-sample rule). Call the loss once per sample in a Python loop, "
-            "or once on the whole batch."
+            "ap_loss/auc_loss support no double backward: create_graph=True (e.g. for a "
+            "gradient penalty) and torch.func.grad/jacrev would differentiate the "
+            "error-driven update, which has no derivative here. Use loss.backward() or "
+            "torch.autograd.grad without create_graph for the ranking loss."
         )
+
+
+def _refuse_vmap():
+    raise RuntimeError(
+        "ap_loss/auc_loss do not support torch.func.vmap: all entries are ranked together "
+        "(there is no per-sample rule). Call the loss once per sample in a Python loop, "
+        "or once on the whole batch."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,39 +522,37 @@ def _backward(state, logits, grad_output):
 # Sorted kernel: no host synchronisation, fixed-size work
 # ---------------------------------------------------------------------------------------------
 def _apply_sorted(logits, targets, kind, opts):
-    linear = opts.step == "linear"
-    if torch.is_grad_enabled() and logits.requires_grad:
-        loss, _, n_pos, n_neg = _SortedRankingLoss.apply(logits, targets, kind, opts.delta,
-                                                         opts.interpolate, linear)
-    else:
-        loss, _, n_pos, n_neg = _sorted_forward(logits.detach(), targets.detach(), kind,
-                                                opts.delta, opts.interpolate, linear, False)
+    # through the Function even without gradient: torch.func.vmap then raises its clear error
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _, n_pos, n_neg = _SortedRankingLoss.apply(logits, targets, kind, opts.delta,
+                                                     opts.interpolate, opts.step == "linear",
+                                                     need_grad)
     _fill_stats(opts, n_pos, n_neg)
     return loss
 
 
 class _SortedRankingLoss(torch.autograd.Function):
     @staticmethod
-    def forward(logits, targets, kind, delta, interpolate, linear):
+    def forward(logits, targets, kind, delta, interpolate, linear, need_grad):
         return _sorted_forward(logits.detach(), targets.detach(), kind, delta, interpolate,
-                               linear, True)
+                               linear, need_grad)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, grad, n_pos, n_neg = output
-        ctx.mark_non_differentiable(grad, n_pos, n_neg)
+        ctx.mark_non_differentiable(*(o for o in (grad, n_pos, n_neg) if o is not None))
         ctx.save_for_backward(grad)
         ctx.logits_dtype = inputs[0].dtype
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        if torch.is_grad_enabled():
-            _RankingLoss.backward(ctx, grad_output)  # raises the double-backward error
+        _refuse_double_backward()
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).to(ctx.logits_dtype), None, None, None, \
-            None, None
+        return ((grad * grad_output.to(grad.dtype)).to(ctx.logits_dtype),) + (None,) * 6
 
-    vmap = _RankingLoss.vmap
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        _refuse_vmap()
 
 
 def _exclusive_prefix(x):
