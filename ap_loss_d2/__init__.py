@@ -1,20 +1,19 @@
 """ap_loss_d2: AP-loss for Detectron2.
 
-``from ap_loss_d2 import ap_loss, auc_loss`` needs only PyTorch. When Detectron2 is installed,
-importing the package also registers the models (``APLossRetinaNet`` in META_ARCH_REGISTRY and
-the AP-loss ROI heads in ROI_HEADS_REGISTRY) through ``ap_loss_d2.modeling``, and the embedded
-datasets (``synth_shapes_*``, generated on first use) through ``ap_loss_d2.data``.
+``from ap_loss_d2 import ap_loss, auc_loss`` needs only PyTorch and does not import Detectron2.
+``import ap_loss_d2.modeling`` registers the models (``APLossRetinaNet``, ``APLossROIHeads``,
+``APLossSSD`` and their parts) in Detectron2's registries, as Detectron2 projects do;
+``ap_loss_d2.add_ap_loss_config`` (from :mod:`ap_loss_d2.config`) does the same.
 """
-import importlib.util
-
 from .losses import ap_loss, auc_loss
 
 __version__ = "0.1.0"
-__all__ = ["ap_loss", "auc_loss"]
+__all__ = ["ap_loss", "auc_loss", "add_ap_loss_config"]
 
-if importlib.util.find_spec("detectron2") is not None:
-    from . import data  # noqa: F401  (registers the embedded datasets, lazily)
-    from . import modeling  # noqa: F401  (registers the models in Detectron2's registries)
-    from .config import add_ap_loss_config  # noqa: F401
 
-    __all__ += ["add_ap_loss_config", "data", "modeling"]
+def __getattr__(name):
+    if name == "add_ap_loss_config":
+        from .config import add_ap_loss_config
+
+        return add_ap_loss_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,58 +5,11 @@
 LazyConfig ``.py`` configs pass the same values as constructor arguments of the models and of
 the SSD mapper.
 """
-import math
-import warnings
-
 from detectron2.config import CfgNode as CN
 
-from .losses.registry import cls_loss_names
+from . import modeling  # noqa: F401  (registers the models the keys configure)
 
-# Valid values of MODEL.CLS_LOSS.NAME: the registry of ap_loss_d2.losses.registry
-# (cls_loss_names("retinanet") / cls_loss_names("roi_heads")).
-_DEPRECATED_LISTS = {"RETINANET_LOSSES": "retinanet", "ROI_HEAD_LOSSES": "roi_heads"}
-
-
-def __getattr__(name):
-    # RETINANET_LOSSES / ROI_HEAD_LOSSES of earlier versions, now read from the registry
-    if name in _DEPRECATED_LISTS:
-        head = _DEPRECATED_LISTS[name]
-        warnings.warn(
-            f"ap_loss_d2.config.{name} is deprecated; use "
-            f"ap_loss_d2.losses.cls_loss_names({head!r})",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return cls_loss_names(head)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# Valid values of MODEL.CLS_LOSS.BOX_REG_NORMALIZER (RetinaNet box-regression loss).
-BOX_REG_NORMALIZERS = ("ema", "batch_mean")
-
-#: Numeric MODEL.CLS_LOSS keys checked at start-up: (yaml key, APLossRetinaNet argument of
-#: LazyConfig configs, True if 0 is allowed). Every value must be a finite number, > 0 (or >= 0).
-NUMERIC_KEYS = (
-    ("DELTA", "delta", False),
-    ("SIGMOID_K", "sigmoid_k", False),
-    ("APPROX_SIGMOID_K", "approx_sigmoid_k", False),
-    ("WEIGHT", "cls_loss_weight", True),
-    ("BOX_REG_WEIGHT", "box_reg_weight", True),
-    ("OHEM_NEG_POS_RATIO", "ohem_neg_pos_ratio", False),
-)
-
-
-def check_number(name, value, allow_zero=False):
-    """Raise ValueError naming ``name`` unless ``value`` is a finite number > 0 (>= 0 if
-    ``allow_zero``); returns ``value``."""
-    bound = ">= 0" if allow_zero else "> 0"
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} must be a finite number {bound}") from None
-    if isinstance(value, bool) or not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
-        raise ValueError(f"{name}={value!r} must be a finite number {bound}")
-    return value
+__all__ = ["add_ap_loss_config"]
 
 
 def add_ap_loss_config(cfg):
@@ -64,11 +17,9 @@ def add_ap_loss_config(cfg):
     if "CLS_LOSS" in cfg.MODEL:
         return cfg
     cfg.MODEL.CLS_LOSS = CN()
-    # Classification loss, a name of the registry (ap_loss_d2.losses.registry; the README lists
-    # them): e.g. "ap" (AP-loss), "auc", "focal" / "ce_ohem" / "ap_approx" / "ap_hinge"
-    # (RetinaNet), "ce" (Faster R-CNN box head). Read by APLossRetinaNet and APLossROIHeads;
-    # "" = their default, "ap". Set with a stock RetinaNet / StandardROIHeads it is a start-up
-    # error unless it names that model's own loss ("focal" / "ce").
+    # Classification loss: a `name` of CLS_LOSS_REGISTRY (`python -m ap_loss_d2.losses` lists
+    # them with their heads), e.g. "ap", "auc", "focal", "ce_ohem" (RetinaNet, SSD), "ce"
+    # (Faster R-CNN). Read by APLossRetinaNet, APLossROIHeads and APLossSSD; "" = "ap".
     cfg.MODEL.CLS_LOSS.NAME = ""
     # Width delta of the piecewise step function (Eq. 21); also bounds the non-trivial negatives.
     cfg.MODEL.CLS_LOSS.DELTA = 1.0
@@ -83,6 +34,9 @@ def add_ap_loss_config(cfg):
     cfg.MODEL.CLS_LOSS.APPROX_SIGMOID_K = 1.0
     # Weight of the classification loss in the total loss.
     cfg.MODEL.CLS_LOSS.WEIGHT = 1.0
+    # Also log cls_loss/time (and, on CUDA, cls_loss/num_pos and num_neg_nontrivial): each
+    # needs a host synchronisation per iteration, so it is off by default.
+    cfg.MODEL.CLS_LOSS.DIAGNOSTICS = False
     # Weight of the box-regression loss; 0 turns it off as in the paper's Fig. 8 study.
     cfg.MODEL.CLS_LOSS.BOX_REG_WEIGHT = 1.0
     # Normaliser of RetinaNet's box-regression loss (every MODEL.CLS_LOSS.NAME, focal included):

@@ -11,10 +11,10 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-import ap_loss_d2.losses.registry as labels_module  # noqa: E402
 from ap_loss_d2.losses.registry import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import Trainer, get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.losses import ap_loss, auc_loss  # noqa: E402
+from ap_loss_d2.modeling import APLoss, AUCLoss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "tests" / "configs" / "tiny_synth_retinanet.yaml"
@@ -61,7 +61,7 @@ def test_ranking_gradient_under_autocast_equals_float32(loss, fn, monkeypatch):
         seen.append((logits, targets, kwargs))
         return fn(logits, targets, **kwargs)
 
-    monkeypatch.setattr(labels_module, "ap_loss" if loss == "ap" else "auc_loss", recording)
+    monkeypatch.setattr(APLoss if loss == "ap" else AUCLoss, "kernel", staticmethod(recording))
     torch.manual_seed(0)
     model = build_model(_cfg(loss))
     model.train()

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ap_loss_d2.losses import CLS_LOSSES, cls_loss_names
+from ap_loss_d2.losses.registry import cls_loss_names
 from ap_loss_d2.losses.baselines import DR_DEFAULTS, GHM_BINS, GHM_MOMENTUM, dr_loss, ghm_c_loss
 
 
@@ -46,7 +46,7 @@ def naive_ghm(entries, bins, counts_override=None, norm=None):
 
 def test_registered_for_retinanet():
     assert {"ghm", "dr"} <= set(cls_loss_names("retinanet"))
-    assert "ghm" not in cls_loss_names("roi_heads") and CLS_LOSSES["ghm"].options == ("loss_state",)
+    assert "ghm" not in cls_loss_names("roi_heads")
 
 
 def test_ghm_defaults_are_the_released_config():
@@ -217,7 +217,8 @@ def test_retinanet_step(loss):
     assert torch.isfinite(losses["loss_cls"]) and losses["loss_cls"] > 0
     assert storage.latest()["cls_loss/num_pos"][0] > 0
     assert model.head.cls_score.weight.grad.abs().sum() > 0
-    if loss == "ghm":  # the EMA persists in the model between iterations
-        first = model.cls_loss_state["ghm_acc"].clone()
+    if loss == "ghm":  # the EMA persists in the model between iterations, in its state_dict
+        first = model.state_dict()["cls_loss.ghm_acc"].clone()
+        assert first.shape == (30,) and first.sum() > 0 and model.state_dict()["cls_loss.ghm_started"]
         retina.train_step(model, retina.make_batch(seed=1))
-        assert not torch.equal(first, model.cls_loss_state["ghm_acc"])
+        assert not torch.equal(first, model.state_dict()["cls_loss.ghm_acc"])

@@ -33,7 +33,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import ap_loss_d2.modeling  # noqa: E402,F401  (registers the models)
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
-from ap_loss_d2.losses.registry import ranking_loss  # noqa: E402
+from ap_loss_d2.modeling import APLoss  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -184,17 +184,15 @@ def test_sets_within_one_process(arch):
 
 
 def test_ranking_loss_rejects_both_settings():
-    logits = torch.randn(2, 10, 3)
-    labels = torch.zeros(2, 10, dtype=torch.int64)
-    with EventStorage(0), pytest.raises(ValueError, match="both set the ranking set"):
-        ranking_loss("ap", logits, labels, 3, rank_across_processes=True, images_per_ranking_set=2)
+    with pytest.raises(ValueError, match="both choose the ranking set"):
+        APLoss(rank_across_processes=True, images_per_ranking_set=2)
 
 
 def test_ranking_loss_rejects_uneven_set():
     logits = torch.randn(3, 10, 3)
     labels = torch.zeros(3, 10, dtype=torch.int64)
     with EventStorage(0), pytest.raises(ValueError, match="images_per_ranking_set=2.*Valid set sizes here: 0, 1, 3"):
-        ranking_loss("ap", logits, labels, 3, images_per_ranking_set=2)
+        APLoss(images_per_ranking_set=2)(logits, labels)
 
 
 REPO = Path(__file__).resolve().parents[1]

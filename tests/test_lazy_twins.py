@@ -30,14 +30,23 @@ NO_TWIN = {
     "faster_rcnn_R_18_FPN_600it_synth_ce": "embedded-dataset study config (tools' RoI-sampling study)",
 }
 RETINANET_ARGS = (
-    "cls_loss", "cls_loss_weight", "box_reg_weight", "box_reg_normalizer", "loss_options", "num_classes",
+    "box_reg_weight", "box_reg_normalizer", "num_classes",
     "test_score_thresh", "test_topk_candidates", "test_nms_thresh", "max_detections_per_image",
     "smooth_l1_beta", "box_reg_loss_type", "input_format",
 )
 PREDICTOR_ARGS = (
-    "cls_loss", "loss_weight", "num_classes", "test_score_thresh", "test_nms_thresh", "test_topk_per_image",
+    "loss_weight", "num_classes", "test_score_thresh", "test_nms_thresh", "test_topk_per_image",
     "smooth_l1_beta", "box_reg_loss_type",
 )
+
+
+def _loss_arguments(loss):
+    """The class and the plain-valued attributes of a loss module (its constructor arguments)."""
+    plain = (bool, int, float, str, dict, tuple)
+    out = {k: v for k, v in vars(loss).items() if not k.startswith("_") and isinstance(v, plain)}
+    if hasattr(loss, "sets"):
+        out["sets"] = vars(loss.sets)
+    return type(loss).__name__, out
 
 
 def _arguments(model):
@@ -45,12 +54,13 @@ def _arguments(model):
     if hasattr(model, "roi_heads"):
         p = model.roi_heads.box_predictor
         out = {k: getattr(p, k) for k in PREDICTOR_ARGS}
-        out["loss_options"] = getattr(p, "loss_options", None)
+        out["cls_loss"] = _loss_arguments(p.cls_loss)
         out["box2box_weights"] = tuple(p.box2box_transform.weights)
         out["roi_batch"] = model.roi_heads.batch_size_per_image
         out["roi_positive_fraction"] = model.roi_heads.positive_fraction
     else:
         out = {k: getattr(model, k) for k in RETINANET_ARGS}
+        out["cls_loss"] = _loss_arguments(model.cls_loss)
         out["box2box_weights"] = tuple(model.box2box_transform.weights)
         out["cell_anchors"] = list(model.anchor_generator.cell_anchors)
     out["pixel_mean"] = model.pixel_mean.flatten().tolist()
@@ -113,18 +123,15 @@ def test_verify_lazy_results():
 
 
 def test_cls_loss_weight_is_one_argument_on_both_heads():
-    """``cls_loss_weight`` (yaml MODEL.CLS_LOSS.WEIGHT) on APLossRetinaNet and on the Faster
-    R-CNN predictor alike; validated on both."""
-    from ap_loss_d2.engine import validate_lazy_cfg
-
+    """MODEL.CLS_LOSS.WEIGHT is the loss module's ``weight`` on both heads, yaml and lazy alike;
+    Faster R-CNN's native "ce" applies it through Detectron2's ``loss_weight``."""
     stem = "faster_rcnn_R_50_FPN_18k_voc0712_ap"
     cfg = get_ap_loss_cfg()
     cfg.merge_from_file(str(REPO / "configs" / "FasterRCNN" / f"{stem}.yaml"))
     cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.CLS_LOSS.WEIGHT", "0.5"])
     lazy = LazyConfig.load(str(REPO / "configs" / "lazy" / f"{stem}.py"))
-    lazy.model.roi_heads.box_predictor.cls_loss_weight = 0.5
+    lazy.model.roi_heads.box_predictor.cls_loss.weight = 0.5
     a, b = build_model(cfg).roi_heads.box_predictor, instantiate(lazy.model).roi_heads.box_predictor
-    assert a.loss_weight == b.loss_weight and a.loss_weight["loss_cls"] == 0.5
-    lazy.model.roi_heads.box_predictor.cls_loss_weight = -1.0
-    with pytest.raises(ValueError, match=r"model.roi_heads.box_predictor.cls_loss_weight=-1.0 must be"):
-        validate_lazy_cfg(lazy)
+    assert a.cls_loss.weight == b.cls_loss.weight == 0.5 and a.loss_weight == b.loss_weight
+    cfg.merge_from_list(["MODEL.CLS_LOSS.NAME", "ce"])
+    assert build_model(cfg).roi_heads.box_predictor.loss_weight["loss_cls"] == 0.5

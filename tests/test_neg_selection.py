@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from ap_loss_d2.losses import CLS_LOSSES, cls_loss_names
 from ap_loss_d2.losses.neg_selection import select_negatives
-from ap_loss_d2.losses.registry import compute_cls_loss, ranking_targets
+from ap_loss_d2.losses.ranking_sets import ranking_targets
 
 from .ap_oracle import ap_oracle
 
@@ -110,27 +109,28 @@ def test_ap_ohem_is_ap_loss_on_the_kept_entries():
     logits = torch.randn(2, 30, 3, generator=g, requires_grad=True)
     labels = torch.randint(0, 4, (2, 30), generator=g)
     labels[:, 10:] = 3  # mostly background, so that anchor-level OHEM drops some anchors
-    options = dict(delta=1.0, step="linear", sigmoid_k=0.5, interpolate=True, entries_per_image=None,
-                   rank_across_processes=False, images_per_ranking_set=0, ohem_neg_pos_ratio=1.0)
-    assert "ap_ohem" in cls_loss_names("retinanet") and "ap_random" in cls_loss_names("retinanet")
-    loss = compute_cls_loss(CLS_LOSSES["ap_ohem"], logits, labels, 3, options, {})
+    APLoss, APOHEMLoss, APRandomLoss = _classes()
+    loss = APOHEMLoss(neg_pos_ratio=1.0)(logits, labels)
     kept = _naive_ohem_anchors(ranking_targets(labels, 3), logits.detach(), 1.0)
     value, grad = ap_oracle(logits.detach().double().numpy(), kept.numpy(), delta=1.0, interpolate=True)
     assert loss.item() == pytest.approx(value, rel=1e-5)
     loss.backward()
     assert logits.grad.double().numpy() == pytest.approx(grad, abs=1e-6)
-    full = compute_cls_loss(CLS_LOSSES["ap"], logits, labels, 3, options, {})
+    full = APLoss()(logits, labels)
     assert full.item() != pytest.approx(loss.item())
     # random selection: reproducible under the global seed, and an AP-loss of a subset
     torch.manual_seed(7)
-    a = compute_cls_loss(CLS_LOSSES["ap_random"], logits, labels, 3, options, {})
+    a = APRandomLoss(neg_pos_ratio=1.0)(logits, labels)
     torch.manual_seed(7)
-    b = compute_cls_loss(CLS_LOSSES["ap_random"], logits, labels, 3, options, {})
+    b = APRandomLoss(neg_pos_ratio=1.0)(logits, labels)
     assert a.item() == b.item() and 0 <= a.item() <= 1
 
 
-_OPTIONS = dict(delta=1.0, step="linear", sigmoid_k=0.5, interpolate=True, entries_per_image=None,
-                rank_across_processes=False, images_per_ranking_set=0, ohem_neg_pos_ratio=2.0)
+def _classes():
+    pytest.importorskip("detectron2")
+    from ap_loss_d2.modeling import APLoss, APOHEMLoss, APRandomLoss
+
+    return APLoss, APOHEMLoss, APRandomLoss
 
 
 def test_ap_ohem_hand_selected_subset():
@@ -144,7 +144,7 @@ def test_ap_ohem_hand_selected_subset():
     labels = torch.tensor([[0, 2, 2, 2, 2], [2, 2, 2, 2, 2]])
     kept = torch.tensor([[[1, 0], [0, 0], [-1, -1], [-1, -1], [0, 0]],
                          [[0, 0], [-1, -1], [0, 0], [-1, -1], [-1, -1]]])
-    loss = compute_cls_loss(CLS_LOSSES["ap_ohem"], x, labels, 2, _OPTIONS, {})
+    loss = _classes()[1](neg_pos_ratio=2.0)(x, labels)
     value, grad = ap_oracle(x.detach().double().numpy(), kept.numpy(), delta=1.0, interpolate=True)
     assert loss.item() == pytest.approx(value, rel=1e-6)
     loss.backward()
@@ -176,7 +176,7 @@ def test_ap_random_is_ap_loss_of_a_random_anchor_subset():
     for seed in range(12):
         torch.manual_seed(seed)
         x.grad = None
-        loss = compute_cls_loss(CLS_LOSSES["ap_random"], x, labels, 2, _OPTIONS, {})
+        loss = _classes()[2](neg_pos_ratio=2.0)(x, labels)
         loss.backward()
         match = [i for i, (v, _) in enumerate(candidates) if abs(v - loss.item()) < 1e-6]
         assert len(match) == 1

@@ -53,14 +53,14 @@ def test_lazy_configs_load_and_build_without_pkg_resources(no_pkg_resources_env)
         f"""
         import torch
         from detectron2.config import LazyConfig, instantiate
-        from ap_loss_d2.engine import validate_lazy_cfg
+        from ap_loss_d2.engine.lazy import check_lazy_cls_loss
         torch.set_num_threads(1)
         for path in {LAZY_CONFIGS!r}:
             cfg = LazyConfig.load(path)
             if "/common/" in path:
                 continue
             assert {{"model", "dataloader", "optimizer", "lr_multiplier", "train"}} <= set(cfg.keys()), path
-            validate_lazy_cfg(cfg)
+            check_lazy_cls_loss(cfg)
             assert isinstance(instantiate(cfg.model), torch.nn.Module), path
             print("built", path)
         """

@@ -10,8 +10,11 @@ pytest.importorskip("detectron2")
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from ap_loss_d2.engine import get_ap_loss_cfg, setup_cfg, validate_cfg, validate_lazy_cfg  # noqa: E402
+from ap_loss_d2.engine import get_ap_loss_cfg, setup_cfg  # noqa: E402
+from ap_loss_d2.engine.lazy import check_lazy_cls_loss  # noqa: E402
 from ap_loss_d2.losses.distributed import ranking_set_layout  # noqa: E402
+from ap_loss_d2.losses.registry import build_cls_loss  # noqa: E402
+from ap_loss_d2.modeling import APLoss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "tests" / "configs" / "tiny_synth_retinanet.yaml"
@@ -43,7 +46,9 @@ def load(path, *opts):
 def test_paper_set_on_any_gpu_count(gpus, layout):
     assert ranking_set_layout(8, 16 // gpus, gpus) == layout
     for path in PAPER_AP_YAML:
-        validate_cfg(load(path), world_size=gpus)  # no error
+        loss = build_cls_loss(load(path), "retinanet" if "retinanet" in path else "roi_heads")
+        if hasattr(loss, "sets"):  # the ranking losses (GHM-C and DR-loss have no ranking set)
+            assert loss.sets.check(16 // gpus, gpus) == layout
 
 
 def test_paper_configs_rank_8_images():
@@ -52,10 +57,11 @@ def test_paper_configs_rank_8_images():
         assert cfg.MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET == 8, path
         assert not cfg.MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES
     voc = instantiate(LazyConfig.load(str(LAZY_VOC_AP)).model)
-    assert voc.images_per_ranking_set == 8
-    assert build_model(load("configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml")).images_per_ranking_set == 8
+    assert voc.cls_loss.sets.images_per_set == 8
+    model = build_model(load("configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml"))
+    assert model.cls_loss.sets.images_per_set == 8
     faster = LazyConfig.load(str(LAZY_FASTER_AP))
-    assert faster.model.roi_heads.box_predictor.images_per_ranking_set == 8
+    assert faster.model.roi_heads.box_predictor.cls_loss.images_per_ranking_set == 8
 
 
 def _args(*opts):
@@ -67,7 +73,7 @@ def test_uneven_set_fails_at_setup(tmp_path):
         setup_cfg(_args("SOLVER.IMS_PER_BATCH", "6", "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", "4",
                         "OUTPUT_DIR", str(tmp_path)))
     msg = str(e.value)
-    assert "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET=4" in msg and "SOLVER.IMS_PER_BATCH=6" in msg
+    assert "images_per_ranking_set=4 (MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET) with 6 image(s) per process" in msg
     assert "Valid set sizes here: 0, 1, 2, 3, 6" in msg
     assert not any(tmp_path.iterdir()), "failed before default_setup wrote anything"
 
@@ -75,7 +81,6 @@ def test_uneven_set_fails_at_setup(tmp_path):
 @pytest.mark.parametrize(
     "ims, images_per_set, world, match",
     [
-        (16, 8, 32, None),  # 16 images do not split over 32 processes: Detectron2 says so
         (16, 8, 8, None),
         (16, 3, 1, "neither a divisor of the 16 images of a process"),
         (4, 8, 2, "8 images need 4 processes per set, and the 2 processes do not split"),
@@ -85,63 +90,56 @@ def test_uneven_set_fails_at_setup(tmp_path):
     ],
 )
 def test_set_against_processes(ims, images_per_set, world, match):
-    cfg = load(TINY_YAML, "SOLVER.IMS_PER_BATCH", str(ims),
-               "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", str(images_per_set))
+    """Checked once, where the loss is built, when the images per process are known."""
+    kwargs = dict(images_per_ranking_set=images_per_set, images_per_process=ims // world, num_processes=world)
     if match is None:
-        validate_cfg(cfg, world_size=world)
+        APLoss(**kwargs)
     else:
         with pytest.raises(ValueError, match=match):
-            validate_cfg(cfg, world_size=world)
+            APLoss(**kwargs)
+        loss = APLoss(images_per_ranking_set=images_per_set)  # layout unknown: at the first call
+        with pytest.raises(ValueError, match=match):
+            loss.sets.check(ims // world, world)
 
 
 def test_reference_world_size_keeps_images_per_process():
-    # Detectron2 scales IMS_PER_BATCH to 2 x 4 / 1 = 8 on 4 processes: 2 images per process
+    # as DefaultTrainer.auto_scale_workers: IMS_PER_BATCH 2 at REFERENCE_WORLD_SIZE 1 is 2 images per process
     cfg = load(TINY_YAML, "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "1",
                "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", "3")
-    with pytest.raises(ValueError, match=r"IMS_PER_BATCH=2 \(scaled to 8 by SOLVER.REFERENCE_WORLD_SIZE=1\)"):
-        validate_cfg(cfg, world_size=4)
-    cfg.MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET = 4  # 2 processes x 2 images
-    validate_cfg(cfg, world_size=4)
+    with pytest.raises(ValueError, match=r"with 2 image\(s\) per process on 1 process"):
+        build_cls_loss(cfg, "retinanet")
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 4  # 2 images over 4 processes do not split: left to Detectron2
+    build_cls_loss(cfg, "retinanet")
 
 
 def test_both_settings_rejected():
     cfg = load(TINY_YAML, "MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES", "True")
-    with pytest.raises(ValueError, match="RANK_ACROSS_PROCESSES=True .*IMAGES_PER_RANKING_SET=2 both"):
-        validate_cfg(cfg, world_size=1)
+    with pytest.raises(ValueError, match="rank_across_processes=True .*images_per_ranking_set=2 both"):
+        build_cls_loss(cfg, "retinanet")
     cfg.MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET = 0
-    validate_cfg(cfg, world_size=2)
+    build_cls_loss(cfg, "retinanet")
 
 
 def test_negative_set_rejected():
     cfg = load(TINY_YAML, "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", "-8")
-    with pytest.raises(ValueError, match="IMAGES_PER_RANKING_SET=-8 must be an integer >= 0"):
-        validate_cfg(cfg, world_size=1)
+    with pytest.raises(ValueError, match="images_per_ranking_set=-8 must be an integer >= 0"):
+        build_cls_loss(cfg, "retinanet")
 
 
 def test_losses_without_ranking_sets_ignore_the_key():
     # focal / ce_ohem configs inherit the paper's 8 from Base-APLoss-RetinaNet.yaml
     cfg = load(TINY_YAML, "MODEL.CLS_LOSS.NAME", "focal", "SOLVER.IMS_PER_BATCH", "6",
                "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", "4")
-    validate_cfg(cfg, world_size=1)
+    build_cls_loss(cfg, "retinanet")
 
 
 def test_lazy_validation():
     cfg = LazyConfig.load(str(LAZY_VOC_AP))
-    for world in (1, 2, 4, 8):
-        validate_lazy_cfg(cfg, world_size=world)
-    cfg.dataloader.train.total_batch_size = 12
-    with pytest.raises(ValueError, match=r"model.images_per_ranking_set=8 with "
-                       r"dataloader.train.total_batch_size=12 on 1 process"):
-        validate_lazy_cfg(cfg, world_size=1)
-    cfg.model.images_per_ranking_set = 0
-    cfg.model.rank_across_processes = True
-    validate_lazy_cfg(cfg, world_size=1)
-    cfg.model.images_per_ranking_set = 4
-    with pytest.raises(ValueError, match="model.rank_across_processes=True"):
-        validate_lazy_cfg(cfg, world_size=1)
-
+    check_lazy_cls_loss(cfg)
+    cfg.model.cls_loss.rank_across_processes = True
+    with pytest.raises(ValueError, match="model.cls_loss: rank_across_processes=True"):
+        check_lazy_cls_loss(cfg)
     faster = LazyConfig.load(str(LAZY_FASTER_AP))
-    validate_lazy_cfg(faster, world_size=8)
-    faster.model.roi_heads.box_predictor.images_per_ranking_set = 5
-    with pytest.raises(ValueError, match=r"model.roi_heads.box_predictor.images_per_ranking_set=5"):
-        validate_lazy_cfg(faster, world_size=2)
+    faster.model.roi_heads.box_predictor.cls_loss.images_per_ranking_set = -5
+    with pytest.raises(ValueError, match=r"model.roi_heads.box_predictor.cls_loss: images_per_ranking_set=-5"):
+        check_lazy_cls_loss(faster)

@@ -1,47 +1,89 @@
-"""The registry of classification losses: one registration adds a loss to both models, to config
-validation (yaml and LazyConfig) and to the README; the names are listed in one place."""
+"""The registry of classification losses: a loss is one ``ClsLoss`` class with one registration,
+and both heads train with it from yaml and from LazyConfig; the names are listed in one place;
+``from ap_loss_d2 import ap_loss`` stays free of Detectron2."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ap_loss_d2.losses import CLS_LOSSES, cls_loss_names, get_cls_loss, register_cls_loss
-from ap_loss_d2.losses.registry import ranking_targets
+pytest.importorskip("detectron2")
+
+from detectron2.config import LazyCall as L  # noqa: E402
+from detectron2.config import LazyConfig, configurable, instantiate  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from ap_loss_d2.losses.ranking_sets import ranking_targets  # noqa: E402
+from ap_loss_d2.losses.registry import (  # noqa: E402
+    CLS_LOSS_REGISTRY,
+    ClsLoss,
+    build_cls_loss,
+    check_number,
+    cls_loss_label,
+    cls_loss_names,
+    registry_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # launches a process
-def test_registry_is_detectron2_free():
-    """The registry sits in the loss package, importable without Detectron2."""
-    import subprocess
-    import sys
+class ToyBrier(ClsLoss):
+    """Brier score of per-class sigmoids against the ranking targets, times ``scale``"""
 
-    code = (
-        "import sys; sys.modules['detectron2'] = None\n"
-        "from ap_loss_d2.losses import cls_loss_names; print(' '.join(cls_loss_names()))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == list(CLS_LOSSES)
+    name, label = "toy_brier", "Toy Brier"
+    heads = ("retinanet", "roi_heads")
+    calls = []
+
+    @configurable
+    def __init__(self, *, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = check_number("scale", scale)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {**super().from_config(cfg), "scale": cfg.MODEL.CLS_LOSS.DELTA}
+
+    def loss(self, logits, gt_labels, stats, normalizer, entries_per_image):
+        targets = ranking_targets(gt_labels, logits.shape[-1]).to(logits.dtype)
+        keep = targets >= 0
+        stats["num_pos"] = int((targets == 1).sum())
+        ToyBrier.calls.append((tuple(logits.shape), self.scale))
+        return self.scale * ((logits.sigmoid() - targets)[keep] ** 2).sum() / keep.sum().clamp(min=1)
 
 
-def test_heads_and_unknown_names():
+@pytest.fixture
+def toy_loss():
+    CLS_LOSS_REGISTRY.register(ToyBrier)  # the one registration
+    ToyBrier.calls.clear()
+    yield ToyBrier.calls
+    del CLS_LOSS_REGISTRY._obj_map["ToyBrier"]  # fvcore's Registry has no public unregister
+
+
+def test_names_heads_and_labels():
     assert cls_loss_names("retinanet") == ("ap", "auc", "ap_ohem", "ap_random", "focal", "ce_ohem", "ap_approx", "ap_hinge", "ghm", "dr")
     assert cls_loss_names("roi_heads") == ("ap", "auc", "ce")
-    with pytest.raises(ValueError, match=r"cls_loss='focal' is not a classification loss for the roi_heads head; valid names: ap, auc, ce"):
-        get_cls_loss("focal", "roi_heads")
-    with pytest.raises(ValueError, match="already registered"):
-        register_cls_loss("ap", heads=("retinanet",))(lambda *a, **k: None)
-    with pytest.raises(ValueError, match="heads must be"):
-        register_cls_loss("x", heads=("fcos",))
+    assert cls_loss_names("ssd") == ("ap", "auc", "ap_ohem", "ap_random", "focal", "ce_ohem")
+    assert cls_loss_label("ap") == "AP-loss" and cls_loss_label("focal") == "Focal loss"
+    for name in cls_loss_names():
+        assert cls_loss_label(name)
+
+
+def test_unknown_name_lists_the_valid_ones():
+    from . import test_faster_rcnn as frcnn
+
+    cfg = frcnn.tiny_cfg("ce")
+    cfg.MODEL.CLS_LOSS.NAME = "focal"
+    with pytest.raises(ValueError, match=r"MODEL.CLS_LOSS.NAME='focal' is not a classification loss for the roi_heads head; valid names: ap, auc, ce"):
+        build_cls_loss(cfg, "roi_heads")
 
 
 def test_loss_names_listed_in_one_place():
     """No module of the package spells out the list of loss names of a head (a tuple/list/set
-    literal of exactly those names, as the former RETINANET_LOSSES / ROI_HEAD_LOSSES); the
-    registry registers them one by one. (A study may choose a subset as its default.)"""
-    lists = [set(cls_loss_names(h)) for h in ("retinanet", "roi_heads")] + [set(CLS_LOSSES)]
+    literal of exactly those names); each class registers itself. (A study may choose a
+    subset as its default.)"""
+    lists = [set(cls_loss_names(h)) for h in ("retinanet", "roi_heads", "ssd")] + [set(cls_loss_names())]
     found = []
     for path in (REPO / "ap_loss_d2").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -54,70 +96,61 @@ def test_loss_names_listed_in_one_place():
 
 def test_readme_lists_the_registry():
     """The README's table of losses is the registry's (``python -m ap_loss_d2.losses``)."""
-    from ap_loss_d2.losses.registry import registry_table
-
     assert registry_table() in (REPO / "README.md").read_text()
 
 
-# ------------------------------------------------------------------------------------------------
-# A toy loss: one registration, then both models train with it and validation accepts it.
-# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # starts a Python process
+def test_loss_function_import_leaves_detectron2_out():
+    code = "import sys\nfrom ap_loss_d2 import ap_loss\nfrom ap_loss_d2.losses import auc_loss\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'detectron2'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert "FutureWarning" not in out.stderr, out.stderr
 
 
-@pytest.fixture
-def toy_loss():
-    calls = []
-
-    @register_cls_loss("toy_brier", heads=("retinanet", "roi_heads"), options=("delta",))
-    def toy_brier(logits, gt_labels, num_classes, *, stats, delta):
-        """Brier score of per-class sigmoids against the ranking targets, times ``delta``."""
-        targets = ranking_targets(gt_labels, num_classes).to(logits.dtype)
-        keep = targets >= 0
-        stats["num_pos"] = int((targets == 1).sum())
-        calls.append(tuple(logits.shape))
-        return delta * ((logits.sigmoid() - targets)[keep] ** 2).sum() / max(int(keep.sum()), 1)
-
-    yield calls
-    CLS_LOSSES.pop("toy_brier")
-
-
-def test_toy_loss_trains_retinanet_and_roi_heads(toy_loss):
-    pytest.importorskip("detectron2")
-    from detectron2.modeling import build_model
-
-    from ap_loss_d2.engine import validate_cfg
-
+def test_toy_loss_trains_both_heads_from_yaml(toy_loss):
     from . import test_faster_rcnn as frcnn
     from . import test_retinanet as retina
 
     cfg = retina.tiny_cfg("toy_brier")
     cfg.MODEL.CLS_LOSS.DELTA = 2.0
-    validate_cfg(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
+    assert isinstance(model.cls_loss, ToyBrier) and model.cls_loss.scale == 2.0
     losses, storage = retina.train_step(model, retina.make_batch())
-    assert len(toy_loss) == 1 and len(toy_loss[0]) == 3  # (N, R, K)
+    assert toy_loss[-1][0][0] == 2 and len(toy_loss[-1][0]) == 3  # (N, R, K)
     assert losses["loss_cls"] > 0 and storage.latest()["cls_loss/num_pos"][0] > 0
-    grad = model.head.cls_score.weight.grad
-    assert grad is not None and grad.abs().sum() > 0
+    assert model.head.cls_score.weight.grad.abs().sum() > 0
 
-    model = frcnn.tiny_model("toy_brier")  # validate_cfg runs inside
+    model = frcnn.tiny_model("toy_brier")
     assert model.roi_heads.box_predictor.cls_score.out_features == frcnn.NUM_CLASSES  # K logits
     losses, scalars, grads = frcnn.train_step(model, frcnn.make_batch())
-    assert len(toy_loss[1]) == 2  # (sum R_i, K)
+    assert len(toy_loss[-1][0]) == 2  # (sum R_i, K)
     assert losses["loss_cls"] > 0 and scalars["cls_loss/num_pos"] > 0
     assert grads["roi_heads.box_predictor.cls_score.weight"].abs().sum() > 0
 
 
-def test_toy_loss_in_lazy_config(toy_loss):
-    pytest.importorskip("detectron2")
-    from detectron2.config import LazyConfig
+def test_toy_loss_trains_both_heads_from_lazy_config(toy_loss):
+    from . import test_faster_rcnn as frcnn
+    from . import test_retinanet as retina
 
-    from ap_loss_d2.engine import validate_lazy_cfg
+    cfg = LazyConfig.load(str(REPO / "tests" / "configs" / "tiny_synth_retinanet_lazy.py"))
+    cfg.model.cls_loss = L(ToyBrier)(scale=3.0)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    losses, _ = retina.train_step(model, retina.make_batch())
+    assert toy_loss[-1][1] == 3.0 and losses["loss_cls"] > 0
+    assert model.head.cls_score.weight.grad.abs().sum() > 0
 
-    cfg = LazyConfig.load(str(REPO / "configs" / "lazy" / "retinanet_R_50_FPN_160e_voc0712_ap.py"))
-    cfg.model.cls_loss = "toy_brier"
-    validate_lazy_cfg(cfg)
-    cfg.model.cls_loss = "toy_brierr"
-    with pytest.raises(ValueError, match="model.cls_loss='toy_brierr'.*valid names: .*toy_brier"):
-        validate_lazy_cfg(cfg)
+    cfg = LazyConfig.load(str(REPO / "configs" / "lazy" / "faster_rcnn_R_50_FPN_18k_voc0712_ap.py"))
+    cfg.model.roi_heads.num_classes = frcnn.NUM_CLASSES
+    cfg.model.roi_heads.box_predictor.cls_loss = L(ToyBrier)(scale=0.5)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    losses, _, grads = frcnn.train_step(model, frcnn.make_batch())
+    assert toy_loss[-1][1] == 0.5 and len(toy_loss[-1][0]) == 2
+    # an untrained ResNet-50 saturates the sigmoids: the gradient is tiny but reaches the classifier
+    assert "roi_heads.box_predictor.cls_score.weight" in grads and torch.isfinite(losses["loss_cls"])
+
+    cfg.model.roi_heads.box_predictor.cls_loss = L(ToyBrier)(scale=-1.0)
+    with pytest.raises(ValueError, match=r"scale=-1.0 must be a finite number > 0"):
+        instantiate(cfg.model)

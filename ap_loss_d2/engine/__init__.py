@@ -1,7 +1,7 @@
 """Training entry points: yacs (``Trainer``, ``setup_cfg``) and LazyConfig (``do_train_lazy``,
 ``do_test_lazy``). ``train_net.py`` at the repository root wires them to the command line."""
 from .checkpoint import SafeDetectionCheckpointer
-from .defaults import Trainer, get_ap_loss_cfg, setup_cfg, valid_cls_losses, validate_cfg
+from .defaults import Trainer, get_ap_loss_cfg, setup_cfg, validate_cfg
 from .launch import create_ddp_model_for, launch
 from .divergence import NonFiniteGuard
 from .lazy import (
@@ -9,7 +9,6 @@ from .lazy import (
     do_test_lazy,
     do_train_lazy,
     setup_lazy_cfg,
-    validate_lazy_cfg,
     verify_lazy_results,
 )
 
@@ -25,8 +24,6 @@ __all__ = [
     "launch",
     "setup_cfg",
     "setup_lazy_cfg",
-    "valid_cls_losses",
     "validate_cfg",
-    "validate_lazy_cfg",
     "verify_lazy_results",
 ]

@@ -19,13 +19,8 @@ from detectron2.engine import (
 )
 from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
-from detectron2.utils.registry import locate
 
-from ..config import BOX_REG_NORMALIZERS, NUMERIC_KEYS, check_number
-from ..losses import STEPS
-from ..losses.registry import get_cls_loss
 from .checkpoint import SafeDetectionCheckpointer
-from .defaults import validate_ranking_set
 from .divergence import NonFiniteGuard
 from .launch import create_ddp_model_for
 from .validation import check_startup_lazy
@@ -34,84 +29,37 @@ __all__ = [
     "build_lazy_model",
     "do_test_lazy",
     "do_train_lazy",
+    "check_lazy_cls_loss",
     "setup_lazy_cfg",
-    "validate_lazy_cfg",
     "verify_lazy_results",
 ]
 
 logger = logging.getLogger("detectron2")
 
 
-def _target_class(node):
-    target = node.get("_target_", None) if hasattr(node, "get") else None
-    if isinstance(target, str):
-        target = locate(target)
-    return target if inspect.isclass(target) else None
-
-
-def _check_ranking_set(cfg, node, prefix, world_size):
-    dataloader = cfg.get("dataloader", None)
-    train = dataloader.get("train", None) if dataloader is not None else None
-    total = train.get("total_batch_size", None) if train is not None else None
-    validate_ranking_set(
-        node.get("images_per_ranking_set", 0),
-        node.get("rank_across_processes", False),
-        total,
-        comm.get_world_size() if world_size is None else world_size,
-        (
-            f"{prefix}.images_per_ranking_set",
-            f"{prefix}.rank_across_processes",
-            "dataloader.train.total_batch_size",
-        ),
-    )
-
-
-def _check_loss_node(cfg, node, prefix, head, world_size):
-    """The checks of ``validate_cfg`` on the arguments of a model/predictor reading the loss."""
-    name = node.get("cls_loss", "ap")
-    entry = get_cls_loss(name, head, key=f"{prefix}.cls_loss")
-    step = node.get("step", "linear")
-    if step not in STEPS:
-        raise ValueError(f"{prefix}.step={step!r}; valid steps: {', '.join(STEPS)}")
-    for _, arg, allow_zero in NUMERIC_KEYS:
-        if arg in node and node[arg] is not None:
-            check_number(f"{prefix}.{arg}", node[arg], allow_zero)
-    if "box_reg_normalizer" in node and node["box_reg_normalizer"] not in BOX_REG_NORMALIZERS:
-        raise ValueError(
-            f"{prefix}.box_reg_normalizer={node['box_reg_normalizer']!r}; valid values: "
-            f"{', '.join(BOX_REG_NORMALIZERS)}"
-        )
-    if entry.ranks:
-        _check_ranking_set(cfg, node, prefix, world_size)
-
-
-def validate_lazy_cfg(cfg, world_size=None):
-    """Check the AP-loss arguments of ``cfg.model`` before anything is built (ValueError): the
-    same checks as :func:`~ap_loss_d2.engine.validate_cfg`, on ``model.*`` of an
-    ``APLossRetinaNet`` and on ``model.roi_heads.box_predictor.*`` of an AP-loss predictor.
-
-    ``world_size``: processes that will train (default: the current ``torch.distributed``
-    world), for the ranking set (``images_per_ranking_set``).
-    """
+def check_lazy_cls_loss(cfg):
+    """Fail fast, before anything is written or built: instantiate the loss nodes of
+    ``cfg.model`` (``model.cls_loss``, ``model.roi_heads.box_predictor.cls_loss``) once, so that
+    their constructors check their options (ValueError naming the node)."""
     model = cfg.get("model", None)
-    target = _target_class(model) if model is not None else None
-    roi_heads = model.get("roi_heads", None) if target is not None and hasattr(model, "get") else None
+    nodes = {"model.cls_loss": model.get("cls_loss", None) if hasattr(model, "get") else None}
+    roi_heads = model.get("roi_heads", None) if hasattr(model, "get") else None
     predictor = roi_heads.get("box_predictor", None) if hasattr(roi_heads, "get") else None
-    predictor_target = _target_class(predictor) if predictor is not None else None
-    head = getattr(predictor_target, "cls_loss_head", None)
-    if head is not None:
-        _check_loss_node(cfg, predictor, "model.roi_heads.box_predictor", head, world_size)
-    head = getattr(target, "cls_loss_head", None)
-    if head is not None:
-        _check_loss_node(cfg, model, "model", head, world_size)
-    return cfg
+    nodes["model.roi_heads.box_predictor.cls_loss"] = predictor.get("cls_loss", None) if hasattr(predictor, "get") else None
+    for key, node in nodes.items():
+        if hasattr(node, "get") and "_target_" in node:
+            try:
+                instantiate(node)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
 
 
 def setup_lazy_cfg(args):
-    """Load ``args.config_file``, apply ``args.opts`` (``key=value``), validate, ``default_setup``."""
+    """Load ``args.config_file``, apply ``args.opts`` (``key=value``), check datasets and paths,
+    ``default_setup``. The model's arguments are checked by their constructors."""
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    validate_lazy_cfg(cfg)
+    check_lazy_cls_loss(cfg)
     check_startup_lazy(cfg)  # datasets, output paths, batch size: before anything is built
     default_setup(cfg, args)
     return cfg

@@ -1,5 +1,5 @@
-"""The anti-imbalance baselines of the paper's Table 13, as registered RetinaNet classification
-losses: GHM-C (``"ghm"``) and DR-loss (``"dr"``). Needs only PyTorch.
+"""The anti-imbalance baselines of the paper's Table 13: GHM-C and DR-loss (the
+registered losses ``"ghm"`` and ``"dr"``). Needs only PyTorch.
 
 Both are written from their papers' equations and checked against the authors' released code
 (read, not copied):
@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .registry import ranking_targets, register_cls_loss
+from .ranking_sets import ranking_targets
 
 __all__ = ["ghm_c_loss", "dr_loss", "GHM_BINS", "GHM_MOMENTUM", "GHM_VARIANTS", "DR_DEFAULTS"]
 
@@ -64,7 +64,8 @@ def ghm_c_loss(
     eps = 1/M (the last one closed); R_j counts the entries in region j and S_j is what stands
     for it: R_j itself, or with ``momentum`` alpha > 0 and a ``state`` dict kept by the caller
     between iterations (``state["ghm_acc"]``), the EMA S_j = alpha * S_j(previous) + (1 - alpha) * R_j
-    (Eq. 8; without ``state`` each call uses its own counts). The weights are constants (no
+    (Eq. 8; without ``state`` each call uses its own counts; ``state["ghm_started"]``, a bool
+    tensor, tells whether the EMA has started, so that no host read is needed). The weights are constants (no
     gradient through them). With N entries:
 
     * ``variant="released"`` (default; libuyu/GHM_Detection ``mmdetection/mmdet/core/loss/ghm_loss.py``
@@ -98,7 +99,7 @@ def ghm_c_loss(
     targets = ranking_targets(gt_labels, num_classes)
     valid = targets >= 0
     if stats is not None:
-        stats["num_pos"] = int((targets == 1).sum())
+        stats["num_pos"] = (targets == 1).sum()
     if not bool(valid.any()):
         return logits.sum() * 0.0
     x = logits[valid].float()
@@ -110,13 +111,18 @@ def ghm_c_loss(
         nonempty = counts > 0
         if momentum > 0 and state is not None:
             acc = state.get("ghm_acc")
-            fresh = acc is None or acc.numel() != bins
-            if variant == "released":
-                acc = counts.new_zeros(bins) if fresh else acc.to(counts.device)
-                acc = torch.where(nonempty, momentum * acc + (1 - momentum) * counts, acc)
+            if acc is None or acc.numel() != bins:
+                acc, started = counts.new_zeros(bins), torch.zeros((), dtype=torch.bool, device=counts.device)
             else:
-                acc = counts if fresh else momentum * acc.to(counts.device) + (1 - momentum) * counts
+                acc = acc.to(counts)
+                started = state.get("ghm_started", torch.ones((), dtype=torch.bool)).to(counts.device)
+            ema = momentum * acc + (1 - momentum) * counts
+            if variant == "released":
+                acc = torch.where(nonempty, ema, acc)
+            else:
+                acc = torch.where(started, ema, counts)
             state["ghm_acc"] = acc
+            state["ghm_started"] = torch.ones((), dtype=torch.bool, device=counts.device)
             counts = acc
         norm = nonempty.sum().float() if variant == "released" else float(bins)
         weights = 1.0 / (norm * counts[idx])
@@ -166,7 +172,7 @@ def dr_loss(
         logits, gt_labels = logits[None], gt_labels[None]
     targets = ranking_targets(gt_labels, num_classes)
     if stats is not None:
-        stats["num_pos"] = int((targets == 1).sum())
+        stats["num_pos"] = (targets == 1).sum()
     losses = []
     for x, t in zip(logits, targets):
         p = x.float().sigmoid()
@@ -181,22 +187,3 @@ def dr_loss(
     if not losses:
         return logits.sum() * 0.0
     return torch.stack(losses).sum() / logits.shape[0]
-
-
-@register_cls_loss(
-    "ghm",
-    heads=("retinanet",),
-    options=("loss_state",),
-    doc="GHM-C (Li et al. AAAI'19): sigmoid CE weighted by inverse gradient density, 30 bins, EMA 0.75 (Table 13)",
-)
-def _ghm(logits, gt_labels, num_classes, *, stats, loss_state):
-    return ghm_c_loss(logits, gt_labels, num_classes, state=loss_state, stats=stats)
-
-
-@register_cls_loss(
-    "dr",
-    heads=("retinanet",),
-    doc="DR-loss (Qian et al. CVPR'20): distributional ranking, margin 0.5, L = 6, tau = 4 (Table 13)",
-)
-def _dr(logits, gt_labels, num_classes, *, stats):
-    return dr_loss(logits, gt_labels, num_classes, stats=stats)

@@ -15,13 +15,23 @@ import math
 
 import torch
 
-__all__ = ["NEG_SELECTIONS", "SELECTION_UNITS", "select_negatives"]
+__all__ = ["NEG_SELECTIONS", "SELECTION_UNITS", "check_neg_pos_ratio", "select_negatives"]
 
 #: ``"all"``: every negative (plain AP-loss); ``"ohem"``: the highest-scored (hardest)
 #: negatives; ``"random"``: negatives drawn uniformly at random.
 NEG_SELECTIONS = ("all", "ohem", "random")
 #: What one selected negative is: a background ``"anchor"`` (all its K entries) or one ``"entry"``.
 SELECTION_UNITS = ("anchor", "entry")
+
+
+def check_neg_pos_ratio(neg_pos_ratio) -> float:
+    """``float(neg_pos_ratio)``; ValueError unless it is a finite number > 0 (negatives kept per
+    positive by ``"ce_ohem"``, ``"ap_ohem"``, ``"ap_random"``: MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO)."""
+    if isinstance(neg_pos_ratio, bool) or not (
+        isinstance(neg_pos_ratio, (int, float)) and math.isfinite(neg_pos_ratio) and neg_pos_ratio > 0
+    ):
+        raise ValueError(f"neg_pos_ratio={neg_pos_ratio!r} must be a finite number > 0")
+    return float(neg_pos_ratio)
 
 
 def select_negatives(targets, logits, mode, neg_pos_ratio=3.0, entries_per_image=None, generator=None, unit="anchor"):
@@ -40,7 +50,7 @@ def select_negatives(targets, logits, mode, neg_pos_ratio=3.0, entries_per_image
 
     Args:
         targets: ``(N, R, K)`` (or ``(sum_i R_i, K)``) int8 ranking targets: 1 positive, 0
-            negative, -1 ignored (:func:`ap_loss_d2.losses.registry.ranking_targets`).
+            negative, -1 ignored (:func:`ap_loss_d2.losses.ranking_sets.ranking_targets`).
         logits: scores of the same shape (only read, no gradient).
         mode: one of :data:`NEG_SELECTIONS`.
         neg_pos_ratio: negative units kept per positive unit, a finite number > 0 (the rule of
@@ -56,10 +66,7 @@ def select_negatives(targets, logits, mode, neg_pos_ratio=3.0, entries_per_image
         raise ValueError(f"neg_selection={mode!r}; valid values: {', '.join(NEG_SELECTIONS)}")
     if unit not in SELECTION_UNITS:
         raise ValueError(f"unit={unit!r}; valid values: {', '.join(SELECTION_UNITS)}")
-    if isinstance(neg_pos_ratio, bool) or not (
-        isinstance(neg_pos_ratio, (int, float)) and math.isfinite(neg_pos_ratio) and neg_pos_ratio > 0
-    ):
-        raise ValueError(f"neg_pos_ratio={neg_pos_ratio!r} must be a finite number > 0")
+    check_neg_pos_ratio(neg_pos_ratio)
     if tuple(targets.shape) != tuple(logits.shape):
         raise ValueError(f"targets {tuple(targets.shape)} and logits {tuple(logits.shape)} must have one shape")
     if mode == "all" or targets.numel() == 0:

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .neg_selection import check_neg_pos_ratio
+
 __all__ = ["ce_ohem_loss", "ce_ohem_scores"]
 
 
@@ -47,10 +49,7 @@ def ce_ohem_loss(cls_logits, gt_labels, *, neg_pos_ratio=3.0):
         raise ValueError(f"gt_labels shape {tuple(gt_labels.shape)} does not match "
                          f"cls_logits shape {tuple(cls_logits.shape)}: expected "
                          f"{(n_img, n_anchor)}")
-    if isinstance(neg_pos_ratio, bool) or not (
-        isinstance(neg_pos_ratio, (int, float)) and math.isfinite(neg_pos_ratio) and neg_pos_ratio > 0
-    ):
-        raise ValueError(f"neg_pos_ratio must be a finite number > 0, got {neg_pos_ratio!r}")
+    check_neg_pos_ratio(neg_pos_ratio)
     if n_img == 0 or n_anchor == 0:
         return cls_logits.sum() * 0.0
     gt_labels = gt_labels.long()

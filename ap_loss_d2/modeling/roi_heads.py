@@ -32,14 +32,12 @@ Losses (``cls_loss``):
   too with ``rank_across_processes``). At inference the class probabilities are per-class
   sigmoids with a zero background column appended, the layout ``fast_rcnn_inference`` expects.
 
-Any loss registered for the ``"roi_heads"`` head (:mod:`ap_loss_d2.losses.registry`) works the
-same way (K logits, per-class sigmoid scores), unless registered ``native`` like ``"ce"``.
-
-``cls_loss_weight`` (``MODEL.CLS_LOSS.WEIGHT``; the same argument as ``APLossRetinaNet``'s)
-scales ``loss_cls`` for every loss, through the base class's ``loss_weight`` dict (the default
-1.0 leaves "ce" bit-identical to stock Faster R-CNN).
+Any loss serving the ``"roi_heads"`` head (:mod:`ap_loss_d2.losses.registry`) works the same
+way (K logits, scores from ``cls_loss.scores``), unless it is ``native`` like ``"ce"``.
+``MODEL.CLS_LOSS.WEIGHT`` (the loss's ``weight``) scales ``loss_cls``; for ``"ce"`` through the
+base class's ``loss_weight`` dict (the default 1.0 leaves it bit-identical to stock Faster R-CNN).
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -50,9 +48,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, FastRCNNOutputLaye
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
-from ..config import check_number
-from ..losses.registry import compute_cls_loss, get_cls_loss
-from .retinanet import cls_loss_clock, put_cls_loss_stats, ranking_options
+from ..losses.registry import build_cls_loss, check_head
 
 __all__ = ["APLossFastRCNNOutputLayers", "APLossROIHeads"]
 
@@ -62,111 +58,56 @@ _CLASSIFIER_OPTIONS = ("use_sigmoid_ce", "use_fed_loss")
 
 
 class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
-    """Detectron2's ``FastRCNNOutputLayers`` with the classification loss replaced.
-
-    See the module docstring. The attribute ``cls_loss`` tells which loss is used; with a
+    """Detectron2's ``FastRCNNOutputLayers`` with the classification loss ``cls_loss`` (a
+    :class:`~ap_loss_d2.losses.registry.ClsLoss` serving the ``"roi_heads"`` head). With a
     non-native loss ``cls_score`` outputs K logits instead of K + 1.
     """
 
-    #: The registry head this predictor reads ``MODEL.CLS_LOSS`` for.
-    cls_loss_head = "roi_heads"
-
     @configurable
-    def __init__(
-        self,
-        input_shape,
-        *,
-        cls_loss: str = "ap",
-        cls_loss_weight: Optional[float] = None,
-        delta: float = 1.0,
-        interpolate: bool = True,
-        step: str = "linear",
-        sigmoid_k: float = 0.5,
-        rank_across_processes: bool = False,
-        images_per_ranking_set: int = 0,
-        **kwargs,
-    ):
+    def __init__(self, input_shape, *, cls_loss: nn.Module, **kwargs):
         """
         Args:
             input_shape (ShapeSpec): shape of the per-RoI feature, as for the base class.
-            cls_loss: a name registered for the ``"roi_heads"`` head (``"ap"``, ``"auc"``,
-                ``"ce"``...).
-            cls_loss_weight: weight of ``loss_cls`` (as ``APLossRetinaNet``'s); None keeps the
-                base class's ``loss_weight`` (Detectron2's argument, 1.0 by default).
-            delta, interpolate, step, sigmoid_k: AP-/AUC-loss options (see ``ap_loss``).
-            rank_across_processes: rank the RoIs of all processes' images together (exact).
-            images_per_ranking_set: images ranked together (0: this process's); see
-                :func:`ap_loss_d2.losses.registry.ranking_loss`.
+            cls_loss: the classification loss module (e.g. ``APLoss()``, ``SoftmaxCELoss()``).
             kwargs: arguments of Detectron2's ``FastRCNNOutputLayers`` (``box2box_transform``,
                 ``num_classes``, test thresholds, box regression options, ``loss_weight``...).
         """
-        entry = get_cls_loss(cls_loss, self.cls_loss_head, key="cls_loss")
-        if cls_loss_weight is not None:
-            check_number("cls_loss_weight", cls_loss_weight, allow_zero=True)
-            weight = kwargs.get("loss_weight", 1.0)
-            if not isinstance(weight, dict):
-                weight = {"loss_cls": weight, "loss_box_reg": weight}
-            kwargs["loss_weight"] = {**weight, "loss_cls": cls_loss_weight}
+        check_head(cls_loss, "roi_heads")
+        weight = kwargs.get("loss_weight", 1.0)
+        if not isinstance(weight, dict):
+            weight = {"loss_cls": weight, "loss_box_reg": weight}
+        kwargs["loss_weight"] = {**weight, "loss_cls": cls_loss.weight if cls_loss.native else 1.0}
         super().__init__(input_shape, **kwargs)
         self.cls_loss = cls_loss
-        self.cls_loss_entry = entry
-        if entry.native:
+        if cls_loss.native:
             return
         enabled = [name for name in _CLASSIFIER_OPTIONS if getattr(self, name, False)]
         if enabled:
             raise ValueError(
-                f"cls_loss={cls_loss!r} replaces the softmax classifier and cannot be combined "
+                f"cls_loss {cls_loss.name!r} replaces the softmax classifier and cannot be combined "
                 f"with {', '.join(enabled)} (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS); "
-                f"disable them or use cls_loss='ce'"
+                f"disable them or use MODEL.CLS_LOSS.NAME ce"
             )
         # K logits, no background logit; same initialisation as the stock classifier.
         self.cls_score = nn.Linear(self.cls_score.in_features, self.num_classes)
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.constant_(self.cls_score.bias, 0)
-        self.loss_options = dict(
-            delta=delta,
-            interpolate=interpolate,
-            step=step,
-            sigmoid_k=sigmoid_k,
-            rank_across_processes=rank_across_processes,
-            images_per_ranking_set=images_per_ranking_set,
-        )
-        self.rank_across_processes = rank_across_processes
-        self.images_per_ranking_set = images_per_ranking_set
-        self.ranking_options = ranking_options(self.loss_options, entry)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        c = cfg.MODEL.CLS_LOSS
-        ret.update(
-            cls_loss=c.NAME or "ap",
-            cls_loss_weight=c.WEIGHT,
-            delta=c.DELTA,
-            interpolate=c.INTERPOLATE,
-            step=c.STEP,
-            sigmoid_k=c.SIGMOID_K,
-            rank_across_processes=c.RANK_ACROSS_PROCESSES,
-            images_per_ranking_set=c.IMAGES_PER_RANKING_SET,
-        )
-        return ret
+        return {**super().from_config(cfg, input_shape), "cls_loss": build_cls_loss(cfg, "roi_heads")}
 
     def losses(self, predictions, proposals: List[Instances]):
         """Same inputs and outputs as ``FastRCNNOutputLayers.losses``.
 
-        Diagnostics put into the event storage: ``cls_loss/time`` (every loss) and, for the
-        ranking losses, ``cls_loss/num_pos`` (positive RoI x class entries = foreground RoIs),
-        ``cls_loss/num_neg_nontrivial`` and ``fast_rcnn/fg_cls_accuracy`` (the "ce" head logs
-        Detectron2's own ``fast_rcnn/*`` statistics).
+        For a non-native loss, ``loss_cls`` is ``cls_loss`` of the ``(sum_i R_i, K)`` logits of
+        all sampled RoIs (``entries_per_image`` = the RoIs per image), and
+        ``fast_rcnn/fg_cls_accuracy`` is logged (the native ``"ce"`` logs Detectron2's own
+        ``fast_rcnn/*`` statistics).
         """
+        if self.cls_loss.native:
+            return super().losses(predictions, proposals)
         storage = get_event_storage()
-        device = predictions[0].device
-        start = cls_loss_clock(device)
-        if self.cls_loss_entry.native:
-            out = super().losses(predictions, proposals)
-            put_cls_loss_stats(storage, {}, start, device)
-            return out
-
         scores, proposal_deltas = predictions
         if len(proposals):
             gt_classes = cat([p.gt_classes for p in proposals], dim=0)
@@ -181,38 +122,27 @@ class APLossFastRCNNOutputLayers(FastRCNNOutputLayers):
             gt_classes = torch.empty(0, dtype=torch.int64, device=scores.device)
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
 
-        stats = {}
-        loss_cls = compute_cls_loss(
-            self.cls_loss_entry,
-            scores,
-            gt_classes,
-            self.num_classes,
-            {**self.loss_options, "entries_per_image": [len(p) for p in proposals]},
-            stats,
+        loss_cls = self.cls_loss(
+            scores, gt_classes, entries_per_image=[len(p) for p in proposals], storage=storage
         )
-        put_cls_loss_stats(storage, stats, start, device)
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
         if fg.any():
             # the stock head's fg accuracy (there is no background logit to compare with)
             accurate = scores.detach()[fg].argmax(dim=1) == gt_classes[fg]
             storage.put_scalar("fast_rcnn/fg_cls_accuracy", accurate.float().mean().item())
         loss_box_reg = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes)
-        losses = {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg}
-        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg * self.loss_weight.get("loss_box_reg", 1.0)}
 
-    def predict_probs(
-        self, predictions: Tuple[torch.Tensor, torch.Tensor], proposals: List[Instances]
-    ):
+    def predict_probs(self, predictions: Tuple[torch.Tensor, torch.Tensor], proposals: List[Instances]):
         """
         Returns:
-            list[Tensor]: per image, (Ri, K + 1) class probabilities, background last. For the
-            registry's non-native losses: per-class sigmoids of the K logits (or the entry's
-            ``scores``) and a background column of 0.
+            list[Tensor]: per image, (Ri, K + 1) class probabilities, background last. For a
+            non-native loss: ``cls_loss.scores`` of the K logits and a background column of 0.
         """
-        if self.cls_loss_entry.native:
+        if self.cls_loss.native:
             return super().predict_probs(predictions, proposals)
         scores, _ = predictions
-        probs = scores.sigmoid() if self.cls_loss_entry.scores is None else self.cls_loss_entry.scores(scores)
+        probs = self.cls_loss.scores(scores)
         probs = torch.cat([probs, probs.new_zeros((probs.shape[0], 1))], dim=1)
         return probs.split([len(p) for p in proposals], dim=0)
 
@@ -224,7 +154,7 @@ class APLossROIHeads(StandardROIHeads):
     branches, is Detectron2's.
     """
 
-    #: The registry head these ROI heads read ``MODEL.CLS_LOSS`` for (see engine validation).
+    #: The head whose losses ``MODEL.CLS_LOSS.NAME`` may name.
     cls_loss_head = "roi_heads"
 
     @classmethod

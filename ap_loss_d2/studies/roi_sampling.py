@@ -80,7 +80,7 @@ REPORT = "roi_sampling_study"
 
 
 def build_parser():
-    from ap_loss_d2.losses import cls_loss_names
+    from ap_loss_d2.losses.registry import cls_loss_names
 
     parser = argparse.ArgumentParser(
         prog="python -m ap_loss_d2.studies.roi_sampling",

@@ -2,6 +2,10 @@
 stage: the "Faster+AP-Loss" columns of the paper's Table 14 (supplementary A4.3). Everything
 else as ``faster_rcnn_R_50_FPN_18k_voc0712_ce.py``.
 """
+from detectron2.config import LazyCall as L
+
+from ap_loss_d2.modeling import APLoss
+
 from .faster_rcnn_R_50_FPN_18k_voc0712_ce import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -10,8 +14,7 @@ from .faster_rcnn_R_50_FPN_18k_voc0712_ce import (  # noqa: F401
     train,
 )
 
-model.roi_heads.box_predictor.cls_loss = "ap"
-model.roi_heads.box_predictor.delta = 1.0
-model.roi_heads.box_predictor.interpolate = True
-model.roi_heads.box_predictor.step = "linear"
-model.roi_heads.box_predictor.images_per_ranking_set = 8  # as the RetinaNet configs
+# 8 images ranked together, as the RetinaNet configs.
+model.roi_heads.box_predictor.cls_loss = L(APLoss)(
+    delta=1.0, interpolate=True, step="linear", images_per_ranking_set=8
+)

@@ -3,6 +3,10 @@ K sigmoid logits per RoI, every sampled RoI replicated per class and all RoIs x 
 batch ranked together; per-class sigmoid scores at test time. Everything else as
 ``faster_rcnn_R_50_FPN_1x_coco_ce.py`` (LazyConfig twin of the ``_ap.yaml`` config).
 """
+from detectron2.config import LazyCall as L
+
+from ap_loss_d2.modeling import APLoss
+
 from .faster_rcnn_R_50_FPN_1x_coco_ce import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -11,8 +15,7 @@ from .faster_rcnn_R_50_FPN_1x_coco_ce import (  # noqa: F401
     train,
 )
 
-model.roi_heads.box_predictor.cls_loss = "ap"
-model.roi_heads.box_predictor.delta = 1.0
-model.roi_heads.box_predictor.interpolate = True
-model.roi_heads.box_predictor.step = "linear"
-model.roi_heads.box_predictor.images_per_ranking_set = 8  # as the RetinaNet configs
+# 8 images ranked together, as the RetinaNet configs.
+model.roi_heads.box_predictor.cls_loss = L(APLoss)(
+    delta=1.0, interpolate=True, step="linear", images_per_ranking_set=8
+)

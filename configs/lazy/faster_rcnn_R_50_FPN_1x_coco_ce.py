@@ -3,7 +3,7 @@ second stage: the baseline of the paper's supplementary A4.3 (Table 14, Fig. 13)
 
 LazyConfig twin of ``configs/FasterRCNN/faster_rcnn_R_50_FPN_1x_coco_ce.yaml``: Detectron2's
 model-zoo Mask R-CNN FPN model without the mask branch, ``APLossROIHeads`` with an
-``APLossFastRCNNOutputLayers`` predictor (``cls_loss="ce"``: identical to stock Faster R-CNN),
+``APLossFastRCNNOutputLayers`` predictor (``SoftmaxCELoss``: identical to stock Faster R-CNN),
 flip + shorter side sampled from 480..800 (step 32) for training, 800 for testing, 1x schedule.
 
     python train_net.py --config-file configs/lazy/faster_rcnn_R_50_FPN_1x_coco_ce.py
@@ -13,7 +13,7 @@ from detectron2.data import transforms as T
 
 from ap_loss_d2.evaluation import get_evaluator
 from ap_loss_d2.model_zoo import get_config  # not detectron2.model_zoo: it needs pkg_resources
-from ap_loss_d2.modeling.roi_heads import APLossFastRCNNOutputLayers, APLossROIHeads
+from ap_loss_d2.modeling import APLossFastRCNNOutputLayers, APLossROIHeads, SoftmaxCELoss
 
 model = get_config("common/models/mask_rcnn_fpn.py").model
 model.roi_heads._target_ = APLossROIHeads
@@ -23,7 +23,7 @@ model.roi_heads.mask_in_features = None
 model.roi_heads.mask_pooler = None
 model.roi_heads.mask_head = None
 model.roi_heads.box_predictor._target_ = APLossFastRCNNOutputLayers
-model.roi_heads.box_predictor.cls_loss = "ce"
+model.roi_heads.box_predictor.cls_loss = L(SoftmaxCELoss)()
 
 dataloader = get_config("common/data/coco.py").dataloader
 dataloader.train.mapper.use_instance_mask = False

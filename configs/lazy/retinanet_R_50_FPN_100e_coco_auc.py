@@ -1,5 +1,9 @@
 """Paper Table 2, RetinaNet + COCO, AUC-loss baseline: same as the AP-loss config.
 LazyConfig twin of configs/COCO-Detection/retinanet_R_50_FPN_100e_coco_auc.yaml."""
+from detectron2.config import LazyCall as L
+
+from ap_loss_d2.modeling import AUCLoss
+
 from .retinanet_R_50_FPN_100e_coco_ap import dataloader, lr_multiplier, model, optimizer, train
 
-model.cls_loss = "auc"
+model.cls_loss = L(AUCLoss)(delta=1.0, step="linear", images_per_ranking_set=8)

@@ -9,7 +9,6 @@ from .common.schedules import VOC0712_160E_ITERS
 from .common.schedules import lr_multiplier_voc0712_160e as lr_multiplier
 
 model.num_classes = 20
-model.cls_loss = "ap"
 
 optimizer = model_zoo.get_config("common/optim.py").SGD
 optimizer.lr = 0.001

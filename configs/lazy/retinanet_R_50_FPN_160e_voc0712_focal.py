@@ -1,5 +1,9 @@
 """Paper Table 2, RetinaNet + PASCAL VOC, Focal-loss baseline: same as the AP-loss config.
 LazyConfig twin of configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_focal.yaml."""
+from detectron2.config import LazyCall as L
+
+from ap_loss_d2.modeling import FocalLoss
+
 from .retinanet_R_50_FPN_160e_voc0712_ap import dataloader, lr_multiplier, model, optimizer, train
 
-model.cls_loss = "focal"
+model.cls_loss = L(FocalLoss)(alpha=0.25, gamma=2.0)

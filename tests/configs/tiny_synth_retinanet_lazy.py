@@ -20,7 +20,7 @@ model.backbone.out_channels = 16
 model.backbone.top_block.in_channels = 512  # res5 of ResNet-18
 model.head.input_shape = [ShapeSpec(channels=16)] * 5
 model.head.conv_dims = [16]
-model.images_per_ranking_set = 2  # the whole (tiny) batch: the paper's 8 cannot fit 2 images
+model.cls_loss.images_per_ranking_set = 2  # the whole (tiny) batch: the paper's 8 cannot fit 2 images
 model.anchor_generator.sizes = [[x, x * 2 ** 0.5] for x in [8, 16, 32, 64, 128]]
 
 dataloader.train.dataset.names = "synth_shapes_train"

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from detectron2.utils.logger import setup_logger
 
-from ...losses import cls_loss_names
+from ...losses.registry import cls_loss_names
 from ..common import default_config
 from .model import NEGATIVE_MODES
 from .runner import CONFIG_REL, DEFAULT_METHODS, DEFAULT_NEGATIVE_MODE, DEFAULT_NEGATIVES, run_study

@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence
 from detectron2.utils.env import seed_all_rng
 
 from ...engine import get_ap_loss_cfg, validate_cfg
-from ...losses import cls_loss_names
+from ...losses.registry import cls_loss_names
 from ..common import (
     REPO,
     check_run_settings,

@@ -1,11 +1,13 @@
 """RetinaNet with AP-loss, paper settings (Sec. 4.1.1), as a LazyConfig ``model``.
 
 Detectron2's model-zoo RetinaNet (``common/models/retinanet.py``: ResNet-50-FPN, frozen BN,
-P3-P7) with the meta-architecture swapped to ``APLossRetinaNet``; the AP-loss options are plain
-constructor arguments of ``APLossRetinaNet``.
+P3-P7) with the meta-architecture swapped to ``APLossRetinaNet``; the classification loss is a
+module, ``model.cls_loss = L(APLoss)(...)`` (swap it for ``L(FocalLoss)()``, ``L(AUCLoss)()``...).
 """
+from detectron2.config import LazyCall as L
+
 from ap_loss_d2 import model_zoo  # not detectron2.model_zoo: it needs pkg_resources
-from ap_loss_d2.modeling import APLossRetinaNet
+from ap_loss_d2.modeling import APLoss, APLossRetinaNet
 
 model = model_zoo.get_config("common/models/retinanet.py").model
 model._target_ = APLossRetinaNet
@@ -31,12 +33,6 @@ model.box_reg_loss_type = "smooth_l1"
 model.smooth_l1_beta = 1.0
 model.box_reg_normalizer = "batch_mean"
 
-# Classification loss: "ap", "auc", "focal" or "ce_ohem" (see APLossRetinaNet; "ce_ohem" scores
-# with the softmax it trained at test time).
-model.cls_loss = "ap"
-model.cls_loss_weight = 1.0
-model.delta = 1.0  # piecewise step function width (Eq. 21)
-model.interpolate = True  # interpolated AP (Sec. 3.4.3)
-model.step = "linear"
-# 8 images ranked together (Sec. 3.4.1, Table 1) on any GPU count (see the README, Multi-GPU).
-model.images_per_ranking_set = 8
+# Classification loss (Sec. 3): interpolated AP-loss with the linear step of width delta = 1
+# (Eq. 21), 8 images ranked together (Sec. 3.4.1, Table 1) on any GPU count (README, Multi-GPU).
+model.cls_loss = L(APLoss)(delta=1.0, interpolate=True, step="linear", images_per_ranking_set=8)
