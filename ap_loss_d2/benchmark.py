@@ -468,6 +468,11 @@ def run(args):
                              _spread([a / b for a, b in zip(entry["times_s"],
                                                             times[("fb", base)])]))
                 entry[f"ratio_to_{base}_rounds"] = per_round
+        for name in ("ap_loss", "auc_loss"):  # this version against the reference file's
+            twin = f"{name}_reference"
+            if name in row["losses"] and twin in row["losses"]:
+                row["losses"][name]["ratio_to_reference_rounds"] = _spread(
+                    [a / b for a, b in zip(times[("fb", name)], times[("fb", twin)])])
         results.append(row)
         del inp, fns, x
     end_state = machine_state()
@@ -597,6 +602,13 @@ def format_table(report):
                 f"{row['images']} images, |P| {row['positives']}): forward "
                 f"{e['forward_time_s'] * 1e3:.1f} ms, under torch.no_grad "
                 f"{e['no_grad_time_s'] * 1e3:.1f} ms, forward+backward {e['time_s'] * 1e3:.1f} ms")
+    for row in report["results"]:
+        versus = [f"{LABELS[n]} {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+                  for n, e in row["losses"].items() if (r := e.get("ratio_to_reference_rounds"))]
+        if versus:
+            lines.append(f"time / reference file's, per round ({row['device']}, "
+                         f"{row['anchors']} anchors, {row['classes']} classes, {row['images']} "
+                         f"images, |P| {row['positives']}): " + "; ".join(versus))
     for dev in ("cpu", "cuda"):
         if mm.get(dev):
             lines.append(f"memory ({dev}): {mm[dev]}")

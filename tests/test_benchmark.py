@@ -49,6 +49,10 @@ def _check_report(out, device):
                 if not e["extrapolated"]:  # per-round ratios of the interleaved rounds
                     per = sorted(a / b for a, b in zip(e["times_s"], base_e["times_s"]))
                     assert rounds["min"] == per[0] and rounds["max"] == per[-1]
+        for name in ("ap_loss", "auc_loss"):  # against the --reference-kernel twin, per round
+            per = [a / b for a, b in zip(row["losses"][name]["times_s"],
+                                         row["losses"][f"{name}_reference"]["times_s"])]
+            assert row["losses"][name]["ratio_to_reference_rounds"]["max"] == max(per)
         for name in LOSSES:
             e = row["losses"][name]
             assert len(e["times_s"]) == cfg["repeats"]
