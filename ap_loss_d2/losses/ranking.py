@@ -585,33 +585,38 @@ def _sorted_forward(logits, targets, kind, delta, interpolate, linear, need_grad
     label = code[perm]
     pos, neg = label == 1, label == 0
     vd = v.to(f64)
-    zero = torch.zeros_like(vd)
-    ninf = torch.full_like(vd, -math.inf)
+    zero, ninf = 0.0, -math.inf  # where() fill values
     count_pos = _exclusive_prefix(pos.to(f64))  # positives before each position
     count_neg = _exclusive_prefix(neg.to(f64))
     m = count_pos[-1]
     m_safe = m.clamp_min(1)
     # breakpoints of every position (used where it holds a positive), exact in the compute dtype
-    lower = _round_up(*_two_sum(vd, torch.full_like(vd, -delta)), cd)
-    upper = _round_above(*_two_sum(vd, torch.full_like(vd, delta)), cd) if linear else vd
+    lower = _round_up(*_two_sum(vd, -delta), cd)
+    upper = _round_above(*_two_sum(vd, delta), cd) if linear else vd
     # per position: the breakpoints of the last positive at or before it (non-decreasing)
     upper_fill = torch.cummax(torch.where(pos, upper, ninf), 0).values
     # queries per entry: #positives whose upper (lower) breakpoint it has passed, as positions
-    q_up = torch.searchsorted(upper_fill.to(cd), v, right=True)
+    q_up = torch.searchsorted(upper_fill.to(cd), v, right=True, out_int32=True)
     # queries per positive: the first positions at or above its breakpoints
-    hi = torch.searchsorted(v, upper.to(cd))
+    hi = torch.searchsorted(v, upper.to(cd), out_int32=True)
+    del upper
     if linear:
         lower_fill = torch.cummax(torch.where(pos, lower, ninf), 0).values
-        q_low = torch.searchsorted(lower_fill.to(cd), v, right=True)
+        q_low = torch.searchsorted(lower_fill.to(cd), v, right=True, out_int32=True)
+        del lower_fill
         inside = count_pos[q_low] > count_pos[q_up]  # inside some positive's window
         # clusters of overlapping windows; reference: the lower breakpoint of the first one
-        prev_upper = torch.cat([ninf[:1], upper_fill[:-1]])
+        prev_upper = torch.nn.functional.pad(upper_fill[:-1], (1, 0), value=ninf)
         start = pos & (lower >= prev_upper)
+        del prev_upper
         ref_fill = torch.cummax(torch.where(start, lower, ninf), 0).values
         ref = torch.where(inside, ref_fill[(q_low - 1).clamp_min(0)], zero)
         local = torch.where(inside, vd - ref, zero)  # entry relative to its cluster
+        del ref
         local_pos = torch.where(pos, vd - ref_fill, zero)  # positive relative to its cluster
-        lo = torch.searchsorted(v, lower.to(cd))
+        del ref_fill
+        lo = torch.searchsorted(v, lower.to(cd), out_int32=True)
+    del upper_fill
 
     def sums(counts, mask):
         """sum over the entries of ``mask`` of f(s - p) for the positive p at each position."""
@@ -627,12 +632,11 @@ def _sorted_forward(logits, targets, kind, delta, interpolate, linear, need_grad
     if kind == "ap":
         f0 = 0.5 if linear else 1.0
         a = (1.0 - f0) + sums(count_pos, pos)
-        denom = torch.where(pos, a + b, torch.ones_like(a))
+        denom = torch.where(pos, a + b, 1.0)
         prec = torch.where(pos, a / denom, zero)
         prec_interp = torch.cummax(prec, 0).values if interpolate else prec
         loss = torch.where(pos, 1 - prec_interp, zero).sum() / m_safe
-        scale = torch.where(prec < prec_interp, (1 - prec_interp) / (1 - prec),
-                            torch.ones_like(prec))
+        scale = torch.where(prec < prec_interp, (1 - prec_interp) / (1 - prec), 1.0)
         w = torch.where(pos, scale / denom, zero)
         g_pos = -(1 - prec_interp) / m_safe
     else:
@@ -642,7 +646,8 @@ def _sorted_forward(logits, targets, kind, delta, interpolate, linear, need_grad
         w = torch.where(pos, 1.0 / n_all_safe, zero)
         loss = b.sum() / (n_all_safe * m_safe)
         g_pos = -b / (n_all_safe * m_safe)
-    lowest = torch.where(pos, lower, torch.full_like(lower, math.inf)).min()
+    lowest = torch.where(pos, lower, math.inf).min()
+    del lower
     n_neg = (neg & (vd >= lowest)).sum()
     nan = torch.full((), math.nan, dtype=f64, device=device)
     loss = torch.where(bad, nan, loss).to(out_dtype)
