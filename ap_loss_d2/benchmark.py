@@ -698,9 +698,7 @@ def breakdown(args):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    import ap_loss_d2.modeling  # noqa: F401  (registers the models)
     from ap_loss_d2.engine import get_ap_loss_cfg
-    from ap_loss_d2.losses.registry import ClsLoss
 
     if args.device == "cuda" and not torch.cuda.is_available():
         resolve_devices("cuda")  # the clean message and exit status
@@ -720,10 +718,6 @@ def breakdown(args):
     model.train()
     loss_name = cfg.MODEL.CLS_LOSS.NAME
     num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
-    loss_modules = [m for m in model.modules() if isinstance(m, ClsLoss)]
-    if len(loss_modules) != 1:
-        raise SystemExit(f"[breakdown] expected one classification-loss module in the model of "
-                         f"{config.name}, found {len(loss_modules)}")
     batch = _breakdown_batch(images, args.size, num_classes, device, args.seed)
     log(f"[breakdown] {type(model).__name__} ({config.name}, loss {loss_name!r}) on {device}: "
         f"{images} images {args.size}x{args.size}, {iters} timed iterations (+{args.warmup})")
@@ -734,21 +728,25 @@ def breakdown(args):
         _sync(device)
         clock[key] = time.perf_counter()
 
-    def before_loss(module, inputs):
+    def before_loss(module, args, kwargs):
+        logits, labels = args[0], args[1]
         mark("loss_start")
-
-    def after_loss(module, inputs, out):
-        mark("loss_end")
-        logits, gt_labels = inputs[0], inputs[1]
         clock["numel"] = logits.numel()
-        clock["positives"] = int(((gt_labels >= 0) & (gt_labels < num_classes)).sum())
+        clock["positives"] = int(((labels >= 0) & (labels < logits.shape[-1])).sum())
+        if logits.requires_grad:
+            logits.register_hook(lambda g: (mark("loss_bwd_end"), None)[1])
+
+    def after_loss(module, args, kwargs, out):
+        mark("loss_end")
         if out.requires_grad:
-            out.register_hook(lambda g: mark("loss_bwd_start"))
-            logits.register_hook(lambda g: mark("loss_bwd_end"))
+            out.register_hook(lambda g: (mark("loss_bwd_start"), None)[1])
 
     rows = []
-    handles = [loss_modules[0].register_forward_pre_hook(before_loss),
-               loss_modules[0].register_forward_hook(after_loss)]
+    # the model's loss module, timed by module and tensor hooks (any registered loss)
+    handles = [
+        model.cls_loss.register_forward_pre_hook(before_loss, with_kwargs=True),
+        model.cls_loss.register_forward_hook(after_loss, with_kwargs=True),
+    ]
     try:
         with EventStorage():
             for it in range(args.warmup + iters):
@@ -774,8 +772,8 @@ def breakdown(args):
                     "numel": c["numel"], "positives": c["positives"],
                 })
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
 
     med = {k: statistics.median(r[k] for r in rows) for k, _ in BREAKDOWN_PARTS}
     med["iteration"] = statistics.median(r["iteration"] for r in rows)

@@ -80,8 +80,8 @@ def load(path):
             _MODELS[path] = (build_model(cfg), "yaml", cfg)
         else:
             cfg = LazyConfig.load(str(REPO / path))
-            if "images_per_ranking_set" in cfg.model:
-                cfg.model.images_per_ranking_set = 0
+            if "images_per_ranking_set" in cfg.model.cls_loss:
+                cfg.model.cls_loss.images_per_ranking_set = 0
             _MODELS[path] = (instantiate(cfg.model), "lazy", cfg)
         if len(_MODELS) > len(ALL):  # every paper model built once per module (~4 GB at most)
             _MODELS.pop(next(iter(_MODELS)))

@@ -183,7 +183,7 @@ def model_settings(model) -> dict:
         out = head.cls_score.out_channels
         if anchors:
             out //= anchors[0]
-        loss = getattr(m, "cls_loss", "default")
+        loss = getattr(getattr(m, "cls_loss", None), "name", "default")
         settings.update(
             cls_loss=loss,
             num_classes=int(m.num_classes),
@@ -193,7 +193,7 @@ def model_settings(model) -> dict:
     elif predictor is not None and hasattr(predictor, "cls_score"):
         logits = int(predictor.cls_score.out_features)
         settings.update(
-            cls_loss=getattr(predictor, "cls_loss", "default"),
+            cls_loss=getattr(getattr(predictor, "cls_loss", None), "name", "default"),
             num_classes=int(predictor.num_classes),
             cls_logits=logits,
             scores="softmax" if logits == int(predictor.num_classes) + 1 else "sigmoid",

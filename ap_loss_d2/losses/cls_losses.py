@@ -16,7 +16,8 @@ from .neg_selection import check_neg_pos_ratio, select_negatives
 from .ohem import ce_ohem_loss, ce_ohem_scores
 from .ranking import ap_loss, auc_loss, check_ranking_options
 from .ranking_sets import RankingSets, ranking_targets
-from .registry import CLS_LOSS_REGISTRY, ClsLoss, check_number
+from .base import ClsLoss, check_number
+from .registry import CLS_LOSS_REGISTRY
 
 __all__ = [
     "APLoss",

@@ -1,4 +1,4 @@
-"""The registry of classification losses (``MODEL.CLS_LOSS.NAME``) and their base class.
+"""The registry of classification losses (``MODEL.CLS_LOSS.NAME``).
 
 A loss is one :class:`ClsLoss` subclass, ``@configurable`` with keyword-only arguments that it
 validates in its constructor, registered beside its definition::
@@ -19,114 +19,23 @@ validates in its constructor, registered beside its definition::
             return {**super().from_config(cfg), "margin": 1.0}
 
         def loss(self, logits, gt_labels, stats, normalizer, entries_per_image):
-            ...
+            ...  # see ClsLoss (ap_loss_d2/losses/base.py)
 
 The heads (``APLossRetinaNet``, ``APLossROIHeads``, ``APLossSSD``) build it with
 :func:`build_cls_loss` and call it; LazyConfig configs write ``model.cls_loss = L(MyLoss)()``.
 """
-import math
-import time
 from typing import Optional, Tuple
 
-import torch
 from torch import nn
 
-from detectron2.config import configurable
 from detectron2.utils.registry import Registry
+
+from .base import HEADS, ClsLoss, check_number  # noqa: F401  (re-exported for loss authors)
 
 __all__ = ["CLS_LOSS_REGISTRY", "HEADS", "ClsLoss", "build_cls_loss", "check_number", "cls_loss_names", "cls_loss_label"]
 
 CLS_LOSS_REGISTRY = Registry("CLS_LOSS")
 CLS_LOSS_REGISTRY.__doc__ = "Classification losses (ClsLoss subclasses), chosen by MODEL.CLS_LOSS.NAME."
-
-#: The heads that take a classification loss module.
-HEADS = ("retinanet", "roi_heads", "ssd")
-
-
-def check_number(name: str, value, *, allow_zero: bool = False, upper: Optional[float] = None) -> float:
-    """``float(value)``; ValueError naming ``name`` unless it is a finite number > 0 (>= 0 with
-    ``allow_zero``; < ``upper`` when given)."""
-    bound = (">= 0" if allow_zero else "> 0") + (f" and < {upper}" if upper is not None else "")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero) or (upper is not None and value >= upper):
-        raise ValueError(f"{name}={value!r} must be a finite number {bound}")
-    return float(value)
-
-
-def loss_clock(device: torch.device) -> float:
-    """Host clock for ``cls_loss/time``; on CUDA it waits for the device first."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-class ClsLoss(nn.Module):
-    """Base class of the classification losses.
-
-    Attributes (class level): ``name`` (``MODEL.CLS_LOSS.NAME``), ``label`` (plots, tables),
-    ``heads`` (subset of :data:`HEADS`), ``native`` (the head keeps its own Detectron2 loss and
-    classifier, e.g. Faster R-CNN's softmax CE).
-    """
-
-    name = ""
-    label = ""
-    heads: Tuple[str, ...] = HEADS
-    native = False
-
-    @configurable
-    def __init__(self, *, weight: float = 1.0, diagnostics: bool = False):
-        """
-        Args:
-            weight: factor of the loss (``MODEL.CLS_LOSS.WEIGHT``).
-            diagnostics: also log ``cls_loss/time`` and counts that are device tensors (each
-                needs a host synchronisation on CUDA).
-        """
-        super().__init__()
-        self.weight = check_number("weight", weight, allow_zero=True)
-        self.diagnostics = bool(diagnostics)
-
-    @classmethod
-    def from_config(cls, cfg):
-        return {"weight": cfg.MODEL.CLS_LOSS.WEIGHT, "diagnostics": cfg.MODEL.CLS_LOSS.DIAGNOSTICS}
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, weight={self.weight}"
-
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Inference probabilities ``(..., K)`` from logits ``(..., K)``: per-class sigmoids."""
-        return logits.sigmoid()
-
-    def loss(self, logits, gt_labels, stats: dict, normalizer, entries_per_image) -> torch.Tensor:
-        """The unweighted loss (subclasses); arguments as :meth:`forward`."""
-        raise NotImplementedError
-
-    def forward(self, logits, gt_labels, *, normalizer=None, entries_per_image=None, storage=None):
-        """
-        Args:
-            logits: ``(N, R, K)`` scores of N images x R anchors x K classes, or
-                ``(sum_i R_i, K)`` with ``entries_per_image``.
-            gt_labels: ``(N, R)`` / ``(sum_i R_i,)`` int labels: -1 ignored, 0..K-1 class, K
-                background.
-            normalizer: the head's positive-anchor normaliser (used by ``"focal"``).
-            entries_per_image: ``[R_1, ..., R_N]`` for concatenated images (RoIs).
-            storage: Detectron2 ``EventStorage`` to log ``cls_loss/*`` into (None: no logging).
-
-        Returns:
-            0-dim tensor: the loss times ``weight``; 0 (attached to the graph) for empty input.
-        """
-        if logits.numel() == 0:
-            return logits.sum() * 0.0
-        timed = self.diagnostics and storage is not None
-        start = loss_clock(logits.device) if timed else 0.0
-        stats = {}
-        loss = self.loss(logits, gt_labels, stats, normalizer, entries_per_image)
-        if storage is not None:
-            if timed:
-                storage.put_scalar("cls_loss/time", loss_clock(logits.device) - start)
-            for k, v in stats.items():
-                if self.diagnostics or not torch.is_tensor(v) or v.device.type == "cpu":
-                    storage.put_scalar(f"cls_loss/{k}", float(v))
-        return loss * self.weight
 
 
 def _classes():

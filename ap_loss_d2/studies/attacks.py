@@ -50,6 +50,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 
 from ..data.mapper import annotation_boxes
+from ..losses.registry import ClsLoss
 
 __all__ = [
     "AdversarialPatch",
@@ -121,13 +122,12 @@ def _to_nrk(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def score_logits(model, logits: torch.Tensor) -> torch.Tensor:
     """``log(p / (1 - p))`` of the test-time scores ``p`` of ``(..., K)`` head logits: the logits
-    themselves for sigmoid scoring; for a registered loss with its own ``scores`` (``ce_ohem``)
+    themselves for sigmoid scoring; for a loss with its own ``scores`` (``ce_ohem``)
     the logit of those scores (clamped to [1e-12, 1 - 1e-7])."""
-    entry = getattr(model, "cls_loss_entry", None)
-    scores = getattr(entry, "scores", None)
-    if scores is None:
+    loss = getattr(model, "cls_loss", None)
+    if loss is None or type(loss).scores is ClsLoss.scores:  # per-class sigmoids
         return logits
-    p = scores(logits).clamp(1e-12, 1 - 1e-7)
+    p = loss.scores(logits).clamp(1e-12, 1 - 1e-7)
     return torch.log(p) - torch.log1p(-p)
 
 

@@ -20,7 +20,8 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, get_event_s
 
 from ...engine import Trainer
 from ...losses import ap_loss
-from ...modeling import APLossRetinaNet, ranking_targets
+from ...losses.ranking_sets import ranking_targets
+from ...modeling import APLossRetinaNet
 
 #: Event-storage keys written by :class:`ExactAPLossHook`.
 AP_LOSS_KEY = "optim_study/ap_loss"
