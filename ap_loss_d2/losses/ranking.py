@@ -71,8 +71,9 @@ O(|P|) tables; the element-wise passes run in chunks of 2**20 entries, so the pe
 of forward + backward is ~2.3x the float32 logits, the 1x gradient included
 (``python -m ap_loss_d2.benchmark``). The sorted kernel keeps the gradient (4 bytes per entry
 for float32 logits) and holds float64/int32 arrays of ``n`` entries during the forward: about
-200 bytes per entry at peak (52x the float32 logits, measured on CPU). The sigmoid step is computed in chunks of negatives against all positives (``O(|P| |N|)``, chunk
-memory capped by :data:`SIGMOID_CHUNK_BYTES`).
+200 bytes per entry at peak (52x the float32 logits, measured on CPU). The sigmoid step is
+computed in chunks of negatives against all positives (``O(|P| |N|)``, chunk memory capped by
+:data:`SIGMOID_CHUNK_BYTES`).
 
 Precision, AMP
 --------------
