@@ -46,7 +46,7 @@ ternary per anchor-class for the ranking losses); building them is not timed.
 
 Time: wall-clock of forward + backward over ``--repeats`` rounds after ``--warmup`` rounds
 (CUDA synchronised): the median and the [min, max] of the rounds. Each round runs every loss
-once, in a rotated order, so that all losses see the same load of a shared machine; the ratios
+once, in a new random order, so that all losses see the same load of a shared machine; the ratios
 to focal loss are also given per round (median and [min, max]). The report starts with the
 torch thread count and the machine's load average (``os.getloadavg()``) at start and at the
 end: on a shared machine the ratios move with the load. Memory: extra peak memory of one forward +
@@ -74,6 +74,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -274,8 +275,9 @@ def count_cuda_syncs(fn, x):
 def time_interleaved(timers, x, device, repeats, warmup):
     """{key: [seconds per round]} for ``timers`` {key: (fn, mode)}, mode ``"fb"`` (forward +
     backward), ``"fwd"`` (forward alone, autograd recording) or ``"no_grad"`` (forward under
-    ``torch.no_grad()``). Every round runs every call once, in an order rotated each round, so
-    that the losses share the machine's load changes (side by side in one process)."""
+    ``torch.no_grad()``). Every round runs every call once, in a new random order (seeded), so
+    that the losses share the machine's load changes (side by side in one process) and no call
+    always follows the same one (the state a call leaves, e.g. freed memory, varies)."""
     def once(fn, mode):
         x.grad = None
         _sync(device)
@@ -292,9 +294,10 @@ def time_interleaved(timers, x, device, repeats, warmup):
 
     keys = list(timers)
     out = {k: [] for k in keys}
+    rng = random.Random(0)
     for r in range(warmup + repeats):
-        shift = r % len(keys)
-        for k in keys[shift:] + keys[:shift]:
+        order = rng.sample(keys, len(keys))
+        for k in order:
             t = once(*timers[k])
             if r >= warmup:
                 out[k].append(t)
