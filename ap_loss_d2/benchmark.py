@@ -13,14 +13,25 @@ output row names which. These are synthetic logits (N(0, 1): the early-training 
 costs measured during training are ``--breakdown`` below and ``ap_loss_d2.studies.cost
 --run-dir`` (from the training log).
 
-For every (device, anchors, batch size, number of positives) the same inputs are fed to
+For every (device, anchors, classes, batch size, number of positives) the same inputs are fed
+to
 
-* ``focal``: ``torchvision.ops.sigmoid_focal_loss`` (alpha 0.25, gamma 2, sum over the
-  non-ignored anchors, divided by the number of positives, as in RetinaNet);
+* ``focal``: ``torchvision.ops.sigmoid_focal_loss`` (alpha 0.25, gamma 2) as Detectron2's
+  RetinaNet calls it: over the non-ignored anchors (boolean-mask indexing), summed, divided by
+  the number of positives;
+* ``focal_plain``: the same focal loss over all entries (no mask): the cheaper baseline. Every
+  loss's time is given relative to both;
 * ``ce_ohem``: softmax CE with 3:1 online hard negative mining (:mod:`ap_loss_d2.losses.ohem`);
 * ``ap_loss`` and ``auc_loss``: :mod:`ap_loss_d2.losses.ranking` (linear step, delta 1) with
-  int8 targets, and ``ap_loss_float32_targets`` / ``ap_loss_int64_targets``: the same AP-loss
-  given a float32 one-hot-style or an int64 target tensor (what users often hold);
+  int8 targets and the default kernel of the device, and ``ap_loss_float32_targets`` /
+  ``ap_loss_int64_targets``: the same AP-loss given a float32 one-hot-style or an int64 target
+  tensor (what users often hold); ``ap_loss_grid`` / ``ap_loss_sorted``: AP-loss with the kernel
+  forced (:func:`ap_loss_d2.losses.ranking.ranking_kernel`; ``"grid"`` is the CPU default,
+  ``"sorted"`` the synchronisation-free one used on accelerators);
+* with ``--reference-kernel FILE`` also ``ap_loss_reference`` / ``auc_loss_reference``: the
+  ``ap_loss``/``auc_loss`` of another version of ``ranking.py`` (e.g.
+  ``git show main:ap_loss_d2/losses/ranking.py > /tmp/ranking_main.py``), loaded as a module
+  of this package, timed side by side on the same inputs;
 * ``ap_positive_loop``: the authors'-style loop over positives
   (:mod:`ap_loss_d2.losses.positive_loop`). It is timed on the first ``--loop-positives`` K
   positives (ascending score) only and extrapolated linearly to all |P|:
@@ -33,9 +44,12 @@ class each); ~1% of the other anchors are ignored (all their classes). Each loss
 targets pre-built in its own format (binary one-hot for focal, per-anchor labels for OHEM,
 ternary per anchor-class for the ranking losses); building them is not timed.
 
-Time: median wall-clock of forward + backward over ``--repeats`` rounds after ``--warmup``
-rounds (CUDA synchronised); each round runs every loss once, in a rotated order, so that all
-losses see the same load of a shared machine. Memory: extra peak memory of one forward +
+Time: wall-clock of forward + backward over ``--repeats`` rounds after ``--warmup`` rounds
+(CUDA synchronised): the median and the [min, max] of the rounds. Each round runs every loss
+once, in a new random order, so that all losses see the same load of a shared machine; the ratios
+to focal loss are also given per round (median and [min, max]). The report starts with the
+torch thread count and the machine's load average (``os.getloadavg()``) at start and at the
+end: on a shared machine the ratios move with the load. Memory: extra peak memory of one forward +
 backward above what is allocated before it (logits, targets; ``logits.grad`` cleared), measured in a second pass:
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU, in a fresh process per loss and
 configuration, the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) with glibc's mmap threshold lowered to
@@ -45,10 +59,10 @@ buffer of the logits (1x logits) is part of every loss's extra memory.
 For ``ap_loss`` the forward alone (``forward_time_s``) and the call under ``torch.no_grad()``
 (``no_grad_time_s``, the loss value only) are timed too.
 
-Host synchronisations: every loss's forward + backward is run once more under a counter of
-``nonzero`` (also inside boolean-mask indexing), scalar reads (``.item()``/``int(tensor)``) and
-the ranking module's list reads;
-the count per call is reported (``host_syncs``): on a GPU each one stalls the stream.
+Host synchronisations (CUDA only): every loss's forward + backward is run once more under
+``torch.cuda.set_sync_debug_mode("warn")`` and the warnings it raises are counted
+(``host_syncs``): each one stalls the launch queue. On the CPU they are not measured
+(``null``; a CPU has no queue to stall).
 
 Outputs in ``--output-dir`` (default ``output/benchmark``): ``benchmark.json``, ``benchmark.txt``
 and ``benchmark.png`` (time vs batch size per loss), plus the table on stdout.
@@ -56,27 +70,38 @@ and ``benchmark.png`` (time vs batch size per loss), plus the table on stdout.
 """
 import argparse
 import ctypes
+import importlib.util
 import json
+import os
 import platform
+import random
 import re
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-LOSSES = ("focal", "ce_ohem", "ap_loss", "ap_loss_float32_targets", "ap_loss_int64_targets",
-          "auc_loss", "ap_positive_loop")
+LOSSES = ("focal", "focal_plain", "ce_ohem", "ap_loss", "ap_loss_float32_targets",
+          "ap_loss_int64_targets", "auc_loss", "ap_loss_grid", "ap_loss_sorted",
+          "ap_positive_loop")
+REFERENCE_LOSSES = ("ap_loss_reference", "auc_loss_reference")
 LABELS = {
-    "focal": "Focal loss",
+    "focal": "Focal loss, masked (RetinaNet)",
+    "focal_plain": "Focal loss, all entries",
     "ce_ohem": "CE + OHEM 3:1",
     "ap_loss": "AP-loss, int8 targets",
     "ap_loss_float32_targets": "AP-loss, float32 targets",
     "ap_loss_int64_targets": "AP-loss, int64 targets",
     "auc_loss": "AUC-loss, int8 targets",
+    "ap_loss_grid": "AP-loss, grid kernel",
+    "ap_loss_sorted": "AP-loss, sorted kernel",
     "ap_positive_loop": "AP-loss, loop on positives",
+    "ap_loss_reference": "AP-loss, reference file",
+    "auc_loss_reference": "AUC-loss, reference file",
 }
 ANCHOR_NAMES = {
     49104: "9 anchors/location at 512x512 (Detectron2 default; issue 15 target)",
@@ -94,7 +119,7 @@ CPU_MEMORY_METHOD = (
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() minus torch.cuda.memory_allocated() before"
 LOOP_EXTRAPOLATION = ("fixed + (time_K - fixed) * |P| / K, K = loop_positives, fixed = time "
                       "of the same call with 0 positives processed")
-QUICK = dict(images=[1, 2], anchors=[600], classes=4, positives=[12, 30], repeats=2, warmup=1,
+QUICK = dict(images=[1, 2], anchors=[600], classes=[4], positives=[12, 30], repeats=2, warmup=1,
              loop_positives=4)
 
 
@@ -142,7 +167,29 @@ def make_inputs(images, anchors, classes, positives, device, seed):
     }
 
 
-def make_loss_fns(inp, loop_positives):
+def load_reference_kernel(path):
+    """The module of another version of ``ranking.py`` (``--reference-kernel``), imported as
+    ``ap_loss_d2.losses._reference_ranking`` so that its relative imports resolve."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--reference-kernel {path}: no such file (e.g. git show "
+                         "main:ap_loss_d2/losses/ranking.py > /tmp/ranking_main.py)")
+    spec = importlib.util.spec_from_file_location("ap_loss_d2.losses._reference_ranking", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _forced(kernel, fn):
+    from ap_loss_d2.losses.ranking import ranking_kernel
+
+    def call():
+        with ranking_kernel(kernel):
+            return fn()
+    return call
+
+
+def make_loss_fns(inp, loop_positives, reference=None):
     from torchvision.ops import sigmoid_focal_loss
 
     from ap_loss_d2.losses import ap_loss, auc_loss
@@ -158,10 +205,19 @@ def make_loss_fns(inp, loop_positives):
         return sigmoid_focal_loss(x[v], inp["onehot"][v], alpha=0.25, gamma=2.0,
                                   reduction="sum") / norm
 
-    return {
+    def focal_plain():
+        return sigmoid_focal_loss(x, inp["onehot"], alpha=0.25, gamma=2.0, reduction="sum") / norm
+
+    def ap_int8():
+        return ap_loss(x, inp["ternary"], delta=1.0)
+
+    fns = {
         "focal": focal,
+        "focal_plain": focal_plain,
+        "ap_loss_grid": _forced("grid", ap_int8),
+        "ap_loss_sorted": _forced("sorted", ap_int8),
         "ce_ohem": lambda: ce_ohem_loss(x, inp["labels"], neg_pos_ratio=3.0),
-        "ap_loss": lambda: ap_loss(x, inp["ternary"], delta=1.0),
+        "ap_loss": ap_int8,
         "ap_loss_float32_targets": lambda: ap_loss(x, inp["ternary_f32"], delta=1.0),
         "ap_loss_int64_targets": lambda: ap_loss(x, inp["ternary_i64"], delta=1.0),
         "auc_loss": lambda: auc_loss(x, inp["ternary"], delta=1.0),
@@ -169,7 +225,11 @@ def make_loss_fns(inp, loop_positives):
                                                           max_positives=loop_k),
         "ap_positive_loop_fixed": lambda: ap_loss_positive_loop(x, inp["ternary"], delta=1.0,
                                                                 max_positives=0),
-    }, loop_k
+    }
+    if reference is not None:
+        fns["ap_loss_reference"] = lambda: reference.ap_loss(x, inp["ternary"], delta=1.0)
+        fns["auc_loss_reference"] = lambda: reference.auc_loss(x, inp["ternary"], delta=1.0)
+    return fns, loop_k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,53 +256,28 @@ def time_fwd_bwd(fn, x, device, repeats, warmup):
     return statistics.median(times), times
 
 
-def count_host_syncs(fn, x):
-    """Host synchronisations of one forward + backward: ``nonzero`` (its size), scalar reads
-    (``_local_scalar_dense``: ``.item()``, ``int(t)``, ``bool(t)``) and the ranking module's
-    list reads (``ranking._host_list``). The same count applies on every device."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from ap_loss_d2.losses import ranking
-
-    counter = {"n": 0}
-    sync_ops = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
-                torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
-                torch.ops.aten.masked_select.default}
-    index_ops = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
-                 torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default}
-
-    def bool_index(args):  # x[mask] runs a nonzero internally
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                   for i in (args[1] if len(args) > 1 else ()) if i is not None)
-
-    class Counter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in sync_ops or (func in index_ops and bool_index(args)):
-                counter["n"] += 1
-            return func(*args, **(kwargs or {}))
-
-    original = ranking._host_list
-
-    def counted(t):
-        counter["n"] += 1
-        return original(t)
-
+def count_cuda_syncs(fn, x):
+    """Host synchronisations of one forward + backward on CUDA: the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (each synchronising CUDA call raises one)."""
     x.grad = None
-    ranking._host_list = counted
-    try:
-        with Counter():
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
             fn().backward()
-    finally:
-        ranking._host_list = original
-        x.grad = None
-    return counter["n"]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    x.grad = None
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def time_interleaved(timers, x, device, repeats, warmup):
     """{key: [seconds per round]} for ``timers`` {key: (fn, mode)}, mode ``"fb"`` (forward +
     backward), ``"fwd"`` (forward alone, autograd recording) or ``"no_grad"`` (forward under
-    ``torch.no_grad()``). Every round runs every call once, in an order rotated each round, so
-    that the losses share the machine's load changes (side by side in one process)."""
+    ``torch.no_grad()``). Every round runs every call once, in a new random order (seeded), so
+    that the losses share the machine's load changes (side by side in one process) and no call
+    always follows the same one (the state a call leaves, e.g. freed memory, varies)."""
     def once(fn, mode):
         x.grad = None
         _sync(device)
@@ -259,9 +294,10 @@ def time_interleaved(timers, x, device, repeats, warmup):
 
     keys = list(timers)
     out = {k: [] for k in keys}
+    rng = random.Random(0)
     for r in range(warmup + repeats):
-        shift = r % len(keys)
-        for k in keys[shift:] + keys[:shift]:
+        order = rng.sample(keys, len(keys))
+        for k in order:
             t = once(*timers[k])
             if r >= warmup:
                 out[k].append(t)
@@ -333,7 +369,9 @@ def memory_probe(probe):
     """Extra peak bytes of one loss's forward + backward for one configuration (dict)."""
     inp = make_inputs(probe["images"], probe["anchors"], probe["classes"], probe["positives"],
                       probe["device"], probe["seed"])
-    fns, _ = make_loss_fns(inp, probe["loop_positives"])
+    reference = (load_reference_kernel(probe["reference_kernel"])
+                 if probe.get("reference_kernel") else None)
+    fns, _ = make_loss_fns(inp, probe["loop_positives"], reference)
     cpu_mem = CpuPeakMemory() if probe["device"] == "cpu" else None
     return measure_extra_memory(fns[probe["loss"]], inp["logits"], probe["device"], cpu_mem)
 
@@ -350,20 +388,36 @@ def _memory_in_subprocess(probe):
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
+def _spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def machine_state():
+    """Threads torch uses, CPUs, and the 1/5/15-minute load averages now."""
+    return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
 def run(args):
     devices = resolve_devices(args.device)
-    configs = [(d, a, n, p) for d in devices for a in args.anchors for n in args.images
-               for p in args.positives]
+    reference = load_reference_kernel(args.reference_kernel) if args.reference_kernel else None
+    names = [n for n in LOSSES + REFERENCE_LOSSES if n in args.losses]
+    if reference is not None:
+        names += [n for n in REFERENCE_LOSSES if n not in names]
+    configs = [(d, a, k, n, p) for d in devices for a in args.anchors for k in args.classes
+               for n in args.images for p in args.positives]
     results = []
-    log(f"[benchmark] {len(configs)} configurations x {len(args.losses)} losses; anchors "
+    start_state = machine_state()
+    log(f"[benchmark] {len(configs)} configurations x {len(names)} losses; anchors "
         f"{args.anchors}, classes {args.classes}, repeats {args.repeats} (+{args.warmup} warm-up)"
-        f", torch threads {torch.get_num_threads()}")
+        f"; torch threads {start_state['torch_threads']} of {start_state['cpu_count']} CPUs, "
+        f"load average {start_state['loadavg']} at start")
 
     # Pass 1: time (before the CPU memory probe changes the allocator's mmap threshold).
-    for ci, (device, anchors, images, positives) in enumerate(configs):
-        inp = make_inputs(images, anchors, args.classes, positives, device,
+    for ci, (device, anchors, classes, images, positives) in enumerate(configs):
+        inp = make_inputs(images, anchors, classes, positives, device,
                           args.seed + 1000 * images + positives)
-        fns, loop_k = make_loss_fns(inp, args.loop_positives)
+        fns, loop_k = make_loss_fns(inp, args.loop_positives, reference)
         x = inp["logits"]
         stats = {}
         from ap_loss_d2.losses import ap_loss
@@ -371,12 +425,11 @@ def run(args):
         ap_loss(x.detach(), inp["ternary"], delta=1.0, stats=stats)
         row = {
             "device": device, "images": images, "anchors": anchors,
-            "anchors_are": anchor_name(anchors), "classes": args.classes, "positives": inp["num_pos"], "numel": x.numel(),
-            "logits_mb": x.numel() * x.element_size() / 2**20,
-            "num_neg_nontrivial": int(stats.get("num_neg_nontrivial", -1)),
+            "anchors_are": anchor_name(anchors), "classes": classes, "positives": inp["num_pos"],
+            "numel": x.numel(), "logits_mb": x.numel() * x.element_size() / 2**20,
+            "num_neg_nontrivial": int(stats["num_neg_nontrivial"]),
             "losses": {},
         }
-        names = [n for n in LOSSES if n in args.losses]
         timers = {("fb", n): (fns[n], "fb") for n in names}
         if "ap_loss" in names:  # what a call without backward costs
             timers[("fwd", "ap_loss")] = (fns["ap_loss"], "fwd")
@@ -384,15 +437,17 @@ def run(args):
         loop_extrapolated = "ap_positive_loop" in names and loop_k < inp["num_pos"]
         if loop_extrapolated:
             timers[("fb", "ap_positive_loop_fixed")] = (fns["ap_positive_loop_fixed"], "fb")
-        log(f"[benchmark] ({ci + 1}/{len(configs)}) {device} anchors={anchors} "
+        log(f"[benchmark] ({ci + 1}/{len(configs)}) {device} anchors={anchors} classes={classes} "
             f"images={images} |P|={inp['num_pos']}: timing {len(timers)} calls interleaved, "
             f"{args.repeats} rounds ...")
         times = time_interleaved(timers, x, device, args.repeats, args.warmup)
         for name in names:
-            med = statistics.median(times[("fb", name)])
-            entry = {"time_s": med, "times_s": times[("fb", name)], "extrapolated": False}
-            if name != "ap_positive_loop":  # (one sync per positive by design)
-                entry["host_syncs"] = count_host_syncs(fns[name], x)
+            rounds = times[("fb", name)]
+            spread = _spread(rounds)
+            entry = {"time_s": spread["median"], "min_s": spread["min"], "max_s": spread["max"],
+                     "times_s": rounds, "extrapolated": False, "host_syncs": None}
+            if device.startswith("cuda") and name != "ap_positive_loop":  # (syncs per positive)
+                entry["host_syncs"] = count_cuda_syncs(fns[name], x)
             if name == "ap_loss":
                 entry["forward_time_s"] = statistics.median(times[("fwd", name)])
                 entry["no_grad_time_s"] = statistics.median(times[("no_grad", name)])
@@ -400,19 +455,31 @@ def run(args):
                 # time(k) = fixed + k * per_positive: the fixed part (selection of N^, sort,
                 # backward) is timed with 0 positives processed, the rest scaled by |P| / K.
                 fixed = statistics.median(times[("fb", "ap_positive_loop_fixed")])
-                per_pos = max(med - fixed, 0.0) / max(loop_k, 1)
-                entry.update(time_s=fixed + per_pos * inp["num_pos"], timed_s=med,
-                             timed_positives=loop_k, fixed_s=fixed, per_positive_s=per_pos,
-                             extrapolated=True,
+                per_pos = max(spread["median"] - fixed, 0.0) / max(loop_k, 1)
+                entry.update(time_s=fixed + per_pos * inp["num_pos"], timed_s=spread["median"],
+                             min_s=None, max_s=None, timed_positives=loop_k, fixed_s=fixed,
+                             per_positive_s=per_pos, extrapolated=True,
                              note=f"(extrapolated from {loop_k} of {inp['num_pos']} positives)")
-            results_line = f"{entry['time_s'] * 1e3:10.2f} ms"
-            log(f"[benchmark]     {name}: {results_line} {entry.get('note', '')}")
+            log(f"[benchmark]     {name}: {entry['time_s'] * 1e3:10.2f} ms "
+                f"{entry.get('note', '')}")
             row["losses"][name] = entry
-        focal_t = row["losses"].get("focal", {}).get("time_s")
-        for entry in row["losses"].values():
-            entry["ratio_to_focal"] = entry["time_s"] / focal_t if focal_t else None
+        for base in ("focal", "focal_plain"):
+            base_t = row["losses"][base]["time_s"] if base in row["losses"] else None
+            for name, entry in row["losses"].items():
+                entry[f"ratio_to_{base}"] = entry["time_s"] / base_t if base_t else None
+                per_round = (None if entry["extrapolated"] or base_t is None else
+                             _spread([a / b for a, b in zip(entry["times_s"],
+                                                            times[("fb", base)])]))
+                entry[f"ratio_to_{base}_rounds"] = per_round
+        for name in ("ap_loss", "auc_loss"):  # this version against the reference file's
+            twin = f"{name}_reference"
+            if name in row["losses"] and twin in row["losses"]:
+                row["losses"][name]["ratio_to_reference_rounds"] = _spread(
+                    [a / b for a, b in zip(times[("fb", name)], times[("fb", twin)])])
         results.append(row)
         del inp, fns, x
+    end_state = machine_state()
+    log(f"[benchmark] load average {end_state['loadavg']} at the end of the timing pass")
 
     # Pass 2: memory. On CPU each (configuration, loss) is measured in a fresh process: the
     # resident-set method is only meaningful without the heap history of the other runs.
@@ -428,9 +495,11 @@ def run(args):
             log(f"[benchmark] ({ci + 1}/{len(results)}) {device} images={row['images']} "
                 f"|P|={row['positives']}: memory ...")
             for name, entry in row["losses"].items():
-                probe = dict(loss=name, device=device, images=row["images"], anchors=row["anchors"],
-                             classes=args.classes, positives=row["positives"], seed=seed,
-                             loop_positives=args.loop_positives)
+                probe = dict(loss=name, device=device, images=row["images"],
+                             anchors=row["anchors"], classes=row["classes"],
+                             positives=row["positives"], seed=seed,
+                             loop_positives=args.loop_positives,
+                             reference_kernel=args.reference_kernel)
                 if device == "cpu":
                     extra = _memory_in_subprocess(probe) if cpu_mem.ok else None
                 else:
@@ -446,10 +515,16 @@ def run(args):
             "positives": args.positives, "positives_are": "total per batch",
             "repeats": args.repeats, "warmup": args.warmup, "devices": devices,
             "loop_positives": args.loop_positives, "delta": 1.0, "seed": args.seed,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "torch_threads": start_state["torch_threads"],
+            "cpu_count": start_state["cpu_count"], "loadavg_start": start_state["loadavg"],
+            "loadavg_end": end_state["loadavg"],
             "cpu": platform.processor() or platform.machine(),
             "cuda_device": (torch.cuda.get_device_name(0) if "cuda" in devices else None),
-            "time": "median wall-clock of forward+backward (s)",
+            "time": "wall-clock of forward+backward (s): median (time_s) and [min_s, max_s] "
+                    "of interleaved rounds",
+            "host_syncs": "CUDA: warnings of torch.cuda.set_sync_debug_mode('warn') in one "
+                          "forward+backward; CPU: not measured (null)",
+            "reference_kernel": args.reference_kernel,
             "positive_loop_extrapolation": LOOP_EXTRAPOLATION,
         },
         "memory_method": {
@@ -458,7 +533,7 @@ def run(args):
                      f"unavailable ({cpu_mem.why})" if cpu_mem is not None else None)),
             "cuda": CUDA_MEMORY_METHOD if ("cuda" in devices and not args.no_memory) else None,
         },
-        "losses": [n for n in LOSSES if n in args.losses],
+        "losses": names,
         "results": results,
     }
     return report
@@ -476,22 +551,36 @@ def resolve_devices(device):
     return [device]
 
 
+def _ratio_cell(e, base):
+    r = e.get(f"ratio_to_{base}_rounds")
+    if r:
+        return f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+    ratio = e.get(f"ratio_to_{base}")
+    return f"{ratio:.2f}" if ratio is not None else "-"
+
+
 def format_table(report):
-    lines = []
-    hdr = (f"{'device':6} {'anchors':>7} {'imgs':>4} {'|P|':>6} {'|N^|':>9}  {'loss':28} "
-           f"{'time ms':>11} {'x focal':>8} {'syncs':>5} {'extra MB':>9} {'x logits':>8}")
-    lines.append(hdr)
-    lines.append("-" * len(hdr))
+    cfg = report["config"]
+    lines = [f"torch {cfg['torch']}, {cfg['torch_threads']} thread(s) of {cfg['cpu_count']} "
+             f"CPUs; load average (1/5/15 min) {cfg['loadavg_start']} at start, "
+             f"{cfg['loadavg_end']} after timing" + (f"; GPU {cfg['cuda_device']}"
+                                                     if cfg.get("cuda_device") else "")]
+    hdr = (f"{'device':6} {'anchors':>7} {'K':>3} {'imgs':>4} {'|P|':>6} {'|N^|':>9}  "
+           f"{'loss':31} {'median ms':>10} {'[min, max] ms':>17} {'x focal (masked)':>22} "
+           f"{'x focal (all)':>22} {'syncs':>5} {'extra MB':>9} {'x logits':>8}")
+    lines += [hdr, "-" * len(hdr)]
     for row in report["results"]:
         for name, e in row["losses"].items():
             mb = e.get("extra_peak_mb")
             xl = e.get("extra_peak_x_logits")
-            ratio = e.get("ratio_to_focal")
             syncs = e.get("host_syncs")
+            span = (f"[{e['min_s'] * 1e3:.2f}, {e['max_s'] * 1e3:.2f}]"
+                    if e.get("min_s") is not None else "-")
             lines.append(
-                f"{row['device']:6} {row['anchors']:>7} {row['images']:>4} {row['positives']:>6} "
-                f"{row['num_neg_nontrivial']:>9}  {LABELS[name]:28} {e['time_s'] * 1e3:>11.2f} "
-                f"{(f'{ratio:.2f}' if ratio is not None else '-'):>8} "
+                f"{row['device']:6} {row['anchors']:>7} {row['classes']:>3} {row['images']:>4} "
+                f"{row['positives']:>6} {row['num_neg_nontrivial']:>9}  {LABELS[name]:31} "
+                f"{e['time_s'] * 1e3:>10.2f} {span:>17} {_ratio_cell(e, 'focal'):>22} "
+                f"{_ratio_cell(e, 'focal_plain'):>22} "
                 f"{(str(syncs) if syncs is not None else '-'):>5} "
                 f"{(f'{mb:.1f}' if mb is not None else '-'):>9} "
                 f"{(f'{xl:.2f}' if xl is not None else '-'):>8}"
@@ -501,9 +590,11 @@ def format_table(report):
     lines.append("Synthetic logits (N(0, 1), random positives: the early-training regime), not "
                  "a training run; for costs measured during training see --breakdown and "
                  "ap_loss_d2.studies.cost --run-dir.")
-    lines.append("time: median wall-clock of forward+backward; syncs: host synchronisations per "
-                 "call; extra memory: peak above the inputs during one forward+backward (includes "
-                 "the 1x logits gradient).")
+    lines.append("time: wall-clock of forward+backward, median and [min, max] of interleaved "
+                 "rounds; x focal: median of the per-round ratios [min, max] to focal loss masked "
+                 "as in RetinaNet, and over all entries; syncs: host synchronisations per call "
+                 "(CUDA sync debug mode; '-': not measured on the CPU); extra memory: peak above "
+                 "the inputs during one forward+backward (includes the 1x logits gradient).")
     for a, name in report["config"].get("anchors_are", {}).items():
         lines.append(f"anchors {a}: {name}")
     for row in report["results"]:
@@ -514,6 +605,13 @@ def format_table(report):
                 f"{row['images']} images, |P| {row['positives']}): forward "
                 f"{e['forward_time_s'] * 1e3:.1f} ms, under torch.no_grad "
                 f"{e['no_grad_time_s'] * 1e3:.1f} ms, forward+backward {e['time_s'] * 1e3:.1f} ms")
+    for row in report["results"]:
+        versus = [f"{LABELS[n]} {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+                  for n, e in row["losses"].items() if (r := e.get("ratio_to_reference_rounds"))]
+        if versus:
+            lines.append(f"time / reference file's, per round ({row['device']}, "
+                         f"{row['anchors']} anchors, {row['classes']} classes, {row['images']} "
+                         f"images, |P| {row['positives']}): " + "; ".join(versus))
     for dev in ("cpu", "cuda"):
         if mm.get(dev):
             lines.append(f"memory ({dev}): {mm[dev]}")
@@ -526,13 +624,14 @@ def plot(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["device"], r["anchors"], r["positives"]) for r in report["results"]})
+    groups = sorted({(r["device"], r["anchors"], r["classes"], r["positives"])
+                     for r in report["results"]})
     fig, axes = plt.subplots(1, len(groups), figsize=(max(6.5 * len(groups), 7.0), 4.8),
                              squeeze=False)
-    for ax, (device, anchors, positives) in zip(axes[0], groups):
+    for ax, (device, anchors, classes, positives) in zip(axes[0], groups):
         rows = sorted((r for r in report["results"] if r["device"] == device
-                       and r["anchors"] == anchors and r["positives"] == positives),
-                      key=lambda r: r["images"])
+                       and r["anchors"] == anchors and r["classes"] == classes
+                       and r["positives"] == positives), key=lambda r: r["images"])
         for name in report["losses"]:
             xs = [r["images"] for r in rows if name in r["losses"]]
             ys = [r["losses"][name]["time_s"] for r in rows if name in r["losses"]]
@@ -545,13 +644,14 @@ def plot(report, path):
         ax.set_xticklabels([str(r["images"]) for r in rows])
         ax.set_xlabel("batch size (images)")
         ax.set_ylabel("forward + backward time (s)")
-        ax.set_title(f"{device}, {anchors} anchors/img, {positives} positives / batch",
-                     fontsize=9)
+        ax.set_title(f"{device}, {anchors} anchors/img, {classes} classes, {positives} positives "
+                     "/ batch", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     cfg = report["config"]
     fig.suptitle(f"Time cost of classification losses, forward + backward\n"
-                 f"({cfg['classes']} classes; anchors per image: "
+                 f"({cfg['torch_threads']} thread(s), load average {cfg['loadavg_start'][0]} at "
+                 "start; anchors per image: "
                  + "; ".join(f"{a} = {n}" for a, n in cfg.get("anchors_are", {}).items())
                  + f"; median of {cfg['repeats']})", fontsize=9)
     fig.tight_layout()
@@ -593,10 +693,11 @@ def _breakdown_batch(images, size, num_classes, device, seed):
 def breakdown(args):
     """Time of the classification loss as a share of one RetinaNet R50-FPN training iteration
     (the paper's Fig. 10): the model of ``--config-file`` (default :data:`PAPER_CONFIG`, the
-    paper's VOC AP-loss config, ``MODEL.WEIGHTS ""``: random init, nothing downloaded) on random
-    ``--size`` x ``--size`` images with 3 random boxes each. Each iteration is cut into the parts
-    of :data:`BREAKDOWN_PARTS` by synchronised clock reads around the loss call and autograd
-    hooks on its output and its logits. Writes ``breakdown.{json,txt,png}``."""
+    paper's VOC AP-loss config, ``MODEL.WEIGHTS ""``: random init, nothing downloaded; the loss
+    ``--cls-loss`` when given) on random ``--size`` x ``--size`` images with 3 random boxes
+    each. Each iteration is cut into the parts of :data:`BREAKDOWN_PARTS` by synchronised clock
+    reads in forward hooks of the model's classification-loss module and in gradient hooks on
+    its output and its logits. Writes ``breakdown.{json,txt,png}``."""
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
@@ -613,6 +714,7 @@ def breakdown(args):
     # the batch's images form one ranking set (8 on CUDA: the paper's set)
     cfg.merge_from_list(
         ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", images]
+        + (["MODEL.CLS_LOSS.NAME", args.cls_loss] if args.cls_loss else [])
     )
     torch.manual_seed(args.seed)
     model = build_model(cfg)
@@ -659,9 +761,6 @@ def breakdown(args):
                 mark("fwd_end")
                 total.backward()
                 mark("end")
-                if "loss_start" not in clock:
-                    raise SystemExit(f"[breakdown] the model's loss {loss_name!r} is not a "
-                                     "ranking loss; use an AP/AUC-loss config")
                 if it < args.warmup:
                     continue
                 c = clock
@@ -686,7 +785,7 @@ def breakdown(args):
         "config": {"config_file": str(config), "loss": loss_name, "device": device,
                    "cuda_device": torch.cuda.get_device_name(0) if device == "cuda" else None,
                    "images": images, "size": args.size, "iters": iters, "warmup": args.warmup,
-                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                   **machine_state(), "torch": torch.__version__,
                    "time": "median over iterations (s), device synchronised at every mark"},
         "ranked_entries": rows[0]["numel"], "positives": rows[0]["positives"],
         "median_s": med, "loss_share": loss_time / med["iteration"], "iterations": rows,
@@ -736,20 +835,37 @@ def _plot_breakdown(report, path):
     plt.close(fig)
 
 
+def _int_at_least(low):
+    """argparse type: an int >= ``low`` (a clear usage error otherwise)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give an integer >= {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ap_loss_d2.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, nargs="+", default=None,
+    positive, natural = _int_at_least(1), _int_at_least(0)
+    p.add_argument("--images", type=positive, nargs="+", default=None,
                    help="batch sizes (images per batch); default 1 2 4 8 (--breakdown: 8 on "
                         "CUDA, 2 on CPU)")
-    p.add_argument("--anchors", type=int, nargs="+", default=[32736, 49104],
+    p.add_argument("--anchors", type=positive, nargs="+", default=[32736, 49104],
                    help="anchors per image: 32736 = 6 per location at 512x512 (the paper's "
                         "RetinaNet), 49104 = 9 per location (issue 15's target)")
-    p.add_argument("--classes", type=int, default=20, help="foreground classes")
-    p.add_argument("--positives", type=int, nargs="+", default=[500, 2000],
+    p.add_argument("--classes", type=positive, nargs="+", default=[20],
+                   help="foreground classes (several: one configuration each)")
+    p.add_argument("--positives", type=positive, nargs="+", default=[500, 2000],
                    help="positives per batch (total over its images)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--repeats", type=positive, default=5,
+                   help="timed rounds (median and [min, max] reported)")
+    p.add_argument("--warmup", type=natural, default=1, help="untimed rounds first")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                    help="'all': CPU, and CUDA when available (--breakdown: CUDA when available)")
     p.add_argument("--output-dir", "--out", dest="out", default="output/benchmark",
@@ -760,14 +876,22 @@ def parse_args(argv=None):
     p.add_argument("--config-file", default=None,
                    help="--breakdown: the model config (default: the paper's VOC AP-loss "
                         "config, configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml)")
-    p.add_argument("--size", type=int, default=512, help="--breakdown: image side (pixels)")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--cls-loss", default=None,
+                   help="--breakdown: MODEL.CLS_LOSS.NAME to train with instead of the "
+                        "config's (e.g. focal, for the focal-loss share)")
+    p.add_argument("--size", type=_int_at_least(32), default=512,
+                   help="--breakdown: image side (pixels)")
+    p.add_argument("--iters", type=positive, default=None,
                    help="--breakdown: timed iterations (default 5 on CUDA, 2 on CPU)")
-    p.add_argument("--loop-positives", type=int, default=64,
+    p.add_argument("--loop-positives", type=natural, default=64,
                    help="time the positive loop on this many positives and extrapolate "
                         "linearly to |P| (0: run all positives)")
     p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--reference-kernel", default=None, metavar="FILE",
+                   help="another version of ap_loss_d2/losses/ranking.py whose ap_loss and "
+                        "auc_loss are timed side by side (rows ap_loss_reference, "
+                        "auc_loss_reference)")
+    p.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one probe
@@ -780,10 +904,9 @@ def parse_args(argv=None):
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    if "focal" not in args.losses:
-        args.losses = ["focal"] + list(args.losses)  # ratios are relative to focal
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    for base in ("focal_plain", "focal"):  # ratios are relative to both
+        if base not in args.losses:
+            args.losses = [base] + list(args.losses)
     return args
 
 

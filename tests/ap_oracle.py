@@ -10,8 +10,8 @@ Conventions (the contract of ``ap_loss_d2.losses.ranking``):
 * P = {t == 1}, N = {t == 0}, entries with t == -1 are ignored.
 * N_hat = {j in N : s_j >= min_{i in P} s_i - delta} (for every step; reported as
   num_neg_nontrivial). The linear and Heaviside steps are 0 below min_P s - delta, so summing
-  over N_hat or over all of N is the same. The sigmoid step is not: by default it sums over ALL
-  negatives (exact Eq. 54); ``sigmoid_cut=True`` sums over N_hat only.
+  over N_hat or over all of N is the same. The sigmoid step is not: it sums over ALL
+  negatives (exact Eq. 54).
 * positive i:  a_i = 1 + sum_{k in P, k != i} f(s_k - s_i)
                b_i = sum_{j in N_hat} f(s_j - s_i)
                prec_i = a_i / (a_i + b_i),   L_ij = f(s_j - s_i) / (a_i + b_i)
@@ -75,16 +75,16 @@ def non_trivial_negatives(scores_flat, positives, negatives, delta):
     return [j for j in negatives if scores_flat[j] >= s_min - delta]
 
 
-def _summed_negatives(sf, P, N, delta, step, sigmoid_cut):
+def _summed_negatives(sf, P, N, delta, step):
     """(negatives the sums run over, N_hat)."""
     n_hat = non_trivial_negatives(sf, P, N, delta)
-    if step == "sigmoid" and not sigmoid_cut:
+    if step == "sigmoid":
         return list(N), n_hat
     return n_hat, n_hat
 
 
 def ap_oracle(scores, targets, delta=1.0, interpolate=True, step="linear", sigmoid_k=0.5,
-              details=False, sigmoid_cut=False):
+              details=False):
     """AP-loss value and gradient w.r.t. the scores, by Algorithm 1. See the module docstring."""
     s, sf, P, N = _split(scores, targets)
     grad = [0.0] * len(sf)
@@ -97,7 +97,7 @@ def ap_oracle(scores, targets, delta=1.0, interpolate=True, step="linear", sigmo
 
     if not P:  # no positives: nothing to rank
         return result(0.0)
-    N_hat, n_hat = _summed_negatives(sf, P, N, delta, step, sigmoid_cut)
+    N_hat, n_hat = _summed_negatives(sf, P, N, delta, step)
     info["num_neg_nontrivial"] = len(n_hat)
 
     # Positives in ascending score (Algorithm 1, line 6). Ties: equal scores give equal a, b and
@@ -152,8 +152,7 @@ def ap_oracle(scores, targets, delta=1.0, interpolate=True, step="linear", sigmo
     return result(total / n_pos)
 
 
-def auc_oracle(scores, targets, delta=1.0, step="linear", sigmoid_k=0.5, details=False,
-               sigmoid_cut=False):
+def auc_oracle(scores, targets, delta=1.0, step="linear", sigmoid_k=0.5, details=False):
     """AUC-loss value and gradient (Eq. 7 with the step f), same loop structure as ap_oracle."""
     s, sf, P, N = _split(scores, targets)
     grad = [0.0] * len(sf)
@@ -167,7 +166,7 @@ def auc_oracle(scores, targets, delta=1.0, step="linear", sigmoid_k=0.5, details
         if P:
             info["num_neg_nontrivial"] = 0
         return result(0.0)
-    N_hat, n_hat = _summed_negatives(sf, P, N, delta, step, sigmoid_cut)
+    N_hat, n_hat = _summed_negatives(sf, P, N, delta, step)
     info["num_neg_nontrivial"] = len(n_hat)
     n_neg_all = len(N)
 

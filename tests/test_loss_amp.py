@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ap_loss_d2.losses import ap_loss, auc_loss
+from tests.kernels import kernel  # noqa: F401  (the fixture)
 
 FNS = {"ap": ap_loss, "auc": auc_loss}
 
@@ -31,7 +32,7 @@ def _check_scaled(g16, g32, scale):
 
 @pytest.mark.parametrize("kind", ["ap", "auc"])
 @pytest.mark.parametrize("scale", [1024.0, 32768.0, 65536.0])
-def test_float16_backward_with_loss_scale(kind, scale):
+def test_float16_backward_with_loss_scale(kind, scale, kernel):
     fn = FNS[kind]
     x16, t = _case()
     x16.requires_grad_(True)
@@ -50,7 +51,7 @@ def test_float16_backward_with_loss_scale(kind, scale):
 
 
 @pytest.mark.parametrize("kind", ["ap", "auc"])
-def test_gradscaler_cpu_default_scale(kind):
+def test_gradscaler_cpu_default_scale(kind, kernel):
     if not hasattr(torch.amp, "GradScaler"):
         pytest.skip("torch.amp.GradScaler not available")
     fn = FNS[kind]

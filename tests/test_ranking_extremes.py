@@ -13,6 +13,7 @@ import torch
 
 from ap_loss_d2.losses import ap_loss, auc_loss
 from tests.ap_oracle import ap_oracle, auc_oracle
+from tests.kernels import kernel  # noqa: F401  (the fixture)
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -24,15 +25,29 @@ def _call(fn, s, t, dtype, **kw):
     return float(loss), x.grad.double().numpy()
 
 
+_ORACLES = {"ap": ap_oracle, "auc": auc_oracle}
+_oracle_cache = {}
+
+
+def _oracle(kind, s, t, **kw):
+    """The oracle's (loss, grad), computed once per case (each kernel checks against it)."""
+    key = (kind, s.tobytes(), np.asarray(t).tobytes(), tuple(sorted(kw.items())))
+    if key not in _oracle_cache:
+        if len(_oracle_cache) >= 64:  # bounded: drop the oldest case
+            del _oracle_cache[next(iter(_oracle_cache))]
+        _oracle_cache[key] = _ORACLES[kind](s, t, **kw)
+    return _oracle_cache[key]
+
+
 def _against_oracle(s, t, **kw):
     """float64 logits vs the oracle to 1e-9; float32 logits (when the values are float32) vs
     the float64 call up to float32 rounding."""
     s = np.asarray(s, dtype=np.float64)
-    for kind, fn, oracle in (("ap", ap_loss, ap_oracle), ("auc", auc_loss, auc_oracle)):
+    for kind, fn in (("ap", ap_loss), ("auc", auc_loss)):
         okw = dict(kw)
         if kind == "auc":
             okw.pop("interpolate", None)
-        exp_loss, exp_grad = oracle(s, t, **okw)
+        exp_loss, exp_grad = _oracle(kind, s, t, **okw)
         loss, grad = _call(fn, s, t, torch.float64, **okw)
         np.testing.assert_allclose(loss, exp_loss, rtol=1e-9, atol=1e-15, err_msg=f"{kind} {kw}")
         np.testing.assert_allclose(grad, exp_grad, rtol=1e-9, atol=1e-15,
@@ -44,7 +59,7 @@ def _against_oracle(s, t, **kw):
             assert np.array_equal(grad32 != 0, exp_grad != 0)
 
 
-def test_issue_example_huge_negative_positive():
+def test_issue_example_huge_negative_positive(kernel):
     # Algorithm 1: f(0 - (-1e30)) = 1, a = 1, b = 1: loss 0.5, gradients -0.5 / +0.5
     for dtype in (torch.float32, torch.float64):
         loss, grad = _call(ap_loss, [-1e30, 0.0], [1, 0], dtype)
@@ -55,7 +70,7 @@ def test_issue_example_huge_negative_positive():
 
 @pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3])
 @pytest.mark.parametrize("step", ["linear", "heaviside"])
-def test_float32_extremes(delta, step):
+def test_float32_extremes(delta, step, kernel):
     big = float(np.float32(3e38))
     s = [big, -big, 0.0, 1.0, big, -big, F32_MAX, -F32_MAX, 0.5, -1e30, 1e30, 1e-30, big]
     t = [1, 1, 0, 1, 0, 0, 0, 1, -1, 0, 1, 0, 0]
@@ -67,7 +82,7 @@ def test_float32_extremes(delta, step):
 
 
 @pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3])
-def test_spread_1e12_many_negatives(delta):
+def test_spread_1e12_many_negatives(delta, kernel):
     """1e5 negatives spread over 1e12, each positive with negatives inside its window: the sums
     must not cancel (the issue's 0.6666 instead of 0.7143)."""
     rng = np.random.default_rng(int(delta * 1000) % 97)
@@ -85,7 +100,7 @@ def test_spread_1e12_many_negatives(delta):
     _against_oracle(s.astype(np.float32).astype(np.float64), t, delta=delta)
 
 
-def test_spread_1e12_value_from_issue():
+def test_spread_1e12_value_from_issue(kernel):
     """A small case whose value is known in closed form: positives at 0 and 1e12 - 0.5, negatives
     at 1e12 and 1e12 + ... every negative inside the upper positive's window (delta = 1)."""
     s = np.array([0.0, 1e12 - 0.5] + [1e12 + 0.25] * 4)
@@ -98,7 +113,7 @@ def test_spread_1e12_value_from_issue():
     _against_oracle(s, t)
 
 
-def test_delta_range_random():
+def test_delta_range_random(kernel):
     rng = np.random.default_rng(5)
     for delta in (1e-3, 1e-1, 10.0, 1e3):
         s = rng.normal(0, 3 * delta, 400)
@@ -110,31 +125,25 @@ def test_delta_range_random():
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact sigmoid step (Eq. 54) and the delta cut
+# Exact sigmoid step (Eq. 54): over all negatives
 # ---------------------------------------------------------------------------------------------
-def test_sigmoid_toy_k1_exact_and_cut():
-    # one positive at 0, negatives at -0.5 and -3 (below min_P s - delta = -1), k = 1
+def test_sigmoid_toy_k1_exact():
+    # one positive at 0, negatives at -0.5 and -3 (below min_P s - delta = -1), k = 1: both count
     s, t = np.array([0.0, -0.5, -3.0]), np.array([1, 0, 0])
     sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
     b_exact = sig(-0.5) + sig(-3.0)
     exp_exact = 1 - 1 / (1 + b_exact)  # a = 1 (no other positive)
-    exp_cut = 1 - 1 / (1 + sig(-0.5))
     loss, _ = _call(ap_loss, s, t, torch.float64, step="sigmoid", sigmoid_k=1.0)
-    loss_cut, _ = _call(ap_loss, s, t, torch.float64, step="sigmoid", sigmoid_k=1.0,
-                        sigmoid_cut=True)
-    assert abs(loss - exp_exact) < 1e-12 and abs(loss_cut - exp_cut) < 1e-12
-    assert loss > loss_cut
-    for cut in (False, True):
-        _against_oracle(s, t, step="sigmoid", sigmoid_k=1.0, sigmoid_cut=cut)
+    assert abs(loss - exp_exact) < 1e-12
+    _against_oracle(s, t, step="sigmoid", sigmoid_k=1.0)
 
 
-def test_sigmoid_random_exact_and_cut():
+def test_sigmoid_random_exact():
     rng = np.random.default_rng(9)
     s = rng.normal(0, 2, 300)
     t = np.zeros(300, int)
     t[rng.choice(300, 20, replace=False)] = 1
-    for cut in (False, True):
-        _against_oracle(s, t, step="sigmoid", sigmoid_k=0.5, sigmoid_cut=cut)
+    _against_oracle(s, t, step="sigmoid", sigmoid_k=0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,12 +14,33 @@ Sec. 3.4.1). For positives ``P`` (label 1) and non-trivial negatives
 * value: ``1 - mean_i prec_i^interp``.
 
 For the linear and Heaviside steps, negatives below ``min_P s - delta`` contribute exactly 0, so
-``N^`` changes nothing but the work. The sigmoid step (Eq. 54) is non-zero everywhere: by
-default it sums over **all** negatives (exact Eq. 54); ``sigmoid_cut=True`` restricts it to
-``N^`` (faster, the approximation of earlier versions).
+``N^`` changes nothing but the work. The sigmoid step (Eq. 54) is non-zero everywhere: it sums
+over **all** negatives.
 
-How it is fast and exact at once
---------------------------------
+Two kernels, one result
+-----------------------
+Both compute the same exact values (every oracle test runs on both, extreme logits included);
+they differ in how they find the entries near the positives.
+
+* ``"grid"`` (CPU eager): the positives are gathered (``nonzero``), their breakpoints index a
+  uniform look-up grid sized on the host, and every entry gets its segment from one table
+  look-up. ``O(|N| + (|P| + |N_amb|) log |P|)``, 4 host reads per call (see below), which cost
+  nothing on a CPU.
+* ``"sorted"`` (CUDA and other accelerators, and inside ``torch.compile``): no host
+  synchronisation and only fixed-size work. All entries are sorted once; every breakpoint
+  search is a ``searchsorted`` into the sorted scores and every per-positive or per-entry sum a
+  difference of two prefix sums over the sorted order. ``O(n log n)`` for ``n`` entries, a
+  static graph: it compiles with ``torch.compile(fullgraph=True)`` and can be captured in a
+  CUDA graph.
+
+``"auto"`` (the default) picks ``"sorted"`` when the logits are not on the CPU or when
+``torch.compiler.is_compiling()``, else ``"grid"``. :func:`ranking_kernel` forces one kernel
+for a block of code (``with ranking_kernel("sorted"): ...``). The sigmoid step and ranking
+across processes (``process_group`` with more than one process) always use the grid code,
+which reads counts on the host.
+
+How the grid kernel is fast and exact at once
+---------------------------------------------
 For the linear and Heaviside steps, ``f(s - p_i)`` is piecewise linear in ``s``. Each positive
 has two breakpoints, rounded *outwards* to the compute dtype (float32 for float16/bfloat16/
 float32 logits, float64 for float64 logits) so that "``s`` has passed the breakpoint" is one
@@ -35,18 +56,24 @@ exact comparison ``s >= c`` in that dtype: lower ``c = ceil(p_i - delta)``; uppe
   and ``ref_k`` the segment's left breakpoint: three table gathers and one multiply-add, with
   no cancellation (all terms are non-negative), evaluated in the backward.
 
+The sorted kernel uses the same breakpoints (the same exact comparisons) and the same local
+references; its gradient is computed in the forward and kept for the backward (one value per
+entry in the compute dtype).
+
 Extreme logits: all sums are taken relative to local references (the segment's left breakpoint
 for the scores, the left end of each cluster of overlapping windows for the coefficients), never
 as differences of global prefix sums of raw scores, and entries outside every window only count.
 So every finite input is handled exactly, including ``+-3e38``, spreads of ``1e12`` and
 ``delta`` from ``1e-3`` to ``1e3`` (tested against the oracle).
 
-Time ``O(|N| + (|P| + |N_amb|) log |P|)`` where ``N_amb`` is the ~0.4 % of entries that share a
-grid cell with a breakpoint. Memory: 4 bytes per entry kept for the backward (the int32 segment
-indices) plus O(|P|) tables; the element-wise passes run in chunks of 2**20 entries, so the
-peak extra memory of forward + backward is ~2.3x the float32 logits, the 1x gradient included
-(``python -m ap_loss_d2.benchmark``). The sigmoid step is computed in chunks of negatives against all
-positives (``O(|P| |N|)``, chunk memory capped by :data:`SIGMOID_CHUNK_BYTES`).
+Memory (grid kernel): 4 bytes per entry kept for the backward (the int32 segment indices) plus
+O(|P|) tables; the element-wise passes run in chunks of 2**20 entries, so the peak extra memory
+of forward + backward is ~2.3x the float32 logits, the 1x gradient included
+(``python -m ap_loss_d2.benchmark``). The sorted kernel keeps the gradient (4 bytes per entry
+for float32 logits) and holds float64/int32 arrays of ``n`` entries during the forward: about
+200 bytes per entry at peak (52x the float32 logits, measured on CPU). The sigmoid step is
+computed in chunks of negatives against all positives (``O(|P| |N|)``, chunk memory capped by
+:data:`SIGMOID_CHUNK_BYTES`).
 
 Precision, AMP
 --------------
@@ -56,27 +83,38 @@ a ``GradScaler`` included) and only then cast to the logits' dtype, so scaled fl
 neither underflow nor overflow where the scaled float32 ones are representable. The loss value
 is returned in float32 for float16/bfloat16 logits (in the logits' dtype otherwise).
 
+Invalid inputs
+--------------
+Shapes, dtypes and devices are checked on every call (no host read). Values (NaN/Inf logits,
+labels other than 1, 0, -1): the grid kernel reads them on the host with its first read and
+raises :class:`NonFiniteLogitsError` / ``ValueError`` naming the count. The sorted kernel makes
+no host read: invalid values turn the loss and every gradient entry into NaN on the device, so
+Detectron2's trainer stops at its own non-finite loss check ("Loss became infinite or NaN"),
+and ``GradScaler`` skips the step. :func:`validate_ranking_inputs` gives the detailed message
+at the cost of one host read.
+
 Autograd
 --------
 The backward is ``once_differentiable``: ``create_graph=True`` / double backward raises. Under
 ``torch.no_grad()``, ``torch.inference_mode()`` or when the logits do not require grad, only the
-loss value is computed (no gradient tables, no segment indices kept). ``torch.func.vmap`` raises
-a clear error (all entries are ranked together, there is no per-sample rule).
-``torch.func.grad``/``jacrev`` raise the same double-backward error.
-``torch.compile`` works with graph breaks: the function is data-dependent (``nonzero``, host
-reads), so it runs eagerly inside a compiled model.
+loss value is computed (no gradient kept). ``torch.func.vmap`` raises a clear error (all
+entries are ranked together, there is no per-sample rule). ``torch.func.grad``/``jacrev`` raise
+the same double-backward error.
 
-Host synchronisations per call (single process, linear/Heaviside step): 1 validation read
-(min/max of logits and labels together), 1 ``nonzero`` for the positives, 1 read of the
-breakpoints' range (to size the look-up grid), 1 ``nonzero`` for the entries in grid cells holding
-a breakpoint, plus 1 read of the negative count for AUC and 1 when ``stats`` is requested:
-4 (AP), 5 (AUC); the backward adds none. The sigmoid step has no grid: validation, the
-positives' ``nonzero`` and the selected negatives' ``nonzero``, 3 (AP), 4 (AUC). Ranking across
-processes adds the collectives of :mod:`ap_loss_d2.losses.distributed`.
+Host synchronisations per call
+------------------------------
+Sorted kernel (linear/Heaviside step, one process): none, forward and backward.
+Grid kernel (linear/Heaviside step, one process): 1 validation read (min/max of logits and
+labels together), 1 ``nonzero`` for the positives, 1 read of the breakpoints' range (to size
+the look-up grid), 1 ``nonzero`` for the entries in grid cells holding a breakpoint, plus 1
+read of the negative count for AUC: 4 (AP), 5 (AUC); the backward adds none. The sigmoid step
+has no grid: validation, the positives' ``nonzero`` and the negatives' ``nonzero``, 3 (AP), 4
+(AUC). Ranking across processes adds the collectives of :mod:`ap_loss_d2.losses.distributed`.
 """
+import contextlib
 import math
+import numbers
 import struct
-import time
 from typing import Optional
 
 import torch
@@ -85,27 +123,62 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "ap_loss",
     "auc_loss",
+    "check_ranking_options",
+    "validate_ranking_inputs",
+    "ranking_kernel",
     "NonFiniteLogitsError",
     "STEPS",
+    "KERNELS",
     "SIGMOID_CHUNK_BYTES",
-    "HOST_SYNCS",
-    "validate_ranking_inputs",
 ]
 
 STEPS = ("linear", "heaviside", "sigmoid")
+#: Kernels :func:`ranking_kernel` accepts (see the module docstring).
+KERNELS = ("auto", "grid", "sorted")
 #: Cap on the temporary memory of one chunk of the sigmoid step (bytes).
 SIGMOID_CHUNK_BYTES = 256 * 2**20
-#: Host synchronisations of one single-process call (linear/Heaviside step), see the docstring.
-HOST_SYNCS = {"ap": 4, "auc": 5, "stats": 1}
 # Uniform grid cells per breakpoint for the segment look-up table, and the table's size cap.
 _GRID_CELLS_PER_BREAKPOINT = 256
 _GRID_MAX_CELLS = 2**21
 # Entries per chunk of the element-wise passes (bounds their temporary memory).
 _CHUNK = 2**20
+_kernel = "auto"
 
 
 class NonFiniteLogitsError(ValueError):
     """The logits given to a ranking loss hold NaN or Inf."""
+
+
+@contextlib.contextmanager
+def ranking_kernel(name: str):
+    """Use kernel ``name`` (one of :data:`KERNELS`) for the linear and Heaviside steps of every
+    ``ap_loss``/``auc_loss`` call in the block, in this process (all threads); the previous
+    choice is restored on exit. ``"auto"``: sorted on accelerators and under
+    ``torch.compile``, grid on the CPU otherwise."""
+    global _kernel
+    if name not in KERNELS:
+        raise ValueError(f"ranking kernel {name!r} is unknown; choose one of {KERNELS}")
+    previous, _kernel = _kernel, name
+    try:
+        yield
+    finally:
+        _kernel = previous
+
+
+def check_ranking_options(*, delta, step, sigmoid_k, interpolate=True):
+    """Raise a TypeError (wrong type) or ValueError (bad value) naming the option and what is
+    valid, unless the options of a ranking loss are valid: ``delta`` and ``sigmoid_k`` finite
+    numbers > 0, ``step`` one of :data:`STEPS`, ``interpolate`` a bool."""
+    for name, value in (("delta", delta), ("sigmoid_k", sigmoid_k)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a Python number, got {type(value).__name__} {value!r}")
+        if not (math.isfinite(float(value)) and float(value) > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not isinstance(step, str) or step not in STEPS:
+        raise ValueError(f"step={step!r} is not a valid step function; choose one of {STEPS}")
+    if not isinstance(interpolate, bool):
+        raise TypeError(f"interpolate must be True or False, got {type(interpolate).__name__} "
+                        f"{interpolate!r}")
 
 
 def ap_loss(
@@ -118,7 +191,6 @@ def ap_loss(
     sigmoid_k: float = 0.5,
     stats: Optional[dict] = None,
     process_group=None,
-    sigmoid_cut: bool = False,
 ) -> torch.Tensor:
     """AP-loss ``1 - AP`` over all entries, with the error-driven update as its gradient.
 
@@ -131,16 +203,15 @@ def ap_loss(
             ``min(positive scores) - delta`` are trivial (no loss, zero gradient) for the
             linear and Heaviside steps.
         interpolate: use interpolated AP (Sec. 3.4.3).
-        step: ``"linear"`` (Eq. 21), ``"heaviside"`` (Eq. 4) or ``"sigmoid"`` (Eq. 54).
+        step: ``"linear"`` (Eq. 21), ``"heaviside"`` (Eq. 4) or ``"sigmoid"`` (Eq. 54, over
+            all negatives).
         sigmoid_k: slope parameter ``k`` of the sigmoid step.
-        stats: optional dict, filled with ``num_pos``, ``num_neg_nontrivial`` (ints, global
-            when ranking across processes; ``N^`` as defined above) and ``time`` (seconds spent
-            in the loss's forward, host clock). Costs one host read; nothing when ``None``.
+        stats: ``None`` or a dict, filled with ``num_pos`` and ``num_neg_nontrivial`` (``N^``
+            as defined above; global when ranking across processes). Python ints on the CPU
+            in eager mode; elsewhere 0-dim int64 tensors on the logits' device (no host read
+            for them), except the grid kernel's ``num_pos``, which it reads anyway.
         process_group: a ``torch.distributed`` group to rank the entries of all its processes
             together (see :mod:`ap_loss_d2.losses.distributed`); ``None`` ranks locally.
-        sigmoid_cut: sigmoid step only. ``False`` (default): exact Eq. 54 over all negatives.
-            ``True``: only negatives in ``N^`` (``s >= min_P s - delta``) count; faster, but
-            not Eq. 54 (the sigmoid is non-zero below the cut).
 
     Returns:
         A 0-dim tensor: in the logits' dtype, float32 for float16/bfloat16 logits. Its
@@ -148,10 +219,15 @@ def ap_loss(
         gradient (computed in float32/float64, cast to the logits' dtype last). With no
         positives the loss is 0 and every gradient 0.
 
-    Complexity: see the module docstring; ``O(|N| + |P| log |P|)`` time and 4 bytes per entry
-    kept for the backward for the linear and Heaviside steps.
+    Raises:
+        TypeError / ValueError for invalid options (:func:`check_ranking_options`), a ``stats``
+        that is not a dict, or inputs of the wrong shape, dtype or device; the grid kernel
+        also for NaN/Inf logits and invalid labels (the sorted kernel returns NaN instead,
+        see the module docstring).
+
+    Complexity: see the module docstring.
     """
-    opts = _Options(delta, interpolate, step, sigmoid_k, stats, process_group, sigmoid_cut)
+    opts = _Options(delta, interpolate, step, sigmoid_k, stats, process_group)
     return _apply(logits, targets, "ap", opts)
 
 
@@ -164,62 +240,73 @@ def auc_loss(
     sigmoid_k: float = 0.5,
     stats: Optional[dict] = None,
     process_group=None,
-    sigmoid_cut: bool = False,
 ) -> torch.Tensor:
     """AUC-loss ``1 - AUC`` with the error-driven update (activation of Eq. 7).
 
     ``L'_ij = f(s_j - s_i) / |N|`` with ``|N|`` the number of all negatives; value
     ``sum_{i in P, j in N^} L'_ij / |P|``; gradients: positive ``i``: ``-sum_j L'_ij / |P|``,
-    negative ``j``: ``sum_i L'_ij / |P|``. Arguments, shapes, dtypes and complexity as
+    negative ``j``: ``sum_i L'_ij / |P|``. Arguments, shapes, dtypes, errors and complexity as
     :func:`ap_loss` (there is no interpolation for AUC).
     """
-    opts = _Options(delta, False, step, sigmoid_k, stats, process_group, sigmoid_cut)
+    opts = _Options(delta, False, step, sigmoid_k, stats, process_group)
     return _apply(logits, targets, "auc", opts)
 
 
-def check_ranking_options(*, delta, step, sigmoid_k, interpolate=True):
-    """ValueError/TypeError naming the option unless ``delta`` and ``sigmoid_k`` are finite
-    numbers > 0, ``step`` one of :data:`STEPS` and ``interpolate`` a bool."""
-    if step not in STEPS:
-        raise ValueError(f"step={step!r} is not a valid step function; choose one of {STEPS}")
-    for name, value in (("delta", delta), ("sigmoid_k", sigmoid_k)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if not isinstance(interpolate, bool):
-        raise TypeError(f"interpolate must be True or False, got {interpolate!r}")
-
-
 class _Options:
-    def __init__(self, delta, interpolate, step, sigmoid_k, stats, process_group, sigmoid_cut):
-        check_ranking_options(delta=delta, step=step, sigmoid_k=sigmoid_k, interpolate=interpolate)
+    def __init__(self, delta, interpolate, step, sigmoid_k, stats, process_group):
+        check_ranking_options(delta=delta, step=step, sigmoid_k=sigmoid_k,
+                              interpolate=interpolate)
+        if stats is not None and not isinstance(stats, dict):
+            raise TypeError(f"stats must be a dict (filled by the loss) or None, got "
+                            f"{type(stats).__name__}")
         self.delta = float(delta)
-        self.interpolate = bool(interpolate)
+        self.interpolate = interpolate
         self.step = step
         self.sigmoid_k = float(sigmoid_k)
         self.stats = stats
         self.process_group = process_group
-        self.sigmoid_cut = bool(sigmoid_cut)
         self.state = None  # forward -> setup_context hand-over (one call)
 
 
+def _use_sorted(logits, opts):
+    if opts.step == "sigmoid":
+        return False
+    if opts.process_group is not None:
+        from .distributed import group_size
+
+        if group_size(opts.process_group) > 1:
+            return False
+    if _kernel != "auto":
+        return _kernel == "sorted"
+    return logits.device.type != "cpu" or torch.compiler.is_compiling()
+
+
 def _apply(logits, targets, kind, opts):
-    start = time.perf_counter()
+    _check_static(logits, targets)
+    if _use_sorted(logits, opts):
+        return _apply_sorted(logits, targets, kind, opts)
     targets = _validate(logits, targets)  # float labels come back as int8 codes
     if torch.is_grad_enabled() and logits.requires_grad:
         loss = _RankingLoss.apply(logits, targets, kind, opts)
+        n_pos, n_neg = opts.state["counts"]
     else:  # no_grad / inference_mode / constant logits: the value only
         loss, _, n_pos, n_neg = _forward(logits.detach(), targets.detach(), kind, opts, False)
-        _fill_stats(opts, n_pos, n_neg, start)
-        return loss
-    n_pos, n_neg = opts.state["counts"]
-    _fill_stats(opts, n_pos, n_neg, start)
+    _fill_stats(opts, n_pos, n_neg)
     return loss
 
 
-def _fill_stats(opts, n_pos, n_neg, start):
+def _fill_stats(opts, n_pos, n_neg):
     if opts.stats is not None:
-        opts.stats.update(num_pos=int(n_pos), num_neg_nontrivial=int(n_neg),
-                          time=time.perf_counter() - start)
+        opts.stats.update(num_pos=_count_value(n_pos), num_neg_nontrivial=_count_value(n_neg))
+
+
+def _count_value(n):
+    """A count as a Python int when that needs no device read, else a 0-dim int64 tensor."""
+    if not isinstance(n, torch.Tensor):
+        return int(n)
+    if n.device.type == "cpu" and not torch.compiler.is_compiling():
+        return int(n)
+    return n.to(torch.int64)
 
 
 class _RankingLoss(torch.autograd.Function):
@@ -241,13 +328,7 @@ class _RankingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "ap_loss/auc_loss support no double backward: create_graph=True (e.g. for a "
-                "gradient penalty) and torch.func.grad/jacrev would differentiate the "
-                "error-driven update, which has no derivative here. Use loss.backward() or "
-                "torch.autograd.grad without create_graph for the ranking loss."
-            )
+        _refuse_double_backward()
         return _RankingLoss._backward_once(ctx, grad_output)
 
     @staticmethod
@@ -260,11 +341,25 @@ class _RankingLoss(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
+        _refuse_vmap()
+
+
+def _refuse_double_backward():
+    if torch.is_grad_enabled():
         raise RuntimeError(
-            "ap_loss/auc_loss do not support torch.func.vmap: all entries are ranked together "
-            "(there is no per-sample rule). Call the loss once per sample in a Python loop, "
-            "or once on the whole batch."
+            "ap_loss/auc_loss support no double backward: create_graph=True (e.g. for a "
+            "gradient penalty) and torch.func.grad/jacrev would differentiate the "
+            "error-driven update, which has no derivative here. Use loss.backward() or "
+            "torch.autograd.grad without create_graph for the ranking loss."
         )
+
+
+def _refuse_vmap():
+    raise RuntimeError(
+        "ap_loss/auc_loss do not support torch.func.vmap: all entries are ranked together "
+        "(there is no per-sample rule). Call the loss once per sample in a Python loop, "
+        "or once on the whole batch."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +419,7 @@ def _check_values(logits, targets):
         # inside [-1, 1], labels other than -1, 0, 1 are those that do not survive the cast
         code = t.to(torch.int8)
         vals.append(torch.count_nonzero(code != t).double())
-    vals = _host_list(torch.stack(vals))  # the one host read
+    vals = torch.stack(vals).tolist()  # the one host read
     if not (math.isfinite(vals[0]) and math.isfinite(vals[1])):
         bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteLogitsError(f"{bad} of {x.numel()} logits are NaN or Inf")
@@ -382,9 +477,8 @@ def _forward(logits, targets, kind, opts, need_grad):
         kernel = _PiecewiseStep(p, opts, x, t, cd)
     b, n_neg = kernel.negative_sums()
     b = dist_utils.all_reduce_sum(b, group)
-    want_count = opts.stats is not None
-    if want_count:
-        n_neg = dist_utils.all_reduce_count(int(n_neg), group, x.device)
+    if opts.stats is not None:
+        n_neg = dist_utils.all_reduce_sum(n_neg, group)
 
     if kind == "ap":
         a = (1.0 - kernel.f0) + kernel.positive_sums()
@@ -426,6 +520,155 @@ def _backward(state, logits, grad_output):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sorted kernel: no host synchronisation, fixed-size work
+# ---------------------------------------------------------------------------------------------
+def _apply_sorted(logits, targets, kind, opts):
+    # through the Function even without gradient: torch.func.vmap then raises its clear error
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _, n_pos, n_neg = _SortedRankingLoss.apply(logits, targets, kind, opts.delta,
+                                                     opts.interpolate, opts.step == "linear",
+                                                     need_grad)
+    _fill_stats(opts, n_pos, n_neg)
+    return loss
+
+
+class _SortedRankingLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(logits, targets, kind, delta, interpolate, linear, need_grad):
+        return _sorted_forward(logits.detach(), targets.detach(), kind, delta, interpolate,
+                               linear, need_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, grad, n_pos, n_neg = output
+        ctx.mark_non_differentiable(*(o for o in (grad, n_pos, n_neg) if o is not None))
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad_output, *_):
+        _refuse_double_backward()
+        (grad,) = ctx.saved_tensors
+        return ((grad * grad_output.to(grad.dtype)).to(ctx.logits_dtype),) + (None,) * 6
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        _refuse_vmap()
+
+
+def _exclusive_prefix(x):
+    """[0, x0, x0+x1, ...] (length len(x) + 1), in x's dtype."""
+    return torch.nn.functional.pad(torch.cumsum(x, 0), (1, 0))
+
+
+def _sorted_forward(logits, targets, kind, delta, interpolate, linear, need_grad):
+    """(loss, gradient in the compute dtype with the logits' shape or None, |P|, |N^|), the
+    counts as 0-dim int64 tensors; no host read. Linear/Heaviside steps.
+
+    Shapes: logits, targets (*) (any, same); n = logits.numel(). Positions below refer to the
+    ascending order of the scores; every array is of size n or n + 1 (prefix sums)."""
+    cd = _compute_dtype(logits.dtype)
+    out_dtype = _loss_dtype(logits.dtype)
+    f64, device = torch.float64, logits.device
+    if logits.numel() == 0:
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        grad = torch.zeros(logits.shape, dtype=cd, device=device) if need_grad else None
+        return torch.zeros((), dtype=out_dtype, device=device), grad, zero, zero
+    x = logits.reshape(-1).to(cd)  # exact upcast of half precision
+    t = targets.reshape(-1)
+    code = t.to(torch.int8)
+    # invalid values poison the result instead of a host read (module docstring)
+    bad = (~torch.isfinite(x)).any() | (t < -1).any() | (t > 1).any()
+    if t.is_floating_point():
+        bad = bad | (code != t).any()
+
+    v, perm = torch.sort(x)
+    label = code[perm]
+    pos, neg = label == 1, label == 0
+    vd = v.to(f64)
+    zero, ninf = 0.0, -math.inf  # where() fill values
+    count_pos = _exclusive_prefix(pos.to(f64))  # positives before each position
+    count_neg = _exclusive_prefix(neg.to(f64))
+    m = count_pos[-1]
+    m_safe = m.clamp_min(1)
+    # breakpoints of every position (used where it holds a positive), exact in the compute dtype
+    lower = _round_up(*_two_sum(vd, -delta), cd)
+    upper = _round_above(*_two_sum(vd, delta), cd) if linear else vd
+    # per position: the breakpoints of the last positive at or before it (non-decreasing)
+    upper_fill = torch.cummax(torch.where(pos, upper, ninf), 0).values
+    # queries per entry: #positives whose upper (lower) breakpoint it has passed, as positions
+    q_up = torch.searchsorted(upper_fill.to(cd), v, right=True, out_int32=True)
+    # queries per positive: the first positions at or above its breakpoints
+    hi = torch.searchsorted(v, upper.to(cd), out_int32=True)
+    del upper
+    if linear:
+        lower_fill = torch.cummax(torch.where(pos, lower, ninf), 0).values
+        q_low = torch.searchsorted(lower_fill.to(cd), v, right=True, out_int32=True)
+        del lower_fill
+        inside = count_pos[q_low] > count_pos[q_up]  # inside some positive's window
+        # clusters of overlapping windows; reference: the lower breakpoint of the first one
+        prev_upper = torch.nn.functional.pad(upper_fill[:-1], (1, 0), value=ninf)
+        start = pos & (lower >= prev_upper)
+        del prev_upper
+        ref_fill = torch.cummax(torch.where(start, lower, ninf), 0).values
+        ref = torch.where(inside, ref_fill[(q_low - 1).clamp_min(0)], zero)
+        local = torch.where(inside, vd - ref, zero)  # entry relative to its cluster
+        del ref
+        local_pos = torch.where(pos, vd - ref_fill, zero)  # positive relative to its cluster
+        del ref_fill
+        lo = torch.searchsorted(v, lower.to(cd), out_int32=True)
+    del upper_fill
+
+    def sums(counts, mask):
+        """sum over the entries of ``mask`` of f(s - p) for the positive p at each position."""
+        above = counts[-1] - counts[hi]
+        if not linear:
+            return above
+        e = _exclusive_prefix(torch.where(mask, local, zero))
+        n_win = counts[hi] - counts[lo]
+        s_win = (e[hi] - e[lo]) - local_pos * n_win
+        return above + s_win / (2 * delta) + 0.5 * n_win
+
+    b = sums(count_neg, neg)
+    if kind == "ap":
+        f0 = 0.5 if linear else 1.0
+        a = (1.0 - f0) + sums(count_pos, pos)
+        denom = torch.where(pos, a + b, 1.0)
+        prec = torch.where(pos, a / denom, zero)
+        prec_interp = torch.cummax(prec, 0).values if interpolate else prec
+        loss = torch.where(pos, 1 - prec_interp, zero).sum() / m_safe
+        scale = torch.where(prec < prec_interp, (1 - prec_interp) / (1 - prec), 1.0)
+        w = torch.where(pos, scale / denom, zero)
+        g_pos = -(1 - prec_interp) / m_safe
+    else:
+        n_all = count_neg[-1]
+        n_all_safe = n_all.clamp_min(1)
+        b = torch.where(pos & (n_all > 0), b, zero)
+        w = torch.where(pos, 1.0 / n_all_safe, zero)
+        loss = b.sum() / (n_all_safe * m_safe)
+        g_pos = -b / (n_all_safe * m_safe)
+    lowest = torch.where(pos, lower, math.inf).min()
+    del lower
+    n_neg = (neg & (vd >= lowest)).sum()
+    nan = torch.full((), math.nan, dtype=f64, device=device)
+    loss = torch.where(bad, nan, loss).to(out_dtype)
+    if not need_grad:
+        return loss, None, m.to(torch.int64), n_neg
+    # gradient of a negative: sum_i w_i f(s - p_i) / |P|, over the passed and the open windows
+    cum_w = _exclusive_prefix(w)
+    g = cum_w[q_up]
+    if linear:
+        cum_wp = _exclusive_prefix(w * local_pos)
+        w_open = cum_w[q_low] - g
+        win = 0.5 * w_open + (local * w_open - (cum_wp[q_low] - cum_wp[q_up])) / (2 * delta)
+        g = g + torch.where(inside, win.clamp_min(0), zero)
+    g = torch.where(neg, g / m_safe, torch.where(pos, g_pos, zero))
+    g = torch.where(bad, nan, g).to(cd)
+    grad = torch.empty_like(g).scatter_(0, perm, g).view(logits.shape)
+    return loss, grad, m.to(torch.int64), n_neg
+
+
+# ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
 def _two_sum(a, b):
@@ -449,12 +692,6 @@ def _round_above(r, e, dtype):
     c = r.to(dtype)
     up = torch.nextafter(c, torch.full_like(c, math.inf))
     return torch.where(c.double() - r <= e, up, c).double()
-
-
-def _host_list(t):
-    """Copy a small tensor to the host as a list: with ``nonzero`` and ``int(tensor)`` the only
-    host synchronisations of a call (``ap_loss_d2.benchmark`` counts them through here)."""
-    return t.tolist()
 
 
 def _as_dtype(v, dtype):
@@ -569,7 +806,7 @@ class _PiecewiseStep:
         self.R_pos = self.R_bp[self.pos_lo]
 
         # one host read: the grid's range and the breakpoints' magnitude
-        lo_c, hi_c, self.scale = _host_list(torch.stack([c[0], c[-1], c.abs().max()]))
+        lo_c, hi_c, self.scale = torch.stack([c[0], c[-1], c.abs().max()]).tolist()
         # segment of every entry; non-negatives go to the dummy segment
         c_cd = c.to(cd)
         self.c_cd = c_cd
@@ -680,10 +917,9 @@ class _PiecewiseStep:
 
 
 class _SigmoidStep:
-    """f(x) = 1 / (1 + exp(-x / k)) (Eq. 54): no window, exact in bounded chunks, float64.
-
-    By default over all negatives; with ``sigmoid_cut`` over N^ only.
-    O(|P| * (|P| + |N|)) time; extra memory per chunk capped at SIGMOID_CHUNK_BYTES.
+    """f(x) = 1 / (1 + exp(-x / k)) (Eq. 54) over all negatives: no window, exact in bounded
+    chunks, float64. O(|P| * (|P| + |N|)) time; extra memory per chunk capped at
+    SIGMOID_CHUNK_BYTES.
     """
 
     f0 = 0.5
@@ -698,8 +934,7 @@ class _SigmoidStep:
         # N^ as float64 comparison (exact for every input dtype)
         nontrivial = neg & (x.double() >= thr) if x.dtype != torch.float64 else neg & (x >= thr)
         self.n_nontrivial = nontrivial.sum()
-        sel = nontrivial if opts.sigmoid_cut else neg
-        self.idx = torch.nonzero(sel).squeeze(1)
+        self.idx = torch.nonzero(neg).squeeze(1)
         self.s = x.index_select(0, self.idx).double()
 
     def _f(self, q):
