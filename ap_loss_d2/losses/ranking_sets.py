@@ -27,11 +27,9 @@ def ranking_targets(gt_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         (..., R, K) int8 tensor: 1 for the matched class, 0 for the other classes and for
         background, -1 for every class of an ignored entry.
     """
-    fg = (gt_labels >= 0) & (gt_labels < num_classes)
-    targets = torch.zeros((*gt_labels.shape, num_classes), dtype=torch.int8, device=gt_labels.device)
-    targets[gt_labels < 0] = -1
-    targets[fg, gt_labels[fg]] = 1
-    return targets
+    classes = torch.arange(num_classes, device=gt_labels.device)
+    targets = (gt_labels[..., None] == classes).to(torch.int8)  # no boolean indexing: no host sync
+    return torch.where((gt_labels < 0)[..., None], torch.full_like(targets, -1), targets)
 
 
 class RankingSets:
