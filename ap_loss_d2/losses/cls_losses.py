@@ -128,13 +128,9 @@ class AUCLoss(_RankingLoss):
     kernel = staticmethod(auc_loss)
 
 
-@CLS_LOSS_REGISTRY.register()
-class APOHEMLoss(APLoss):
-    """OHEM + AP-loss (Table 8): per image the hardest background anchors, neg_pos_ratio per positive anchor, others ignored"""
-
-    name, label = "ap_ohem", "OHEM + AP-loss"
-    heads = ("retinanet", "ssd")
-    selection = "ohem"
+class _NegativesPerPositive(ClsLoss):
+    """``neg_pos_ratio``: background anchors kept per positive anchor of an image
+    (``MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO``)."""
 
     @configurable
     def __init__(self, *, neg_pos_ratio: float = 3.0, **kwargs):
@@ -144,6 +140,15 @@ class APOHEMLoss(APLoss):
     @classmethod
     def from_config(cls, cfg):
         return {**super().from_config(cfg), "neg_pos_ratio": cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO}
+
+
+@CLS_LOSS_REGISTRY.register()
+class APOHEMLoss(_NegativesPerPositive, APLoss):
+    """OHEM + AP-loss (Table 8): per image the hardest background anchors, neg_pos_ratio per positive anchor, others ignored"""
+
+    name, label = "ap_ohem", "OHEM + AP-loss"
+    heads = ("retinanet", "ssd")
+    selection = "ohem"
 
     def select(self, targets, logits, entries_per_image):
         return select_negatives(targets, logits, self.selection, self.neg_pos_ratio, entries_per_image)
@@ -199,20 +204,11 @@ class FocalLoss(ClsLoss):
 
 
 @CLS_LOSS_REGISTRY.register()
-class CEOHEMLoss(ClsLoss):
+class CEOHEMLoss(_NegativesPerPositive):
     """softmax CE over K + 1 classes (background logit fixed at 0) with 3:1 online hard negative mining; softmax scores at test"""
 
     name, label = "ce_ohem", "CE + OHEM"
     heads = ("retinanet", "ssd")
-
-    @configurable
-    def __init__(self, *, neg_pos_ratio: float = 3.0, **kwargs):
-        super().__init__(**kwargs)
-        self.neg_pos_ratio = check_neg_pos_ratio(neg_pos_ratio)
-
-    @classmethod
-    def from_config(cls, cfg):
-        return {**super().from_config(cfg), "neg_pos_ratio": cfg.MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO}
 
     def scores(self, logits):
         return ce_ohem_scores(logits)
