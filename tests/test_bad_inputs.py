@@ -349,6 +349,24 @@ _T = torch.tensor([[1, 0, 0, 0, 0], [0, 0, 1, 0, 0]])
 # ------------------------------------------------------------------ study commands (issue 21)
 
 
+def benchmark_args(*argv):
+    def call(tmp):
+        import contextlib
+        import io
+
+        from ap_loss_d2 import benchmark
+
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                benchmark.parse_args(list(argv))
+        except SystemExit as e:
+            return f"SystemExit: {e.code}: {err.getvalue().strip()}"
+        return "parsed"
+
+    return call
+
+
 def _study(name):
     import importlib
 
@@ -475,6 +493,10 @@ ROWS = [
     ("truncated-json-builtin-coco", truncated_json_builtin_coco, r"ValueError: dataset 'coco_2017_val': datasets/coco/annotations/instances_val2017\.json is not valid JSON"),
     # --- launching
     ("num-gpus-0-runs-one-process", launch_num_gpus_0, r"^ran in this process$"),
+    # --- the loss function and the benchmark
+    ("ap-loss-stats-list", lambda tmp: ap_loss(torch.zeros(2), torch.tensor([1, 0]), stats=[]), r"^TypeError: stats must be a dict"),
+    ("ap-loss-interpolate-no", lambda tmp: ap_loss(torch.zeros(2), torch.tensor([1, 0]), interpolate="no"), r"^TypeError: interpolate must be True or False"),
+    ("benchmark-images-0", benchmark_args("--images", "0"), r"SystemExit: .*--images: 0 is too small: give an integer >= 1"),
     # --- study commands
     ("study-overrides-after-multi-value-option", study_args("lr_sweep", "--seeds", "0", "SOLVER.MAX_ITER", "10"), r"^\['SOLVER\.MAX_ITER', '10'\]$"),
     ("study-overrides-after-double-dash", study_args("lr_sweep", "--seeds", "0", "1", "--", "SOLVER.MAX_ITER", "10"), r"^\['SOLVER\.MAX_ITER', '10'\]$"),
