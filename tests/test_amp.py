@@ -16,6 +16,8 @@ from ap_loss_d2.engine import Trainer, get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.losses import ap_loss, auc_loss  # noqa: E402
 from ap_loss_d2.modeling import APLoss, AUCLoss  # noqa: E402
 
+from .params import slow_except  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "tests" / "configs" / "tiny_synth_retinanet.yaml"
 
@@ -38,7 +40,7 @@ def _batch(device="cpu"):
     return batch
 
 
-@pytest.mark.parametrize("loss", cls_loss_names("retinanet"))
+@pytest.mark.parametrize("loss", slow_except(cls_loss_names("retinanet"), {"ap", "focal", "ce_ohem"}))
 def test_every_loss_trains_under_cpu_autocast(loss):
     torch.manual_seed(0)
     model = build_model(_cfg(loss))

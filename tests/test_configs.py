@@ -18,12 +18,25 @@ from ap_loss_d2.engine import get_ap_loss_cfg, setup_cfg, validate_cfg  # noqa: 
 from ap_loss_d2.engine.lazy import check_lazy_cls_loss  # noqa: E402
 from ap_loss_d2.modeling import APLossRetinaNet  # noqa: E402
 
+from .params import slow_except  # noqa: E402
+
 RETINANET_LOSSES = cls_loss_names("retinanet")
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 YAML_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in CONFIGS.rglob("*.yaml"))
 LAZY_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in CONFIGS.rglob("*.py"))
 TINY_YAML = REPO / "tests" / "configs" / "tiny_synth_retinanet.yaml"
+# built in make test-fast: one config per detector and route (every config builds in make test)
+FAST_BUILDS = {
+    "configs/Base-RetinaNet.yaml",
+    "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml",
+    "configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml",
+    "configs/FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ap.yaml",
+    "configs/SSD/ssd192_vgg16n_240it_synth.yaml",
+    "configs/lazy/retinanet_R_50_FPN_160e_voc0712_ap.py",
+    "configs/lazy/faster_rcnn_R_50_FPN_18k_voc0712_ap.py",
+    "configs/lazy/ssd512_vgg16_160e_voc0712_ap.py",
+}
 
 VOC_IMAGES, COCO_IMAGES = 16551, 117266  # VOC07+12 trainval, COCO trainval35k
 TABLE2_LOSSES = ("ap", "auc", "focal", "ce_ohem")  # the losses compared in the paper's Table 2
@@ -66,7 +79,7 @@ def test_bases_stay_in_repo(path):
     assert REPO in target.parents, f"{path}: _BASE_ {base!r} points outside the repository"
 
 
-@pytest.mark.parametrize("path", YAML_CONFIGS)
+@pytest.mark.parametrize("path", slow_except(YAML_CONFIGS, FAST_BUILDS))
 def test_yaml_config_builds(path):
     cfg = load_yaml_cfg(path)
     validate_cfg(cfg)
@@ -145,7 +158,7 @@ def test_loss_twins_differ_only_in_loss(dataset):
     assert len(set(dumps.values())) == 1
 
 
-@pytest.mark.parametrize("path", LAZY_CONFIGS)
+@pytest.mark.parametrize("path", slow_except(LAZY_CONFIGS, FAST_BUILDS | {p for p in LAZY_CONFIGS if "/common/" in p}))
 def test_lazy_config_builds(path):
     cfg = LazyConfig.load(str(REPO / path))
     if "/common/" in path:
@@ -159,7 +172,7 @@ def test_lazy_config_builds(path):
 LAZY_RETINANET = [p for p in LAZY_CONFIGS if Path(p).name.startswith("retinanet_R_")]
 
 
-@pytest.mark.parametrize("path", LAZY_RETINANET)
+@pytest.mark.parametrize("path", slow_except(LAZY_RETINANET, FAST_BUILDS))
 def test_lazy_paper_settings(path):
     cfg = LazyConfig.load(str(REPO / path))
     model = instantiate(cfg.model)

@@ -27,6 +27,7 @@ import ap_loss_d2.data  # noqa: E402,F401  (registers the *_nodifficult VOC sets
 from ap_loss_d2.data import register_voc_nodifficult  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.evaluation import get_evaluator  # noqa: E402
+from .params import slow_except  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = sorted(
@@ -36,6 +37,8 @@ YAML = sorted(
 )
 LAZY = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs" / "lazy").glob("retinanet_R_*.py"))
 ALL = YAML + LAZY
+# the VOC AP-loss twins run in make test-fast, every paper config in make test
+FAST = ("configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_ap.yaml", "configs/lazy/retinanet_R_50_FPN_160e_voc0712_ap.py")
 
 # --- the authors' settings (lib/config.py, lib/model/*.py) -----------------------------------
 AUTHORS_LEVELS = (3, 4, 5, 6, 7)
@@ -133,7 +136,7 @@ def model_anchors(model, image_size=512):
 _BACKBONE_ANCHORS = {}
 
 
-@pytest.mark.parametrize("path", ALL)
+@pytest.mark.parametrize("path", slow_except(ALL, FAST))
 def test_anchors_equal_the_authors(path):
     model, _, _ = load(path)
     key = (type(model.backbone).__name__, sum(p.numel() for p in model.backbone.parameters()),
@@ -217,7 +220,7 @@ GT = [
 ]
 
 
-@pytest.mark.parametrize("path", ALL)
+@pytest.mark.parametrize("path", slow_except(ALL, FAST))
 def test_box_regression_gradient_equals_the_authors(path):
     model, _, _ = load(path)
     model.train()

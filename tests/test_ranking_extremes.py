@@ -14,6 +14,7 @@ import torch
 from ap_loss_d2.losses import ap_loss, auc_loss
 from tests.ap_oracle import ap_oracle, auc_oracle
 from tests.kernels import kernel  # noqa: F401  (the fixture)
+from tests.params import slow_except
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -81,7 +82,7 @@ def test_float32_extremes(delta, step, kernel):
     _against_oracle(s2, [1, 0, 1, 1, 0, 0, 1], delta=delta, step=step, interpolate=False)
 
 
-@pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("delta", slow_except([1e-3, 1.0, 1e3], {1.0}))
 def test_spread_1e12_many_negatives(delta, kernel):
     """1e5 negatives spread over 1e12, each positive with negatives inside its window: the sums
     must not cancel (the issue's 0.6666 instead of 0.7143)."""
