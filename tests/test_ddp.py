@@ -14,7 +14,6 @@ and the RoI sampler keeps every proposal (so that it does not draw random subset
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("detectron2")
 
@@ -34,6 +32,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 import ap_loss_d2.modeling  # noqa: E402,F401  (registers the models)
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.modeling import APLoss  # noqa: E402
+
+from .gloo import run_gloo  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -98,26 +98,13 @@ def _gradients(arch, image_indices, opts=(), ddp=False):
     return {n: params[n].grad.detach().clone() for n in names}, losses["loss_cls"].item()
 
 
-def _worker(rank, world, port, arch, opts, results):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results[rank] = _gradients(arch, [rank], opts, ddp=True)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_gradients(rank, arch, opts):
+    return _gradients(arch, [rank], opts, ddp=True)
 
 
 def run_ddp(arch, world, opts):
     """Per rank: (gradients after DDP, loss_cls); rank r holds image r."""
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), arch, list(opts), results), nprocs=world, join=True)
-    return [results[r] for r in range(world)]
+    return run_gloo(_ddp_gradients, world, arch, list(opts))
 
 
 def reference(arch, sets):

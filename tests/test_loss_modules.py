@@ -1,14 +1,10 @@
 """Loss modules as users see them: no diagnostic synchronisation by default, and GHM-C's moving
 average as model state (state_dict, --resume, one per process under DDP)."""
-import socket
-
 import pytest
 import torch
 
 pytest.importorskip("detectron2")
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from detectron2.engine import create_ddp_model  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -18,6 +14,7 @@ import ap_loss_d2.losses.base as base  # noqa: E402
 from . import test_ddp as ddp  # noqa: E402
 from . import test_faster_rcnn as frcnn  # noqa: E402
 from . import test_retinanet as retina  # noqa: E402
+from .gloo import run_gloo  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -105,24 +102,15 @@ def _ghm_average(image_indices, ddp_wrap=False):
     return (model.module if ddp_wrap else model).cls_loss.ghm_acc.clone()
 
 
-def _ghm_worker(rank, world, port, results):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results[rank] = _ghm_average([rank], ddp_wrap=True)
-    finally:
-        dist.destroy_process_group()
+def _ghm_average_under_ddp(rank):
+    return _ghm_average([rank], ddp_wrap=True)
 
 
 @pytest.mark.slow  # launches processes
 def test_ghm_moving_average_is_per_process_under_ddp():
     """Each process keeps the average of its own images' gradient norms, as GHM-C's released
     code does on every GPU (docs: a checkpoint holds the main process's)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_ghm_worker, args=(2, port, results), nprocs=2, join=True)
+    results = run_gloo(_ghm_average_under_ddp, 2)
     for rank in (0, 1):
         torch.testing.assert_close(results[rank], _ghm_average([rank]), rtol=1e-6, atol=0)
     assert not torch.equal(results[0], results[1])

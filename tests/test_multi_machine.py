@@ -1,13 +1,14 @@
 """Several machines: two launchers on one host (``--num-machines 2 --machine-rank 0/1``, one CPU
 process each, Gloo) train as one machine with two processes does."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from .gloo import free_port
 
 pytest.importorskip("detectron2")
 pytestmark = [
@@ -40,14 +41,8 @@ def _finish(proc):
     return log
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_machines_same_update_as_two_processes_on_one(synth_dataset_dir, tmp_path):
-    url = f"tcp://127.0.0.1:{_free_port()}"
+    url = f"tcp://127.0.0.1:{free_port()}"
     machines = [
         _train_net(tmp_path / "machines", "--num-gpus", "1", "--num-machines", "2",
                    "--machine-rank", str(rank), "--dist-url", url)

@@ -4,7 +4,6 @@ SSD's multibox loss, the AP-loss update under 2-process DDP equals the single-pr
 the README's SSD command runs."""
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,6 @@ pytest.importorskip("detectron2")
 
 import detectron2.data.transforms as T  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import DatasetMapper  # noqa: E402
 from detectron2.engine import create_ddp_model  # noqa: E402
@@ -28,6 +26,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.modeling import APLossSSD  # noqa: E402
+
+from .gloo import run_gloo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("ap", "focal", "auc", "ce_ohem")
@@ -264,23 +264,14 @@ def _gradients(images, ddp=False):
     return {n: params[n].grad.detach().clone() for n in DDP_PARAMS}, losses["loss_cls"].item()
 
 
-def _worker(rank, world, port, results):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results[rank] = _gradients([rank], ddp=True)
-    finally:
-        dist.destroy_process_group()
+def _ddp_gradients(rank):
+    return _gradients([rank], ddp=True)
 
 
 @pytest.mark.slow  # launches processes
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_process_ddp_ap_loss_update_equals_one_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, port, results), nprocs=2, join=True)
+    results = run_gloo(_ddp_gradients, 2)
     ref, ref_loss = _gradients([0, 1])
     for rank in range(2):
         grads, loss = results[rank]
