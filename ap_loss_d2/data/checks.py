@@ -24,11 +24,8 @@ def _where(name: str, record: dict) -> str:
 
     meta = MetadataCatalog.get(name)
     source = meta.get("json_file", None) or meta.get("dirname", None)
-    return (
-        f"dataset {name!r}"
-        + (f" ({source})" if source else "")
-        + f": image {record.get('file_name')} (image_id {record.get('image_id')!r})"
-    )
+    where = f"dataset {name!r}" + (f" ({source})" if source else "")
+    return f"{where}: image {record.get('file_name')} (image_id {record.get('image_id')!r})"
 
 
 def _width_height(ann: dict):
@@ -72,18 +69,13 @@ def check_dataset_dicts(dicts: List[dict], name: str) -> List[dict]:
                 zero_boxes += 1
     if (zero_boxes or empty) and name not in _warned:
         _warned.add(name)
-        parts = []
-        if zero_boxes:
-            parts.append(
-                f"{zero_boxes} of {boxes} boxes have zero width or height (they match no anchor "
-                "or proposal and train nothing)"
-            )
-        if empty:
-            parts.append(
-                f"{empty} of {len(dicts)} images have no (non-crowd) annotations (dropped from "
-                "training while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)"
-            )
-        logger.warning("Dataset %r: %s.", name, "; ".join(parts))
+        parts = [
+            f"{zero_boxes} of {boxes} boxes have zero width or height (they match no anchor or "
+            "proposal and train nothing)" if zero_boxes else "",
+            f"{empty} of {len(dicts)} images have no (non-crowd) annotations (dropped from training "
+            "while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)" if empty else "",
+        ]
+        logger.warning("Dataset %r: %s.", name, "; ".join(p for p in parts if p))
     return dicts
 
 

@@ -73,12 +73,10 @@ class BoxAwareDatasetMapper(DatasetMapper):
 
 
 def build_train_mapper(cfg) -> DatasetMapper:
-    """Training mapper selected by ``cfg.AP_LOSS_INPUT.AUGMENTATION`` ("default" if absent)."""
-    extra = cfg.get("AP_LOSS_INPUT", None)
-    name = extra.AUGMENTATION if extra is not None else "default"
+    """Training mapper selected by ``cfg.AP_LOSS_INPUT.AUGMENTATION``."""
+    name = cfg.AP_LOSS_INPUT.AUGMENTATION
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={name!r}; expected one of {AUGMENTATIONS}")
     if name == "default":
         return DatasetMapper(cfg, is_train=True)
-    if name == "ssd":
-        augs = build_ssd_augmentation(cfg, is_train=True)
-        return BoxAwareDatasetMapper(cfg, is_train=True, augmentations=augs)
-    raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={name!r}; expected one of {AUGMENTATIONS}")
+    return BoxAwareDatasetMapper(cfg, is_train=True, augmentations=build_ssd_augmentation(cfg, is_train=True))

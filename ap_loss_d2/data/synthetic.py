@@ -50,20 +50,12 @@ DATASET_NAMES: Tuple[str, ...] = ("synth_shapes_train", "synth_shapes_val", "syn
 
 @dataclass(frozen=True)
 class SyntheticShapesSpec:
-    """Parameters of the synthetic shapes dataset; the default is what the main job uses.
-
-    Attributes:
-        seed: master seed; image ``i`` of split ``s`` uses its own generator derived from
-            ``(seed, s, i)``, so output does not depend on generation order.
-        image_size: width = height of every image, in pixels.
-        num_train, num_val: images per split (each >= 2: Detectron2's VOC loader reads the
-            split list with ``np.loadtxt``, which cannot iterate a one-line file).
-        min_objects, max_objects: objects per image (uniform, inclusive).
-        min_size, max_size: object extent in pixels (log-uniform, inclusive).
-        max_overlap_iou: a new object is re-sampled if its box has a larger IoU with an
-            earlier one (objects may overlap a little; later ones are drawn on top).
-        jpeg_quality: PIL JPEG quality.
-    """
+    """Parameters of the synthetic shapes dataset (the default: the main job's). Image ``i`` of
+    a split has its own generator seeded by ``(seed, split, i)``; images are ``image_size``
+    square; ``num_train`` / ``num_val`` >= 2 (Detectron2's VOC loader cannot read a one-line
+    split list); objects per image uniform in ``[min_objects, max_objects]``, extents
+    log-uniform in ``[min_size, max_size]`` pixels, re-sampled above ``max_overlap_iou`` with an
+    earlier object."""
 
     seed: int = 0
     image_size: int = 128
@@ -85,9 +77,7 @@ class SyntheticShapesSpec:
         if not 1 <= self.min_objects <= self.max_objects:
             problems.append(f"objects range {self.min_objects}..{self.max_objects}")
         if not 3 <= self.min_size <= self.max_size < self.image_size:
-            problems.append(
-                f"size range {self.min_size}..{self.max_size} (need 3 <= min <= max < image_size)"
-            )
+            problems.append(f"size range {self.min_size}..{self.max_size} (need 3 <= min <= max < image_size)")
         if not 0.0 <= self.max_overlap_iou <= 1.0:
             problems.append(f"max_overlap_iou={self.max_overlap_iou}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -182,17 +172,14 @@ def _shape_mask(rng: np.random.Generator, cls: str, w: int, h: int) -> np.ndarra
     elif cls == "square":
         d.rectangle([0, 0, w - 1, h - 1], fill=255)
     else:  # triangle: one side on an edge of the box, the apex on the opposite edge
-        apex = float(rng.uniform(0, 1))
-        orient = int(rng.integers(4))
-        if orient == 0:  # base at bottom
-            pts = [(0, h - 1), (w - 1, h - 1), (apex * (w - 1), 0)]
-        elif orient == 1:  # base at top
-            pts = [(0, 0), (w - 1, 0), (apex * (w - 1), h - 1)]
-        elif orient == 2:  # base at left
-            pts = [(0, 0), (0, h - 1), (w - 1, apex * (h - 1))]
-        else:  # base at right
-            pts = [(w - 1, 0), (w - 1, h - 1), (0, apex * (h - 1))]
-        d.polygon(pts, fill=255)
+        a = float(rng.uniform(0, 1))
+        bases = (  # base at bottom, top, left, right
+            [(0, h - 1), (w - 1, h - 1), (a * (w - 1), 0)],
+            [(0, 0), (w - 1, 0), (a * (w - 1), h - 1)],
+            [(0, 0), (0, h - 1), (w - 1, a * (h - 1))],
+            [(w - 1, 0), (w - 1, h - 1), (0, a * (h - 1))],
+        )
+        d.polygon(bases[int(rng.integers(4))], fill=255)
     return np.asarray(m) > 127
 
 
@@ -249,25 +236,23 @@ def _render_image(spec: SyntheticShapesSpec, split: str, index: int):
     return np.round(img).astype(np.uint8), objects
 
 
+def _sub(parent, tag: str, **fields):
+    node = ET.SubElement(parent, tag)
+    for key, value in fields.items():
+        ET.SubElement(node, key).text = str(value)
+    return node
+
+
 def _voc_xml(file_name: str, size: int, objects) -> bytes:
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = "VOC"
     ET.SubElement(root, "filename").text = file_name
-    sz = ET.SubElement(root, "size")
-    ET.SubElement(sz, "width").text = str(size)
-    ET.SubElement(sz, "height").text = str(size)
-    ET.SubElement(sz, "depth").text = "3"
+    _sub(root, "size", width=size, height=size, depth=3)
     ET.SubElement(root, "segmented").text = "0"
     for cls_idx, (x0, y0, x1, y1) in objects:
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = CLASSES[cls_idx]
-        ET.SubElement(obj, "pose").text = "Unspecified"
-        ET.SubElement(obj, "truncated").text = "0"
-        ET.SubElement(obj, "difficult").text = "0"
-        bb = ET.SubElement(obj, "bndbox")
+        obj = _sub(root, "object", name=CLASSES[cls_idx], pose="Unspecified", truncated=0, difficult=0)
         # VOC: 1-based inclusive pixel indices; pixels x0..x1-1 -> xmin=x0+1, xmax=x1.
-        for key, val in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x1), ("ymax", y1)):
-            ET.SubElement(bb, key).text = str(int(val))
+        _sub(obj, "bndbox", xmin=x0 + 1, ymin=y0 + 1, xmax=int(x1), ymax=int(y1))
     return ET.tostring(root, encoding="utf-8")
 
 
@@ -281,13 +266,10 @@ def _write_split(spec: SyntheticShapesSpec, folder: Path, split: str, progress) 
         stem = f"{split}_{i:06d}"
         buf = BytesIO()
         Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=spec.jpeg_quality)
-        data = buf.getvalue()
-        (paths["image_root"] / f"{stem}.jpg").write_bytes(data)
-        (voc / "JPEGImages" / f"{stem}.jpg").write_bytes(data)
-        xml = _voc_xml(f"{stem}.jpg", spec.image_size, objects)
-        (voc / "Annotations" / f"{stem}.xml").write_bytes(xml)
-        image_id = i + 1
-        size = spec.image_size
+        for folder in (paths["image_root"], voc / "JPEGImages"):
+            (folder / f"{stem}.jpg").write_bytes(buf.getvalue())
+        (voc / "Annotations" / f"{stem}.xml").write_bytes(_voc_xml(f"{stem}.jpg", spec.image_size, objects))
+        image_id, size = i + 1, spec.image_size
         images.append({"id": image_id, "file_name": f"{stem}.jpg", "width": size, "height": size})
         for cls_idx, (x0, y0, x1, y1) in objects:
             w, h = x1 - x0, y1 - y0
@@ -310,13 +292,9 @@ def _write_split(spec: SyntheticShapesSpec, folder: Path, split: str, progress) 
 
 
 def _manifest(spec: SyntheticShapesSpec) -> dict:
-    return {
-        "generator": "ap_loss_d2.data.synthetic",
-        "generator_version": GENERATOR_VERSION,
-        "classes": list(CLASSES),
-        "spec": spec.to_dict(),
-        "splits": {s: spec.num_images(s) for s in SPLITS},
-    }
+    splits = {s: spec.num_images(s) for s in SPLITS}
+    return dict(generator="ap_loss_d2.data.synthetic", generator_version=GENERATOR_VERSION, classes=list(CLASSES),
+                spec=spec.to_dict(), splits=splits)
 
 
 def _is_complete(folder: Path, spec: SyntheticShapesSpec) -> bool:
@@ -324,10 +302,7 @@ def _is_complete(folder: Path, spec: SyntheticShapesSpec) -> bool:
     if not folder.is_dir():
         return False
     if not manifest.is_file():
-        raise RuntimeError(
-            f"{folder} exists but has no {MANIFEST}; it was not written by a complete "
-            "ap_loss_d2 generation. Delete the folder to regenerate it."
-        )
+        raise RuntimeError(f"{folder} exists but has no {MANIFEST}, so it is not a complete generation; delete it to regenerate")
     got = json.loads(manifest.read_text())
     if got != _manifest(spec):
         raise RuntimeError(
@@ -355,8 +330,7 @@ def generate_synthetic_dataset(
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
             (tmp / "VOC" / sub).mkdir(parents=True, exist_ok=True)
         total = spec.num_train + spec.num_val
-        desc = f"Generating {folder.name}"
-        with tqdm(total=total, desc=desc, unit="img", disable=not show_progress) as bar:
+        with tqdm(total=total, desc=f"Generating {folder.name}", unit="img", disable=not show_progress) as bar:
             for split in SPLITS:
                 _write_split(spec, tmp, split, bar)
         (tmp / MANIFEST).write_text(json.dumps(_manifest(spec), indent=2, sort_keys=True))
@@ -410,10 +384,8 @@ def load_validated_coco_json(json_file, image_root, dataset_name: Optional[str] 
         try:
             raw = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{json_file} is not valid JSON ({e}); the file is truncated or corrupt. Restore "
-                "it (an embedded synth_shapes set is generated again once its folder is deleted)."
-            ) from None
+            raise ValueError(f"{json_file} is not valid JSON ({e}); the file is truncated or corrupt. Restore it "
+                             "(an embedded synth_shapes set is generated again once its folder is deleted).") from None
     cat_ids = {c["id"] for c in raw.get("categories", [])}
     images = {img["id"]: img for img in raw.get("images", [])}
     for img in images.values():
@@ -466,20 +438,16 @@ def load_validated_voc_instances(dirname, split: str, class_names: Sequence[str]
         if not os.path.isfile(r["file_name"]):
             raise ValueError(f"{xml} (image {r['image_id']}): image file {r['file_name']} does not exist")
         for k, ann in enumerate(r["annotations"]):
-            problem = _check_box_xyxy(ann["bbox"], r["width"], r["height"])
-            if problem:
-                raise ValueError(
-                    f"{xml} (image {r['image_id']}), object {k}: box {ann['bbox']} (XYXY, "
-                    f"after the loader's -1 on xmin/ymin) is {problem}"
-                )
+            if problem := _check_box_xyxy(ann["bbox"], r["width"], r["height"]):
+                raise ValueError(f"{xml} (image {r['image_id']}), object {k}: box {ann['bbox']} (XYXY, after the "
+                                 f"loader's -1 on xmin/ymin) is {problem}")
     return dicts
 
 
 def load_synthetic_coco(split: str, spec: Optional[SyntheticShapesSpec] = None, root=None, dataset_name=None) -> List[dict]:
     """Dataset dicts of one split in COCO format (generates the dataset if needed)."""
     folder = ensure_synthetic_dataset(spec, root)
-    p = _paths(folder, split)
-    return load_validated_coco_json(p["json_file"], p["image_root"], dataset_name)
+    return load_validated_coco_json(_paths(folder, split)["json_file"], _paths(folder, split)["image_root"], dataset_name)
 
 
 def load_synthetic_voc(split: str, spec: Optional[SyntheticShapesSpec] = None, root=None) -> List[dict]:
@@ -488,12 +456,7 @@ def load_synthetic_voc(split: str, spec: Optional[SyntheticShapesSpec] = None, r
     return load_validated_voc_instances(_paths(folder, split)["voc_dir"], split, CLASSES)
 
 
-def register_synthetic_shapes(
-    spec: Optional[SyntheticShapesSpec] = None,
-    root: Union[str, Path, None] = None,
-    prefix: str = "synth_shapes",
-    voc_prefix: Optional[str] = None,
-) -> List[str]:
+def register_synthetic_shapes(spec=None, root=None, prefix: str = "synth_shapes", voc_prefix=None) -> List[str]:
     """Register ``{prefix}_{train,val}`` (COCO format) and ``{voc_prefix}_{train,val}`` (default
     ``prefix + "_voc"``, Pascal VOC format) of the dataset of ``spec``, generated on first use;
     the cache root is resolved now. Names already registered are left alone. Returns the names."""
@@ -502,21 +465,16 @@ def register_synthetic_shapes(
     spec = _spec_or_default(spec)
     folder = dataset_root(spec, root)
     voc_prefix = voc_prefix or f"{prefix}_voc"
-    registered = set(DatasetCatalog.list())
-    names = []
+    registered, names = set(DatasetCatalog.list()), []
     common = {"thing_classes": list(CLASSES), "dataset_root": str(folder), "synthetic_spec": spec.to_dict()}
     for split in SPLITS:
-        p = _paths(folder, split)
-        name = f"{prefix}_{split}"
+        p, name = _paths(folder, split), f"{prefix}_{split}"
         names.append(name)
         if name not in registered:
             DatasetCatalog.register(name, lambda split=split, name=name: load_synthetic_coco(split, spec, folder.parent, name))
             MetadataCatalog.get(name).set(
-                json_file=str(p["json_file"]),
-                image_root=str(p["image_root"]),
-                thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(CLASSES))},
-                evaluator_type="coco",
-                **common,
+                json_file=str(p["json_file"]), image_root=str(p["image_root"]), evaluator_type="coco",
+                thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(CLASSES))}, **common,
             )
         name = f"{voc_prefix}_{split}"
         names.append(name)

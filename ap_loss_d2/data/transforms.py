@@ -4,7 +4,7 @@ distortion, zoom-out, the min-IoU random crop, a resize to a fixed square and a 
 (:func:`build_ssd_augmentation`). Images are HxWxC arrays in [0, 255]; boxes Nx4 XYXY absolute.
 ``MinIoURandomCrop`` reads ``AugInput.boxes``, which ``BoxAwareDatasetMapper`` fills.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import transforms as T
@@ -40,11 +40,8 @@ def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     # (r, g, b) before adding m = v - c, per 60-degree sector.
     table = [(c, x, zero), (x, c, zero), (zero, c, x), (zero, x, c), (x, zero, c), (c, zero, x)]
     out = np.zeros(hsv.shape, dtype=hsv.dtype)
-    for k, (r, g, b) in enumerate(table):
-        sel = sector == k
-        out[..., 0] = np.where(sel, r, out[..., 0])
-        out[..., 1] = np.where(sel, g, out[..., 1])
-        out[..., 2] = np.where(sel, b, out[..., 2])
+    for k, rgb in enumerate(table):
+        out = np.where((sector == k)[..., None], np.stack(rgb, -1), out)
     return out + (v - c)[..., None]
 
 
@@ -111,15 +108,8 @@ class PhotometricDistort(T.Augmentation):
     before or after the HSV steps with equal chance (as in SSD). Pixel values are in [0, 255].
     """
 
-    def __init__(
-        self,
-        brightness_delta: float = 32.0,
-        contrast_range: Tuple[float, float] = (0.5, 1.5),
-        saturation_range: Tuple[float, float] = (0.5, 1.5),
-        hue_delta: float = 18.0,
-        prob: float = 0.5,
-        image_format: str = "BGR",
-    ):
+    def __init__(self, brightness_delta=32.0, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18.0,
+                 prob=0.5, image_format="BGR"):
         super().__init__()
         self._init(locals())
 
@@ -141,25 +131,12 @@ class ExpandTransform(T.Transform):
     """Place an ``orig_h x orig_w`` image at ``(left, top)`` on a ``canvas_h x canvas_w`` canvas
     filled with ``fill`` (per channel; segmentation with ``seg_fill``)."""
 
-    def __init__(
-        self,
-        left: int,
-        top: int,
-        canvas_w: int,
-        canvas_h: int,
-        orig_w: int,
-        orig_h: int,
-        fill: Union[float, Sequence[float]] = 0.0,
-        seg_fill: int = 0,
-    ):
+    def __init__(self, left: int, top: int, canvas_w: int, canvas_h: int, orig_w: int, orig_h: int, fill=0.0, seg_fill: int = 0):
         super().__init__()
         if not (0 <= left <= canvas_w - orig_w and 0 <= top <= canvas_h - orig_h):
             raise ValueError(f"ExpandTransform: a {orig_w}x{orig_h} image at ({left}, {top}) does not fit a {canvas_w}x{canvas_h} canvas")
-        self.left, self.top = int(left), int(top)
-        self.canvas_w, self.canvas_h = int(canvas_w), int(canvas_h)
-        self.orig_w, self.orig_h = int(orig_w), int(orig_h)
-        self.fill = fill
-        self.seg_fill = seg_fill
+        self.left, self.top, self.canvas_w, self.canvas_h = int(left), int(top), int(canvas_w), int(canvas_h)
+        self.orig_w, self.orig_h, self.fill, self.seg_fill = int(orig_w), int(orig_h), fill, seg_fill
 
     def _paste(self, img: np.ndarray, fill) -> np.ndarray:
         h, w = img.shape[:2]
@@ -201,10 +178,8 @@ class RandomExpand(T.Augmentation):
         super().__init__()
         if max_ratio < 1:
             raise ValueError(f"RandomExpand: max_ratio={max_ratio} < 1")
-        self.max_ratio = max_ratio
-        self.prob = prob
+        self.max_ratio, self.prob, self.seg_fill = max_ratio, prob, seg_fill
         self.fill = tuple(fill) if isinstance(fill, (list, tuple)) else fill
-        self.seg_fill = seg_fill
 
     def get_transform(self, image) -> T.Transform:
         if self.max_ratio == 1 or np.random.rand() >= self.prob:
@@ -319,23 +294,15 @@ def build_ssd_augmentation(
     ``CfgNode`` (``AP_LOSS_INPUT.FIXED_SIZE`` / ``EXPAND_MAX_RATIO``, ``INPUT.FORMAT``,
     ``MODEL.PIXEL_MEAN``); the keyword arguments override those (defaults "BGR", Detectron2's
     BGR pixel mean, 4.0)."""
-    fmt, mean, ratio = "BGR", None, 4.0
-    if isinstance(cfg_or_size, (int, np.integer)):
-        size = int(cfg_or_size)
-    else:
+    size, fmt, mean, ratio = cfg_or_size, "BGR", None, 4.0
+    if not isinstance(cfg_or_size, (int, np.integer)):
         cfg = cfg_or_size
-        extra = cfg.get("AP_LOSS_INPUT", None)
-        size = int(extra.FIXED_SIZE) if extra is not None and "FIXED_SIZE" in extra else 512
-        if extra is not None and "EXPAND_MAX_RATIO" in extra:
-            ratio = float(extra.EXPAND_MAX_RATIO)
-        fmt = cfg.INPUT.FORMAT
-        mean = tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN)
-    fmt = image_format or fmt
-    ratio = expand_max_ratio if expand_max_ratio is not None else ratio
-    if pixel_mean is not None:
-        mean = tuple(float(v) for v in pixel_mean)
-    if mean is None:
-        mean = DEFAULT_PIXEL_MEAN_BGR if fmt != "RGB" else DEFAULT_PIXEL_MEAN_BGR[::-1]
+        size, ratio = cfg.AP_LOSS_INPUT.FIXED_SIZE, cfg.AP_LOSS_INPUT.EXPAND_MAX_RATIO
+        fmt, mean = cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN
+    size, fmt = int(size), image_format or fmt
+    ratio = float(expand_max_ratio if expand_max_ratio is not None else ratio)
+    mean = pixel_mean if pixel_mean is not None else mean
+    mean = tuple(float(v) for v in mean) if mean is not None else DEFAULT_PIXEL_MEAN_BGR[:: -1 if fmt == "RGB" else 1]
     if size <= 0:
         raise ValueError(f"build_ssd_augmentation: fixed size must be positive, got {size}")
     if not is_train:

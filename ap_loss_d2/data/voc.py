@@ -1,11 +1,7 @@
-"""Pascal VOC training sets without the "difficult" objects, as the authors' loader reads them.
-
-Detectron2's ``load_voc_instances`` keeps objects marked ``<difficult>1</difficult>`` as
-positives; the authors' loader (``use_diff = False``) drops them. ``<name>_nodifficult`` holds
-the same dataset dicts minus the difficult instances (an image may be left without any; then
-``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` drops it from training). Evaluation is unaffected:
-``PascalVOCDetectionEvaluator`` reads the XML files itself, so use these names in
-``DATASETS.TRAIN`` only.
+"""Pascal VOC training sets without the "difficult" objects, as the authors' loader reads them
+(``use_diff = False``; Detectron2's ``load_voc_instances`` keeps them as positives). Images left
+without objects are dropped from training by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``. For
+``DATASETS.TRAIN`` only: ``PascalVOCDetectionEvaluator`` reads the XML files itself.
 """
 import os
 import xml.etree.ElementTree as ET
