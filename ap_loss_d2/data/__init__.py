@@ -1,8 +1,6 @@
 """Data for ap_loss_d2: the embedded synthetic shapes dataset, Pascal VOC without "difficult"
-objects, SSD-style augmentation and checks of loaded dataset dicts.
-
-Importing this package registers nothing; :func:`register_datasets` does, once.
-"""
+objects, SSD-style augmentation, checks of loaded dataset dicts. Importing this package
+registers nothing; :func:`register_datasets` does."""
 from .checks import NamingReadErrors, check_dataset_dicts, hint_filter_empty, naming_bad_json
 from .mapper import AUGMENTATIONS, BoxAwareDatasetMapper, build_train_mapper
 from .synthetic import (
