@@ -243,7 +243,7 @@ def test_ce_ohem_equals_independent_multibox_loss():
 DDP_OPTS = [
     "MODEL.SSD.VGG_NORM", "",  # BN statistics would depend on the per-process batch
     "MODEL.SSD.VGG_WIDTH", "0.0625",
-    "MODEL.CLS_LOSS.BOX_REG_WEIGHT", "0.0",  # normalised per process; only the ranking moves here
+    "MODEL.SSD.BOX_REG_WEIGHT", "0.0",  # normalised per process; only the ranking moves here
     "MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET", "0",
     "MODEL.CLS_LOSS.RANK_ACROSS_PROCESSES", "True",
 ]

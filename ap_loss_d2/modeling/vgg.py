@@ -38,12 +38,22 @@ _EXTRAS = (
 #: Output names in order, with their strides (input side / cells).
 OUTPUT_NAMES = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2", "conv12_2")
 _STRIDES = dict(zip(OUTPUT_NAMES, (8, 16, 32, 64, 128, 256, 512)))
+#: Detectron2 norms (``get_norm`` names) offered in the message of an unknown ``norm``.
+_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "LN")
 #: Index of conv4_3's ReLU in ``features`` (torchvision's ``vgg16().features[:23]`` ends there).
 CONV4_3_END = 23
 
 
 def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
+
+
+def _is_norm(name: str) -> bool:
+    try:
+        get_norm(name, 32)
+    except KeyError:
+        return False
+    return True
 
 
 class L2Norm(nn.Module):
@@ -96,6 +106,9 @@ class VGG16SSD(Backbone):
             )
         if not width > 0:
             raise ValueError(f"VGG16SSD width={width!r} must be > 0 (MODEL.SSD.VGG_WIDTH)")
+        if norm and not _is_norm(norm):
+            valid = ", ".join(repr(n) for n in ("",) + tuple(n for n in _NORMS if _is_norm(n)))
+            raise ValueError(f"VGG16SSD norm (MODEL.SSD.VGG_NORM)={norm!r} is not a Detectron2 norm; valid values: {valid}")
         self._out_features = [f for f in OUTPUT_NAMES if f in out_features]
         last = OUTPUT_NAMES.index(self._out_features[-1])
 
