@@ -14,6 +14,7 @@ Convert ImageNet weights once (the user downloads torchvision's ``vgg16-397923af
 
 and set ``MODEL.WEIGHTS vgg16_ssd_d2.pth``.
 """
+import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -141,6 +142,23 @@ class VGG16SSD(Backbone):
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest square input side for which every layer has at least one output cell."""
+        layers = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]  # in forward order
+        first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+        n = 1
+        while True:
+            side = n
+            for m in layers:
+                k, s, p, d = (first(getattr(m, a)) for a in ("kernel_size", "stride", "padding", "dilation"))
+                side = (math.ceil if getattr(m, "ceil_mode", False) else math.floor)((side + 2 * p - d * (k - 1) - 1) / s) + 1
+                if side < 1:
+                    break
+            else:
+                return n
+            n += 1
 
     def forward(self, x) -> Dict[str, torch.Tensor]:
         """``(N, C, H, W)`` images -> ``{name: (N, C_name, H_name, W_name)}`` of ``out_features``."""
