@@ -40,6 +40,17 @@ def test_backbone_output_shapes_at_512():
     assert torch.equal(backbone.conv4_3_norm.weight, torch.full_like(backbone.conv4_3_norm.weight, 20.0))
 
 
+@pytest.mark.parametrize("last", ["conv4_3", "conv11_2", "conv12_2"])
+def test_min_input_size_is_the_smallest_input_torch_runs(last):
+    backbone = VGG16SSD(width=1 / 16, out_features=(last,)).eval()
+    n = backbone.min_input_size
+    assert n == (268 if last == "conv12_2" else 12)
+    with torch.no_grad():
+        assert backbone(torch.zeros(1, 3, n, n))[last].shape[-1] >= 1
+        with pytest.raises(RuntimeError):
+            backbone(torch.zeros(1, 3, n - 1, n - 1))
+
+
 def test_l2norm_scales_unit_vectors():
     backbone = VGG16SSD(width=0.125, out_features=("conv4_3",))
     x = torch.randn(2, 64, 3, 5)

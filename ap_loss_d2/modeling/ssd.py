@@ -172,15 +172,9 @@ class APLossSSD(DenseDetector):
         self.max_detections_per_image = max_detections_per_image
         if isinstance(fixed_size, bool) or not isinstance(fixed_size, int) or fixed_size < 0:
             raise ValueError(f"fixed_size (MODEL.SSD.TEST_FIXED_SIZE)={fixed_size!r} must be an integer >= 0")
-        # Smallest input side the backbone accepts (VGG16SSD knows it; other backbones: unchecked).
-        self.min_input_size = getattr(backbone, "min_input_size", 1)
-        if 0 < fixed_size < self.min_input_size:
-            raise ValueError(
-                f"fixed_size (MODEL.SSD.TEST_FIXED_SIZE)={fixed_size} is smaller than the {self.min_input_size} px "
-                f"the backbone needs to reach {head_in_features[-1]}: set MODEL.SSD.TEST_FIXED_SIZE >= "
-                f"{self.min_input_size} or drop levels from MODEL.SSD.IN_FEATURES"
-            )
         self.fixed_size = fixed_size
+        # the backbone's smallest input side (VGG16SSD knows it; other backbones: unchecked)
+        self.min_input_size = getattr(backbone, "min_input_size", 1)
         self.input_format = input_format
 
     @classmethod
@@ -226,22 +220,12 @@ class APLossSSD(DenseDetector):
         """The inputs as the network sees them. With ``fixed_size``, each image not already that
         square is resized to it (bilinear, as torchvision's ``GeneralizedRCNNTransform(fixed_size=...)``),
         its ``gt_boxes`` scaled by the same factors, and its ``height`` / ``width`` default to its
-        own size; the input dicts are not modified. With ``fixed_size`` 0 the images pass as they
-        are, and a batch smaller than the backbone accepts is an error naming the key to set."""
-        s = self.fixed_size
-        if not s:
-            side = min(max(x["image"].shape[-2] for x in batched_inputs), max(x["image"].shape[-1] for x in batched_inputs))
-            if side < self.min_input_size:
-                raise ValueError(
-                    f"APLossSSD got a batch of {side} px on its shorter side; its backbone needs at least "
-                    f"{self.min_input_size} px to reach {self.head_in_features[-1]}: set MODEL.SSD.TEST_FIXED_SIZE "
-                    "(e.g. 512) so that the model resizes its inputs, or give larger images"
-                )
-            return batched_inputs
-        out = []
+        own size; the input dicts are not modified. A batch smaller than the backbone accepts is
+        an error naming the key to set."""
+        s, out = self.fixed_size, []
         for x in batched_inputs:
             h, w = x["image"].shape[-2:]
-            if (h, w) == (s, s):
+            if not s or (h, w) == (s, s):
                 out.append(x)
                 continue
             image = F.interpolate(x["image"].to(self.device)[None].float(), size=(s, s), mode="bilinear", align_corners=False)
@@ -251,6 +235,14 @@ class APLossSSD(DenseDetector):
                 boxes.scale(s / w, s / h)
                 y["instances"] = Instances((s, s), gt_boxes=boxes, gt_classes=x["instances"].gt_classes)
             out.append(y)
+        need = self.min_input_size
+        side = min(max(x["image"].shape[-2] for x in out), max(x["image"].shape[-1] for x in out))
+        if side < need:
+            raise ValueError(
+                f"APLossSSD got a batch of {side} px on its shorter side (MODEL.SSD.TEST_FIXED_SIZE {s}); its "
+                f"backbone needs at least {need} px to reach {self.head_in_features[-1]}: set "
+                f"MODEL.SSD.TEST_FIXED_SIZE to {need} or more (e.g. 512; 0 = no resizing), or use fewer MODEL.SSD.IN_FEATURES"
+            )
         return out
 
     @torch.no_grad()
