@@ -21,7 +21,8 @@ from ap_loss_d2.config import add_ap_loss_config  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.modeling.priors import SSDPriorGenerator  # noqa: E402
 from ap_loss_d2.modeling.ssd import ssd_match  # noqa: E402
-from ap_loss_d2.modeling.vgg import CONV4_3_END, VGG16SSD, convert_torchvision_vgg16  # noqa: E402
+from ap_loss_d2.modeling.vgg import CONV4_3_END, VGG16SSD  # noqa: E402
+from tools.convert_vgg16_to_d2 import convert_torchvision_vgg16  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_conversion_command(torchvision_vgg16, tmp_path):
 
 
 def test_conversion_rejects_other_state_dicts():
-    with pytest.raises(ValueError, match="not a torchvision vgg16 state dict"):
+    with pytest.raises(ValueError, match=r"state dict is not torchvision's VGG-16: .*first difference: features\.0\.weight missing"):
         convert_torchvision_vgg16({"conv1.weight": torch.zeros(1)})
 
 
