@@ -69,7 +69,7 @@ def disk_full(tmp):
 
 RANDOM_BYTES = bytes(random.Random(0).randrange(256) for _ in range(4096))
 SAME = r"ValueError: output \S*/{dst} is the input \S*/v\.pth \(the same file\): give another output path\ninput unchanged: True"
-NOT_VGG16 = r"ValueError: \S*/v\.pth is not torchvision's VGG-16: it looks like a "
+NOT_VGG16 = r"ValueError: \S*/v\.pth is not torchvision's VGG-16: it holds "
 EXPECTED = r"Expected VGG-16's 13 convolutions, no batch norm, conv1 taking 3 channels"
 
 ROWS = [
@@ -78,9 +78,9 @@ ROWS = [
     ("convert-output-symlink-to-input", convert(dst="link.pth", link="symlink"), SAME.format(dst=r"link\.pth")),
     ("convert-output-hardlink-to-input", convert(dst="hard.pth", link="hardlink"), SAME.format(dst=r"hard\.pth")),
     # item 5: VGG-16 by its shapes
-    ("convert-vgg11", convert(state=_fake("vgg11")), NOT_VGG16 + r"VGG-11 \(8 convolutions, no batch norm, conv1 taking 3 channels; .*" + EXPECTED + r".*files: \['v\.pth'\]$"),
-    ("convert-vgg16-bn", convert(state=_fake("vgg16_bn")), NOT_VGG16 + r"VGG-16-BN \(13 convolutions, with batch norm, .*" + EXPECTED),
-    ("convert-1-channel-conv1", convert(state=_fake(conv1_channels=1)), NOT_VGG16 + r"VGG-16 \(13 convolutions, no batch norm, conv1 taking 1 channels; first difference: features\.0\.weight \(64, 1, 3, 3\), VGG-16's \(64, 3, 3, 3\)\)\. " + EXPECTED),
+    ("convert-vgg11", convert(state=_fake("vgg11")), NOT_VGG16 + r"8 convolutions under features\.\*, no batch norm, conv1 taking 3 channels \(a VGG-11\); .*" + EXPECTED + r".*files: \['v\.pth'\]$"),
+    ("convert-vgg16-bn", convert(state=_fake("vgg16_bn")), NOT_VGG16 + r"13 convolutions under features\.\*, with batch norm, conv1 taking 3 channels \(a VGG-16-BN\); .*" + EXPECTED),
+    ("convert-1-channel-conv1", convert(state=_fake(conv1_channels=1)), NOT_VGG16 + r"13 convolutions under features\.\*, no batch norm, conv1 taking 1 channels \(a VGG-16\); first difference: features\.0\.weight \(64, 1, 3, 3\), VGG-16's \(64, 3, 3, 3\)\. " + EXPECTED),
     # item 13: unreadable input, atomic output
     ("convert-empty-file", convert(data=b""), r"ValueError: \S*/v\.pth \(0 bytes\) is not a readable PyTorch state dict: it is empty, truncated or another kind of file.*Download torchvision's vgg16 weights again"),
     ("convert-random-bytes", convert(data=RANDOM_BYTES), r"ValueError: \S*/v\.pth \(4096 bytes\) is not a readable PyTorch state dict: it is empty, truncated or another kind of file"),

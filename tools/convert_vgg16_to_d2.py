@@ -47,7 +47,8 @@ def check_vgg16(state, path: str = "state dict") -> None:
     tensor shapes of torchvision's ``vgg16`` (13 convolutions from 3 channels, no batch norm,
     fc6 / fc7 of 4096 x 25088 / 4096 x 4096)."""
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (a dict of tensors): save one with torch.save(model.state_dict(), path)")
+        keys = f" (keys {list(state)[:5]})" if isinstance(state, dict) else f" (a {type(state).__name__})"
+        raise ValueError(f"{path} is not a state dict of tensors{keys}: save torchvision's with torch.save(model.state_dict(), path)")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in VGG16SSD(out_features=("conv7",)).state_dict().items() if k.startswith("features.")}
     expected.update({"classifier.0.weight": (4096, 25088), "classifier.0.bias": (4096,), "classifier.3.weight": (4096, 4096),
@@ -57,13 +58,13 @@ def check_vgg16(state, path: str = "state dict") -> None:
         return
     convs = [s for k, s in found.items() if k.startswith("features.") and len(s) == 4]
     bn = any(k.endswith("running_mean") for k in state)
-    kind = _DEPTHS.get(len(convs), f"{len(convs)}-convolution network") + ("-BN" if bn else "")
+    name = f" (a {_DEPTHS[len(convs)]}{'-BN' if bn else ''})" if len(convs) in _DEPTHS else ""
     first = next(k for k in [*expected, *found] if found.get(k) != expected.get(k))
     raise ValueError(
-        f"{path} is not torchvision's VGG-16: it looks like a {kind} ({len(convs)} convolutions, "
-        f"{'with' if bn else 'no'} batch norm, conv1 taking {convs[0][1] if convs else '?'} channels; first difference: "
-        f"{first} {found.get(first, 'missing')}, VGG-16's {expected.get(first, 'absent')}). Expected VGG-16's 13 "
-        f"convolutions, no batch norm, conv1 taking 3 channels (torchvision.models.vgg16; address: {_DOWNLOAD})"
+        f"{path} is not torchvision's VGG-16: it holds {len(convs)} convolutions under features.*, "
+        f"{'with' if bn else 'no'} batch norm, conv1 taking {convs[0][1] if convs else '?'} channels{name}; first "
+        f"difference: {first} {found.get(first, 'missing')}, VGG-16's {expected.get(first, 'absent')}. Expected VGG-16's "
+        f"13 convolutions, no batch norm, conv1 taking 3 channels (torchvision.models.vgg16; address: {_DOWNLOAD})"
     )
 
 
