@@ -17,7 +17,6 @@ from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY  # noqa: E402
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, build_anchor_generator  # noqa: E402
 
-from ap_loss_d2.config import add_ap_loss_config  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.modeling.priors import SSDPriorGenerator  # noqa: E402
 from ap_loss_d2.modeling.ssd import ssd_match  # noqa: E402

@@ -33,12 +33,12 @@ def _load(path: str):
                 "was not loaded. Save the weights with torch.save(torchvision.models.vgg16(weights=...)"
                 ".state_dict(), path)"
             ) from None
-        reason = "it is empty, truncated or another kind of file"
-    except (EOFError, RuntimeError) as e:
-        reason = f"it is empty, truncated or another kind of file ({type(e).__name__})"
+        error = type(e).__name__
+    except (EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+        error = type(e).__name__
     raise ValueError(
-        f"{path} ({os.path.getsize(path)} bytes) is not a readable PyTorch state dict: {reason}. "
-        f"Download torchvision's vgg16 weights again (address: {_DOWNLOAD})"
+        f"{path} ({os.path.getsize(path)} bytes) is not a readable PyTorch state dict: it is empty, truncated or "
+        f"another kind of file ({error}). Download torchvision's vgg16 weights again (address: {_DOWNLOAD})"
     )
 
 
