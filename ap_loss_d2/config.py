@@ -21,6 +21,7 @@ _RENAMED = {
         "APLossSSD reads MODEL.SSD.BOX_REG_WEIGHT.",
     ),
     "MODEL.CLS_LOSS.BOX_REG_NORMALIZER": "MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER",
+    "MODEL.SSD.TEST_FIXED_SIZE": ("MODEL.SSD.FIXED_SIZE", "It applies in training as at inference."),
 }
 
 
@@ -98,8 +99,9 @@ def add_ap_loss_config(cfg):
     s.TOPK_CANDIDATES_TEST = 1000
     # Inference: IoU of the per-class NMS (the paper's 0.5; SSD's own is 0.45).
     s.NMS_THRESH_TEST = 0.5
-    # Inference: resize each image to this square inside the model; 0 = as the mapper gives it.
-    s.TEST_FIXED_SIZE = 512
+    # Training and inference: the model resizes each image (and its boxes) to this square unless
+    # it already is; 0 = as the mapper gives it (Detectron2 pads the batch).
+    s.FIXED_SIZE = 512
 
     # The paper's SSD-style training input (ap_loss_d2.data.build_train_mapper).
     i = cfg.AP_LOSS_INPUT = CN()

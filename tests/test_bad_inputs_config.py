@@ -62,10 +62,10 @@ ROWS = [
     ("ssd512-fixed-size-16", yaml_model(SSD512, *NARROW, "AP_LOSS_INPUT.FIXED_SIZE", "16"),
      r"ValueError: AP_LOSS_INPUT.FIXED_SIZE=16: a 16x16 input is too small for the backbone outputs "
      r"MODEL.SSD.IN_FEATURES .*use a larger input or fewer features"),
-    ("ssd512-test-fixed-size-300", yaml_model(SSD512, *NARROW, "MODEL.SSD.TEST_FIXED_SIZE", "300"),
-     r"ValueError: test_fixed_size \(MODEL.SSD.TEST_FIXED_SIZE\)=300: " + TILE.format(300)),
-    ("ssd512-lazy-test-fixed-size-300", lazy_model(SSD512_LAZY, test_fixed_size=300),
-     r"ValueError: test_fixed_size \(MODEL.SSD.TEST_FIXED_SIZE\)=300: " + TILE.format(300)),
+    ("ssd512-test-fixed-size-300", yaml_model(SSD512, *NARROW, "MODEL.SSD.FIXED_SIZE", "300"),
+     r"ValueError: fixed_size \(MODEL.SSD.FIXED_SIZE\)=300: " + TILE.format(300)),
+    ("ssd512-lazy-test-fixed-size-300", lazy_model(SSD512_LAZY, fixed_size=300),
+     r"ValueError: fixed_size \(MODEL.SSD.FIXED_SIZE\)=300: " + TILE.format(300)),
     # item 7
     ("ssd-bbox-reg-weights-zero", yaml_model(SSD512, *NARROW, "MODEL.SSD.BBOX_REG_WEIGHTS", "(0, 0, 0, 0)"),
      r"ValueError: box2box_transform weights \(MODEL.SSD.BBOX_REG_WEIGHTS\)=\(0, 0, 0, 0\) must be 4 finite "

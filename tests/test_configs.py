@@ -309,6 +309,7 @@ def test_box_options_checked_by_the_model():
     [
         ("MODEL.CLS_LOSS.BOX_REG_WEIGHT", "MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT.*MODEL.SSD.BOX_REG_WEIGHT"),
         ("MODEL.CLS_LOSS.BOX_REG_NORMALIZER", "MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER"),
+        ("MODEL.SSD.TEST_FIXED_SIZE", "MODEL.SSD.FIXED_SIZE"),
     ],
 )
 def test_moved_keys_name_their_new_key(old, new, tmp_path):

@@ -6,7 +6,8 @@ The unit of selection is the anchor (RoI), as in SSD-style hard negative mining 
 repo's CE + OHEM baseline (:func:`ap_loss_d2.losses.ohem.ce_ohem_loss`): per image,
 ``ceil(ratio * max(#positive anchors, 1))`` background anchors are kept, each with all of its K
 class entries; positive anchors keep all their entries (the positive one and the K - 1
-negative ones). The paper's Table 8 text "use OHEM or Random Sampling to select a subset of
+negative ones). Unlike CE + OHEM, an image without positives keeps ``ceil(ratio)`` negatives:
+a ranking set ranks them against the other images' positives. The paper's Table 8 text "use OHEM or Random Sampling to select a subset of
 negative samples" counts samples = anchor boxes (its Sec. 1: "each sample (anchor box)"), and
 its OHEM is [2] / SSD [21]. ``unit="entry"`` selects single anchor x class entries instead (3
 negative entries per positive entry: K times fewer negatives; kept for comparison).

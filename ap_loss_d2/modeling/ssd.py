@@ -19,7 +19,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.structures import Boxes, ImageList, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from ..losses.cls_losses import FocalLoss
@@ -185,7 +185,7 @@ class APLossSSD(DenseDetector):
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.5,
         max_detections_per_image: int = 200,
-        test_fixed_size: int = 0,
+        fixed_size: int = 0,
         pixel_mean,
         pixel_std,
         input_format: str = "BGR",
@@ -202,9 +202,9 @@ class APLossSSD(DenseDetector):
             box_reg_weight: weight of the box loss.
             test_score_thresh, test_topk_candidates, test_nms_thresh, max_detections_per_image:
                 inference (see the class doc).
-            test_fixed_size: at inference, resize every image to this square (SSD512: 512, as
-                the paper tests); 0 keeps the mapper's size. Detections are mapped back to each
-                input's ``height`` x ``width`` by Detectron2's postprocessing.
+            fixed_size: in training and at inference, resize every image (and its boxes) to
+                this square (SSD512: 512), as torchvision's SSD; 0 keeps each image's size
+                (:meth:`resize_inputs`).
             pixel_mean, pixel_std, input_format: image normalisation, as Detectron2's models.
         """
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
@@ -225,14 +225,16 @@ class APLossSSD(DenseDetector):
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = _check_fraction("test_nms_thresh (MODEL.SSD.NMS_THRESH_TEST)", test_nms_thresh)
         self.max_detections_per_image = max_detections_per_image
-        if isinstance(test_fixed_size, bool) or not isinstance(test_fixed_size, int) or test_fixed_size < 0:
-            raise ValueError(f"test_fixed_size (MODEL.SSD.TEST_FIXED_SIZE)={test_fixed_size!r} must be an integer >= 0")
-        if test_fixed_size:
+        if isinstance(fixed_size, bool) or not isinstance(fixed_size, int) or fixed_size < 0:
+            raise ValueError(f"fixed_size (MODEL.SSD.FIXED_SIZE)={fixed_size!r} must be an integer >= 0")
+        if fixed_size:
             check_prior_layout(
-                backbone, head_in_features, anchor_generator, len(pixel_mean), test_fixed_size,
-                "test_fixed_size (MODEL.SSD.TEST_FIXED_SIZE)",
+                backbone, head_in_features, anchor_generator, len(pixel_mean), fixed_size,
+                "fixed_size (MODEL.SSD.FIXED_SIZE)",
             )
-        self.test_fixed_size = test_fixed_size
+        self.fixed_size = fixed_size
+        # the backbone's smallest input side (VGG16SSD knows it; other backbones: unchecked)
+        self.min_input_size = getattr(backbone, "min_input_size", 1)
         self.input_format = input_format
 
     @classmethod
@@ -270,24 +272,46 @@ class APLossSSD(DenseDetector):
             "test_topk_candidates": s.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": s.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "test_fixed_size": s.TEST_FIXED_SIZE,
+            "fixed_size": s.FIXED_SIZE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
         }
 
-    def preprocess_image(self, batched_inputs):
-        """Detectron2's normalisation and batching; at inference with ``test_fixed_size``, each
-        image is then resized (bilinear) to that square."""
-        images = super().preprocess_image(batched_inputs)
-        if self.training or not self.test_fixed_size:
-            return images
-        size = (self.test_fixed_size, self.test_fixed_size)
-        resized = [
-            F.interpolate(images.tensor[i : i + 1, :, :h, :w], size=size, mode="bilinear", align_corners=False)
-            for i, (h, w) in enumerate(images.image_sizes)
-        ]
-        return ImageList(torch.cat(resized), [size] * len(resized))
+    def forward(self, batched_inputs):
+        """Detectron2's dense-detector forward on :meth:`resize_inputs`: in training as at
+        inference; detections come back in each input's ``height`` x ``width`` (default: the size
+        of its image)."""
+        return super().forward(self.resize_inputs(batched_inputs))
+
+    def resize_inputs(self, batched_inputs):
+        """The inputs as the network sees them. With ``fixed_size``, each image not already that
+        square is resized to it (bilinear, as torchvision's ``GeneralizedRCNNTransform(fixed_size=...)``),
+        its ``gt_boxes`` scaled by the same factors, and its ``height`` / ``width`` default to its
+        own size; the input dicts are not modified. A batch smaller than the backbone accepts is
+        an error naming the key to set."""
+        s, out = self.fixed_size, []
+        for x in batched_inputs:
+            h, w = x["image"].shape[-2:]
+            if not s or (h, w) == (s, s):
+                out.append(x)
+                continue
+            image = F.interpolate(x["image"].to(self.device)[None].float(), size=(s, s), mode="bilinear", align_corners=False)
+            y = {**x, "image": image[0], "height": x.get("height", h), "width": x.get("width", w)}
+            if "instances" in x:
+                boxes = x["instances"].gt_boxes.clone()
+                boxes.scale(s / w, s / h)
+                y["instances"] = Instances((s, s), gt_boxes=boxes, gt_classes=x["instances"].gt_classes)
+            out.append(y)
+        need = self.min_input_size
+        side = min(max(x["image"].shape[-2] for x in out), max(x["image"].shape[-1] for x in out))
+        if side < need:
+            raise ValueError(
+                f"APLossSSD got a batch of {side} px on its shorter side (MODEL.SSD.FIXED_SIZE {s}); its "
+                f"backbone needs at least {need} px to reach {self.head_in_features[-1]}: set "
+                f"MODEL.SSD.FIXED_SIZE to {need} or more (e.g. 512; 0 = no resizing), or use fewer MODEL.SSD.IN_FEATURES"
+            )
+        return out
 
     @torch.no_grad()
     def label_anchors(self, anchors: List[Boxes], gt_instances):

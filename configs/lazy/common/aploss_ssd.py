@@ -42,7 +42,7 @@ model = L(APLossSSD)(
     test_topk_candidates=1000,
     test_nms_thresh=0.5,  # the paper's per-class NMS (SSD's own: 0.45)
     max_detections_per_image=200,
-    test_fixed_size=512,  # tested at 512x512
+    fixed_size=512,  # images (and boxes) resized to 512x512 in training and at test
     # torchvision's ImageNet normalisation, which the converted VGG-16 weights expect
     pixel_mean=[123.675, 116.28, 103.53],
     pixel_std=[58.395, 57.12, 57.375],
