@@ -25,7 +25,7 @@ BOX_REG_NORMALIZERS = ("ema", "batch_mean")
 @META_ARCH_REGISTRY.register()
 class APLossRetinaNet(RetinaNet):
     """Detectron2's RetinaNet with the classification loss ``cls_loss`` (a
-    :class:`~ap_loss_d2.losses.registry.ClsLoss` serving the ``"retinanet"`` head). For the
+    :class:`~ap_loss_d2.losses.registry.ClsLoss` serving ``cls_loss_head``). For the
     ranking losses every anchor is replicated per class (paper Fig. 3) and all images, FPN
     levels and classes of a ranking set are ranked together.
     """
@@ -53,7 +53,7 @@ class APLossRetinaNet(RetinaNet):
             kwargs: arguments of Detectron2's ``RetinaNet``.
         """
         super().__init__(**kwargs)
-        self.cls_loss = check_head(cls_loss, "retinanet")
+        self.cls_loss = check_head(cls_loss, self.cls_loss_head)
         self.box_reg_weight = check_number("box_reg_weight", box_reg_weight, allow_zero=True)
         if box_reg_normalizer not in BOX_REG_NORMALIZERS:
             raise ValueError(
@@ -66,7 +66,7 @@ class APLossRetinaNet(RetinaNet):
         ret = super().from_config(cfg)
         c = cfg.MODEL.CLS_LOSS
         ret.update(
-            cls_loss=build_cls_loss(cfg, "retinanet"),
+            cls_loss=build_cls_loss(cfg, cls.cls_loss_head),
             box_reg_weight=c.BOX_REG_WEIGHT,
             box_reg_normalizer=c.BOX_REG_NORMALIZER,
         )
