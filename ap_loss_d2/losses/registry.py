@@ -56,7 +56,7 @@ class ClsLossRegistry(Registry):
         """TypeError/ValueError naming ``cls`` and the fix unless it is a :class:`ClsLoss` with a
         ``loss`` method, a non-empty ``name`` no registered class has, and ``heads`` from
         :data:`HEADS`."""
-        what = getattr(cls, "__qualname__", repr(cls))
+        what = getattr(cls, "__name__", repr(cls))
         if not (isinstance(cls, type) and issubclass(cls, ClsLoss)):
             raise TypeError(
                 f"{what} cannot be registered in CLS_LOSS_REGISTRY: a classification loss must subclass "
