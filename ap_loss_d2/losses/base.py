@@ -61,14 +61,10 @@ class ClsLoss(nn.Module):
 
     @configurable
     def __init__(self, *, weight: float = 1.0, diagnostics: bool = False, **unknown):
-        """
-        Args:
-            weight: factor of the loss (``MODEL.CLS_LOSS.WEIGHT``).
-            diagnostics: also log ``cls_loss/time`` and counts that are device tensors (each
-                needs a host synchronisation on CUDA).
-            unknown: arguments that no ``__init__`` of the class took: TypeError listing the
-                valid ones (e.g. a misspelled LazyConfig ``model.cls_loss.<argument>``).
-        """
+        """``weight``: factor of the loss; ``diagnostics``: also log ``cls_loss/time`` and counts
+        that are device tensors (a host synchronisation each on CUDA). ``unknown``: arguments no
+        ``__init__`` of the class took (e.g. a misspelled LazyConfig ``model.cls_loss.<arg>``),
+        a TypeError listing the valid ones."""
         if unknown:
             valid = loss_arguments(type(self))
             hints = [f"{k!r} (did you mean {m[0]!r}?)" if m else repr(k)
@@ -98,18 +94,10 @@ class ClsLoss(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not define loss()")
 
     def forward(self, logits, gt_labels, *, normalizer=None, entries_per_image=None, storage=None):
-        """
-        Args:
-            logits: ``(N, R, K)`` scores of N images x R anchors x K classes, or
-                ``(sum_i R_i, K)`` with ``entries_per_image``.
-            gt_labels: ``(N, R)`` / ``(sum_i R_i,)`` int labels: -1 ignored, 0..K-1 class, K
-                background.
-            normalizer: the head's positive-anchor normaliser (used by ``"focal"``).
-            entries_per_image: ``[R_1, ..., R_N]`` for concatenated images (RoIs).
-            storage: Detectron2 ``EventStorage`` to log ``cls_loss/*`` into (None: no logging).
-
-        Returns:
-            0-dim tensor: the loss times ``weight``; 0 (attached to the graph) for empty input.
+        """The loss of ``(N, R, K)`` logits and ``(N, R)`` int labels (-1 ignored, 0..K-1 class, K
+        background), or ``(sum_i R_i, K)`` / ``(sum_i R_i,)`` with ``entries_per_image``, times
+        ``weight``; 0 for empty input. ``normalizer``: the head's positive-anchor normaliser
+        (``"focal"``); ``storage``: Detectron2 ``EventStorage`` for ``cls_loss/*`` (None: no logging).
         """
         if logits.numel() == 0:
             return logits.sum() * 0.0

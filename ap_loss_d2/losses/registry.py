@@ -1,29 +1,8 @@
-"""The registry of classification losses (``MODEL.CLS_LOSS.NAME``).
-
-A loss is one :class:`ClsLoss` subclass, ``@configurable`` with keyword-only arguments that it
-validates in its constructor, registered beside its definition::
-
-    @CLS_LOSS_REGISTRY.register()
-    class MyLoss(ClsLoss):
-        name = "my_loss"            # the value of MODEL.CLS_LOSS.NAME
-        label = "My loss"           # plots and tables
-        heads = ("retinanet", "ssd")
-
-        @configurable
-        def __init__(self, *, margin=1.0, **kwargs):
-            super().__init__(**kwargs)
-            self.margin = check_number("margin", margin)
-
-        @classmethod
-        def from_config(cls, cfg):
-            return {**super().from_config(cfg), "margin": 1.0}
-
-        def loss(self, logits, gt_labels, stats, normalizer, entries_per_image):
-            ...  # see ClsLoss (ap_loss_d2/losses/base.py)
-
-Registration checks the class (a ``ClsLoss`` with a ``loss``, a ``name`` of its own, known
-``heads``). The heads (``APLossRetinaNet``, ``APLossROIHeads``, ``APLossSSD``) build it with
-:func:`build_cls_loss`; LazyConfig configs write ``model.cls_loss = L(MyLoss)()``.
+"""The registry of classification losses (``MODEL.CLS_LOSS.NAME``): one :class:`ClsLoss`
+subclass per loss, ``@configurable`` with keyword-only arguments validated in its constructor,
+registered beside its definition with ``@CLS_LOSS_REGISTRY.register()`` (example:
+docs/losses.md, "Adding a loss"). Registration checks the class. The heads build the loss with
+:func:`build_cls_loss`; LazyConfig configs write ``model.cls_loss = L(MyLoss)(...)``.
 """
 from typing import Optional, Tuple
 
@@ -31,11 +10,11 @@ from torch import nn
 
 from detectron2.utils.registry import Registry
 
-from .base import HEADS, ClsLoss, check_number, loss_arguments  # noqa: F401  (re-exported for loss authors)
+from .base import HEADS, ClsLoss, check_number  # noqa: F401  (re-exported for loss authors)
 
 __all__ = [
-    "CLS_LOSS_REGISTRY", "HEADS", "ClsLoss", "ClsLossRegistry", "build_cls_loss", "check_number",
-    "cls_loss_names", "cls_loss_label", "loss_arguments",
+    "CLS_LOSS_REGISTRY", "HEADS", "ClsLoss", "ClsLossRegistry", "build_cls_loss", "check_number", "cls_loss_names",
+    "cls_loss_label",
 ]
 
 
