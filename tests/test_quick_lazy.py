@@ -1,4 +1,4 @@
-"""configs/lazy/retinanet_R_18_FPN_1000it_synth_ap.py, the CPU LazyConfig of the README, is the
+"""configs/quick/retinanet_R_18_FPN_1000it_synth_ap.py, the CPU LazyConfig of the README, is the
 twin of the yaml quick config: the same model (same modules, and with the same weights the same
 losses and detections), solver and data, checked against what Detectron2 builds from the yaml;
 and ``python train_net.py`` trains it on CPU."""
@@ -22,7 +22,7 @@ from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from . import test_retinanet as retina  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-LAZY = REPO / "configs/lazy/retinanet_R_18_FPN_1000it_synth_ap.py"
+LAZY = REPO / "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.py"
 YAML = REPO / "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 
 
