@@ -3,9 +3,14 @@ synthetic shapes dataset, on CPU (nothing is downloaded). Twin of
 configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml: the same model, solver and data
 (ResNet-18 with BN, FPN P3-P5 with 64 channels, a 2-conv head, 128px images shown at 192px,
 batch 8 ranked together, 1000 iterations at LR 0.02)."""
-from detectron2.config import LazyCall as L
-from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.backbone import FPN, BasicStem, ResNet
@@ -67,7 +72,10 @@ dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="synth_shapes_train"),
     mapper=L(DatasetMapper)(
         is_train=True,
-        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=[192], max_size=192, sample_style="choice"), L(T.RandomFlip)()],
+        augmentations=[
+            L(T.ResizeShortestEdge)(short_edge_length=[192], max_size=192, sample_style="choice"),
+            L(T.RandomFlip)(),
+        ],
         image_format="BGR",
     ),
     total_batch_size=8,
