@@ -31,7 +31,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import ap_loss_d2.modeling  # noqa: E402,F401  (registers the models)
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
-from ap_loss_d2.modeling import APLoss  # noqa: E402
+from ap_loss_d2.losses.cls_losses import APLoss  # noqa: E402
 
 from .gloo import run_gloo  # noqa: E402
 

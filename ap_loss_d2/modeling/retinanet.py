@@ -25,7 +25,7 @@ BOX_REG_NORMALIZERS = ("ema", "batch_mean")
 @META_ARCH_REGISTRY.register()
 class APLossRetinaNet(RetinaNet):
     """Detectron2's RetinaNet with the classification loss ``cls_loss`` (a
-    :class:`~ap_loss_d2.losses.registry.ClsLoss` serving the ``"retinanet"`` head). For the
+    :class:`~ap_loss_d2.losses.registry.ClsLoss` serving ``cls_loss_head``). For the
     ranking losses every anchor is replicated per class (paper Fig. 3) and all images, FPN
     levels and classes of a ranking set are ranked together.
     """
@@ -59,7 +59,7 @@ class APLossRetinaNet(RetinaNet):
                 "number of classes (an integer >= 1)"
             )
         super().__init__(**kwargs)
-        self.cls_loss = check_head(cls_loss, "retinanet")
+        self.cls_loss = check_head(cls_loss, self.cls_loss_head)
         self.box_reg_weight = check_number(
             "box_reg_weight (MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT)", box_reg_weight, allow_zero=True
         )
@@ -75,7 +75,7 @@ class APLossRetinaNet(RetinaNet):
         ret = super().from_config(cfg)
         r = cfg.MODEL.AP_LOSS_RETINANET
         ret.update(
-            cls_loss=build_cls_loss(cfg, "retinanet"),
+            cls_loss=build_cls_loss(cfg, cls.cls_loss_head),
             box_reg_weight=r.BOX_REG_WEIGHT,
             box_reg_normalizer=r.BOX_REG_NORMALIZER,
         )

@@ -8,7 +8,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 
 from ap_loss_d2.config import SSD512_PRIORS
-from ap_loss_d2.modeling import APLoss, APLossSSD, SSDPriorGenerator, VGG16SSD
+from ap_loss_d2.losses.cls_losses import APLoss
+from ap_loss_d2.modeling import APLossSSD, SSDPriorGenerator, VGG16SSD
 from ap_loss_d2.modeling.ssd import SSDHead
 from ap_loss_d2.modeling.vgg import OUTPUT_NAMES
 
