@@ -354,7 +354,7 @@ def benchmark_args(*argv):
         import contextlib
         import io
 
-        from ap_loss_d2 import benchmark
+        from tools import benchmark
 
         err = io.StringIO()
         try:
@@ -370,7 +370,7 @@ def benchmark_args(*argv):
 def _study(name):
     import importlib
 
-    return importlib.import_module(f"ap_loss_d2.studies.{name}")
+    return importlib.import_module(f"studies.{name}")
 
 
 def study_args(name, *argv, parser="parse_args", field="opts"):

@@ -1,4 +1,4 @@
-"""The learning-rate sweep (ap_loss_d2.studies.lr_sweep): orchestration with a stand-in training
+"""The learning-rate sweep (studies.lr_sweep): orchestration with a stand-in training
 script (fast), and one real tiny sweep through train_net.py (slow)."""
 import json
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ap_loss_d2.studies import lr_sweep
-from ap_loss_d2.studies.common import cls_loss_label as L
+from studies import lr_sweep
+from studies.common import cls_loss_label as L
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = "tests/configs/tiny_synth_retinanet.yaml"
@@ -136,7 +136,7 @@ def test_tiny_real_sweep(tmp_path, synth_dataset_dir):
 
 
 def _main_job():
-    from ap_loss_d2.studies import main_job
+    from studies import main_job
 
     return main_job
 
@@ -188,7 +188,7 @@ def test_committed_expected_results_match_the_docs_and_the_main_job():
     mj = _main_job()
     data = json.loads(mj.EXPECTED.read_text())
     assert data["seeds"] == [0, 1, 2] and set(data["losses"]) == {"ap", "focal"}
-    from ap_loss_d2.studies.common import load_cfg
+    from studies.common import load_cfg
 
     cfg = load_cfg(str(REPO / mj.CONFIG))
     ap = data["losses"][cfg.MODEL.CLS_LOSS.NAME]

@@ -1,4 +1,4 @@
-"""python -m ap_loss_d2.studies.roi_sampling end to end on a tiny setting (CPU, offline).
+"""python -m studies.roi_sampling end to end on a tiny setting (CPU, offline).
 
 Two RoI batch sizes x two losses, 3 iterations of ResNet-18-FPN on 64px images of the embedded
 synthetic dataset, evaluated on its first 6 validation images. The report's numbers are
@@ -46,7 +46,7 @@ METRICS = ("AP", "AP50", "AP75")
 
 
 def _load_tool():
-    from ap_loss_d2.studies import roi_sampling
+    from studies import roi_sampling
 
     return roi_sampling
 

@@ -15,7 +15,7 @@ the test threshold ``t`` (``MODEL.RETINANET.SCORE_THRESH_TEST``), i.e. ``g > log
   ``size`` x ``size`` pixels, trained by Adam on its pixel values (in [0, 1], clipped after every
   step) over a set of training images. The patch is resized (bilinear, antialiased) to the centre
   region of every object box, the region of the other patches
-  (:func:`~ap_loss_d2.studies.perturbations.center_patch_region`: half the box's width and height)
+  (:func:`~studies.perturbations.center_patch_region`: half the box's width and height)
   and pasted there, in the original image; the image is then resized as at test time (bilinear,
   antialiased, differentiable) and fed to the model. The objective is minimised: the mean, over
   the matched anchors of the batch, of ``softplus(g) = -log(1 - sigmoid(g))``, the binary
@@ -49,8 +49,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 
-from ..data.mapper import annotation_boxes
-from ..losses.registry import ClsLoss
+from ap_loss_d2.data.mapper import annotation_boxes
+from ap_loss_d2.losses.registry import ClsLoss
 from .perturbations import center_patch_region, check_image_boxes, count
 
 __all__ = [
@@ -258,7 +258,7 @@ def paste_patch_tensor(image: torch.Tensor, boxes, patch: torch.Tensor) -> torch
 
 class AdversarialPatch:
     """The test-time perturbation of a trained patch, with the signature of
-    :data:`~ap_loss_d2.studies.perturbations.PERTURBATIONS`: ``(image, boxes, rng, stats)``.
+    :data:`~studies.perturbations.PERTURBATIONS`: ``(image, boxes, rng, stats)``.
 
     ``patch``: (S, S, C) uint8 in the image format of the mapper (``cfg.INPUT.FORMAT``). Each
     box's centre region is replaced by the patch resized as in training (bilinear, antialiased),

@@ -1,6 +1,6 @@
 """IoU vs. classification score of anchors (the paper's Fig. 7).
 
-``python -m ap_loss_d2.studies.score_distribution --run CONFIG:WEIGHTS[:LABEL] [--run ...]
+``python -m studies.score_distribution --run CONFIG:WEIGHTS[:LABEL] [--run ...]
 [--dataset NAME] [--max-images N] [--zero-iou-samples K] --output-dir DIR``
 
 For every image of the dataset (the first ``--max-images``) the model's own anchors (its

@@ -68,7 +68,7 @@ Default setting (CPU, minutes per run on 2 cores): the quick config
 ``synth_shapes_train``, 192 px, batch 8, about 4.5k anchors per image) for ``--iters 200``
 (``SOLVER.STEPS``/``WARMUP_ITERS`` scaled from the config's schedule). Example::
 
-    python -m ap_loss_d2.studies.optimization --output-dir output/optimization_study \\
+    python -m studies.optimization --output-dir output/optimization_study \\
         --iters 200 --methods ap ap_approx ap_hinge --negatives 100 300 1000 3000 all \\
         --proposal-weights output/main_job/model_final.pth \\
         --snapshot-proposals 300 --snapshot-iters 100

@@ -1,4 +1,4 @@
-"""The Fig. 8 study's model, hook and trainer (see :mod:`ap_loss_d2.studies.optimization`):
+"""The Fig. 8 study's model, hook and trainer (see :mod:`studies.optimization`):
 :class:`OptimizationStudyRetinaNet` keeps only the top-N anchors of a frozen proposer (or N random
 background anchors) as valid samples and keeps the last batch, :func:`load_proposer` builds the
 frozen proposer from a checkpoint,
@@ -18,10 +18,10 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, get_event_storage
 
-from ...engine import Trainer
-from ...losses import ap_loss
-from ...losses.ranking_sets import ranking_targets
-from ...modeling import APLossRetinaNet
+from ap_loss_d2.engine import Trainer
+from ap_loss_d2.losses import ap_loss
+from ap_loss_d2.losses.ranking_sets import ranking_targets
+from ap_loss_d2.modeling import APLossRetinaNet
 
 #: Event-storage keys written by :class:`ExactAPLossHook`.
 AP_LOSS_KEY = "optim_study/ap_loss"
@@ -35,7 +35,7 @@ NEGATIVE_MODES = ("proposals", "random")
 #: How to obtain proposal weights (quoted by the errors).
 PROPOSAL_WEIGHTS_HINT = (
     "give a checkpoint of a RetinaNet trained with the same config, e.g. "
-    "output/main_job/model_final.pth written by `make main` (python -m ap_loss_d2.studies.main_job; "
+    "output/main_job/model_final.pth written by `make main` (python -m studies.main_job; "
     "any run of the study's config works too), or use --negative-mode random"
 )
 

@@ -1,4 +1,4 @@
-"""Every study and tool of the project, each ``python -m ap_loss_d2.studies.<name>`` with one
+"""Every study and tool of the project, each ``python -m studies.<name>`` with one
 argument parser (:func:`.common.study_argument_parser`: ``--output-dir`` defaulting to
 ``output/<name>``, ``--config-file`` and ``--num-gpus`` where they apply, trailing ``KEY VALUE``
 config overrides): the main job (:mod:`.main_job`), the LR sweep, the report (Table 2),

@@ -1,4 +1,4 @@
-"""Report the environment: ``python -m ap_loss_d2.env [--short]``.
+"""Report the environment: ``python -m tools.env [--short]``.
 
 Prints Python/torch/torchvision/Detectron2 versions; which Detectron2 it is: v0.6 release code or
 the main branch (told apart by main-only features, as both say version 0.6), a release or a

@@ -1,6 +1,6 @@
 """Paper Fig. 5 / Fig. 12: the detections of two or more models on the same images, side by side.
 
-``python -m ap_loss_d2.studies.visualize --run output/voc_ap --run output/voc_focal
+``python -m studies.visualize --run output/voc_ap --run output/voc_focal
 --dataset voc_2007_test --num-images 4 --score-thresh 0.3 --output-dir output/fig5
 [--device cpu] [KEY VALUE ...]``
 
@@ -24,6 +24,7 @@ from .common import (
     markdown_table,
     prepare_runs,
     progress,
+    register_datasets,
     pyplot,
     study_argument_parser,
     timestamp,
@@ -93,7 +94,7 @@ def main(argv=None):
         import cv2  # noqa: F401  (Detectron2's Visualizer needs OpenCV)
     except ImportError:
         raise ImportError(
-            "ap_loss_d2.studies.visualize draws with Detectron2's Visualizer, which needs OpenCV: "
+            "studies.visualize draws with Detectron2's Visualizer, which needs OpenCV: "
             "pip install opencv-python-headless"
         ) from None
     if args.num_images < 1:
@@ -101,7 +102,7 @@ def main(argv=None):
     if not 0 <= args.score_thresh <= 1:
         raise ValueError(f"--score-thresh={args.score_thresh} must be in [0, 1]")
 
-    import ap_loss_d2.data  # noqa: F401  (registers the embedded and VOC sets)
+    register_datasets()
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     out, specs, resolved, labels, dataset = prepare_runs(args)

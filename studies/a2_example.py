@@ -12,7 +12,7 @@ positive (separable: both positives score above the negative when ``0 < theta_1 
     step, backpropagated through ``s = f . theta``, plain SGD) reaches AP-loss 0 from the same
     start in finitely many steps (Proposition 1).
 
-``python -m ap_loss_d2.studies.a2_example [--theta0 3 1] [--lr 1] [--gd-steps 5000]
+``python -m studies.a2_example [--theta0 3 1] [--lr 1] [--gd-steps 5000]
 [--output-dir output/a2_example]`` prints a table and writes ``a2_example.json`` and
 ``a2_example.png`` (both loss curves). Needs only PyTorch (matplotlib for the PNG).
 """
@@ -23,8 +23,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..losses import ap_loss
-from ..losses.alternatives import smoothed_ap
+from ap_loss_d2.losses import ap_loss
+from ap_loss_d2.losses.alternatives import smoothed_ap
 
 __all__ = [
     "FEATURES",

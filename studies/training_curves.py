@@ -1,6 +1,6 @@
 """Paper Fig. 6: detection AP against training iterations, one line per run (AP-loss vs focal...).
 
-``python -m ap_loss_d2.studies.training_curves --run output/voc_ap --run output/voc_focal
+``python -m studies.training_curves --run output/voc_ap --run output/voc_focal
 --output-dir output/fig6 [--config-file CFG.yaml] [--dataset NAME] [--max-images N]
 [--device cpu] [KEY VALUE ...]``
 
@@ -33,6 +33,7 @@ from .common import (
     loss_label,
     markdown_table,
     progress,
+    register_datasets,
     pyplot,
     study_argument_parser,
     timestamp,
@@ -79,7 +80,7 @@ def list_checkpoints(run_dir) -> list:
 def evaluate_checkpoint(cfg, weights) -> dict:
     """``{"AP": .., "AP50": .., "AP75": ..}`` of ``weights`` on ``cfg.DATASETS.TEST[0]`` via
     :meth:`Trainer.test` (Detectron2's ``inference_on_dataset`` with ap_loss_d2's evaluator)."""
-    from ..engine import Trainer
+    from ap_loss_d2.engine import Trainer
     from .common import build_model_for_run
 
     model = build_model_for_run(cfg, weights)
@@ -157,7 +158,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
 
-    import ap_loss_d2.data  # noqa: F401  (registers the embedded and VOC sets)
+    register_datasets()
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

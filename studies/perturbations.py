@@ -2,8 +2,8 @@
 
 Each perturbation is ``f(image, boxes, rng, stats=None) -> image``: ``image`` HxWxC uint8,
 ``boxes`` (B, 4) XYXY in absolute pixels, ``rng`` a ``numpy.random.Generator``, ``stats`` a dict
-of counts (``patches``, ...) or None. :mod:`ap_loss_d2.studies.robustness` evaluates models on
-them; :mod:`ap_loss_d2.studies.attacks` pastes its adversarial patch into the same centre regions.
+of counts (``patches``, ...) or None. :mod:`studies.robustness` evaluates models on
+them; :mod:`studies.attacks` pastes its adversarial patch into the same centre regions.
 """
 from typing import Callable, Dict
 

@@ -1,6 +1,6 @@
 """Learning-rate sweep: each loss at its own best learning rate, mean and range over seeds.
 
-``python -m ap_loss_d2.studies.lr_sweep --output-dir output/lr_sweep --losses ap focal
+``python -m studies.lr_sweep --output-dir output/lr_sweep --losses ap focal
 --lrs 0.005 0.01 0.02 --seeds 0 1 2 [--num-parallel N] [--devices 0 1 ...] [KEY VALUE ...]``
 
 Trains ``--config-file`` (default: the main job, ``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml``)
@@ -17,7 +17,7 @@ or ``SOLVER.MAX_ITER 20``), and reads each run's final COCO/VOC bbox evaluation 
 * ``<loss>_lr<lr>_seed<seed>/`` one train_net.py output folder per run (``sweep_log.txt``: its
   output; ``sweep_run.json``: its result once finished).
 
-``--expected-results FILE`` also writes the best-LR summary that ``ap_loss_d2.studies.main_job`` prints as
+``--expected-results FILE`` also writes the best-LR summary that ``studies.main_job`` prints as
 the spread to expect (``configs/quick/expected_results.json`` for the main job).
 
 A run that stops on NaN/Inf (``train_net.py``'s "Training stopped at iteration N: NaN or Inf",
@@ -27,7 +27,7 @@ recorded as *failed*, never ok, and is not retried. The best LR of a loss is the
 highest mean AP over its ok seeds among the LRs at which no seed diverged or failed (if every LR
 has such a seed: among all). Other failures (e.g. a missing dataset) are reported and retried by
 the next invocation. Every run logs ``cls_loss/time`` (``MODEL.CLS_LOSS.DIAGNOSTICS True``) for
-``ap_loss_d2.studies.cost``.
+``studies.cost``.
 
 Resuming: rerunning the command skips finished runs (``sweep_run.json`` present, with the same
 settings) and continues interrupted ones from their last checkpoint (``--resume``). Runs execute
@@ -241,7 +241,7 @@ def render(summary: dict, args, labels) -> List[str]:
     opts = " ".join(args.opts) or "none"
     return [
         "# Learning-rate sweep", "",
-        f"Generated {timestamp()} by `python -m ap_loss_d2.studies.lr_sweep`. Config "
+        f"Generated {timestamp()} by `python -m studies.lr_sweep`. Config "
         f"`{args.config_file}`, overrides: `{opts}`; seeds {seeds}; the same schedule for every run. "
         "Bold: each loss's best LR (highest mean AP among the LRs where no seed diverged or "
         "failed; a run with no detections, AP NaN, is failed).", "",
@@ -281,7 +281,7 @@ def plot(summary: dict, path: Path, labels) -> bool:
 
 
 def expected_results(summary: dict, args, previous: Optional[Path] = None) -> dict:
-    """What ap_loss_d2.studies.main_job prints as the spread to expect: per loss, its best LR's
+    """What studies.main_job prints as the spread to expect: per loss, its best LR's
     stats; the ``fresh_runs`` (APs of fresh ``make main`` runs, added by hand) of ``previous``
     are kept when it measured the same config."""
     kept = {}
@@ -291,7 +291,7 @@ def expected_results(summary: dict, args, previous: Optional[Path] = None) -> di
             kept = {"fresh_runs": old["fresh_runs"]}
     return {
         "generated": timestamp(),
-        "command": "python -m ap_loss_d2.studies.lr_sweep " + " ".join(sys.argv[1:]),
+        "command": "python -m studies.lr_sweep " + " ".join(sys.argv[1:]),
         "config": args.config_file,
         "overrides": list(args.opts),
         "seeds": list(args.seeds),
@@ -311,7 +311,7 @@ def parse_args(argv=None):
     p.add_argument("--devices", nargs="*", default=[],
                    help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
     p.add_argument("--expected-results", default=None, metavar="FILE",
-                   help="also write the best-LR summary read by ap_loss_d2.studies.main_job")
+                   help="also write the best-LR summary read by studies.main_job")
     args = p.parse_args(argv)
     args.config_file = args.config_file or DEFAULT_CONFIG
     config_path(args.config_file)  # fail early on a missing config

@@ -10,8 +10,8 @@ from typing import Dict, List, Sequence
 
 from detectron2.utils.env import seed_all_rng
 
-from ...engine import get_ap_loss_cfg, validate_cfg
-from ...losses.registry import cls_loss_names
+from ap_loss_d2.engine import get_ap_loss_cfg, validate_cfg
+from ap_loss_d2.losses.registry import cls_loss_names
 from ..common import (
     REPO,
     check_run_settings,

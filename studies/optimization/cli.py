@@ -1,10 +1,10 @@
-"""Command line of the Fig. 8 study: ``python -m ap_loss_d2.studies.optimization``."""
+"""Command line of the Fig. 8 study: ``python -m studies.optimization``."""
 from pathlib import Path
 
 import torch
 from detectron2.utils.logger import setup_logger
 
-from ...losses.registry import cls_loss_names
+from ap_loss_d2.losses.registry import cls_loss_names
 from ..common import default_config, study_argument_parser
 from .model import NEGATIVE_MODES
 from .runner import CONFIG_REL, DEFAULT_METHODS, DEFAULT_NEGATIVE_MODE, DEFAULT_NEGATIVES, run_study

@@ -1,6 +1,6 @@
 """One markdown page from several training runs and their studies (the paper's Table 2 & co).
 
-``python -m ap_loss_d2.studies.report RUN_DIR [RUN_DIR ...] [--studies DIR ...]
+``python -m studies.report RUN_DIR [RUN_DIR ...] [--studies DIR ...]
 [--output-dir DIR]`` writes ``DIR/report.md`` (default ``output/report/report.md``).
 
 For every ``RUN_DIR`` (an output folder of ``train_net.py``):
@@ -198,7 +198,7 @@ def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results
     def rel(p):
         return os.path.relpath(Path(p).resolve(), base)
 
-    md = [f"# {title}", "", f"Generated {timestamp()} by `python -m ap_loss_d2.studies.report`.",
+    md = [f"# {title}", "", f"Generated {timestamp()} by `python -m studies.report`.",
           "", "## Detection accuracy (Table 2)", ""]
     if rows:
         md += [table2(rows, digits), "", "Last evaluation logged in each run's metrics.json "

@@ -38,7 +38,7 @@ images have fewer proposals), i.e. a few CPU-hours for the 12 default runs. Shor
 ``--iters`` / ``--sizes``, or add ``MODEL.DEVICE cuda``. The paper's setting (R50-FPN,
 VOC 07+12 -> 07 test)::
 
-    python -m ap_loss_d2.studies.roi_sampling --num-gpus 8 \\
+    python -m studies.roi_sampling --num-gpus 8 \\
         --config-file configs/FasterRCNN/faster_rcnn_R_50_FPN_18k_voc0712_ce.yaml \\
         --output-dir output/roi_sampling_study_voc MODEL.DEVICE cuda
 
@@ -196,7 +196,7 @@ def train(settings, run_dir, train_net, num_gpus, verbose=False):
 def evaluate(settings, run_dir):
     """Evaluate ``run_dir/model_final.pth`` with the project's evaluator; returns its output."""
     from ap_loss_d2.engine import Trainer, validate_cfg
-    from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer
+    from ap_loss_d2.engine import SafeDetectionCheckpointer
 
     cfg = _merged_cfg(settings["config"], settings["overrides"])
     cfg.OUTPUT_DIR = str(run_dir)

@@ -1,6 +1,6 @@
 """Robustness to local perturbations (the paper's Sec. 4.2.2 "Robustness", Table 3).
 
-``python -m ap_loss_d2.studies.robustness --run CONFIG:WEIGHTS[:LABEL] [--run ...]
+``python -m studies.robustness --run CONFIG:WEIGHTS[:LABEL] [--run ...]
 [--dataset NAME] [--max-images N] [--perturbations ...] [--seed S] [--patch-* ...]
 [--deepfool-* ...] --output-dir DIR``
 
@@ -53,8 +53,8 @@ from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset
 from detectron2.utils import comm
 
-from ..data.mapper import BoxAwareDatasetMapper, annotation_boxes
-from ..evaluation import build_evaluator
+from ap_loss_d2.data.mapper import BoxAwareDatasetMapper, annotation_boxes
+from ap_loss_d2.evaluation import build_evaluator
 from . import attacks
 from .perturbations import NOISE_VARIANCE, PERTURBATIONS
 from .common import (
@@ -152,7 +152,7 @@ class PerturbAugmentation(T.Augmentation):
 class PerturbedDatasetMapper(BoxAwareDatasetMapper):
     """Detectron2's test ``DatasetMapper(cfg, is_train=False)`` whose first augmentation applies
     ``perturbation`` (a key of :data:`PERTURBATIONS`, or ``"advs_patch"`` with ``fn`` an
-    :class:`~ap_loss_d2.studies.attacks.AdversarialPatch`) to the decoded image, with the
+    :class:`~studies.attacks.AdversarialPatch`) to the decoded image, with the
     record's annotation boxes (all of them, XYXY, through ``AugInput.boxes``) and
     ``np.random.default_rng(seed + image_id)`` (``AugInput.image_seed``). ``fn``, when given,
     replaces the perturbation's function.

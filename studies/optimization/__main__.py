@@ -1,0 +1,4 @@
+"""``python -m studies.optimization``: see :mod:`.cli`."""
+from .cli import main
+
+main()
