@@ -68,10 +68,50 @@ def default_config(relpath: str) -> str:
     return str(REPO / "configs" / relpath)
 
 
-def train_net_command() -> List[str]:
+#: ``python -c`` program: import the modules before ``--``, then run train_net.py with the rest.
+_IMPORT_THEN_TRAIN = (
+    "import importlib, runpy, sys\n"
+    "cut = sys.argv.index('--')\n"
+    "for name in sys.argv[2:cut]:\n"
+    "    importlib.import_module(name)\n"
+    "sys.argv = [sys.argv[1], *sys.argv[cut + 1:]]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def train_net_command(imports: Sequence[str] = ()) -> List[str]:
     """The command that runs ``train_net.py`` in a new process (``--num-gpus`` etc. appended by
-    the caller)."""
-    return [sys.executable, str(REPO / "train_net.py")]
+    the caller), importing the modules ``imports`` first (e.g. one that registers a loss)."""
+    if not imports:
+        return [sys.executable, str(REPO / "train_net.py")]
+    return [sys.executable, "-c", _IMPORT_THEN_TRAIN, str(REPO / "train_net.py"), *imports, "--"]
+
+
+def import_modules(names: Sequence[str], error=SystemExit) -> None:
+    """Import the modules ``names`` (``--import``); a clear ``error`` naming the one that fails."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise error(f"--import {name}: cannot import it ({e}); give a module importable from "
+                        "the current folder or PYTHONPATH") from e
+
+
+def check_loss_names(names: Sequence[str], imports: Sequence[str] = (), error=SystemExit) -> None:
+    """Refuse a ``MODEL.CLS_LOSS.NAME`` that no loss registers, naming ``--import``."""
+    from ap_loss_d2.losses.registry import cls_loss_names
+
+    known = cls_loss_names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        imported = f" (imported: {', '.join(imports)})" if imports else ""
+        raise error(
+            f"--losses {' '.join(unknown)}: not a registered classification loss{imported}; "
+            f"registered: {', '.join(known)}. A loss that your own module registers needs "
+            "--import MODULE, which this command and its training processes import first"
+        )
 
 
 def register_datasets() -> None:

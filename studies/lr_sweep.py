@@ -17,6 +17,11 @@ or ``SOLVER.MAX_ITER 20``), and reads each run's final COCO/VOC bbox evaluation 
 * ``<loss>_lr<lr>_seed<seed>/`` one train_net.py output folder per run (``sweep_log.txt``: its
   output; ``sweep_run.json``: its result once finished).
 
+``--import MODULE`` (repeatable): a module imported by the sweep and by every training process
+before the loss is built, e.g. one that registers a loss of your own
+(``@CLS_LOSS_REGISTRY.register()``) named in ``--losses``; one process per run
+(``--num-gpus 1``).
+
 ``--expected-results FILE`` also writes the best-LR summary that ``studies.main_job`` prints as
 the spread to expect (``configs/quick/expected_results.json`` for the main job).
 
@@ -48,7 +53,9 @@ from .common import (
     cls_loss_label,
     REPO,
     default_config,
+    check_loss_names,
     fmt_num,
+    import_modules,
     last_bbox_metrics,
     markdown_table,
     not_finite,
@@ -117,7 +124,7 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
         return record
     out.mkdir(parents=True, exist_ok=True)
     resume = (out / "last_checkpoint").is_file()
-    cmd = [*train_net_command(), "--config-file", config_path(args.config_file)]
+    cmd = [*train_net_command(args.imports), "--config-file", config_path(args.config_file)]
     if resume:
         cmd.append("--resume")
     if args.num_gpus > 1:
@@ -312,8 +319,15 @@ def parse_args(argv=None):
                    help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
     p.add_argument("--expected-results", default=None, metavar="FILE",
                    help="also write the best-LR summary read by studies.main_job")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="a module to import in the sweep and in every training process first, "
+                        "e.g. one that registers a loss named in --losses (repeatable)")
     args = p.parse_args(argv)
     args.config_file = args.config_file or DEFAULT_CONFIG
+    if args.imports and args.num_gpus > 1:
+        p.error("--import runs each training in one process: use --num-gpus 1")
+    import_modules(args.imports, error=p.error)
+    check_loss_names(args.losses, args.imports, error=p.error)
     config_path(args.config_file)  # fail early on a missing config
     for key in ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR", "SEED", "OUTPUT_DIR"):
         if key in args.opts[::2]:
