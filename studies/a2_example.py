@@ -26,17 +26,6 @@ import torch
 from ap_loss_d2.losses import ap_loss
 from ap_loss_d2.losses.alternatives import smoothed_ap
 
-__all__ = [
-    "FEATURES",
-    "LABELS",
-    "exact_ap_loss",
-    "exact_ap_loss_trajectory",
-    "main",
-    "run_a2",
-    "smoothed_ap_loss",
-    "smoothed_ap_loss_eq35",
-]
-
 #: The three samples (rows) and their labels (1 positive, 0 negative).
 FEATURES = ((0.0, 0.0), (1.0, 0.0), (-3.0, 1.0))
 LABELS = (0, 1, 1)

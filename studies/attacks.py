@@ -53,24 +53,6 @@ from ap_loss_d2.data.mapper import annotation_boxes
 from ap_loss_d2.losses.registry import ClsLoss
 from .perturbations import center_patch_region, check_image_boxes, count
 
-__all__ = [
-    "AdversarialPatch",
-    "AttackExample",
-    "check_attack_model",
-    "check_threshold",
-    "deepfool_binary",
-    "deepfool_detector",
-    "deepfool_dataset",
-    "detector_margin",
-    "load_examples",
-    "matched_score_logits",
-    "paste_patch_tensor",
-    "patch_objective",
-    "patch_to_rgb_uint8",
-    "resize_patch",
-    "train_adversarial_patch",
-]
-
 
 # ---------------------------------------------------------------------------------------------
 # Model access

@@ -23,40 +23,6 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = [
-    "REPO",
-    "check_run_settings",
-    "cls_loss_label",
-    "default_config",
-    "last_bbox_metrics",
-    "metrics_by_iteration",
-    "read_json",
-    "register_datasets",
-    "read_metrics_json",
-    "scale_iter",
-    "scaled_schedule",
-    "train_net_command",
-    "RUN_SPEC",
-    "RunSpec",
-    "StudyArgumentParser",
-    "study_argument_parser",
-    "build_model_for_run",
-    "dataset_subset",
-    "fmt_num",
-    "load_cfg",
-    "loss_label",
-    "markdown_table",
-    "not_finite",
-    "parse_run_spec",
-    "progress",
-    "pyplot",
-    "resolve_run",
-    "save_checkpoint",
-    "to_jsonable",
-    "unique_labels",
-    "write_json",
-]
-
 logger = logging.getLogger(__name__)
 
 #: The repository root (``configs/``, ``train_net.py``); the studies run from a checkout.

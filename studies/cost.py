@@ -28,30 +28,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .common import (
-    cls_loss_label,
-    markdown_table,
-    metrics_by_iteration,
-    progress,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    unique_labels,
-    write_json,
+    cls_loss_label, markdown_table, metrics_by_iteration, progress, pyplot, study_argument_parser,
+    timestamp, unique_labels, write_json
 )
-
-__all__ = [
-    "METRIC_KEYS",
-    "benchmark_markdown",
-    "benchmark_tables",
-    "fmt_mb",
-    "fmt_ms",
-    "fmt_value",
-    "main",
-    "series",
-    "summarize_series",
-    "training_figure",
-    "training_table",
-]
 
 STUDY = "cost"
 #: metrics.json keys traced against the iteration.

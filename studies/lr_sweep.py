@@ -50,23 +50,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from .common import (
-    cls_loss_label,
-    REPO,
-    default_config,
-    check_loss_names,
-    fmt_num,
-    import_modules,
-    last_bbox_metrics,
-    markdown_table,
-    not_finite,
-    progress,
-    study_argument_parser,
-    timestamp,
-    train_net_command,
-    write_json,
+    cls_loss_label, REPO, default_config, check_loss_names, fmt_num, import_modules,
+    last_bbox_metrics, markdown_table, not_finite, progress, study_argument_parser, timestamp,
+    train_net_command, write_json
 )
-
-__all__ = ["DIVERGED_PATTERNS", "main", "parse_divergence", "run_name", "run_status", "summarize"]
 
 STUDY = "lr_sweep"
 CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"

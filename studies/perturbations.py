@@ -9,21 +9,6 @@ from typing import Callable, Dict
 
 import numpy as np
 
-__all__ = [
-    "FLIP_MODES",
-    "NOISE_VARIANCE",
-    "PERTURBATIONS",
-    "black_patch",
-    "box_mask",
-    "center_patch_region",
-    "check_image_boxes",
-    "count",
-    "flip_patch",
-    "gaussian_noise",
-    "original",
-    "random_patch",
-]
-
 NOISE_VARIANCE = 0.01
 
 

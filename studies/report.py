@@ -25,18 +25,9 @@ from pathlib import Path
 from typing import List
 
 from .common import (
-    cls_loss_label,
-    fmt_num,
-    last_bbox_metrics,
-    markdown_table,
-    not_finite,
-    progress,
-    study_argument_parser,
-    timestamp,
+    cls_loss_label, fmt_num, last_bbox_metrics, markdown_table, not_finite, progress,
+    study_argument_parser, timestamp
 )
-
-__all__ = ["STUDY_FILES", "collect_run", "find_studies", "last_bbox_metrics", "main",
-           "render_report", "run_status"]
 
 STUDY = "report"
 STUDY_FILES = ("robustness.json", "score_distribution.json", "cost.json")

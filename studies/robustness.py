@@ -58,30 +58,9 @@ from ap_loss_d2.evaluation import build_evaluator
 from . import attacks
 from .perturbations import NOISE_VARIANCE, PERTURBATIONS
 from .common import (
-    RUN_SPEC,
-    build_model_for_run,
-    dataset_subset,
-    fmt_num,
-    markdown_table,
-    prepare_runs,
-    progress,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    write_study_outputs,
+    RUN_SPEC, build_model_for_run, dataset_subset, fmt_num, markdown_table, prepare_runs, progress,
+    pyplot, study_argument_parser, timestamp, write_study_outputs
 )
-
-__all__ = [
-    "ATTACKS",
-    "COLUMNS",
-    "PERTURBATION_NAMES",
-    "PerturbAugmentation",
-    "PerturbTransform",
-    "PerturbationStats",
-    "PerturbedDatasetMapper",
-    "image_seed",
-    "main",
-]
 
 STUDY = "robustness"
 

@@ -53,19 +53,9 @@ import time
 from pathlib import Path
 
 from .common import (
-    check_run_settings,
-    cls_loss_label,
-    default_config,
-    fmt_num,
-    markdown_table,
-    metrics_by_iteration,
-    pyplot,
-    read_json,
-    scaled_schedule,
-    study_argument_parser,
-    to_jsonable,
-    train_net_command,
-    write_json,
+    check_run_settings, cls_loss_label, default_config, fmt_num, markdown_table,
+    metrics_by_iteration, pyplot, read_json, scaled_schedule, study_argument_parser, to_jsonable,
+    train_net_command, write_json
 )
 
 CONFIG_REL = "FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml"

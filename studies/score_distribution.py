@@ -39,19 +39,9 @@ from detectron2.data.detection_utils import build_augmentation
 from detectron2.structures import Boxes, pairwise_iou
 
 from .common import (
-    RUN_SPEC,
-    build_model_for_run,
-    fmt_num,
-    markdown_table,
-    prepare_runs,
-    progress,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    write_study_outputs,
+    RUN_SPEC, build_model_for_run, fmt_num, markdown_table, prepare_runs, progress, pyplot,
+    study_argument_parser, timestamp, write_study_outputs
 )
-
-__all__ = ["BIN_EDGES", "collect_pairs", "combined_figure", "main", "score_mode_of", "summarize"]
 
 STUDY = "score_distribution"
 #: IoU bin edges: [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0] (the last bin includes 1).

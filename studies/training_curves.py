@@ -27,21 +27,9 @@ import re
 from pathlib import Path
 
 from .common import (
-    dataset_subset,
-    fmt_num,
-    load_cfg,
-    loss_label,
-    markdown_table,
-    progress,
-    register_datasets,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    unique_labels,
-    write_json,
+    dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress, register_datasets,
+    pyplot, study_argument_parser, timestamp, unique_labels, write_json
 )
-
-__all__ = ["checkpoint_iteration", "evaluate_checkpoint", "list_checkpoints", "main", "parse_args"]
 
 STUDY = "training_curves"
 METRICS = ("AP", "AP50", "AP75")

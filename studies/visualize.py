@@ -19,19 +19,9 @@ from pathlib import Path
 
 
 from .common import (
-    RUN_SPEC,
-    build_model_for_run,
-    markdown_table,
-    prepare_runs,
-    progress,
-    register_datasets,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    write_json,
+    RUN_SPEC, build_model_for_run, markdown_table, prepare_runs, progress, register_datasets,
+    pyplot, study_argument_parser, timestamp, write_json
 )
-
-__all__ = ["detect", "main", "parse_args"]
 
 STUDY = "visualize"
 

@@ -511,7 +511,7 @@ ROWS = [
     ("lr-sweep-old-config-flag", study_args("lr_sweep", "--config", YAML), r"SystemExit: .*unrecognized arguments: --config "),
     ("report-old-output-flag", study_args("report", "run", "--output", "r.md"), r"SystemExit: .*unrecognized arguments: --output r\.md"),
     ("roi-sampling-old-config-flag", study_args("roi_sampling", "--config", YAML, parser="build_parser"), r"SystemExit: .*unrecognized arguments: --config "),
-    ("optimization-old-config-flag", study_args("optimization.cli", "--config", YAML, parser="build_parser"), r"SystemExit: .*unrecognized arguments: --config "),
+    ("optimization-old-config-flag", study_args("optimization", "--config", YAML, parser="build_parser"), r"SystemExit: .*unrecognized arguments: --config "),
 ]
 
 # Cases that build a trainer (a few seconds each).

@@ -1,4 +1,0 @@
-"""``python -m studies.optimization``: see :mod:`.cli`."""
-from .cli import main
-
-main()
