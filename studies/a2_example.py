@@ -244,7 +244,7 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     from .common import study_argument_parser
 
     parser = study_argument_parser("a2_example", __doc__.split("\n")[0], opts=False)
@@ -254,7 +254,11 @@ def main(argv=None):
     parser.add_argument("--sigmoid-k", type=float, default=1.0)
     parser.add_argument("--ed-step", choices=("heaviside", "linear"), default="heaviside")
     parser.add_argument("--ed-lr", type=float, default=None, help="default: --lr")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     result = run_a2(
         args.theta0,
         lr=args.lr,
