@@ -1,21 +1,7 @@
 """The paper's Appendix A2: gradient descent fails on the sigmoid-smoothed AP-loss, the
 error-driven update does not.
 
-Linear model ``s = f . theta`` on three samples: ``(0, 0)`` negative, ``(1, 0)`` and ``(-3, 1)``
-positive (separable: both positives score above the negative when ``0 < theta_1 < theta_2 / 3``).
-
-(a) Gradient descent on the smoothed AP-loss ``F(theta)`` of Eq. 32/35 (``S(x) = 1/(1+e^-x)``,
-    autograd through :func:`ap_loss_d2.losses.alternatives.smoothed_ap`): from
-    ``theta_1 > theta_2 > 0`` with ``theta_1`` large enough, ``dF/dtheta_1 < dF/dtheta_2 < 0``
-    keeps ``theta_1 > theta_2``, and ``F`` approaches the local value 1/6 (global minimum 0).
-(b) The error-driven update (:func:`ap_loss_d2.losses.ap_loss`, Heaviside or piecewise-linear
-    step, backpropagated through ``s = f . theta``, plain SGD) reaches AP-loss 0 from the same
-    start in finitely many steps (Proposition 1).
-
-``python -m studies.a2_example [--theta0 3 1] [--lr 1] [--gd-steps 5000]
-[--output-dir output/a2_example]`` prints a table and writes ``a2_example.json`` and
-``a2_example.png`` (both loss curves). Needs only PyTorch (matplotlib for the PNG).
-"""
+Details: docs/studies.md#studiesa2_example."""
 import json
 import math
 import os

@@ -1,26 +1,6 @@
 """Time and memory cost of the losses (the paper's Sec. 4.3: Fig. 10, Fig. 9 and Fig. 11).
 
-``python -m studies.cost [--run-dir RUN_DIR[:LABEL] ...] [--metrics FILE[:LABEL] ...]
-[--benchmark benchmark.json] --output-dir DIR``
-
-Two sources, labelled as such in every output:
-
-* Measured during training (Fig. 10; ``--run-dir`` / ``--metrics``): from each run's
-  ``metrics.json`` (Detectron2's ``JSONWriter``: one JSON object per line; entries of the same
-  iteration are merged, later lines win) the series ``cls_loss/time`` (classification loss
-  forward time per iteration, written by ``APLossRetinaNet`` / the RoI heads), ``time`` (whole
-  iteration), ``cls_loss/num_neg_nontrivial`` and ``cls_loss/num_pos`` against the iteration;
-  table of first/last/mean/min/max. Each logged point is the median over Detectron2's
-  smoothing window (20 iterations), not a single iteration's value. These are the real logits
-  of the run (its own anchors per image), at every stage of training.
-* Synthetic logits (Fig. 9 and 11; ``--benchmark``): from a ``benchmark.json`` of ``python -m
-  tools.benchmark``: extra peak memory (MB) and forward+backward time of every loss
-  against the batch size, per device, anchors per image (the paper's 32,736 first) and number
-  of positives, on N(0, 1) logits (the early-training regime).
-
-Outputs in ``--output-dir``: ``cost.json``, ``cost.md``, ``cost_training.png`` (two panels:
-times; non-trivial negatives) and ``cost_benchmark.png`` (memory and time vs batch size).
-"""
+Details: docs/studies.md#studiescost."""
 import json
 import math
 import os

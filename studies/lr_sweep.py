@@ -1,43 +1,6 @@
 """Learning-rate sweep: each loss at its own best learning rate, mean and range over seeds.
 
-``python -m studies.lr_sweep --output-dir output/lr_sweep --losses ap focal
---lrs 0.005 0.01 0.02 --seeds 0 1 2 [--num-parallel N] [--devices 0 1 ...] [KEY VALUE ...]``
-
-Trains ``--config-file`` (default: the main job, ``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml``)
-once per (loss, learning rate, seed) with ``train_net.py`` in a subprocess, every run with the
-same schedule (the config's, plus the trailing ``KEY VALUE`` overrides, e.g. ``MODEL.DEVICE cuda``
-or ``SOLVER.MAX_ITER 20``), and reads each run's final COCO/VOC bbox evaluation from its
-``metrics.json``. Writes into ``--output-dir``:
-
-* ``lr_sweep.md``   per loss and LR: mean and [min, max] of AP / AP50 / AP75 over the seeds,
-  diverged runs, each loss's best LR in bold; then a README-ready table of each loss at its best
-  LR;
-* ``lr_sweep.json`` the same numbers and every run (status, metrics, command);
-* ``lr_sweep.png``  AP against LR per loss (mean, with the seeds' range as error bars);
-* ``<loss>_lr<lr>_seed<seed>/`` one train_net.py output folder per run (``sweep_log.txt``: its
-  output; ``sweep_run.json``: its result once finished).
-
-``--import MODULE`` (repeatable): a module imported by the sweep and by every training process
-before the loss is built, e.g. one that registers a loss of your own
-(``@CLS_LOSS_REGISTRY.register()``) named in ``--losses``; one process per run
-(``--num-gpus 1``).
-
-``--expected-results FILE`` also writes the best-LR summary that ``studies.main_job`` prints as
-the spread to expect (``configs/quick/expected_results.json`` for the main job).
-
-A run that stops on NaN/Inf (``train_net.py``'s "Training stopped at iteration N: NaN or Inf",
-or Detectron2's "Loss became infinite or NaN") is recorded as *diverged* with its iteration; it
-is not a failure of the sweep. A run that trains but evaluates to no detections (AP NaN) is
-recorded as *failed*, never ok, and is not retried. The best LR of a loss is the one with the
-highest mean AP over its ok seeds among the LRs at which no seed diverged or failed (if every LR
-has such a seed: among all). Other failures (e.g. a missing dataset) are reported and retried by
-the next invocation. Every run logs ``cls_loss/time`` (``MODEL.CLS_LOSS.DIAGNOSTICS True``) for
-``studies.cost``.
-
-Resuming: rerunning the command skips finished runs (``sweep_run.json`` present, with the same
-settings) and continues interrupted ones from their last checkpoint (``--resume``). Runs execute
-``--num-parallel`` at a time; ``--devices`` assigns ``CUDA_VISIBLE_DEVICES`` round-robin to them.
-"""
+Details: docs/studies.md#studieslr_sweep."""
 import json
 import math
 import os

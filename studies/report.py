@@ -1,23 +1,6 @@
 """One markdown page from several training runs and their studies (the paper's Table 2 & co).
 
-``python -m studies.report RUN_DIR [RUN_DIR ...] [--studies DIR ...]
-[--output-dir DIR]`` writes ``DIR/report.md`` (default ``output/report/report.md``).
-
-For every ``RUN_DIR`` (an output folder of ``train_net.py``):
-
-* ``config.yaml``: ``MODEL.CLS_LOSS.NAME`` gives the row label (the paper's loss names),
-  ``MODEL.META_ARCHITECTURE`` and ``DATASETS.TEST`` the column group;
-* ``metrics.json``: the last logged ``bbox/AP``, ``bbox/AP50``, ``bbox/AP75`` (COCOEvaluator and
-  PascalVOCDetectionEvaluator write the same keys; with several test datasets Detectron2 logs
-  ``<dataset>/bbox/AP`` and each dataset becomes its own column group);
-* study outputs found in the folder or below it (up to 3 levels): ``robustness.json``,
-  ``score_distribution.json``, ``cost.json`` (and the PNGs they list); ``--studies`` adds
-  folders holding study outputs that were written elsewhere (e.g. a robustness study of several
-  runs).
-
-The page has Table 2 (AP / AP50 / AP75 per loss and detector + dataset), a per-run detail
-table, then each study's table with its pictures (links relative to the report's folder).
-"""
+Details: docs/studies.md#studiesreport."""
 import json
 import os
 from collections import OrderedDict

@@ -1,46 +1,6 @@
 """Robustness to local perturbations (the paper's Sec. 4.2.2 "Robustness", Table 3).
 
-``python -m studies.robustness --run CONFIG:WEIGHTS[:LABEL] [--run ...]
-[--dataset NAME] [--max-images N] [--perturbations ...] [--seed S] [--patch-* ...]
-[--deepfool-* ...] --output-dir DIR``
-
-Each checkpoint is evaluated with its dataset's own evaluator (``ap_loss_d2.evaluation
-.build_evaluator``: COCO AP or Pascal VOC AP) on perturbed copies of the test set, made on the
-fly by :class:`PerturbedDatasetMapper` (Detectron2's test ``DatasetMapper`` with the
-perturbation applied to the decoded image before the test-time resize):
-
-* ``original``: unchanged;
-* ``black_patch``: a patch of half the box's width and height at the centre of every object is
-  set to zero;
-* ``random_patch``: that patch is replaced by content cut from a region of the same size that
-  lies outside every box of the image (uniformly among all such regions); if there is none,
-  the region overlapping the boxes least is used, and counted (``random_patch_fallbacks``);
-* ``flip_patch``: that patch is replaced by itself flipped left/right, top/bottom or both
-  (chosen at random per object);
-* ``gaussian_noise``: zero-mean Gaussian noise of variance 0.01 added to the image scaled to
-  [0, 1] (pixel / 255), then back to uint8 with rounding and clipping;
-* ``advs_patch`` (the paper's [57], Brown et al.): per run, one universal adversarial patch is
-  trained white-box on ``--patch-images`` images of ``--patch-dataset`` (default: the run's
-  first training set) to turn the objects into background, then pasted (resized) into the same
-  centre region of every object as the other patches (see :mod:`.attacks`);
-* ``deepfool`` (the paper's [56]): not an mAP column; per test image (the first
-  ``--deepfool-images``) the minimal L2 perturbation, found by binary DeepFool on the score
-  logits of the anchors matched to the objects, that drops every such anchor below the test
-  score threshold; the column is ``rho`` = mean ``||r||_2 / ||x||_2`` over the images attacked
-  successfully, times ``--deepfool-scale`` (default 1000; the paper does not state its scale).
-  Larger is more robust. See :mod:`.attacks` for the exact definitions.
-
-The two attacks need a RetinaNet (stock or ``APLossRetinaNet``). Randomness is seeded per
-image with ``seed + image_id`` (non-integer ids, e.g. VOC file ids, through CRC32), so results
-are reproducible and independent of data-loader workers and order; the patch with
-``--patch-seed``.
-
-Outputs in ``--output-dir``: ``robustness.json`` (every evaluator result, AP50 and AP per
-run and perturbation, perturbation statistics, the patch training and DeepFool results per
-image), ``robustness.md`` (Table 3: AP50 per run and perturbation, DeepFool's scaled rho),
-``advs_patch_run<i>.png`` (each run's patch, RGB) and ``robustness.png`` (examples of every
-image perturbation on the first image, with the first run's patch).
-"""
+Details: docs/studies.md#studiesrobustness."""
 import argparse
 import zlib
 from collections import Counter

@@ -1,50 +1,6 @@
 """RoI-sampling study of the paper's supplementary A4.3 (Table 14, Fig. 13).
 
-Faster R-CNN is trained with ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE`` in ``--sizes`` (default
-512 1024 1536 2048 3072 4096) and ``POSITIVE_FRACTION`` 1.0 (no positive/negative ratio
-constraint: all positives, the rest negatives), once per classification loss in ``--losses``
-(default: ``ce`` = stock Faster R-CNN, ``ap`` = AP-loss), then each model is evaluated on
-``DATASETS.TEST``. Writes into ``--output-dir``:
-
-* ``roi_sampling_study.md``   the table (AP, AP50, AP75 per setting and loss, like Table 14)
-* ``roi_sampling_study.json`` the same numbers (plus the evaluator's full output per run)
-* ``roi_sampling_study.png``  AP vs #RoIs per image, one line per loss (like Fig. 13)
-* ``<loss>_rois<size>/``      one Detectron2 output directory per run
-
-Each run is trained by ``train_net.py``'s logic (``python -m ap_loss_d2.engine.train_net``:
-Detectron2's ``DefaultTrainer`` through ``ap_loss_d2.engine.Trainer``) in a subprocess, one after the other, with ``--num-gpus`` passed
-on, and evaluated here with the project's evaluator (``Trainer.test``, i.e.
-``ap_loss_d2.evaluation.build_evaluator``) on ``model_final.pth``; the numbers in the report
-are that evaluator's output. The training subprocess gets ``DATASETS.TEST ()`` so the test set
-is evaluated once.
-
-Resuming: rerunning the same command skips finished runs (those whose ``study_eval.json``
-exists), evaluates runs that finished training, and continues interrupted runs from their last
-checkpoint (``--resume``). A run directory remembers its settings
-(``study_run.json``); rerunning with different settings into it is refused.
-
-Each run also sets ``MODEL.RPN.POST_NMS_TOPK_TRAIN`` to at least the RoI batch size, otherwise
-the number of proposals (1000 per image in Detectron2's FPN configs) would cap the sampled RoIs.
-The number of RoIs actually sampled per image (Detectron2's ``roi_head/num_{fg,bg}_samples``,
-from the run's ``metrics.json``) is reported too: on small images there may be fewer proposals
-than requested.
-
-Defaults: a CPU-sized setting, ``configs/FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml``
-(ResNet-18-FPN trained from scratch on the embedded synthetic shapes dataset
-``synth_shapes_train`` -> ``synth_shapes_val``, 128px images, 4 images per batch, 600
-iterations). Its cost grows with the number of RoIs (RoIAlign and the box head): roughly
-1 CPU-second per iteration at 512 RoIs per image and 5 at 4096 (about 3000 sampled: 128px
-images have fewer proposals), i.e. a few CPU-hours for the 12 default runs. Shorten it with
-``--iters`` / ``--sizes``, or add ``MODEL.DEVICE cuda``. The paper's setting (R50-FPN,
-VOC 07+12 -> 07 test)::
-
-    python -m studies.roi_sampling --num-gpus 8 \\
-        --config-file configs/FasterRCNN/faster_rcnn_R_50_FPN_18k_voc0712_ce.yaml \\
-        --output-dir output/roi_sampling_study_voc MODEL.DEVICE cuda
-
-Trailing ``KEY VALUE`` pairs are config overrides applied to every run, after the study's own
-(so they win).
-"""
+Details: docs/studies.md#studiesroi_sampling."""
 import contextlib
 import logging
 import subprocess

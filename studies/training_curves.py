@@ -1,28 +1,6 @@
 """Paper Fig. 6: detection AP against training iterations, one line per run (AP-loss vs focal...).
 
-``python -m studies.training_curves --run output/voc_ap --run output/voc_focal
---output-dir output/fig6 [--config-file CFG.yaml] [--dataset NAME] [--max-images N]
-[--device cpu] [KEY VALUE ...]``
-
-Each ``--run`` is a training output folder of ``train_net.py`` (``RUN_DIR[:LABEL]``): every
-saved checkpoint (``model_XXXXXXX.pth``, ``model_final.pth``) is evaluated with Detectron2's
-evaluator through :meth:`ap_loss_d2.engine.Trainer.test` (the same evaluation as the periodic
-``TEST.EVAL_PERIOD`` hook and ``train_net.py --eval-only``) on ``--dataset`` (default: the
-config's first ``DATASETS.TEST``), optionally its first ``--max-images`` images. The config is
-the run's ``config.yaml`` unless ``--config-file`` is given; trailing ``KEY VALUE`` pairs
-override it.
-
-The iteration of a checkpoint is the number of iterations trained: its stored ``iteration``
-(Detectron2's 0-based index) + 1. Writes ``training_curves.json`` (re-read on the next call:
-evaluations of unchanged checkpoints with the same dataset and evaluation config are not
-repeated), ``training_curves.md`` and
-``training_curves.png`` (AP and AP50 against iteration).
-
-``--group``: runs given the same ``LABEL`` are seeds of one setting (e.g. ``--run
-output/lr_sweep/ap_lr0.01_seed0:AP-loss --run output/lr_sweep/ap_lr0.01_seed1:AP-loss``): the
-table shows, per label and iteration, the mean and ``[min, max]`` over its runs, and the plot a
-mean line with the range shaded. Every run's own points stay in the JSON.
-"""
+Details: docs/studies.md#studiestraining_curves."""
 import re
 from pathlib import Path
 

@@ -1,19 +1,6 @@
 """Paper Fig. 5 / Fig. 12: the detections of two or more models on the same images, side by side.
 
-``python -m studies.visualize --run output/voc_ap --run output/voc_focal
---dataset voc_2007_test --num-images 4 --score-thresh 0.3 --output-dir output/fig5
-[--device cpu] [KEY VALUE ...]``
-
-Each ``--run`` is ``RUN_DIR[:LABEL]`` (a ``train_net.py`` output folder: its ``config.yaml`` and
-last checkpoint) or ``CONFIG:WEIGHTS[:LABEL]``. The first ``--num-images`` images of
-``--dataset`` (any registered detection dataset: the embedded ``synth_shapes_*`` sets, COCO,
-VOC; default the first run's ``DATASETS.TEST[0]``) go through each model with Detectron2's test
-preprocessing (``DatasetMapper(cfg, is_train=False)``); the detections scoring at least
-``--score-thresh`` are drawn with Detectron2's ``Visualizer`` (class names from the dataset's
-metadata). Writes, per image, ``image_<k>.png`` (one row: one column per model, titled with the
-run's label) and ``visualize.png`` (every row: one row per image), plus ``visualize.json``
-(the drawn detections) and ``visualize.md``.
-"""
+Details: docs/studies.md#studiesvisualize."""
 import copy
 from pathlib import Path
 

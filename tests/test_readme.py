@@ -153,7 +153,36 @@ def test_every_lab_command_has_a_test_that_runs_it():
         assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, (module, test)
 
 
-def test_documented_lab_commands_parse():
+#: The module of docs/studies.md's ``--import my_losses`` example: a loss of the user's own.
+MY_LOSSES = """
+from ap_loss_d2.losses.registry import CLS_LOSS_REGISTRY, ClsLoss
+
+
+@CLS_LOSS_REGISTRY.register()
+class DocsToyBrier(ClsLoss):
+    name, label = "toy_brier", "Toy Brier"
+    heads = ("retinanet",)
+
+    def loss(self, logits, gt_labels, stats, normalizer, entries_per_image):
+        return logits.sigmoid().sum()
+"""
+
+
+@pytest.fixture
+def my_losses(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "my_losses.py").write_text(MY_LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    if "my_losses" in sys.modules:
+        from ap_loss_d2.losses.registry import CLS_LOSS_REGISTRY
+
+        del sys.modules["my_losses"]
+        del CLS_LOSS_REGISTRY._obj_map["DocsToyBrier"]  # fvcore's Registry has no public unregister
+
+
+def test_documented_lab_commands_parse(my_losses):
     """Each documented command's arguments parse with its module's own parser (``main`` is not
     run: several need CUDA, VOC data or hours)."""
     import contextlib
