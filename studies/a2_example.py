@@ -173,10 +173,8 @@ def format_table(result: dict, rows: int = 8) -> str:
     )
     steps = steps[: rows - 1] + [n_gd] if len(steps) > rows else steps
     lines = [
-        "Gradient descent on the smoothed AP-loss F (Eq. 35):",
-        "",
-        "| step | theta_1 | theta_2 | F (smoothed) | 1 - AP (exact) |",
-        "|---:|---:|---:|---:|---:|",
+        "Gradient descent on the smoothed AP-loss F (Eq. 35):", "",
+        "| step | theta_1 | theta_2 | F (smoothed) | 1 - AP (exact) |", "|---:|---:|---:|---:|---:|"
     ]
     for s in steps:
         th = gd["theta"][s]
@@ -197,8 +195,7 @@ def format_table(result: dict, rows: int = 8) -> str:
         lines.append(f"| {s} | {th[0]:.4f} | {th[1]:.4f} | {v:.6f} |")
     zero = ed["steps_to_zero"]
     lines += [
-        "",
-        f"AP-loss 0 reached after {zero} steps" if zero is not None else "AP-loss 0 not reached",
+        "", f"AP-loss 0 reached after {zero} steps" if zero is not None else "AP-loss 0 not reached"
     ]
     return "\n".join(lines)
 
@@ -214,10 +211,8 @@ def plot(result: dict, path: str) -> None:
     ax.plot(x_gd, gd["F"], label="gradient descent: smoothed AP-loss F")
     ax.plot(x_gd, gd["exact_ap_loss"], "--", label="gradient descent: exact 1 - AP")
     ax.step(
-        range(1, len(ed["exact_ap_loss"]) + 1),
-        ed["exact_ap_loss"],
-        where="post",
-        label="error-driven update: exact 1 - AP",
+        range(1, len(ed["exact_ap_loss"]) + 1), ed["exact_ap_loss"], where="post",
+        label="error-driven update: exact 1 - AP"
     )
     ax.axhline(1 / 6, color="gray", lw=0.8, ls=":", label="1/6")
     ax.set_xscale("log")
@@ -246,12 +241,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     result = run_a2(
-        args.theta0,
-        lr=args.lr,
-        gd_steps=args.gd_steps,
-        sigmoid_k=args.sigmoid_k,
-        ed_lr=args.ed_lr,
-        ed_step=args.ed_step,
+        args.theta0, lr=args.lr, gd_steps=args.gd_steps, sigmoid_k=args.sigmoid_k, ed_lr=args.ed_lr,
+        ed_step=args.ed_step
     )
     print(format_table(result))
     os.makedirs(args.output_dir, exist_ok=True)

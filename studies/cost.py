@@ -243,8 +243,7 @@ def main(argv=None):
         if not f.is_file():
             raise SystemExit(f"{f} does not exist")
     labels = unique_labels([_label_for(f, lab) for f, lab in inputs])
-    report = {"study": STUDY, "created": timestamp(), "runs": [], "benchmark": None,
-              "figures": []}
+    report = {"study": STUDY, "created": timestamp(), "runs": [], "benchmark": None, "figures": []}
     md = []
     for (f, _), label in zip(inputs, labels):
         progress(STUDY, f"{label}: reading {f}")

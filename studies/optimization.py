@@ -270,12 +270,10 @@ class OptimizationStudyRetinaNet(APLossRetinaNet):
             stacked = torch.stack(gt_labels)
             self.last_batch = dict(
                 logits=cat(pred_logits, dim=1).detach(),
-                targets=ranking_targets(stacked, self.num_classes),
-                targets_all=targets_all,
-                labels=stacked,
-                proposal_scores=scores,
+                targets=ranking_targets(stacked, self.num_classes), targets_all=targets_all,
+                labels=stacked, proposal_scores=scores,
                 neg_anchors_per_image=float((stacked == self.num_classes).sum()) / len(gt_labels),
-                anchors_per_image=float(stacked.shape[1]),
+                anchors_per_image=float(stacked.shape[1])
             )
         return super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
 
@@ -395,11 +393,8 @@ def report_fig8a(results: Dict[str, dict], output_dir: Path):
     }
     any_r = next(iter(results.values()))
     data = dict(
-        study="optimization",
-        part="a",
-        figures=["fig8a.png"],
-        settings=_common_settings(any_r),
-        methods=methods,
+        study="optimization", part="a", figures=["fig8a.png"], settings=_common_settings(any_r),
+        methods=methods
     )
     write_json(output_dir / "fig8a.json", data)
     lines = [
@@ -436,14 +431,10 @@ def _level_data(method, n, r, negative_mode, from_snapshot):
     if negative_mode == "proposals":
         proposals = anchors if n < 0 else (min(n, anchors) if anchors else n)
     return dict(
-        num_negatives=n,
-        proposals_per_image=proposals,
-        anchors_per_image=anchors,
-        neg_anchors_per_image=r["neg_anchors_per_image"],
-        final_ap_loss=r["final_ap_loss"],
+        num_negatives=n, proposals_per_image=proposals, anchors_per_image=anchors,
+        neg_anchors_per_image=r["neg_anchors_per_image"], final_ap_loss=r["final_ap_loss"],
         final_ap_loss_all_negatives=r.get("final_ap_loss_all_negatives", r["final_ap_loss"]),
-        last_ap_loss=r["last_ap_loss"],
-        run=run_name(method, n, negative_mode, from_snapshot),
+        last_ap_loss=r["last_ap_loss"], run=run_name(method, n, negative_mode, from_snapshot)
     )
 
 
@@ -484,15 +475,9 @@ def report_fig8b(
         None,
     )
     data = dict(
-        study="optimization",
-        part="b",
-        figures=["fig8b.png"],
-        negative_mode=negative_mode,
-        x_axis=x_key,
-        settings=settings,
-        snapshot=snapshot,
-        methods=methods,
-        methods_from_snapshot=methods_snap,
+        study="optimization", part="b", figures=["fig8b.png"], negative_mode=negative_mode,
+        x_axis=x_key, settings=settings, snapshot=snapshot, methods=methods,
+        methods_from_snapshot=methods_snap
     )
     write_json(output_dir / "fig8b.json", data)
     first = next(iter(methods.values()))
@@ -756,18 +741,10 @@ def run_one(
         return read_json(result_path)
 
     cfg = build_run_cfg(
-        config_file,
-        method,
-        num_negatives,
-        iters,
-        run_dir,
-        negative_mode=negative_mode,
+        config_file, method, num_negatives, iters, run_dir, negative_mode=negative_mode,
         proposal_weights=str(Path(proposal_weights).resolve()) if uses_proposals else "",
         init_weights=str(Path(init_weights).resolve()) if init_weights else "",
-        record_period=record_period,
-        checkpoint_period=checkpoint_period,
-        seed=seed,
-        opts=opts,
+        record_period=record_period, checkpoint_period=checkpoint_period, seed=seed, opts=opts
     )
     (run_dir / "config.yaml").write_text(cfg.dump())
     metrics_path = run_dir / "metrics.json"
@@ -796,17 +773,12 @@ def run_one(
     negs = [v for _, v in curve(NEG_KEY)]
     anchors = [v for _, v in curve(ANCHORS_KEY)]
     result = dict(
-        settings=settings,
-        method=method,
-        num_negatives=num_negatives,
+        settings=settings, method=method, num_negatives=num_negatives,
         negative_mode=settings["negative_mode"],
         anchors_per_image=sum(anchors) / len(anchors) if anchors else None,
-        iterations=[it for it, _ in points],
-        ap_loss=values,
-        final_ap_loss=final,
-        final_window=window,
-        last_ap_loss=values[-1] if values else None,
-        neg_anchors_per_image=sum(negs) / len(negs) if negs else None,
+        iterations=[it for it, _ in points], ap_loss=values, final_ap_loss=final,
+        final_window=window, last_ap_loss=values[-1] if values else None,
+        neg_anchors_per_image=sum(negs) / len(negs) if negs else None
     )
     all_points = curve(AP_LOSS_ALL_KEY)
     if all_points:
@@ -902,14 +874,9 @@ def run_study(
         proposal_weights = None
     output_dir.mkdir(parents=True, exist_ok=True)
     common = dict(
-        negative_mode=negative_mode,
-        proposal_weights=proposal_weights,
-        record_period=record_period,
-        checkpoint_period=checkpoint_period,
-        seed=seed,
-        opts=opts,
-        final_fraction=final_fraction,
-        keep_checkpoints=keep_checkpoints,
+        negative_mode=negative_mode, proposal_weights=proposal_weights, record_period=record_period,
+        checkpoint_period=checkpoint_period, seed=seed, opts=opts, final_fraction=final_fraction,
+        keep_checkpoints=keep_checkpoints
     )
     todo = [(m, n, False) for m in methods for n in levels]
     if snapshot is not None:
@@ -1012,10 +979,8 @@ def build_parser():
     )
     p.add_argument("--checkpoint-period", type=int, default=100)
     p.add_argument(
-        "--final-fraction",
-        type=float,
-        default=0.2,
-        help="final AP-loss = mean of this last fraction of the records",
+        "--final-fraction", type=float, default=0.2,
+        help="final AP-loss = mean of this last fraction of the records"
     )
     p.add_argument(
         "--seed", type=int, default=0, help="same initialisation and data order for every run"
@@ -1039,23 +1004,13 @@ def main(argv=None):
     setup_logger(args.output_dir, name="detectron2")
     setup_logger(args.output_dir, name="ap_loss_d2")
     out = run_study(
-        args.output_dir,
-        config_file=args.config_file or default_config(CONFIG_REL),
-        methods=args.methods,
-        parts=args.parts,
-        negatives=args.negatives,
-        negative_mode=args.negative_mode,
-        proposal_weights=args.proposal_weights,
-        snapshot_proposals=args.snapshot_proposals,
-        snapshot_iters=args.snapshot_iters,
-        snapshot_negatives=args.snapshot_negatives,
-        iters=args.iters,
-        record_period=args.record_period,
-        checkpoint_period=args.checkpoint_period,
-        seed=args.seed,
-        opts=args.opts,
-        final_fraction=args.final_fraction,
-        keep_checkpoints=args.keep_checkpoints,
+        args.output_dir, config_file=args.config_file or default_config(CONFIG_REL),
+        methods=args.methods, parts=args.parts, negatives=args.negatives,
+        negative_mode=args.negative_mode, proposal_weights=args.proposal_weights,
+        snapshot_proposals=args.snapshot_proposals, snapshot_iters=args.snapshot_iters,
+        snapshot_negatives=args.snapshot_negatives, iters=args.iters,
+        record_period=args.record_period, checkpoint_period=args.checkpoint_period, seed=args.seed,
+        opts=args.opts, final_fraction=args.final_fraction, keep_checkpoints=args.keep_checkpoints
     )
     for part in sorted(out):
         print((Path(args.output_dir) / f"fig8{part}.md").read_text())

@@ -150,9 +150,6 @@ def original(image, boxes=None, rng=None, stats=None):
 
 #: name -> function, in the paper's column order.
 PERTURBATIONS: Dict[str, Callable] = {
-    "original": original,
-    "black_patch": black_patch,
-    "random_patch": random_patch,
-    "flip_patch": flip_patch,
-    "gaussian_noise": gaussian_noise,
+    "original": original, "black_patch": black_patch, "random_patch": random_patch,
+    "flip_patch": flip_patch, "gaussian_noise": gaussian_noise
 }

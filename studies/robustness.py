@@ -27,13 +27,9 @@ STUDY = "robustness"
 
 #: name -> Table 3 column header.
 PERTURBATION_NAMES = {
-    "original": "Original",
-    "black_patch": "Black Patch",
-    "random_patch": "Random Patch",
-    "flip_patch": "Flip Patch",
-    "gaussian_noise": "Gaussian Noise",
-    "advs_patch": "Advs-Patch",
-    "deepfool": "DeepFool",
+    "original": "Original", "black_patch": "Black Patch", "random_patch": "Random Patch",
+    "flip_patch": "Flip Patch", "gaussian_noise": "Gaussian Noise", "advs_patch": "Advs-Patch",
+    "deepfool": "DeepFool"
 }
 #: The white-box attacks (per model; RetinaNet only).
 ATTACKS = ("advs_patch", "deepfool")
@@ -268,16 +264,13 @@ def parse_args(argv=None):
                    help="training images of the patch (default: the run's DATASETS.TRAIN[0])")
     g.add_argument("--patch-images", type=_positive(int), default=64,
                    help="the first N images of --patch-dataset")
-    g.add_argument("--patch-steps", type=_positive(int), default=100,
-                   help="Adam steps")
+    g.add_argument("--patch-steps", type=_positive(int), default=100, help="Adam steps")
     g.add_argument("--patch-lr", type=_positive(float), default=0.03,
                    help="Adam step size on pixel values in [0, 1]")
-    g.add_argument("--patch-batch", type=_positive(int), default=8,
-                   help="images per step")
+    g.add_argument("--patch-batch", type=_positive(int), default=8, help="images per step")
     g.add_argument("--patch-size", type=_positive(int), default=32,
                    help="side of the square patch in pixels before resizing")
-    g.add_argument("--patch-seed", type=int, default=0,
-                   help="initial patch and image order")
+    g.add_argument("--patch-seed", type=int, default=0, help="initial patch and image order")
     g = p.add_argument_group("DeepFool (minimal L2 perturbation per test image)")
     g.add_argument("--deepfool-images", type=_positive(int), default=None,
                    help="attack the first N evaluated images (default: all)")
@@ -341,20 +334,12 @@ def main(argv=None):
     evaluator_type = MetadataCatalog.get(eval_name).get("evaluator_type", None)
     metric = "AP50"
     report = {
-        "study": STUDY,
-        "created": timestamp(),
-        "dataset": dataset,
-        "evaluated_dataset": eval_name,
-        "evaluator_type": evaluator_type,
-        "max_images": args.max_images,
-        "metric": metric,
-        "metrics": ["AP50", "AP"],
-        "seed": args.seed,
-        "noise_variance": NOISE_VARIANCE,
+        "study": STUDY, "created": timestamp(), "dataset": dataset, "evaluated_dataset": eval_name,
+        "evaluator_type": evaluator_type, "max_images": args.max_images, "metric": metric,
+        "metrics": ["AP50", "AP"], "seed": args.seed, "noise_variance": NOISE_VARIANCE,
         "perturbations": list(args.perturbations),
-        "perturbation_names": {p: PERTURBATION_NAMES[p] for p in args.perturbations},
-        "runs": [],
-        "figures": [],
+        "perturbation_names": {p: PERTURBATION_NAMES[p] for p in args.perturbations}, "runs": [],
+        "figures": []
     }
     if "advs_patch" in args.perturbations:
         report["advs_patch"] = dict(

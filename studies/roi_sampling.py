@@ -70,10 +70,9 @@ def run_overrides(base_cfg, loss, size, iters):
     """The study's overrides of one run (the user's overrides are appended after them)."""
     # fmt: off
     opts = [
-        "MODEL.CLS_LOSS.NAME", loss,
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(size),
+        "MODEL.CLS_LOSS.NAME", loss, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(size),
         "MODEL.ROI_HEADS.POSITIVE_FRACTION", str(POSITIVE_FRACTION),
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", str(max(base_cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, size)),
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", str(max(base_cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, size))
     ]
     # fmt: on
     if iters is not None:
@@ -289,13 +288,9 @@ def main(argv=None):
 
     base = _merged_cfg(config, opts)
     meta = {
-        "config": config,
-        "iters": args.iters if args.iters is not None else base.SOLVER.MAX_ITER,
-        "sizes": sizes,
-        "losses": losses,
-        "positive_fraction": POSITIVE_FRACTION,
-        "overrides": opts,
-        "test_datasets": list(base.DATASETS.TEST),
+        "config": config, "iters": args.iters if args.iters is not None else base.SOLVER.MAX_ITER,
+        "sizes": sizes, "losses": losses, "positive_fraction": POSITIVE_FRACTION, "overrides": opts,
+        "test_datasets": list(base.DATASETS.TEST)
     }
     if not meta["test_datasets"]:
         raise SystemExit("the config has no DATASETS.TEST to evaluate on")
@@ -334,12 +329,10 @@ def main(argv=None):
             with open(output_dir / "eval_log.txt", "a") as f, contextlib.redirect_stdout(f):
                 results = evaluate(settings, run_dir)
         record = {
-            "loss": loss,
-            "batch_size_per_image": size,
+            "loss": loss, "batch_size_per_image": size,
             **bbox_metrics(results, meta["test_datasets"]),
-            "mean_sampled_rois_per_image": mean_sampled_rois(run_dir),
-            "output_dir": str(run_dir),
-            "results": results,
+            "mean_sampled_rois_per_image": mean_sampled_rois(run_dir), "output_dir": str(run_dir),
+            "results": results
         }
         record = to_jsonable(record)
         write_json(eval_file, record)
