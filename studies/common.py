@@ -53,6 +53,28 @@ def train_net_command(imports: Sequence[str] = ()) -> List[str]:
     return [sys.executable, "-c", _IMPORT_THEN_TRAIN, str(REPO / "train_net.py"), *imports, "--"]
 
 
+def run_logged(cmd: Sequence[str], log_path, env=None, echo: bool = False) -> int:
+    """Run ``cmd`` (a training process) with its output appended to ``log_path`` after a ``$ cmd``
+    line, and echoed with ``echo``; an interrupt stops the process too. Returns its exit code."""
+    import subprocess
+
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(map(str, cmd)) + "\n")
+        log.flush()
+        proc = subprocess.Popen(list(map(str, cmd)), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if echo:
+                    sys.stdout.write(line)
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+
+
 def import_modules(names: Sequence[str], error=SystemExit) -> None:
     """Import the modules ``names`` (``--import``); a clear ``error`` naming the one that fails."""
     import importlib

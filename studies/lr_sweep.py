@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +12,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .common import (
-    cls_loss_label, REPO, default_config, check_loss_names, fmt_num, import_modules,
-    last_bbox_metrics, markdown_table, not_finite, progress, study_argument_parser, timestamp,
+    check_loss_names, cls_loss_label, default_config, fmt_num, import_modules, last_bbox_metrics,
+    markdown_table, not_finite, progress, REPO, run_logged, study_argument_parser, timestamp,
     train_net_command, write_json
 )
 
@@ -87,15 +86,14 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     if args.devices:
         env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
     progress(STUDY, f"{out.name}: {'resuming' if resume else 'training'}")
-    with open(out / "sweep_log.txt", "a") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    returncode = run_logged(cmd, out / "sweep_log.txt", env=env)
     text = (out / "sweep_log.txt").read_text(errors="replace")
-    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": proc.returncode}
+    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode}
     metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
                for m, v in per_dataset.items() if m in METRICS}
-    record.update(run_status(proc.returncode, text, metrics))
+    record.update(run_status(returncode, text, metrics))
     if record["status"] == "failed" and "reason" not in record:
-        progress(STUDY, f"{out.name}: FAILED (exit {proc.returncode}); see {out / 'sweep_log.txt'}"
+        progress(STUDY, f"{out.name}: FAILED (exit {returncode}); see {out / 'sweep_log.txt'}"
                         f"\n{record['log_tail']}")
         return record  # not marked finished: retried next time
     write_json(done, record)

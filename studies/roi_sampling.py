@@ -3,7 +3,6 @@
 Details: docs/studies.md#studiesroi_sampling."""
 import contextlib
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from .common import (
     check_run_settings, cls_loss_label, default_config, fmt_num, markdown_table,
     metrics_by_iteration, pyplot, read_json, scaled_schedule, study_argument_parser, to_jsonable,
-    train_net_command, write_json
+    train_net_command, run_logged, write_json
 )
 
 CONFIG_REL = "FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
@@ -62,10 +61,6 @@ def _merged_cfg(config_file, opts):
     return cfg
 
 
-#: ``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters`` (the studies' one function).
-scaled_steps = scaled_schedule
-
-
 def run_overrides(base_cfg, loss, size, iters):
     """The study's overrides of one run (the user's overrides are appended after them)."""
     # fmt: off
@@ -76,7 +71,7 @@ def run_overrides(base_cfg, loss, size, iters):
     ]
     # fmt: on
     if iters is not None:
-        steps = scaled_steps(base_cfg.SOLVER.STEPS, base_cfg.SOLVER.MAX_ITER, iters)
+        steps = scaled_schedule(base_cfg.SOLVER.STEPS, base_cfg.SOLVER.MAX_ITER, iters)
         opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", repr(steps)]
     return opts
 
@@ -113,20 +108,7 @@ def train(settings, run_dir, train_net, num_gpus, verbose=False):
     ]
     # fmt: on
     log_path = Path(run_dir) / "train_stdout.log"
-    with open(log_path, "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                if verbose:
-                    sys.stdout.write(line)
-            returncode = proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted: stop our training process too
-                proc.terminate()
-                proc.wait()
+    returncode = run_logged(cmd, log_path, echo=verbose)
     if returncode != 0:
         tail = log_path.read_text().splitlines()[-30:]
         raise RuntimeError(

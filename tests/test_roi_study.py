@@ -120,14 +120,6 @@ def _same(reported, evaluated):
     return reported == evaluated
 
 
-def test_scaled_steps(tool):
-    assert tool.scaled_steps((450, 550), 600, 600) == (450, 550)
-    assert tool.scaled_steps((450, 550), 600, 60) == (45, 55)
-    assert tool.scaled_steps((450, 550), 600, 3) == (2,)  # increasing, inside (0, iters)
-    assert tool.scaled_steps((450, 550), 600, 1) == ()
-
-
-@pytest.mark.slow
 def test_report_files(study, capsys):
     out, records = study
     assert [(r["loss"], r["batch_size_per_image"]) for r in records] == [
