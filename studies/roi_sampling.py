@@ -41,7 +41,7 @@ def build_parser():
         help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (default: the config's)")
     add("--train-net", default=None,
         help="another training script taking Detectron2's default_argument_parser arguments "
-        "(default: python -m ap_loss_d2.engine.train_net)")
+        "(default: the repository's train_net.py)")
     add("--verbose", action="store_true",
         help="also print the training and evaluation logs (always written to files)")
     return parser

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+from ap_loss_d2.engine import SafeDetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from ap_loss_d2.data import CLASSES  # noqa: E402
