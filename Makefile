@@ -7,7 +7,7 @@ setup:
 	bash tools/setup_env.sh
 
 main: setup
-	$(PY) -m ap_loss_d2.studies.main_job
+	$(PY) -m studies.main_job
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -17,10 +17,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 env: setup
-	$(PY) -m ap_loss_d2.env
+	$(PY) -m tools.env
 
 benchmark: setup
-	$(PY) -m ap_loss_d2.benchmark
+	$(PY) -m tools.benchmark
 
 # Compatibility check against a Detectron2 source tree (docs/development.md):
 #   make check-d2-source D2_SOURCE=/path/to/detectron2 [D2_VENV=/tmp/venv-d2]

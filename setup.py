@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="AP-loss (Chen et al.) for Detectron2: ranking-based classification loss for "
     "RetinaNet and Faster R-CNN, with an exact O((|P|+|N|) log |P|) error-driven update.",
-    packages=find_packages(exclude=("tests", "tests.*", "tools", "configs")),
+    packages=find_packages(exclude=("tests", "tests.*", "tools", "tools.*", "studies", "studies.*", "configs")),
     python_requires=">=3.8",
     # No upper pins: users with a modern Detectron2 must not be downgraded. The pins needed by
     # the offline Detectron2 v0.6 fallback live in tools/d2_fallback/constraints.txt; the one

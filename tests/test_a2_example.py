@@ -1,11 +1,11 @@
 """Appendix A2: gradient descent on the smoothed AP-loss stalls at 1/6, the error-driven update
-reaches AP-loss 0 in finitely many steps (ap_loss_d2.studies.a2_example)."""
+reaches AP-loss 0 in finitely many steps (studies.a2_example)."""
 import json
 
 import pytest
 import torch
 
-from ap_loss_d2.studies.a2_example import (
+from studies.a2_example import (
     exact_ap_loss,
     exact_ap_loss_trajectory,
     main,

@@ -1,4 +1,4 @@
-"""Table 3's white-box attacks (ap_loss_d2.studies.attacks): DeepFool against analytic oracles
+"""Table 3's white-box attacks (studies.attacks): DeepFool against analytic oracles
 and on a small real RetinaNet, the adversarial patch's pasting, training and options, and the
 robustness study's Advs-Patch / DeepFool columns end to end (CPU, tiny)."""
 import json
@@ -19,10 +19,10 @@ from PIL import Image  # noqa: E402
 
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.evaluation import build_evaluator  # noqa: E402
-from ap_loss_d2.studies import attacks as A  # noqa: E402
-from ap_loss_d2.studies import perturbations as pt  # noqa: E402
-from ap_loss_d2.studies import robustness as rb  # noqa: E402
-from ap_loss_d2.studies.common import build_model_for_run, load_cfg, save_checkpoint  # noqa: E402
+from studies import attacks as A  # noqa: E402
+from studies import perturbations as pt  # noqa: E402
+from studies import robustness as rb  # noqa: E402
+from studies.common import build_model_for_run, load_cfg, save_checkpoint  # noqa: E402
 
 try:  # Detectron2 main
     from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K

@@ -354,7 +354,7 @@ def benchmark_args(*argv):
         import contextlib
         import io
 
-        from ap_loss_d2 import benchmark
+        from tools import benchmark
 
         err = io.StringIO()
         try:
@@ -370,7 +370,7 @@ def benchmark_args(*argv):
 def _study(name):
     import importlib
 
-    return importlib.import_module(f"ap_loss_d2.studies.{name}")
+    return importlib.import_module(f"studies.{name}")
 
 
 def study_args(name, *argv, parser="parse_args", field="opts"):
@@ -511,7 +511,7 @@ ROWS = [
     ("lr-sweep-old-config-flag", study_args("lr_sweep", "--config", YAML), r"SystemExit: .*unrecognized arguments: --config "),
     ("report-old-output-flag", study_args("report", "run", "--output", "r.md"), r"SystemExit: .*unrecognized arguments: --output r\.md"),
     ("roi-sampling-old-config-flag", study_args("roi_sampling", "--config", YAML, parser="build_parser"), r"SystemExit: .*unrecognized arguments: --config "),
-    ("optimization-old-config-flag", study_args("optimization.cli", "--config", YAML, parser="build_parser"), r"SystemExit: .*unrecognized arguments: --config "),
+    ("optimization-old-config-flag", study_args("optimization", "--config", YAML, parser="build_parser"), r"SystemExit: .*unrecognized arguments: --config "),
 ]
 
 # Cases that build a trainer (a few seconds each).

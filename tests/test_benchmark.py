@@ -1,4 +1,4 @@
-"""``python -m ap_loss_d2.benchmark``: the loss table (``--quick``, tiny sizes, CPU), the
+"""``python -m tools.benchmark``: the loss table (``--quick``, tiny sizes, CPU), the
 ``--device cuda`` message without a GPU, and the training-iteration breakdown (``--breakdown``,
 tiny, CPU; CUDA-marked twins)."""
 import json
@@ -20,7 +20,7 @@ LOSSES = ("focal", "focal_plain", "ce_ohem", "ap_loss", "ap_loss_float32_targets
 
 def _bench(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "ap_loss_d2.benchmark", *args], cwd=str(REPO),
+    return subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=str(REPO),
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -111,7 +111,7 @@ def test_benchmark_cpu_memory(tmp_path):
 
 
 def test_default_anchors_named():
-    from ap_loss_d2.benchmark import ANCHOR_NAMES, parse_args
+    from tools.benchmark import ANCHOR_NAMES, parse_args
 
     args = parse_args([])
     assert args.anchors == [32736, 49104]  # the paper's 6 per location first (issue 14 item 5)
@@ -132,7 +132,7 @@ def test_default_anchors_named():
     (["--threads", "0"], "--threads: 0 is too small"),
 ])
 def test_nonsense_sizes_are_usage_errors(argv, words, capsys):
-    from ap_loss_d2.benchmark import parse_args
+    from tools.benchmark import parse_args
 
     with pytest.raises(SystemExit) as e:
         parse_args(argv)

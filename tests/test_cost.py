@@ -1,5 +1,5 @@
 """Cost study (Fig. 10, 9, 11): tables from a hand-written metrics.json and a real
-``python -m ap_loss_d2.benchmark --quick`` benchmark.json."""
+``python -m tools.benchmark --quick`` benchmark.json."""
 import json
 import subprocess
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ap_loss_d2.studies import cost
-from ap_loss_d2.studies.common import cls_loss_label as L
+from studies import cost
+from studies.common import cls_loss_label as L
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_metrics_label_and_missing_keys(tmp_path):
 @pytest.mark.slow  # launches the benchmark in a process
 def test_benchmark_tables_equal_benchmark_json(tmp_path):
     bench_dir = tmp_path / "bench"
-    r = subprocess.run([sys.executable, "-m", "ap_loss_d2.benchmark", "--quick", "--device",
+    r = subprocess.run([sys.executable, "-m", "tools.benchmark", "--quick", "--device",
                         "cpu", "--output-dir", str(bench_dir)], cwd=str(REPO), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_benchmark_tables_equal_benchmark_json(tmp_path):
     saved = json.loads((out / "cost.json").read_text())
     groups = saved["benchmark"]["groups"]
     losses = bench["losses"]
-    assert saved["benchmark"]["losses"] == losses
+    assert saved["benchmark"]["losses"] == {n: bench["labels"][n] for n in losses}  # the benchmark's labels
     md = (out / "cost.md").read_text()
     n_rows = 0
     for row in bench["results"]:
@@ -109,6 +109,7 @@ def test_benchmark_tables_equal_benchmark_json(tmp_path):
         assert f"| {row['images']} | " + " | ".join(time_cells) + " |" in md
         n_rows += 1
     assert n_rows == len(bench["results"]) > 0
+    assert "| batch size | " + " | ".join(bench["labels"][n] for n in losses) + " |" in md
     assert report["benchmark"]["groups"] == groups
     assert "* extrapolated from a subset of the positives" in md
     assert (out / "cost_benchmark.png").stat().st_size > 0
@@ -117,7 +118,7 @@ def test_benchmark_tables_equal_benchmark_json(tmp_path):
 def test_both_sources_labelled_paper_anchors_first(run_dir, tmp_path):
     """With a training run and a benchmark, the report says which numbers come from training
     and which from synthetic logits, and lists the paper's 32,736 anchors first."""
-    from ap_loss_d2.benchmark import ANCHOR_NAMES, parse_args
+    from tools.benchmark import ANCHOR_NAMES, parse_args
 
     anchors = parse_args([]).anchors
     rows = [dict(device="cpu", anchors=a, positives=500, images=1,

@@ -1,4 +1,4 @@
-"""``python -m ap_loss_d2.env``: which Detectron2 (v0.6 release code or main, release or source
+"""``python -m tools.env``: which Detectron2 (v0.6 release code or main, release or source
 build, commit), compiled ops, and the versions of the packages Detectron2 depends on."""
 import importlib.metadata
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ap_loss_d2.env import describe_detectron2
+from tools.env import describe_detectron2
 
 REPO = Path(__file__).resolve().parents[1]
 COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
@@ -44,7 +44,7 @@ def test_describe_index_release_and_local_builds(tmp_path):
 
 def _report(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-m", "ap_loss_d2.env", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tools.env", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     # "key<padding>  value" per line

@@ -1,4 +1,4 @@
-"""Fig. 8b as in the paper (ap_loss_d2.studies.optimization, ``negative_mode="proposals"``) on a
+"""Fig. 8b as in the paper (studies.optimization, ``negative_mode="proposals"``) on a
 tiny setting: the valid samples are the top-N anchors of a frozen proposer united with the
 positives (checked against scores computed here from the proposer's weights), the proposer is
 never trained, fig8b reports the recorded numbers, snapshot runs start from the snapshot's
@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from detectron2.modeling import RetinaNet, build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from ap_loss_d2.studies import optimization as study  # noqa: E402
+from studies import optimization as study  # noqa: E402
 
 from tests.test_optimization_study import TINY_OPTS, _batch  # noqa: E402
 

@@ -37,7 +37,7 @@ def _impl():
 
 
 def _positive_loop():
-    from ap_loss_d2.losses.positive_loop import ap_loss_positive_loop
+    from tools.positive_loop import ap_loss_positive_loop
 
     return ap_loss_positive_loop
 

@@ -1,14 +1,15 @@
-"""The learning-rate sweep (ap_loss_d2.studies.lr_sweep): orchestration with a stand-in training
+"""The learning-rate sweep (studies.lr_sweep): orchestration with a stand-in training
 script (fast), and one real tiny sweep through train_net.py (slow)."""
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from ap_loss_d2.studies import lr_sweep
-from ap_loss_d2.studies.common import cls_loss_label as L
+from studies import lr_sweep
+from studies.common import cls_loss_label as L
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = "tests/configs/tiny_synth_retinanet.yaml"
@@ -46,7 +47,8 @@ FAKE = textwrap.dedent('''
 def fake_train(tmp_path, monkeypatch):
     script = tmp_path / "fake_train_net.py"
     script.write_text(FAKE)
-    monkeypatch.setattr(lr_sweep, "train_net_command", lambda: [sys.executable, str(script)])
+    monkeypatch.setattr(lr_sweep, "train_net_command", lambda imports=(): [sys.executable, str(script)])
+    monkeypatch.setattr(lr_sweep, "check_loss_names", lambda *a, **k: None)  # the fake's "broken", "empty"
     return script
 
 
@@ -136,7 +138,7 @@ def test_tiny_real_sweep(tmp_path, synth_dataset_dir):
 
 
 def _main_job():
-    from ap_loss_d2.studies import main_job
+    from studies import main_job
 
     return main_job
 
@@ -188,7 +190,7 @@ def test_committed_expected_results_match_the_docs_and_the_main_job():
     mj = _main_job()
     data = json.loads(mj.EXPECTED.read_text())
     assert data["seeds"] == [0, 1, 2] and set(data["losses"]) == {"ap", "focal"}
-    from ap_loss_d2.studies.common import load_cfg
+    from studies.common import load_cfg
 
     cfg = load_cfg(str(REPO / mj.CONFIG))
     ap = data["losses"][cfg.MODEL.CLS_LOSS.NAME]
@@ -207,3 +209,44 @@ def test_committed_expected_results_match_the_docs_and_the_main_job():
         cell = " | ".join(fmt(e[m]) for m in ("AP", "AP50", "AP75"))
         cell = cell.replace(fmt(e["AP"]), f"**{fmt(e['AP'])}**", 1)
         assert f"| {label} | **{e['lr']:g}** | {cell} |" in paper
+
+
+USER_LOSS = '''
+from ap_loss_d2.losses.ranking_sets import ranking_targets
+from ap_loss_d2.losses.registry import CLS_LOSS_REGISTRY, ClsLoss
+
+
+@CLS_LOSS_REGISTRY.register()
+class SweepUserBrier(ClsLoss):
+    name, label = "user_brier", "User Brier"
+    heads = ("retinanet",)
+
+    def loss(self, logits, gt_labels, stats, normalizer, entries_per_image):
+        targets = ranking_targets(gt_labels, logits.shape[-1]).to(logits.dtype)
+        keep = targets >= 0
+        return ((logits.sigmoid() - targets)[keep] ** 2).sum() / keep.sum().clamp(min=1)
+'''
+
+
+@pytest.mark.slow
+def test_user_loss_reaches_the_training_processes(tmp_path, synth_dataset_dir, monkeypatch):
+    """Issue 28 item 17: a loss registered by the user's module trains in the sweep's processes
+    when the module is given with --import."""
+    from ap_loss_d2.losses.registry import CLS_LOSS_REGISTRY
+
+    (tmp_path / "user_losses.py").write_text(USER_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    try:
+        report = lr_sweep.main(["--config-file", TINY_YAML, "--output-dir", str(tmp_path / "sweep"),
+                                "--import", "user_losses", "--losses", "user_brier", "--lrs", "0.01",
+                                "--seeds", "0", "SOLVER.MAX_ITER", "2", "MODEL.DEVICE", "cpu",
+                                "DATASETS.TEST", "('synth_shapes_val',)"])
+    finally:
+        del CLS_LOSS_REGISTRY._obj_map["SweepUserBrier"]  # fvcore's Registry has no public unregister
+        sys.modules.pop("user_losses", None)
+    (run,) = report["runs"]
+    log = (tmp_path / "sweep" / "user_brier_lr0.01_seed0" / "sweep_log.txt").read_text()
+    assert run["returncode"] == 0 and run["status"] in ("ok", "failed"), log[-2000:]
+    assert "'user_brier' is not a classification loss" not in log
+    assert "user_losses" in run["command"]

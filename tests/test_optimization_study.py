@@ -1,4 +1,4 @@
-"""The Fig. 8 optimisation study (ap_loss_d2.studies.optimization) on a tiny setting: the numbers
+"""The Fig. 8 optimisation study (studies.optimization) on a tiny setting: the numbers
 it reports are the ones Detectron2's event storage / metrics.json recorded, the recorded value
 is the exact (Heaviside, not interpolated) AP-loss of the batch, subsampling keeps the requested
 negatives, finished runs are skipped and interrupted runs resume."""
@@ -15,7 +15,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from ap_loss_d2.studies import optimization as study  # noqa: E402
+from studies import optimization as study  # noqa: E402
 
 # tiny: 64 px images, batch 2, narrow FPN/head, small anchors so that objects get matched
 TINY_OPTS = [

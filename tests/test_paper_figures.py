@@ -11,7 +11,7 @@ pytest.importorskip("detectron2")
 pytestmark = pytest.mark.slow  # trains two tiny runs
 
 
-from ap_loss_d2.studies.common import cls_loss_label  # noqa: E402
+from studies.common import cls_loss_label  # noqa: E402
 
 from .test_train_net import FAST_EVAL, TINY_YAML, run_train_net  # noqa: E402
 
@@ -55,7 +55,7 @@ def _independent_ap(run_dir, weights, dataset, tmp_path):
 
 
 def test_training_curves(two_runs, tmp_path, monkeypatch):
-    from ap_loss_d2.studies import training_curves as tc
+    from studies import training_curves as tc
 
     a, b = two_runs
     # Detectron2 saves model_0000003.pth and model_final.pth after the last iteration: one point
@@ -103,7 +103,7 @@ def test_visualize(two_runs, tmp_path, dataset):
     from detectron2.engine import DefaultPredictor
 
     from ap_loss_d2.engine import get_ap_loss_cfg
-    from ap_loss_d2.studies import visualize
+    from studies import visualize
 
     a, b = two_runs
     out = tmp_path / "fig5"
@@ -140,7 +140,7 @@ def test_visualize(two_runs, tmp_path, dataset):
 def test_visualize_without_opencv_names_the_fix(monkeypatch, tmp_path):
     import sys
 
-    from ap_loss_d2.studies import visualize
+    from studies import visualize
 
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(ImportError, match="pip install opencv-python-headless"):

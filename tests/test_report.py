@@ -2,8 +2,8 @@
 import json
 from pathlib import Path
 
-from ap_loss_d2.studies import cost, report
-from ap_loss_d2.studies.common import cls_loss_label as L
+from studies import cost, report
+from studies.common import cls_loss_label as L
 
 CONFIG = """MODEL:
   META_ARCHITECTURE: {arch}

@@ -13,9 +13,9 @@ from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.evaluation import build_evaluator  # noqa: E402
-from ap_loss_d2.studies import perturbations as pt  # noqa: E402
-from ap_loss_d2.studies import robustness as rb  # noqa: E402
-from ap_loss_d2.studies.common import (  # noqa: E402
+from studies import perturbations as pt  # noqa: E402
+from studies import robustness as rb  # noqa: E402
+from studies.common import (  # noqa: E402
     build_model_for_run,
     dataset_subset,
     load_cfg,

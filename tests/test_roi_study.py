@@ -1,4 +1,4 @@
-"""python -m ap_loss_d2.studies.roi_sampling end to end on a tiny setting (CPU, offline).
+"""python -m studies.roi_sampling end to end on a tiny setting (CPU, offline).
 
 Two RoI batch sizes x two losses, 3 iterations of ResNet-18-FPN on 64px images of the embedded
 synthetic dataset, evaluated on its first 6 validation images. The report's numbers are
@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+from ap_loss_d2.engine import SafeDetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from ap_loss_d2.data import CLASSES  # noqa: E402
@@ -46,7 +46,7 @@ METRICS = ("AP", "AP50", "AP75")
 
 
 def _load_tool():
-    from ap_loss_d2.studies import roi_sampling
+    from studies import roi_sampling
 
     return roi_sampling
 
@@ -120,14 +120,6 @@ def _same(reported, evaluated):
     return reported == evaluated
 
 
-def test_scaled_steps(tool):
-    assert tool.scaled_steps((450, 550), 600, 600) == (450, 550)
-    assert tool.scaled_steps((450, 550), 600, 60) == (45, 55)
-    assert tool.scaled_steps((450, 550), 600, 3) == (2,)  # increasing, inside (0, iters)
-    assert tool.scaled_steps((450, 550), 600, 1) == ()
-
-
-@pytest.mark.slow
 def test_report_files(study, capsys):
     out, records = study
     assert [(r["loss"], r["batch_size_per_image"]) for r in records] == [

@@ -142,11 +142,11 @@ def test_lazy_training_and_eval_only(synth_dataset_dir, tmp_path):
 
 
 def test_main_job_in_process_prints_what_train_net_returned(synth_dataset_dir, tmp_path, capsys):
-    """``python -m ap_loss_d2.studies.main_job`` runs train_net's logic in this process and
+    """``python -m studies.main_job`` runs train_net's logic in this process and
     prints the evaluation it returns, which equals the trainer's own metrics.json row."""
     import torch
 
-    from ap_loss_d2.studies import main_job
+    from studies import main_job
 
     out = tmp_path / "main_job"
     threads = torch.get_num_threads()

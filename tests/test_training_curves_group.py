@@ -11,7 +11,7 @@ from .test_train_net import TINY_YAML  # noqa: E402
 
 
 def test_group_points_mean_min_max():
-    from ap_loss_d2.studies.training_curves import group_points
+    from studies.training_curves import group_points
 
     runs = [
         {"label": "A", "points": [{"iteration": 10, "AP": 1.0, "AP50": 2.0, "AP75": 0.5},
@@ -34,7 +34,7 @@ def test_group_points_mean_min_max():
 
 
 def test_group_flag_end_to_end(tmp_path, monkeypatch):
-    from ap_loss_d2.studies import training_curves as tc
+    from studies import training_curves as tc
 
     values = {}
     for seed, aps in enumerate([(1.0, 3.0), (5.0, 9.0)]):

@@ -123,7 +123,7 @@ EOF
 
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -m ap_loss_d2.env
+"$PY" -m tools.env
 "$PY" -m pip list --disable-pip-version-check 2>/dev/null \
   | grep -i -E '^(numpy|setuptools|omegaconf|hydra-core|pillow|matplotlib|fvcore|iopath|torch|torchvision|detectron2) ' || true
 log "running: pytest -q ${PYTEST_ARGS[*]}"

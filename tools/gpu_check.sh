@@ -57,11 +57,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $RESULTS
 } | tee "$RESULTS/machine.txt"
 
 step tests 200 "$PY" -m pytest -q -p no:cacheprovider -rs "${TEST_SELECTION[@]}"
-step benchmark 200 "$PY" -m ap_loss_d2.benchmark --device "$DEVICE" "${BENCH_SIZES[@]}" \
+step benchmark 200 "$PY" -m tools.benchmark --device "$DEVICE" "${BENCH_SIZES[@]}" \
   --losses ap_loss auc_loss ap_loss_grid --output-dir "$RESULTS/benchmark"
-step breakdown_ap 80 "$PY" -m ap_loss_d2.benchmark --breakdown --device "$DEVICE" \
+step breakdown_ap 80 "$PY" -m tools.benchmark --breakdown --device "$DEVICE" \
   "${BREAKDOWN_SIZES[@]}" --output-dir "$RESULTS/breakdown_ap"
-step breakdown_focal 80 "$PY" -m ap_loss_d2.benchmark --breakdown --device "$DEVICE" \
+step breakdown_focal 80 "$PY" -m tools.benchmark --breakdown --device "$DEVICE" \
   "${BREAKDOWN_SIZES[@]}" --cls-loss focal --output-dir "$RESULTS/breakdown_focal"
 
 echo "[gpu_check] results in $RESULTS (exit status $status)"

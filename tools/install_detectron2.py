@@ -9,7 +9,7 @@ tools/setup_env.sh pins ``setuptools<81`` before calling this, on every path: De
 ``detectron2.model_zoo`` imports ``pkg_resources``, which setuptools 81 removed.
 
 The path taken is recorded in ``<sys.prefix>/ap_loss_d2-detectron2.json`` and reported by
-``python -m ap_loss_d2.env``. Set AP_LOSS_D2_DETECTRON2=official or =pypi to force a path.
+``python -m tools.env``. Set AP_LOSS_D2_DETECTRON2=official or =pypi to force a path.
 """
 import importlib
 import importlib.metadata
@@ -62,7 +62,7 @@ def install_official():
     # setup.py imports torch, so build in this environment (no isolation).
     pip("install", "--no-build-isolation", f"git+{OFFICIAL_URL}")
     importlib.invalidate_caches()
-    # pip's PEP 610 record names the commit it built (python -m ap_loss_d2.env shows it too).
+    # pip's PEP 610 record names the commit it built (python -m tools.env shows it too).
     direct_url = importlib.metadata.distribution("detectron2").read_text("direct_url.json") or "{}"
     commit = json.loads(direct_url).get("vcs_info", {}).get("commit_id")
     record("official", f"built from {OFFICIAL_URL} at commit {commit}", commit=commit)

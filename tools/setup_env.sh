@@ -50,7 +50,7 @@ fi
 
 "$PY" tools/install_detectron2.py
 
-# OpenCV for Detectron2's Visualizer (Fig. 5 / 12: ap_loss_d2.studies.visualize and its tests).
+# OpenCV for Detectron2's Visualizer (Fig. 5 / 12: studies.visualize and its tests).
 # Headless (no GUI libraries). 4.11.0.86 is the newest release whose wheels take numpy 1.x as
 # well as 2.x (numpy>=1.23.5 on Python 3.11, so the fallback's numpy<1.24 is kept; 4.12 needs
 # numpy>=2). An OpenCV already importable (e.g. opencv-python) is kept.
@@ -69,4 +69,4 @@ if ! "$PY" -c "import ap_loss_d2, pytest" >/dev/null 2>&1 \
 else
   log "ap_loss_d2 already installed from $(pwd)"
 fi
-"$PY" -m ap_loss_d2.env --short
+"$PY" -m tools.env --short

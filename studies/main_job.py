@@ -1,23 +1,6 @@
 """The main job: train RetinaNet with AP-loss on the embedded dataset (CPU) and evaluate it.
 
-    python -m ap_loss_d2.studies.main_job        # AP-loss (what `make main` runs)
-    python -m ap_loss_d2.studies.main_job --output-dir output/main_job_focal MODEL.CLS_LOSS.NAME focal
-
-Runs ``train_net.py``'s logic (:func:`ap_loss_d2.engine.train_net.main`) in this process on
-``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml`` (``--config-file`` for another; extra
-arguments are config overrides; ``--output-dir`` sets ``OUTPUT_DIR``, default
-``output/main_job``, an ``OUTPUT_DIR`` override wins), which generates the
-embedded dataset on first use, trains, evaluates with Detectron2's COCOEvaluator, and then
-prints the AP table of the evaluation results that ``main`` returns and the wall time.
-
-When ``configs/quick/expected_results.json`` (written by ``python -m ap_loss_d2.studies.lr_sweep
-... --expected-results configs/quick/expected_results.json``) has a measurement for this run's
-config, loss and learning rate, the spread over the sweep's seeds is printed next to the result,
-so a user can tell whether their run landed where it should: inside the sweep's range, or how far
-above or below it, and whether inside the spread to expect, that range widened by the APs of
-fresh ``make main`` runs (the file's ``fresh_runs``), since seeds alone understate the
-run-to-run variation (the thread count changes the summation order, hence the run).
-"""
+Details: docs/studies.md#studiesmain_job."""
 import json
 import time
 from pathlib import Path
@@ -143,12 +126,12 @@ def main(argv=None):
 
     from detectron2.engine import default_argument_parser
 
-    from ..engine.train_net import main as train_net_main
+    import train_net
 
     train_args = default_argument_parser().parse_args(["--config-file", config_file, *opts])
     print("[main_job] train_net " + " ".join(["--config-file", config_file, *opts]), flush=True)
     start = time.time()
-    raw = train_net_main(train_args)
+    raw = train_net.main(train_args)
     wall = time.time() - start
 
     results = bbox_results(raw)

@@ -1,71 +1,16 @@
 """RoI-sampling study of the paper's supplementary A4.3 (Table 14, Fig. 13).
 
-Faster R-CNN is trained with ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE`` in ``--sizes`` (default
-512 1024 1536 2048 3072 4096) and ``POSITIVE_FRACTION`` 1.0 (no positive/negative ratio
-constraint: all positives, the rest negatives), once per classification loss in ``--losses``
-(default: ``ce`` = stock Faster R-CNN, ``ap`` = AP-loss), then each model is evaluated on
-``DATASETS.TEST``. Writes into ``--output-dir``:
-
-* ``roi_sampling_study.md``   the table (AP, AP50, AP75 per setting and loss, like Table 14)
-* ``roi_sampling_study.json`` the same numbers (plus the evaluator's full output per run)
-* ``roi_sampling_study.png``  AP vs #RoIs per image, one line per loss (like Fig. 13)
-* ``<loss>_rois<size>/``      one Detectron2 output directory per run
-
-Each run is trained by ``train_net.py``'s logic (``python -m ap_loss_d2.engine.train_net``:
-Detectron2's ``DefaultTrainer`` through ``ap_loss_d2.engine.Trainer``) in a subprocess, one after the other, with ``--num-gpus`` passed
-on, and evaluated here with the project's evaluator (``Trainer.test``, i.e.
-``ap_loss_d2.evaluation.build_evaluator``) on ``model_final.pth``; the numbers in the report
-are that evaluator's output. The training subprocess gets ``DATASETS.TEST ()`` so the test set
-is evaluated once.
-
-Resuming: rerunning the same command skips finished runs (those whose ``study_eval.json``
-exists), evaluates runs that finished training, and continues interrupted runs from their last
-checkpoint (``--resume``). A run directory remembers its settings
-(``study_run.json``); rerunning with different settings into it is refused.
-
-Each run also sets ``MODEL.RPN.POST_NMS_TOPK_TRAIN`` to at least the RoI batch size, otherwise
-the number of proposals (1000 per image in Detectron2's FPN configs) would cap the sampled RoIs.
-The number of RoIs actually sampled per image (Detectron2's ``roi_head/num_{fg,bg}_samples``,
-from the run's ``metrics.json``) is reported too: on small images there may be fewer proposals
-than requested.
-
-Defaults: a CPU-sized setting, ``configs/FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml``
-(ResNet-18-FPN trained from scratch on the embedded synthetic shapes dataset
-``synth_shapes_train`` -> ``synth_shapes_val``, 128px images, 4 images per batch, 600
-iterations). Its cost grows with the number of RoIs (RoIAlign and the box head): roughly
-1 CPU-second per iteration at 512 RoIs per image and 5 at 4096 (about 3000 sampled: 128px
-images have fewer proposals), i.e. a few CPU-hours for the 12 default runs. Shorten it with
-``--iters`` / ``--sizes``, or add ``MODEL.DEVICE cuda``. The paper's setting (R50-FPN,
-VOC 07+12 -> 07 test)::
-
-    python -m ap_loss_d2.studies.roi_sampling --num-gpus 8 \\
-        --config-file configs/FasterRCNN/faster_rcnn_R_50_FPN_18k_voc0712_ce.yaml \\
-        --output-dir output/roi_sampling_study_voc MODEL.DEVICE cuda
-
-Trailing ``KEY VALUE`` pairs are config overrides applied to every run, after the study's own
-(so they win).
-"""
+Details: docs/studies.md#studiesroi_sampling."""
 import contextlib
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .common import (
-    check_run_settings,
-    cls_loss_label,
-    default_config,
-    fmt_num,
-    markdown_table,
-    metrics_by_iteration,
-    pyplot,
-    read_json,
-    scaled_schedule,
-    study_argument_parser,
-    to_jsonable,
-    train_net_command,
-    write_json,
+    check_run_settings, cls_loss_label, default_config, fmt_num, markdown_table,
+    metrics_by_iteration, pyplot, read_json, scaled_schedule, study_argument_parser, to_jsonable,
+    train_net_command, run_logged, write_json
 )
 
 CONFIG_REL = "FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
@@ -96,7 +41,7 @@ def build_parser():
         help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (default: the config's)")
     add("--train-net", default=None,
         help="another training script taking Detectron2's default_argument_parser arguments "
-        "(default: python -m ap_loss_d2.engine.train_net)")
+        "(default: the repository's train_net.py)")
     add("--verbose", action="store_true",
         help="also print the training and evaluation logs (always written to files)")
     return parser
@@ -116,22 +61,17 @@ def _merged_cfg(config_file, opts):
     return cfg
 
 
-#: ``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters`` (the studies' one function).
-scaled_steps = scaled_schedule
-
-
 def run_overrides(base_cfg, loss, size, iters):
     """The study's overrides of one run (the user's overrides are appended after them)."""
     # fmt: off
     opts = [
-        "MODEL.CLS_LOSS.NAME", loss,
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(size),
+        "MODEL.CLS_LOSS.NAME", loss, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(size),
         "MODEL.ROI_HEADS.POSITIVE_FRACTION", str(POSITIVE_FRACTION),
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", str(max(base_cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, size)),
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", str(max(base_cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, size))
     ]
     # fmt: on
     if iters is not None:
-        steps = scaled_steps(base_cfg.SOLVER.STEPS, base_cfg.SOLVER.MAX_ITER, iters)
+        steps = scaled_schedule(base_cfg.SOLVER.STEPS, base_cfg.SOLVER.MAX_ITER, iters)
         opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", repr(steps)]
     return opts
 
@@ -168,20 +108,7 @@ def train(settings, run_dir, train_net, num_gpus, verbose=False):
     ]
     # fmt: on
     log_path = Path(run_dir) / "train_stdout.log"
-    with open(log_path, "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                if verbose:
-                    sys.stdout.write(line)
-            returncode = proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted: stop our training process too
-                proc.terminate()
-                proc.wait()
+    returncode = run_logged(cmd, log_path, echo=verbose)
     if returncode != 0:
         tail = log_path.read_text().splitlines()[-30:]
         raise RuntimeError(
@@ -196,7 +123,7 @@ def train(settings, run_dir, train_net, num_gpus, verbose=False):
 def evaluate(settings, run_dir):
     """Evaluate ``run_dir/model_final.pth`` with the project's evaluator; returns its output."""
     from ap_loss_d2.engine import Trainer, validate_cfg
-    from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer
+    from ap_loss_d2.engine import SafeDetectionCheckpointer
 
     cfg = _merged_cfg(settings["config"], settings["overrides"])
     cfg.OUTPUT_DIR = str(run_dir)
@@ -343,13 +270,9 @@ def main(argv=None):
 
     base = _merged_cfg(config, opts)
     meta = {
-        "config": config,
-        "iters": args.iters if args.iters is not None else base.SOLVER.MAX_ITER,
-        "sizes": sizes,
-        "losses": losses,
-        "positive_fraction": POSITIVE_FRACTION,
-        "overrides": opts,
-        "test_datasets": list(base.DATASETS.TEST),
+        "config": config, "iters": args.iters if args.iters is not None else base.SOLVER.MAX_ITER,
+        "sizes": sizes, "losses": losses, "positive_fraction": POSITIVE_FRACTION, "overrides": opts,
+        "test_datasets": list(base.DATASETS.TEST)
     }
     if not meta["test_datasets"]:
         raise SystemExit("the config has no DATASETS.TEST to evaluate on")
@@ -388,12 +311,10 @@ def main(argv=None):
             with open(output_dir / "eval_log.txt", "a") as f, contextlib.redirect_stdout(f):
                 results = evaluate(settings, run_dir)
         record = {
-            "loss": loss,
-            "batch_size_per_image": size,
+            "loss": loss, "batch_size_per_image": size,
             **bbox_metrics(results, meta["test_datasets"]),
-            "mean_sampled_rois_per_image": mean_sampled_rois(run_dir),
-            "output_dir": str(run_dir),
-            "results": results,
+            "mean_sampled_rois_per_image": mean_sampled_rois(run_dir), "output_dir": str(run_dir),
+            "results": results
         }
         record = to_jsonable(record)
         write_json(eval_file, record)

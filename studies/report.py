@@ -1,23 +1,6 @@
 """One markdown page from several training runs and their studies (the paper's Table 2 & co).
 
-``python -m ap_loss_d2.studies.report RUN_DIR [RUN_DIR ...] [--studies DIR ...]
-[--output-dir DIR]`` writes ``DIR/report.md`` (default ``output/report/report.md``).
-
-For every ``RUN_DIR`` (an output folder of ``train_net.py``):
-
-* ``config.yaml``: ``MODEL.CLS_LOSS.NAME`` gives the row label (the paper's loss names),
-  ``MODEL.META_ARCHITECTURE`` and ``DATASETS.TEST`` the column group;
-* ``metrics.json``: the last logged ``bbox/AP``, ``bbox/AP50``, ``bbox/AP75`` (COCOEvaluator and
-  PascalVOCDetectionEvaluator write the same keys; with several test datasets Detectron2 logs
-  ``<dataset>/bbox/AP`` and each dataset becomes its own column group);
-* study outputs found in the folder or below it (up to 3 levels): ``robustness.json``,
-  ``score_distribution.json``, ``cost.json`` (and the PNGs they list); ``--studies`` adds
-  folders holding study outputs that were written elsewhere (e.g. a robustness study of several
-  runs).
-
-The page has Table 2 (AP / AP50 / AP75 per loss and detector + dataset), a per-run detail
-table, then each study's table with its pictures (links relative to the report's folder).
-"""
+Details: docs/studies.md#studiesreport."""
 import json
 import os
 from collections import OrderedDict
@@ -25,18 +8,9 @@ from pathlib import Path
 from typing import List
 
 from .common import (
-    cls_loss_label,
-    fmt_num,
-    last_bbox_metrics,
-    markdown_table,
-    not_finite,
-    progress,
-    study_argument_parser,
-    timestamp,
+    cls_loss_label, fmt_num, last_bbox_metrics, markdown_table, not_finite, progress,
+    study_argument_parser, timestamp
 )
-
-__all__ = ["STUDY_FILES", "collect_run", "find_studies", "last_bbox_metrics", "main",
-           "render_report", "run_status"]
 
 STUDY = "report"
 STUDY_FILES = ("robustness.json", "score_distribution.json", "cost.json")
@@ -198,7 +172,7 @@ def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results
     def rel(p):
         return os.path.relpath(Path(p).resolve(), base)
 
-    md = [f"# {title}", "", f"Generated {timestamp()} by `python -m ap_loss_d2.studies.report`.",
+    md = [f"# {title}", "", f"Generated {timestamp()} by `python -m studies.report`.",
           "", "## Detection accuracy (Table 2)", ""]
     if rows:
         md += [table2(rows, digits), "", "Last evaluation logged in each run's metrics.json "

@@ -1,43 +1,10 @@
 """Learning-rate sweep: each loss at its own best learning rate, mean and range over seeds.
 
-``python -m ap_loss_d2.studies.lr_sweep --output-dir output/lr_sweep --losses ap focal
---lrs 0.005 0.01 0.02 --seeds 0 1 2 [--num-parallel N] [--devices 0 1 ...] [KEY VALUE ...]``
-
-Trains ``--config-file`` (default: the main job, ``configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml``)
-once per (loss, learning rate, seed) with ``train_net.py`` in a subprocess, every run with the
-same schedule (the config's, plus the trailing ``KEY VALUE`` overrides, e.g. ``MODEL.DEVICE cuda``
-or ``SOLVER.MAX_ITER 20``), and reads each run's final COCO/VOC bbox evaluation from its
-``metrics.json``. Writes into ``--output-dir``:
-
-* ``lr_sweep.md``   per loss and LR: mean and [min, max] of AP / AP50 / AP75 over the seeds,
-  diverged runs, each loss's best LR in bold; then a README-ready table of each loss at its best
-  LR;
-* ``lr_sweep.json`` the same numbers and every run (status, metrics, command);
-* ``lr_sweep.png``  AP against LR per loss (mean, with the seeds' range as error bars);
-* ``<loss>_lr<lr>_seed<seed>/`` one train_net.py output folder per run (``sweep_log.txt``: its
-  output; ``sweep_run.json``: its result once finished).
-
-``--expected-results FILE`` also writes the best-LR summary that ``ap_loss_d2.studies.main_job`` prints as
-the spread to expect (``configs/quick/expected_results.json`` for the main job).
-
-A run that stops on NaN/Inf (``train_net.py``'s "Training stopped at iteration N: NaN or Inf",
-or Detectron2's "Loss became infinite or NaN") is recorded as *diverged* with its iteration; it
-is not a failure of the sweep. A run that trains but evaluates to no detections (AP NaN) is
-recorded as *failed*, never ok, and is not retried. The best LR of a loss is the one with the
-highest mean AP over its ok seeds among the LRs at which no seed diverged or failed (if every LR
-has such a seed: among all). Other failures (e.g. a missing dataset) are reported and retried by
-the next invocation. Every run logs ``cls_loss/time`` (``MODEL.CLS_LOSS.DIAGNOSTICS True``) for
-``ap_loss_d2.studies.cost``.
-
-Resuming: rerunning the command skips finished runs (``sweep_run.json`` present, with the same
-settings) and continues interrupted ones from their last checkpoint (``--resume``). Runs execute
-``--num-parallel`` at a time; ``--devices`` assigns ``CUDA_VISIBLE_DEVICES`` round-robin to them.
-"""
+Details: docs/studies.md#studieslr_sweep."""
 import json
 import math
 import os
 import re
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -45,21 +12,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from .common import (
-    cls_loss_label,
-    REPO,
-    default_config,
-    fmt_num,
-    last_bbox_metrics,
-    markdown_table,
-    not_finite,
-    progress,
-    study_argument_parser,
-    timestamp,
-    train_net_command,
-    write_json,
+    check_loss_names, cls_loss_label, default_config, fmt_num, import_modules, last_bbox_metrics,
+    markdown_table, not_finite, progress, REPO, run_logged, study_argument_parser, timestamp,
+    train_net_command, write_json
 )
-
-__all__ = ["DIVERGED_PATTERNS", "main", "parse_divergence", "run_name", "run_status", "summarize"]
 
 STUDY = "lr_sweep"
 CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
@@ -117,7 +73,7 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
         return record
     out.mkdir(parents=True, exist_ok=True)
     resume = (out / "last_checkpoint").is_file()
-    cmd = [*train_net_command(), "--config-file", config_path(args.config_file)]
+    cmd = [*train_net_command(args.imports), "--config-file", config_path(args.config_file)]
     if resume:
         cmd.append("--resume")
     if args.num_gpus > 1:
@@ -130,15 +86,14 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     if args.devices:
         env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
     progress(STUDY, f"{out.name}: {'resuming' if resume else 'training'}")
-    with open(out / "sweep_log.txt", "a") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    returncode = run_logged(cmd, out / "sweep_log.txt", env=env)
     text = (out / "sweep_log.txt").read_text(errors="replace")
-    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": proc.returncode}
+    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode}
     metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
                for m, v in per_dataset.items() if m in METRICS}
-    record.update(run_status(proc.returncode, text, metrics))
+    record.update(run_status(returncode, text, metrics))
     if record["status"] == "failed" and "reason" not in record:
-        progress(STUDY, f"{out.name}: FAILED (exit {proc.returncode}); see {out / 'sweep_log.txt'}"
+        progress(STUDY, f"{out.name}: FAILED (exit {returncode}); see {out / 'sweep_log.txt'}"
                         f"\n{record['log_tail']}")
         return record  # not marked finished: retried next time
     write_json(done, record)
@@ -241,7 +196,7 @@ def render(summary: dict, args, labels) -> List[str]:
     opts = " ".join(args.opts) or "none"
     return [
         "# Learning-rate sweep", "",
-        f"Generated {timestamp()} by `python -m ap_loss_d2.studies.lr_sweep`. Config "
+        f"Generated {timestamp()} by `python -m studies.lr_sweep`. Config "
         f"`{args.config_file}`, overrides: `{opts}`; seeds {seeds}; the same schedule for every run. "
         "Bold: each loss's best LR (highest mean AP among the LRs where no seed diverged or "
         "failed; a run with no detections, AP NaN, is failed).", "",
@@ -281,7 +236,7 @@ def plot(summary: dict, path: Path, labels) -> bool:
 
 
 def expected_results(summary: dict, args, previous: Optional[Path] = None) -> dict:
-    """What ap_loss_d2.studies.main_job prints as the spread to expect: per loss, its best LR's
+    """What studies.main_job prints as the spread to expect: per loss, its best LR's
     stats; the ``fresh_runs`` (APs of fresh ``make main`` runs, added by hand) of ``previous``
     are kept when it measured the same config."""
     kept = {}
@@ -291,7 +246,7 @@ def expected_results(summary: dict, args, previous: Optional[Path] = None) -> di
             kept = {"fresh_runs": old["fresh_runs"]}
     return {
         "generated": timestamp(),
-        "command": "python -m ap_loss_d2.studies.lr_sweep " + " ".join(sys.argv[1:]),
+        "command": "python -m studies.lr_sweep " + " ".join(sys.argv[1:]),
         "config": args.config_file,
         "overrides": list(args.opts),
         "seeds": list(args.seeds),
@@ -311,9 +266,16 @@ def parse_args(argv=None):
     p.add_argument("--devices", nargs="*", default=[],
                    help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
     p.add_argument("--expected-results", default=None, metavar="FILE",
-                   help="also write the best-LR summary read by ap_loss_d2.studies.main_job")
+                   help="also write the best-LR summary read by studies.main_job")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="a module to import in the sweep and in every training process first, "
+                        "e.g. one that registers a loss named in --losses (repeatable)")
     args = p.parse_args(argv)
     args.config_file = args.config_file or DEFAULT_CONFIG
+    if args.imports and args.num_gpus > 1:
+        p.error("--import runs each training in one process: use --num-gpus 1")
+    import_modules(args.imports, error=p.error)
+    check_loss_names(args.losses, args.imports, error=p.error)
     config_path(args.config_file)  # fail early on a missing config
     for key in ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR", "SEED", "OUTPUT_DIR"):
         if key in args.opts[::2]:

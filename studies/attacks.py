@@ -2,41 +2,7 @@
 al. 2017, the paper's [57]) and DeepFool (Moosavi-Dezfooli et al. CVPR'16, the paper's [56]),
 "slightly generalised from attacking a classifier to attacking a detector".
 
-Both attack a Detectron2 RetinaNet (``RetinaNet``, ``APLossRetinaNet`` or a subclass) through
-the **classification scores of the anchors matched to the ground-truth objects**: the anchors
-the model's own training matcher (``model.label_anchors``: IoU >= 0.5, plus each object's best
-anchor) assigns to an object, each read at the column of that object's class. The score of an
-entry is read as a logit ``g = log(p / (1 - p))`` of its test-time score ``p``: the raw logit
-for sigmoid scoring (AP-, AUC-, focal loss), the logit of the softmax probability for a loss
-that scores otherwise (``ce_ohem``). An object is detectable iff one of its anchors scores above
-the test threshold ``t`` (``MODEL.RETINANET.SCORE_THRESH_TEST``), i.e. ``g > logit(t)``.
-
-* **Advs-Patch** (:func:`train_adversarial_patch`): ONE universal patch per model, a square of
-  ``size`` x ``size`` pixels, trained by Adam on its pixel values (in [0, 1], clipped after every
-  step) over a set of training images. The patch is resized (bilinear, antialiased) to the centre
-  region of every object box, the region of the other patches
-  (:func:`~ap_loss_d2.studies.perturbations.center_patch_region`: half the box's width and height)
-  and pasted there, in the original image; the image is then resized as at test time (bilinear,
-  antialiased, differentiable) and fed to the model. The objective is minimised: the mean, over
-  the matched anchors of the batch, of ``softplus(g) = -log(1 - sigmoid(g))``, the binary
-  cross-entropy of the anchor's score for its object's class against the label "not this class"
-  (a targeted attack that turns objects into background; the same for every training loss).
-  At test time (:class:`AdversarialPatch`) the quantised patch is resized the same way, rounded
-  and pasted into the decoded uint8 image before Detectron2's test resize.
-* **DeepFool** (:func:`deepfool_binary`, :func:`deepfool_detector`): for every test image the
-  binary DeepFool iteration on ``f(x) = max_a g_a(x) - logit(t)`` over the matched anchors ``a``
-  of all objects of the image, ``x`` the model's input (the test-resized image, float, pixel
-  units 0..255, before normalisation). Step ``r_i = -f(x_i) / ||grad f(x_i)||^2 * grad f(x_i)``;
-  ``x_{i+1} = x_0 + (1 + overshoot) * sum_i r_i`` (overshoot 0.02 as in DeepFool); the attack
-  succeeds when ``f < 0``: no anchor of any object scores its class above the threshold, so no
-  detection of the object can come from its anchors. The perturbation is not clipped to the
-  valid pixel range nor quantised (DeepFool measures the minimal perturbation). Per image
-  ``rho = ||r||_2 / ||x_0||_2`` with ``r = (1 + overshoot) * sum_i r_i``; the study reports the
-  mean of ``rho`` over the images where the attack succeeded within ``max_iter`` steps (DeepFool's
-  ``rho_adv``; larger = more robust), the success fraction over the attacked images, and counts
-  the images it could not attack: without objects / matched anchors, or whose objects are
-  already below the threshold (``f(x_0) < 0``: nothing to remove).
-"""
+Details: docs/studies.md#studiesattacks."""
 import contextlib
 import math
 from typing import Callable, Dict, List, Optional, Sequence
@@ -49,27 +15,9 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 
-from ..data.mapper import annotation_boxes
-from ..losses.registry import ClsLoss
+from ap_loss_d2.data.mapper import annotation_boxes
+from ap_loss_d2.losses.registry import ClsLoss
 from .perturbations import center_patch_region, check_image_boxes, count
-
-__all__ = [
-    "AdversarialPatch",
-    "AttackExample",
-    "check_attack_model",
-    "check_threshold",
-    "deepfool_binary",
-    "deepfool_detector",
-    "deepfool_dataset",
-    "detector_margin",
-    "load_examples",
-    "matched_score_logits",
-    "paste_patch_tensor",
-    "patch_objective",
-    "patch_to_rgb_uint8",
-    "resize_patch",
-    "train_adversarial_patch",
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +206,7 @@ def paste_patch_tensor(image: torch.Tensor, boxes, patch: torch.Tensor) -> torch
 
 class AdversarialPatch:
     """The test-time perturbation of a trained patch, with the signature of
-    :data:`~ap_loss_d2.studies.perturbations.PERTURBATIONS`: ``(image, boxes, rng, stats)``.
+    :data:`~studies.perturbations.PERTURBATIONS`: ``(image, boxes, rng, stats)``.
 
     ``patch``: (S, S, C) uint8 in the image format of the mapper (``cfg.INPUT.FORMAT``). Each
     box's centre region is replaced by the patch resized as in training (bilinear, antialiased),

@@ -1,46 +1,6 @@
 """Robustness to local perturbations (the paper's Sec. 4.2.2 "Robustness", Table 3).
 
-``python -m ap_loss_d2.studies.robustness --run CONFIG:WEIGHTS[:LABEL] [--run ...]
-[--dataset NAME] [--max-images N] [--perturbations ...] [--seed S] [--patch-* ...]
-[--deepfool-* ...] --output-dir DIR``
-
-Each checkpoint is evaluated with its dataset's own evaluator (``ap_loss_d2.evaluation
-.build_evaluator``: COCO AP or Pascal VOC AP) on perturbed copies of the test set, made on the
-fly by :class:`PerturbedDatasetMapper` (Detectron2's test ``DatasetMapper`` with the
-perturbation applied to the decoded image before the test-time resize):
-
-* ``original``: unchanged;
-* ``black_patch``: a patch of half the box's width and height at the centre of every object is
-  set to zero;
-* ``random_patch``: that patch is replaced by content cut from a region of the same size that
-  lies outside every box of the image (uniformly among all such regions); if there is none,
-  the region overlapping the boxes least is used, and counted (``random_patch_fallbacks``);
-* ``flip_patch``: that patch is replaced by itself flipped left/right, top/bottom or both
-  (chosen at random per object);
-* ``gaussian_noise``: zero-mean Gaussian noise of variance 0.01 added to the image scaled to
-  [0, 1] (pixel / 255), then back to uint8 with rounding and clipping;
-* ``advs_patch`` (the paper's [57], Brown et al.): per run, one universal adversarial patch is
-  trained white-box on ``--patch-images`` images of ``--patch-dataset`` (default: the run's
-  first training set) to turn the objects into background, then pasted (resized) into the same
-  centre region of every object as the other patches (see :mod:`.attacks`);
-* ``deepfool`` (the paper's [56]): not an mAP column; per test image (the first
-  ``--deepfool-images``) the minimal L2 perturbation, found by binary DeepFool on the score
-  logits of the anchors matched to the objects, that drops every such anchor below the test
-  score threshold; the column is ``rho`` = mean ``||r||_2 / ||x||_2`` over the images attacked
-  successfully, times ``--deepfool-scale`` (default 1000; the paper does not state its scale).
-  Larger is more robust. See :mod:`.attacks` for the exact definitions.
-
-The two attacks need a RetinaNet (stock or ``APLossRetinaNet``). Randomness is seeded per
-image with ``seed + image_id`` (non-integer ids, e.g. VOC file ids, through CRC32), so results
-are reproducible and independent of data-loader workers and order; the patch with
-``--patch-seed``.
-
-Outputs in ``--output-dir``: ``robustness.json`` (every evaluator result, AP50 and AP per
-run and perturbation, perturbation statistics, the patch training and DeepFool results per
-image), ``robustness.md`` (Table 3: AP50 per run and perturbation, DeepFool's scaled rho),
-``advs_patch_run<i>.png`` (each run's patch, RGB) and ``robustness.png`` (examples of every
-image perturbation on the first image, with the first run's patch).
-"""
+Details: docs/studies.md#studiesrobustness."""
 import argparse
 import zlib
 from collections import Counter
@@ -53,48 +13,23 @@ from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset
 from detectron2.utils import comm
 
-from ..data.mapper import BoxAwareDatasetMapper, annotation_boxes
-from ..evaluation import build_evaluator
+from ap_loss_d2.data.mapper import BoxAwareDatasetMapper, annotation_boxes
+from ap_loss_d2.evaluation import build_evaluator
 from . import attacks
 from .perturbations import NOISE_VARIANCE, PERTURBATIONS
 from .common import (
-    RUN_SPEC,
-    build_model_for_run,
-    dataset_subset,
-    fmt_num,
-    markdown_table,
-    prepare_runs,
-    progress,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    write_study_outputs,
+    RUN_SPEC, build_model_for_run, dataset_subset, fmt_num, markdown_table, prepare_runs, progress,
+    pyplot, study_argument_parser, timestamp, write_study_outputs
 )
-
-__all__ = [
-    "ATTACKS",
-    "COLUMNS",
-    "PERTURBATION_NAMES",
-    "PerturbAugmentation",
-    "PerturbTransform",
-    "PerturbationStats",
-    "PerturbedDatasetMapper",
-    "image_seed",
-    "main",
-]
 
 STUDY = "robustness"
 
 
 #: name -> Table 3 column header.
 PERTURBATION_NAMES = {
-    "original": "Original",
-    "black_patch": "Black Patch",
-    "random_patch": "Random Patch",
-    "flip_patch": "Flip Patch",
-    "gaussian_noise": "Gaussian Noise",
-    "advs_patch": "Advs-Patch",
-    "deepfool": "DeepFool",
+    "original": "Original", "black_patch": "Black Patch", "random_patch": "Random Patch",
+    "flip_patch": "Flip Patch", "gaussian_noise": "Gaussian Noise", "advs_patch": "Advs-Patch",
+    "deepfool": "DeepFool"
 }
 #: The white-box attacks (per model; RetinaNet only).
 ATTACKS = ("advs_patch", "deepfool")
@@ -152,7 +87,7 @@ class PerturbAugmentation(T.Augmentation):
 class PerturbedDatasetMapper(BoxAwareDatasetMapper):
     """Detectron2's test ``DatasetMapper(cfg, is_train=False)`` whose first augmentation applies
     ``perturbation`` (a key of :data:`PERTURBATIONS`, or ``"advs_patch"`` with ``fn`` an
-    :class:`~ap_loss_d2.studies.attacks.AdversarialPatch`) to the decoded image, with the
+    :class:`~studies.attacks.AdversarialPatch`) to the decoded image, with the
     record's annotation boxes (all of them, XYXY, through ``AugInput.boxes``) and
     ``np.random.default_rng(seed + image_id)`` (``AugInput.image_seed``). ``fn``, when given,
     replaces the perturbation's function.
@@ -329,16 +264,13 @@ def parse_args(argv=None):
                    help="training images of the patch (default: the run's DATASETS.TRAIN[0])")
     g.add_argument("--patch-images", type=_positive(int), default=64,
                    help="the first N images of --patch-dataset")
-    g.add_argument("--patch-steps", type=_positive(int), default=100,
-                   help="Adam steps")
+    g.add_argument("--patch-steps", type=_positive(int), default=100, help="Adam steps")
     g.add_argument("--patch-lr", type=_positive(float), default=0.03,
                    help="Adam step size on pixel values in [0, 1]")
-    g.add_argument("--patch-batch", type=_positive(int), default=8,
-                   help="images per step")
+    g.add_argument("--patch-batch", type=_positive(int), default=8, help="images per step")
     g.add_argument("--patch-size", type=_positive(int), default=32,
                    help="side of the square patch in pixels before resizing")
-    g.add_argument("--patch-seed", type=int, default=0,
-                   help="initial patch and image order")
+    g.add_argument("--patch-seed", type=int, default=0, help="initial patch and image order")
     g = p.add_argument_group("DeepFool (minimal L2 perturbation per test image)")
     g.add_argument("--deepfool-images", type=_positive(int), default=None,
                    help="attack the first N evaluated images (default: all)")
@@ -402,20 +334,12 @@ def main(argv=None):
     evaluator_type = MetadataCatalog.get(eval_name).get("evaluator_type", None)
     metric = "AP50"
     report = {
-        "study": STUDY,
-        "created": timestamp(),
-        "dataset": dataset,
-        "evaluated_dataset": eval_name,
-        "evaluator_type": evaluator_type,
-        "max_images": args.max_images,
-        "metric": metric,
-        "metrics": ["AP50", "AP"],
-        "seed": args.seed,
-        "noise_variance": NOISE_VARIANCE,
+        "study": STUDY, "created": timestamp(), "dataset": dataset, "evaluated_dataset": eval_name,
+        "evaluator_type": evaluator_type, "max_images": args.max_images, "metric": metric,
+        "metrics": ["AP50", "AP"], "seed": args.seed, "noise_variance": NOISE_VARIANCE,
         "perturbations": list(args.perturbations),
-        "perturbation_names": {p: PERTURBATION_NAMES[p] for p in args.perturbations},
-        "runs": [],
-        "figures": [],
+        "perturbation_names": {p: PERTURBATION_NAMES[p] for p in args.perturbations}, "runs": [],
+        "figures": []
     }
     if "advs_patch" in args.perturbations:
         report["advs_patch"] = dict(

@@ -7,7 +7,7 @@ Time ``O(|P| * (|P| + |N^|) + |N|)``, extra memory ``O(|P| + |N^|)``; one host s
 positive (the interpolation branch is decided in Python, as in the original code).
 
 It returns the same value and gradient as :func:`ap_loss_d2.losses.ap_loss` with
-``step="linear"`` and is used as the baseline of ``python -m ap_loss_d2.benchmark``. It needs
+``step="linear"`` and is used as the baseline of ``python -m tools.benchmark``. It needs
 only PyTorch.
 """
 import torch

@@ -1,34 +1,6 @@
 """IoU vs. classification score of anchors (the paper's Fig. 7).
 
-``python -m ap_loss_d2.studies.score_distribution --run CONFIG:WEIGHTS[:LABEL] [--run ...]
-[--dataset NAME] [--max-images N] [--zero-iou-samples K] --output-dir DIR``
-
-For every image of the dataset (the first ``--max-images``) the model's own anchors (its
-``anchor_generator``) are compared with the ground truth resized like the input
-(``pairwise_iou``; the model's ``anchor_matcher`` gives the fg/bg/ignore label). Every anchor
-whose IoU with its best ground-truth box is > 0 is recorded with
-
-* ``iou``: that IoU;
-* ``score``: its classification score for the class of that box: ``sigmoid`` of the class
-  logit (AP-, AUC-, focal loss), or for ``ce_ohem`` models the softmax over
-  ``[0, logits]`` (background logit fixed at zero, as in training);
-* ``max_score``: its highest score over all classes; ``match_label``: 1 fg, 0 bg, -1 ignored.
-
-Anchors with IoU 0 have no ground-truth class: for them ``score`` is the highest score over the
-classes present in the image. ``--zero-iou-samples`` of them per image are recorded (uniformly,
-seeded), each with ``weight`` = (IoU-0 anchors of the image) / (recorded ones) so that weighted
-sums estimate the whole set; other pairs have weight 1. Statistics of *all* IoU-0 anchors are
-computed exactly on the fly (``zero_iou``).
-
-Only RetinaNet-style dense detectors (``anchor_generator``, ``head``, ``head_in_features``)
-are supported.
-
-Outputs in ``--output-dir``: per run ``score_<label>.npz`` (the recorded pairs) and
-``score_<label>.png`` (scatter, IoU on x, score on y, with the mean score per IoU bin), the
-combined ``score_distribution.png``, ``score_distribution.json`` (per run: weighted count and
-mean score in the IoU bins [0, 0.1), ..., [0.9, 1.0]; high-score low-IoU anchor counts) and
-``score_distribution.md``.
-"""
+Details: docs/studies.md#studiesscore_distribution."""
 import re
 from typing import Dict
 
@@ -39,19 +11,9 @@ from detectron2.data.detection_utils import build_augmentation
 from detectron2.structures import Boxes, pairwise_iou
 
 from .common import (
-    RUN_SPEC,
-    build_model_for_run,
-    fmt_num,
-    markdown_table,
-    prepare_runs,
-    progress,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    write_study_outputs,
+    RUN_SPEC, build_model_for_run, fmt_num, markdown_table, prepare_runs, progress, pyplot,
+    study_argument_parser, timestamp, write_study_outputs
 )
-
-__all__ = ["BIN_EDGES", "collect_pairs", "combined_figure", "main", "score_mode_of", "summarize"]
 
 STUDY = "score_distribution"
 #: IoU bin edges: [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0] (the last bin includes 1).

@@ -1,16 +1,16 @@
 """Time and memory of classification losses side by side (the paper's Sec. 4.3 / Fig. 11).
 
-``python -m ap_loss_d2.benchmark [--images 1 2 4 8] [--positives 500 2000] [--device all]
+``python -m tools.benchmark [--images 1 2 4 8] [--positives 500 2000] [--device all]
 [--anchors 32736 49104] [--output-dir output/benchmark]``
 
-``python -m ap_loss_d2.benchmark --breakdown [--device cuda]``: the paper's Fig. 10, see
+``python -m tools.benchmark --breakdown [--device cuda]``: the paper's Fig. 10, see
 :func:`breakdown`.
 
 Anchors per image (``--anchors``, default both, the paper's first): 32,736 = 6 anchors per
 location of a 512x512 image over P3-P7 (the paper's RetinaNet, Sec. 4.1: 2 scales x 3 ratios)
 and 49,104 = 9 per location (Detectron2's RetinaNet default, issue 15's target size). Every
 output row names which. These are synthetic logits (N(0, 1): the early-training regime); the
-costs measured during training are ``--breakdown`` below and ``ap_loss_d2.studies.cost
+costs measured during training are ``--breakdown`` below and ``studies.cost
 --run-dir`` (from the training log).
 
 For every (device, anchors, classes, batch size, number of positives) the same inputs are fed
@@ -33,7 +33,7 @@ to
   ``git show main:ap_loss_d2/losses/ranking.py > /tmp/ranking_main.py``), loaded as a module
   of this package, timed side by side on the same inputs;
 * ``ap_positive_loop``: the authors'-style loop over positives
-  (:mod:`ap_loss_d2.losses.positive_loop`). It is timed on the first ``--loop-positives`` K
+  (:mod:`tools.positive_loop`). It is timed on the first ``--loop-positives`` K
   positives (ascending score) only and extrapolated linearly to all |P|:
   ``fixed + (time_K - fixed) * |P| / K`` with ``fixed`` the time of the same call processing 0
   positives (selection of N^, sort, backward); rows say so. Its memory is that of the K run.
@@ -194,7 +194,7 @@ def make_loss_fns(inp, loop_positives, reference=None):
 
     from ap_loss_d2.losses import ap_loss, auc_loss
     from ap_loss_d2.losses.ohem import ce_ohem_loss
-    from ap_loss_d2.losses.positive_loop import ap_loss_positive_loop
+    from tools.positive_loop import ap_loss_positive_loop
 
     x, num_pos = inp["logits"], inp["num_pos"]
     norm = max(num_pos, 1)
@@ -378,8 +378,8 @@ def memory_probe(probe):
 
 def _memory_in_subprocess(probe):
     out = subprocess.run(
-        [sys.executable, "-m", "ap_loss_d2.benchmark", "--memory-probe", json.dumps(probe)],
-        check=True, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "tools.benchmark", "--memory-probe", json.dumps(probe)],
+        cwd=Path(__file__).resolve().parents[1], check=True, stdout=subprocess.PIPE, text=True,
     ).stdout
     value = json.loads(out.strip().splitlines()[-1])["extra_bytes"]
     return None if value is None else int(value)
@@ -534,6 +534,7 @@ def run(args):
             "cuda": CUDA_MEMORY_METHOD if ("cuda" in devices and not args.no_memory) else None,
         },
         "losses": names,
+        "labels": {n: LABELS[n] for n in names},
         "results": results,
     }
     return report
@@ -589,7 +590,7 @@ def format_table(report):
     lines.append("")
     lines.append("Synthetic logits (N(0, 1), random positives: the early-training regime), not "
                  "a training run; for costs measured during training see --breakdown and "
-                 "ap_loss_d2.studies.cost --run-dir.")
+                 "studies.cost --run-dir.")
     lines.append("time: wall-clock of forward+backward, median and [min, max] of interleaved "
                  "rounds; x focal: median of the per-round ratios [min, max] to focal loss masked "
                  "as in RetinaNet, and over all entries; syncs: host synchronisations per call "
@@ -850,7 +851,7 @@ def _int_at_least(low):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ap_loss_d2.benchmark", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     positive, natural = _int_at_least(1), _int_at_least(0)
     p.add_argument("--images", type=positive, nargs="+", default=None,

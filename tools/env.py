@@ -1,4 +1,4 @@
-"""Report the environment: ``python -m ap_loss_d2.env [--short]``.
+"""Report the environment: ``python -m tools.env [--short]``.
 
 Prints Python/torch/torchvision/Detectron2 versions; which Detectron2 it is: v0.6 release code or
 the main branch (told apart by main-only features, as both say version 0.6), a release or a
@@ -199,10 +199,14 @@ def collect():
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tools.env", description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="one line per key package")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rows = collect()
     if args.short:
         keep = ("torch", "torchvision", "detectron2", "detectron2 code", "detectron2 build",

@@ -2,27 +2,12 @@
 
 Each perturbation is ``f(image, boxes, rng, stats=None) -> image``: ``image`` HxWxC uint8,
 ``boxes`` (B, 4) XYXY in absolute pixels, ``rng`` a ``numpy.random.Generator``, ``stats`` a dict
-of counts (``patches``, ...) or None. :mod:`ap_loss_d2.studies.robustness` evaluates models on
-them; :mod:`ap_loss_d2.studies.attacks` pastes its adversarial patch into the same centre regions.
+of counts (``patches``, ...) or None. :mod:`studies.robustness` evaluates models on
+them; :mod:`studies.attacks` pastes its adversarial patch into the same centre regions.
 """
 from typing import Callable, Dict
 
 import numpy as np
-
-__all__ = [
-    "FLIP_MODES",
-    "NOISE_VARIANCE",
-    "PERTURBATIONS",
-    "black_patch",
-    "box_mask",
-    "center_patch_region",
-    "check_image_boxes",
-    "count",
-    "flip_patch",
-    "gaussian_noise",
-    "original",
-    "random_patch",
-]
 
 NOISE_VARIANCE = 0.01
 
@@ -165,9 +150,6 @@ def original(image, boxes=None, rng=None, stats=None):
 
 #: name -> function, in the paper's column order.
 PERTURBATIONS: Dict[str, Callable] = {
-    "original": original,
-    "black_patch": black_patch,
-    "random_patch": random_patch,
-    "flip_patch": flip_patch,
-    "gaussian_noise": gaussian_noise,
+    "original": original, "black_patch": black_patch, "random_patch": random_patch,
+    "flip_patch": flip_patch, "gaussian_noise": gaussian_noise
 }

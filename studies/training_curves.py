@@ -1,46 +1,15 @@
 """Paper Fig. 6: detection AP against training iterations, one line per run (AP-loss vs focal...).
 
-``python -m ap_loss_d2.studies.training_curves --run output/voc_ap --run output/voc_focal
---output-dir output/fig6 [--config-file CFG.yaml] [--dataset NAME] [--max-images N]
-[--device cpu] [KEY VALUE ...]``
-
-Each ``--run`` is a training output folder of ``train_net.py`` (``RUN_DIR[:LABEL]``): every
-saved checkpoint (``model_XXXXXXX.pth``, ``model_final.pth``) is evaluated with Detectron2's
-evaluator through :meth:`ap_loss_d2.engine.Trainer.test` (the same evaluation as the periodic
-``TEST.EVAL_PERIOD`` hook and ``train_net.py --eval-only``) on ``--dataset`` (default: the
-config's first ``DATASETS.TEST``), optionally its first ``--max-images`` images. The config is
-the run's ``config.yaml`` unless ``--config-file`` is given; trailing ``KEY VALUE`` pairs
-override it.
-
-The iteration of a checkpoint is the number of iterations trained: its stored ``iteration``
-(Detectron2's 0-based index) + 1. Writes ``training_curves.json`` (re-read on the next call:
-evaluations of unchanged checkpoints with the same dataset and evaluation config are not
-repeated), ``training_curves.md`` and
-``training_curves.png`` (AP and AP50 against iteration).
-
-``--group``: runs given the same ``LABEL`` are seeds of one setting (e.g. ``--run
-output/lr_sweep/ap_lr0.01_seed0:AP-loss --run output/lr_sweep/ap_lr0.01_seed1:AP-loss``): the
-table shows, per label and iteration, the mean and ``[min, max]`` over its runs, and the plot a
-mean line with the range shaded. Every run's own points stay in the JSON.
-"""
+Details: docs/studies.md#studiestraining_curves."""
 import re
 from pathlib import Path
 
-from .common import (
-    dataset_subset,
-    fmt_num,
-    load_cfg,
-    loss_label,
-    markdown_table,
-    progress,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    unique_labels,
-    write_json,
-)
+from ap_loss_d2.data import register_datasets
 
-__all__ = ["checkpoint_iteration", "evaluate_checkpoint", "list_checkpoints", "main", "parse_args"]
+from .common import (
+    dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress,
+    pyplot, study_argument_parser, timestamp, unique_labels, write_json
+)
 
 STUDY = "training_curves"
 METRICS = ("AP", "AP50", "AP75")
@@ -79,7 +48,7 @@ def list_checkpoints(run_dir) -> list:
 def evaluate_checkpoint(cfg, weights) -> dict:
     """``{"AP": .., "AP50": .., "AP75": ..}`` of ``weights`` on ``cfg.DATASETS.TEST[0]`` via
     :meth:`Trainer.test` (Detectron2's ``inference_on_dataset`` with ap_loss_d2's evaluator)."""
-    from ..engine import Trainer
+    from ap_loss_d2.engine import Trainer
     from .common import build_model_for_run
 
     model = build_model_for_run(cfg, weights)
@@ -156,8 +125,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-
-    from ap_loss_d2.data import register_datasets
 
     register_datasets()
 

@@ -1,21 +1,7 @@
 """The paper's Appendix A2: gradient descent fails on the sigmoid-smoothed AP-loss, the
 error-driven update does not.
 
-Linear model ``s = f . theta`` on three samples: ``(0, 0)`` negative, ``(1, 0)`` and ``(-3, 1)``
-positive (separable: both positives score above the negative when ``0 < theta_1 < theta_2 / 3``).
-
-(a) Gradient descent on the smoothed AP-loss ``F(theta)`` of Eq. 32/35 (``S(x) = 1/(1+e^-x)``,
-    autograd through :func:`ap_loss_d2.losses.alternatives.smoothed_ap`): from
-    ``theta_1 > theta_2 > 0`` with ``theta_1`` large enough, ``dF/dtheta_1 < dF/dtheta_2 < 0``
-    keeps ``theta_1 > theta_2``, and ``F`` approaches the local value 1/6 (global minimum 0).
-(b) The error-driven update (:func:`ap_loss_d2.losses.ap_loss`, Heaviside or piecewise-linear
-    step, backpropagated through ``s = f . theta``, plain SGD) reaches AP-loss 0 from the same
-    start in finitely many steps (Proposition 1).
-
-``python -m ap_loss_d2.studies.a2_example [--theta0 3 1] [--lr 1] [--gd-steps 5000]
-[--output-dir output/a2_example]`` prints a table and writes ``a2_example.json`` and
-``a2_example.png`` (both loss curves). Needs only PyTorch (matplotlib for the PNG).
-"""
+Details: docs/studies.md#studiesa2_example."""
 import json
 import math
 import os
@@ -23,19 +9,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..losses import ap_loss
-from ..losses.alternatives import smoothed_ap
-
-__all__ = [
-    "FEATURES",
-    "LABELS",
-    "exact_ap_loss",
-    "exact_ap_loss_trajectory",
-    "main",
-    "run_a2",
-    "smoothed_ap_loss",
-    "smoothed_ap_loss_eq35",
-]
+from ap_loss_d2.losses import ap_loss
+from ap_loss_d2.losses.alternatives import smoothed_ap
 
 #: The three samples (rows) and their labels (1 positive, 0 negative).
 FEATURES = ((0.0, 0.0), (1.0, 0.0), (-3.0, 1.0))
@@ -198,10 +173,8 @@ def format_table(result: dict, rows: int = 8) -> str:
     )
     steps = steps[: rows - 1] + [n_gd] if len(steps) > rows else steps
     lines = [
-        "Gradient descent on the smoothed AP-loss F (Eq. 35):",
-        "",
-        "| step | theta_1 | theta_2 | F (smoothed) | 1 - AP (exact) |",
-        "|---:|---:|---:|---:|---:|",
+        "Gradient descent on the smoothed AP-loss F (Eq. 35):", "",
+        "| step | theta_1 | theta_2 | F (smoothed) | 1 - AP (exact) |", "|---:|---:|---:|---:|---:|"
     ]
     for s in steps:
         th = gd["theta"][s]
@@ -222,8 +195,7 @@ def format_table(result: dict, rows: int = 8) -> str:
         lines.append(f"| {s} | {th[0]:.4f} | {th[1]:.4f} | {v:.6f} |")
     zero = ed["steps_to_zero"]
     lines += [
-        "",
-        f"AP-loss 0 reached after {zero} steps" if zero is not None else "AP-loss 0 not reached",
+        "", f"AP-loss 0 reached after {zero} steps" if zero is not None else "AP-loss 0 not reached"
     ]
     return "\n".join(lines)
 
@@ -239,10 +211,8 @@ def plot(result: dict, path: str) -> None:
     ax.plot(x_gd, gd["F"], label="gradient descent: smoothed AP-loss F")
     ax.plot(x_gd, gd["exact_ap_loss"], "--", label="gradient descent: exact 1 - AP")
     ax.step(
-        range(1, len(ed["exact_ap_loss"]) + 1),
-        ed["exact_ap_loss"],
-        where="post",
-        label="error-driven update: exact 1 - AP",
+        range(1, len(ed["exact_ap_loss"]) + 1), ed["exact_ap_loss"], where="post",
+        label="error-driven update: exact 1 - AP"
     )
     ax.axhline(1 / 6, color="gray", lw=0.8, ls=":", label="1/6")
     ax.set_xscale("log")
@@ -255,7 +225,7 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     from .common import study_argument_parser
 
     parser = study_argument_parser("a2_example", __doc__.split("\n")[0], opts=False)
@@ -265,14 +235,14 @@ def main(argv=None):
     parser.add_argument("--sigmoid-k", type=float, default=1.0)
     parser.add_argument("--ed-step", choices=("heaviside", "linear"), default="heaviside")
     parser.add_argument("--ed-lr", type=float, default=None, help="default: --lr")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     result = run_a2(
-        args.theta0,
-        lr=args.lr,
-        gd_steps=args.gd_steps,
-        sigmoid_k=args.sigmoid_k,
-        ed_lr=args.ed_lr,
-        ed_step=args.ed_step,
+        args.theta0, lr=args.lr, gd_steps=args.gd_steps, sigmoid_k=args.sigmoid_k, ed_lr=args.ed_lr,
+        ed_step=args.ed_step
     )
     print(format_table(result))
     os.makedirs(args.output_dir, exist_ok=True)

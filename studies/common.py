@@ -7,7 +7,7 @@ the registry's label of ``MODEL.CLS_LOSS.NAME`` ("AP-loss", "Focal loss", ...).
 
 Every study writes ``<name>.json`` with ``"study": "<name>"`` at the top, a markdown table
 ``<name>.md`` and, where useful, PNG figures listed under ``"figures"`` (paths relative to the
-JSON's folder); :mod:`ap_loss_d2.studies.report` collects them.
+JSON's folder); :mod:`studies.report` collects them.
 """
 import argparse
 import json
@@ -23,63 +23,83 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = [
-    "REPO",
-    "check_run_settings",
-    "cls_loss_label",
-    "default_config",
-    "last_bbox_metrics",
-    "metrics_by_iteration",
-    "read_json",
-    "read_metrics_json",
-    "scale_iter",
-    "scaled_schedule",
-    "train_net_command",
-    "RUN_SPEC",
-    "RunSpec",
-    "StudyArgumentParser",
-    "study_argument_parser",
-    "build_model_for_run",
-    "dataset_subset",
-    "fmt_num",
-    "load_cfg",
-    "loss_label",
-    "markdown_table",
-    "not_finite",
-    "parse_run_spec",
-    "progress",
-    "pyplot",
-    "resolve_run",
-    "save_checkpoint",
-    "to_jsonable",
-    "unique_labels",
-    "write_json",
-]
-
 logger = logging.getLogger(__name__)
 
-#: The repository root of a source checkout (``configs/``, ``train_net.py``); an installed
-#: package has no ``configs/``: :func:`default_config` then says where they are expected.
-REPO = Path(__file__).resolve().parents[2]
+#: The repository root (``configs/``, ``train_net.py``); the studies run from a checkout.
+REPO = Path(__file__).resolve().parents[1]
 
 
 def default_config(relpath: str) -> str:
-    """``REPO/configs/<relpath>`` of a source checkout; a clear error when it is missing (the
-    package does not ship ``configs/``)."""
-    path = REPO / "configs" / relpath
-    if not path.is_file():
-        raise SystemExit(
-            f"default config configs/{relpath} not found under {REPO}: the configs/ folder ships "
-            "with the repository, not with the installed package. Run from a checkout "
-            "(pip install -e .) or pass --config-file PATH"
+    """``REPO/configs/<relpath>``."""
+    return str(REPO / "configs" / relpath)
+
+
+#: ``python -c`` program: import the modules before ``--``, then run train_net.py with the rest.
+_IMPORT_THEN_TRAIN = (
+    "import importlib, runpy, sys\n"
+    "cut = sys.argv.index('--')\n"
+    "for name in sys.argv[2:cut]:\n"
+    "    importlib.import_module(name)\n"
+    "sys.argv = [sys.argv[1], *sys.argv[cut + 1:]]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def train_net_command(imports: Sequence[str] = ()) -> List[str]:
+    """The command that runs ``train_net.py`` in a new process (``--num-gpus`` etc. appended by
+    the caller), importing the modules ``imports`` first (e.g. one that registers a loss)."""
+    if not imports:
+        return [sys.executable, str(REPO / "train_net.py")]
+    return [sys.executable, "-c", _IMPORT_THEN_TRAIN, str(REPO / "train_net.py"), *imports, "--"]
+
+
+def run_logged(cmd: Sequence[str], log_path, env=None, echo: bool = False) -> int:
+    """Run ``cmd`` (a training process) with its output appended to ``log_path`` after a ``$ cmd``
+    line, and echoed with ``echo``; an interrupt stops the process too. Returns its exit code."""
+    import subprocess
+
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(map(str, cmd)) + "\n")
+        log.flush()
+        proc = subprocess.Popen(list(map(str, cmd)), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if echo:
+                    sys.stdout.write(line)
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+
+
+def import_modules(names: Sequence[str], error=SystemExit) -> None:
+    """Import the modules ``names`` (``--import``); a clear ``error`` naming the one that fails."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise error(f"--import {name}: cannot import it ({e}); give a module importable from "
+                        "the current folder or PYTHONPATH") from e
+
+
+def check_loss_names(names: Sequence[str], imports: Sequence[str] = (), error=SystemExit) -> None:
+    """Refuse a ``MODEL.CLS_LOSS.NAME`` that no loss registers, naming ``--import``."""
+    from ap_loss_d2.losses.registry import cls_loss_names
+
+    known = cls_loss_names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        imported = f" (imported: {', '.join(imports)})" if imports else ""
+        raise error(
+            f"--losses {' '.join(unknown)}: not a registered classification loss{imported}; "
+            f"registered: {', '.join(known)}. A loss that your own module registers needs "
+            "--import MODULE, which this command and its training processes import first"
         )
-    return str(path)
-
-
-def train_net_command() -> List[str]:
-    """The command that runs ``train_net.py``'s logic in a new process (``--num-gpus`` etc.
-    appended by the caller); works from an installed package."""
-    return [sys.executable, "-m", "ap_loss_d2.engine.train_net"]
 
 
 def scale_iter(value: int, max_iter: int, iters: int) -> int:
@@ -197,7 +217,7 @@ def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] =
             f"{config_file}: the studies take yacs (.yaml) configs; for a LazyConfig run use "
             "the config.yaml that train_net.py wrote into its output folder"
         )
-    from ..engine import get_ap_loss_cfg, validate_cfg
+    from ap_loss_d2.engine import get_ap_loss_cfg, validate_cfg
 
     cfg = get_ap_loss_cfg()
     cfg.merge_from_file(str(config_file))
@@ -212,7 +232,7 @@ def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] =
 def cls_loss_label(name: str) -> str:
     """The registry's label of the loss ``name`` (``MODEL.CLS_LOSS.NAME``), ``name`` itself when
     no loss of that name is registered."""
-    from ..losses import registry
+    from ap_loss_d2.losses import registry
 
     return registry.cls_loss_label(name) if name in registry.cls_loss_names() else name
 
@@ -228,7 +248,7 @@ def loss_label(cfg) -> str:
 def build_model_for_run(cfg, weights: str):
     """Detectron2's ``build_model(cfg)`` in eval mode with ``weights`` (or ``cfg.MODEL.WEIGHTS``)
     loaded by ``DetectionCheckpointer``; random initialisation when both are empty."""
-    from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer as DetectionCheckpointer
+    from ap_loss_d2.engine import SafeDetectionCheckpointer as DetectionCheckpointer
     from detectron2.modeling import build_model
 
     model = build_model(cfg)
@@ -259,7 +279,7 @@ def unique_labels(labels: Iterable[str]) -> List[str]:
 
 def save_checkpoint(model, path) -> str:
     """Save ``model``'s weights with ``DetectionCheckpointer`` as ``path`` (a ``.pth``)."""
-    from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer as DetectionCheckpointer
+    from ap_loss_d2.engine import SafeDetectionCheckpointer as DetectionCheckpointer
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -518,7 +538,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def study_argument_parser(study: str, description: str, *, config: Optional[str] = None,
                           num_gpus: bool = False, runs: Optional[str] = None, opts: bool = True):
-    """The argument parser of every study command (``python -m ap_loss_d2.studies.<study>``).
+    """The argument parser of every study command (``python -m studies.<study>``).
 
     Options are spelled out in full (no abbreviations). Every command gets ``--output-dir``
     (default ``output/<study>``); ``config``: a
@@ -527,7 +547,7 @@ def study_argument_parser(study: str, description: str, *, config: Optional[str]
     form, e.g. :data:`RUN_SPEC`), ``--dataset``, ``--device`` (read by :func:`prepare_runs`); ``opts``: trailing ``KEY VALUE``
     config overrides, after any option or after ``--`` (:class:`StudyArgumentParser`).
     """
-    p = StudyArgumentParser(prog=f"python -m ap_loss_d2.studies.{study}", description=description,
+    p = StudyArgumentParser(prog=f"python -m studies.{study}", description=description,
                             formatter_class=_HelpFormatter, allow_abbrev=False)
     p.add_argument("--output-dir", default=f"output/{study}", help="folder of the outputs")
     if config is not None:

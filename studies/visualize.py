@@ -1,36 +1,15 @@
 """Paper Fig. 5 / Fig. 12: the detections of two or more models on the same images, side by side.
 
-``python -m ap_loss_d2.studies.visualize --run output/voc_ap --run output/voc_focal
---dataset voc_2007_test --num-images 4 --score-thresh 0.3 --output-dir output/fig5
-[--device cpu] [KEY VALUE ...]``
-
-Each ``--run`` is ``RUN_DIR[:LABEL]`` (a ``train_net.py`` output folder: its ``config.yaml`` and
-last checkpoint) or ``CONFIG:WEIGHTS[:LABEL]``. The first ``--num-images`` images of
-``--dataset`` (any registered detection dataset: the embedded ``synth_shapes_*`` sets, COCO,
-VOC; default the first run's ``DATASETS.TEST[0]``) go through each model with Detectron2's test
-preprocessing (``DatasetMapper(cfg, is_train=False)``); the detections scoring at least
-``--score-thresh`` are drawn with Detectron2's ``Visualizer`` (class names from the dataset's
-metadata). Writes, per image, ``image_<k>.png`` (one row: one column per model, titled with the
-run's label) and ``visualize.png`` (every row: one row per image), plus ``visualize.json``
-(the drawn detections) and ``visualize.md``.
-"""
+Details: docs/studies.md#studiesvisualize."""
 import copy
 from pathlib import Path
 
+from ap_loss_d2.data import register_datasets
 
 from .common import (
-    RUN_SPEC,
-    build_model_for_run,
-    markdown_table,
-    prepare_runs,
-    progress,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    write_json,
+    RUN_SPEC, build_model_for_run, markdown_table, prepare_runs, progress,
+    pyplot, study_argument_parser, timestamp, write_json
 )
-
-__all__ = ["detect", "main", "parse_args"]
 
 STUDY = "visualize"
 
@@ -93,15 +72,13 @@ def main(argv=None):
         import cv2  # noqa: F401  (Detectron2's Visualizer needs OpenCV)
     except ImportError:
         raise ImportError(
-            "ap_loss_d2.studies.visualize draws with Detectron2's Visualizer, which needs OpenCV: "
+            "studies.visualize draws with Detectron2's Visualizer, which needs OpenCV: "
             "pip install opencv-python-headless"
         ) from None
     if args.num_images < 1:
         raise ValueError(f"--num-images={args.num_images} must be >= 1")
     if not 0 <= args.score_thresh <= 1:
         raise ValueError(f"--score-thresh={args.score_thresh} must be in [0, 1]")
-
-    from ap_loss_d2.data import register_datasets
 
     register_datasets()
     from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -1,59 +1,16 @@
 """Time and memory cost of the losses (the paper's Sec. 4.3: Fig. 10, Fig. 9 and Fig. 11).
 
-``python -m ap_loss_d2.studies.cost [--run-dir RUN_DIR[:LABEL] ...] [--metrics FILE[:LABEL] ...]
-[--benchmark benchmark.json] --output-dir DIR``
-
-Two sources, labelled as such in every output:
-
-* Measured during training (Fig. 10; ``--run-dir`` / ``--metrics``): from each run's
-  ``metrics.json`` (Detectron2's ``JSONWriter``: one JSON object per line; entries of the same
-  iteration are merged, later lines win) the series ``cls_loss/time`` (classification loss
-  forward time per iteration, written by ``APLossRetinaNet`` / the RoI heads), ``time`` (whole
-  iteration), ``cls_loss/num_neg_nontrivial`` and ``cls_loss/num_pos`` against the iteration;
-  table of first/last/mean/min/max. Each logged point is the median over Detectron2's
-  smoothing window (20 iterations), not a single iteration's value. These are the real logits
-  of the run (its own anchors per image), at every stage of training.
-* Synthetic logits (Fig. 9 and 11; ``--benchmark``): from a ``benchmark.json`` of ``python -m
-  ap_loss_d2.benchmark``: extra peak memory (MB) and forward+backward time of every loss
-  against the batch size, per device, anchors per image (the paper's 32,736 first) and number
-  of positives, on N(0, 1) logits (the early-training regime).
-
-Outputs in ``--output-dir``: ``cost.json``, ``cost.md``, ``cost_training.png`` (two panels:
-times; non-trivial negatives) and ``cost_benchmark.png`` (memory and time vs batch size).
-"""
+Details: docs/studies.md#studiescost."""
 import json
 import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..benchmark import LABELS as BENCHMARK_LABELS
 from .common import (
-    cls_loss_label,
-    markdown_table,
-    metrics_by_iteration,
-    progress,
-    pyplot,
-    study_argument_parser,
-    timestamp,
-    unique_labels,
-    write_json,
+    cls_loss_label, markdown_table, metrics_by_iteration, progress, pyplot, study_argument_parser,
+    timestamp, unique_labels, write_json
 )
-
-__all__ = [
-    "METRIC_KEYS",
-    "benchmark_label",
-    "benchmark_markdown",
-    "benchmark_tables",
-    "fmt_mb",
-    "fmt_ms",
-    "fmt_value",
-    "main",
-    "series",
-    "summarize_series",
-    "training_figure",
-    "training_table",
-]
 
 STUDY = "cost"
 #: metrics.json keys traced against the iteration.
@@ -161,7 +118,8 @@ def benchmark_tables(bench: dict) -> Dict[str, dict]:
 
 
 def benchmark_markdown(groups, losses, field, title, fmt):
-    """One markdown table per (device, anchors, positives) group: batch size x loss (``field``)."""
+    """One markdown table per (device, anchors, positives) group: batch size x loss (``field``);
+    ``losses``: ``{name: label}``."""
     parts = []
     for key, g in groups.items():
         extrap = g.get("extrapolated", {}) if field == "time_s" else {}
@@ -172,14 +130,9 @@ def benchmark_markdown(groups, losses, field, title, fmt):
 
         rows = [[g["images"][i]] + [cell(n, i) for n in losses] for i in range(len(g["images"]))]
         parts += [f"**{title}, {key}**", "",
-                  markdown_table(["batch size"] + [benchmark_label(n) for n in losses],
+                  markdown_table(["batch size"] + list(losses.values()),
                                  rows), ""]
     return "\n".join(parts)
-
-
-def benchmark_label(name: str) -> str:
-    """The label of a loss of ``ap_loss_d2.benchmark`` (its name when the benchmark has none)."""
-    return BENCHMARK_LABELS.get(name, name)
 
 
 def fmt_mb(v):
@@ -248,7 +201,7 @@ def plot_benchmark(groups, losses, path):
                 extrap = row == 1 and any(g.get("extrapolated", {}).get(name, []))
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if extrap else "-o",
-                            ms=3, label=benchmark_label(name)
+                            ms=3, label=losses[name]
                             + (" (extrapolated)" if extrap else ""))
             ax.set_xticks(g["images"])
             ax.set_xlabel("batch size (images)")
@@ -268,7 +221,7 @@ def parse_args(argv=None):
                    help="training output folder with metrics.json (repeatable)")
     p.add_argument("--metrics", action="append", default=[], metavar="FILE[:LABEL]",
                    help="a metrics.json file (repeatable)")
-    p.add_argument("--benchmark", default=None, help="benchmark.json of ap_loss_d2.benchmark")
+    p.add_argument("--benchmark", default=None, help="benchmark.json of tools.benchmark")
     args = p.parse_args(argv)
     if not (args.run_dir or args.metrics or args.benchmark):
         p.error("give at least one of --run-dir, --metrics, --benchmark")
@@ -290,8 +243,7 @@ def main(argv=None):
         if not f.is_file():
             raise SystemExit(f"{f} does not exist")
     labels = unique_labels([_label_for(f, lab) for f, lab in inputs])
-    report = {"study": STUDY, "created": timestamp(), "runs": [], "benchmark": None,
-              "figures": []}
+    report = {"study": STUDY, "created": timestamp(), "runs": [], "benchmark": None, "figures": []}
     md = []
     for (f, _), label in zip(inputs, labels):
         progress(STUDY, f"{label}: reading {f}")
@@ -318,7 +270,8 @@ def main(argv=None):
         progress(STUDY, f"reading {args.benchmark}")
         bench = json.loads(Path(args.benchmark).read_text())
         groups = benchmark_tables(bench)
-        losses = bench.get("losses") or []
+        labels = bench.get("labels") or {}
+        losses = {n: labels.get(n, n) for n in bench.get("losses") or []}
         report["benchmark"] = {"path": os.path.abspath(args.benchmark),
                                "config": bench.get("config"),
                                "memory_method": bench.get("memory_method"),
