@@ -30,6 +30,8 @@ def add_ap_loss_config(cfg):
     cfg.MODEL.CLS_LOSS.STEP = "linear"
     # Slope parameter k of the sigmoid step (Eq. 54), used when STEP == "sigmoid".
     cfg.MODEL.CLS_LOSS.SIGMOID_K = 0.5
+    # Ranking kernel of "ap"/"auc": "grid" (host reads), "sync_free" (none), "auto" (docs/losses.md).
+    cfg.MODEL.CLS_LOSS.KERNEL = "auto"
     # Temperature k of the sigmoid S(x / k) smoothing AP for "ap_approx" (Fig. 8 alternative);
     # the paper's smoothed AP (supplementary Eq. 32-33) uses the plain sigmoid, k = 1.
     cfg.MODEL.CLS_LOSS.APPROX_SIGMOID_K = 1.0

@@ -166,6 +166,7 @@ class _RankingLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*(o for o in output[1:] if isinstance(o, torch.Tensor)))
+        ctx.set_materialize_grads(False)  # no zero gradients for the state outputs
         ctx.save_for_backward(inputs[0], *output[3:])
         ctx.spec = inputs[2]
 
@@ -339,7 +340,7 @@ def _forward(logits, targets, spec, group):
     if bad is not None:
         loss = torch.where(bad, math.nan, loss)
     loss = loss.to(out_dtype)
-    n_pos = m if sync_free else torch.tensor(m)
+    n_pos = m.long() if sync_free else torch.tensor(m)
     if not need_grad:
         return loss, n_pos, n_neg
     if step == "sigmoid":
@@ -363,10 +364,10 @@ def _backward(x, state, grad_output, spec):
 def _positives_static(x, t, bound):
     """(positive scores in ``bound`` slots, +inf after the m-th; m as a 0-dim tensor)."""
     slots = torch.zeros(bound + 1, dtype=_F64, device=x.device)  # the last: overflow
-    m = torch.zeros((), dtype=torch.int64, device=x.device)
+    m = torch.zeros((), dtype=torch.int32, device=x.device)
     for i in range(0, x.numel(), _CHUNK):
         pos = t[i : i + _CHUNK] == 1
-        r = torch.cumsum(pos, 0) + m
+        r = torch.cumsum(pos, 0, dtype=torch.int32) + m
         slot = torch.where(pos, (r - 1).clamp_max(bound), bound)
         slots.index_add_(0, slot, torch.where(pos, x[i : i + _CHUNK].double(), 0.0))
         m = r[-1]
@@ -467,15 +468,15 @@ class _Piecewise:
         table = _grid_table(c_cd, lo, inv, cells)
         rows = torch.cat([self.dummy + 1 + rank, rank.new_full((1,), self.dummy)]).int()
         k = torch.empty(x.numel(), dtype=torch.int32, device=x.device)
-        before = torch.zeros((), dtype=torch.int64, device=x.device)
+        before = torch.zeros((), dtype=torch.int32, device=x.device)
         for i in range(0, x.numel(), _CHUNK):
             xs, ts = x[i : i + _CHUNK], t[i : i + _CHUNK]
-            cell = torch.nan_to_num(_cells(xs, lo, inv, cells)).to(torch.int32)
+            cell = _cells(xs, lo, inv, cells).nan_to_num_().to(torch.int32)
             kk = table.index_select(0, cell)
             amb = kk < 0
             found = torch.searchsorted(c_cd, torch.where(amb, xs, -math.inf), right=True,
                                        out_int32=True)
-            r = torch.cumsum(ts == 1, 0) + before
+            r = torch.cumsum(ts == 1, 0, dtype=torch.int32) + before
             before = r[-1]
             positive = rows.index_select(0, (r - 1).clamp(0, self.m))
             k[i : i + _CHUNK] = torch.where(ts == 0, torch.where(amb, found, kk),
