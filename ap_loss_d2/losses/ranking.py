@@ -12,32 +12,28 @@ One algorithm (linear and Heaviside steps), explained in docs/losses.md:
 1. the positives are sorted; each has two breakpoints, rounded outwards to the compute dtype
    so that "``s`` has passed ``c``" is the exact comparison ``s >= c``;
 2. every entry gets its segment ``k`` (breakpoints ``<= s``); this is the only step that
-   differs per kernel (:func:`_locate`);
+   differs per kernel (``_Piecewise.locate_grid`` / ``locate_sync_free``);
 3. per-segment counts and sums of ``s - ref_k`` (``ref_k`` a local reference) give every
    ``b_i`` by window sums; ``a_i`` the same way from the positives;
 4. the gradient of an entry in segment ``k`` is ``A_k + B_k (s - ref_k)``; positives get their
    own table rows. Only the int32 ``k`` (4 bytes per entry) is kept for the backward.
 
-Kernels (``kernel=``): ``"grid"`` finds positives with ``nonzero`` and segments with a uniform
-look-up grid sized on the host (4 host reads per AP call, 5 for AUC; free on a CPU);
-``"sync_free"`` gathers the positives into ``max_positives`` static slots and resolves the same
-grid's ambiguous cells with ``torch.searchsorted``: no host read, static shapes
-(``torch.compile(fullgraph=True)``, CUDA graphs). ``"auto"``: ``"sync_free"`` off the CPU or
-under ``torch.compile``, else ``"grid"``. The sigmoid step and ranking across processes always
-use the grid code.
-
-Invalid values (NaN/Inf logits, labels other than 1, 0, -1) and, off the CPU, more positives
-than ``max_positives``, make the sync-free kernel return NaN loss and gradients (no host read:
-Detectron2's trainer stops at its non-finite loss check); the grid kernel raises.
-Sums are float64; the gradient is computed in float32 (float64 for float64 logits), multiplied
-by ``grad_output`` and cast to the logits' dtype last. No double backward, no ``vmap``.
+Kernels (``kernel=``): ``"grid"`` finds the positives with ``nonzero`` and the segments with a
+uniform grid sized on the host (host reads, free on a CPU); ``"sync_free"`` gathers the
+positives into ``max_positives`` static slots and searches the same grid's ambiguous cells: no
+host read, static shapes (``torch.compile(fullgraph=True)``, CUDA graphs). ``"auto"``:
+``"sync_free"`` off the CPU or under ``torch.compile``. The sigmoid step and ranking across
+processes always use the grid code. Invalid values and, off the CPU, more positives than
+``max_positives`` make the sync-free kernel return NaN (no host read); the grid kernel raises.
+Sums are float64, the gradient float32 (float64 for float64 logits) times ``grad_output``.
 """
 import math
 import numbers
-import struct
 from typing import Optional
 
 import torch
+
+from . import distributed as dist
 
 __all__ = ["ap_loss", "auc_loss", "check_ranking_options", "validate_ranking_inputs",
            "NonFiniteLogitsError", "STEPS", "KERNELS", "MAX_POSITIVES", "SIGMOID_CHUNK_BYTES"]
@@ -87,21 +83,19 @@ def ap_loss(logits: torch.Tensor, targets: torch.Tensor, *, delta: float = 1.0,
     Args:
         logits: scores, any shape, float16/bfloat16/float32/float64, any device, finite.
         targets: same shape; 1 positive, 0 negative, -1 ignored (any int or float dtype).
-        delta: width of the piecewise step (Eq. 21).
-        interpolate: interpolated AP (Sec. 3.4.3).
-        step: ``"linear"`` (Eq. 21), ``"heaviside"`` (Eq. 4) or ``"sigmoid"`` (Eq. 54).
-        sigmoid_k: slope ``k`` of the sigmoid step.
-        kernel: ``"auto"``, ``"grid"`` or ``"sync_free"`` (module docstring).
-        max_positives: static bound of the sync-free kernel on the positives of this call.
+        delta: width of the piecewise step (Eq. 21); interpolate: interpolated AP (3.4.3).
+        step: ``"linear"`` (Eq. 21), ``"heaviside"`` (Eq. 4) or ``"sigmoid"`` (Eq. 54, slope
+            ``sigmoid_k``).
+        kernel: ``"auto"``, ``"grid"`` or ``"sync_free"``; max_positives: the sync-free
+            kernel's static bound on the positives of this call.
         stats: ``None`` or a dict, filled with ``num_pos`` and ``num_neg_nontrivial``
             (negatives with ``s >= min_P s - delta``): Python ints on the CPU in eager mode,
             else 0-dim int64 tensors on the logits' device.
         process_group: a ``torch.distributed`` group whose processes' entries are ranked
             together (:mod:`ap_loss_d2.losses.distributed`); ``None`` ranks locally.
 
-    Returns:
-        A 0-dim tensor in the logits' dtype (float32 for half-precision logits); 0 with no
-        positives. Its backward gives the error-driven update of Algorithm 1.
+    Returns a 0-dim tensor in the logits' dtype (float32 for half precision), 0 without
+    positives, whose backward gives the error-driven update of Algorithm 1.
     """
     return _apply(logits, targets, "ap", delta, interpolate, step, sigmoid_k, kernel,
                   max_positives, stats, process_group)
@@ -125,13 +119,12 @@ def _apply(logits, targets, kind, delta, interpolate, step, sigmoid_k, kernel, m
         raise TypeError(f"stats must be a dict (filled by the loss) or None, got "
                         f"{type(stats).__name__}")
     _check_static(logits, targets)
-    sync_free = step != "sigmoid" and _resolve(kernel, logits) == "sync_free"
-    if group is not None:
-        from .distributed import group_size
-
-        sync_free = sync_free and group_size(group) == 1
+    if kernel == "auto":  # the sigmoid step and ranking across processes: grid code only
+        kernel = "grid" if logits.device.type == "cpu" and not torch.compiler.is_compiling() \
+            else "sync_free"
+    sync_free = kernel == "sync_free" and step != "sigmoid" and dist.group_size(group) == 1
     if not sync_free:
-        targets = _validate(logits, targets)  # float labels come back as int8 codes
+        targets = validate_ranking_inputs(logits, targets)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     spec = (kind, step, float(delta), interpolate, float(sigmoid_k), sync_free,
             min(max_positives, logits.numel()), need_grad)
@@ -141,19 +134,10 @@ def _apply(logits, targets, kind, delta, interpolate, step, sigmoid_k, kernel, m
     return loss
 
 
-def _resolve(kernel, logits):
-    if kernel != "auto":
-        return kernel
-    return "sync_free" if logits.device.type != "cpu" or torch.compiler.is_compiling() else "grid"
-
-
 def _count_value(n):
     """A count as a Python int when that needs no device read, else a 0-dim int64 tensor."""
-    if not isinstance(n, torch.Tensor):
-        return int(n)
-    if n.device.type == "cpu" and not torch.compiler.is_compiling():
-        return int(n)
-    return n.to(torch.int64)
+    host = not isinstance(n, torch.Tensor) or (n.is_cpu and not torch.compiler.is_compiling())
+    return int(n) if host else n.to(torch.int64)
 
 
 class _RankingLoss(torch.autograd.Function):
@@ -178,8 +162,15 @@ class _RankingLoss(torch.autograd.Function):
                 "gradient penalty) and torch.func.grad/jacrev would differentiate the "
                 "error-driven update, which has no derivative here. Use loss.backward() or "
                 "torch.autograd.grad without create_graph for the ranking loss.")
-        logits, *state = ctx.saved_tensors
-        return _backward(logits.detach(), state, grad_output, ctx.spec), None, None, None
+        x, *state = ctx.saved_tensors
+        if not state:  # no positives
+            return torch.zeros_like(x), None, None, None
+        go, xf = grad_output.to(_F64), x.detach().reshape(-1).to(_compute_dtype(x.dtype))
+        if ctx.spec[1] == "sigmoid":
+            flat = _Sigmoid.evaluate(xf, ctx.spec[4], go, *state)
+        else:
+            flat = _Piecewise.evaluate(xf, ctx.spec[1] == "linear", go, *state)
+        return flat.view(x.shape).to(x.dtype), None, None, None
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -189,22 +180,17 @@ class _RankingLoss(torch.autograd.Function):
             "or once on the whole batch.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
 def validate_ranking_inputs(logits, targets):
     """Raise a ValueError naming the problem unless ``logits``/``targets`` are valid inputs of a
     ranking loss: same shape and device, floating logits without NaN/Inf
-    (:class:`NonFiniteLogitsError`, with their count), labels in {1, 0, -1}. One host read."""
-    _validate(logits, targets)
-
-
-def _validate(logits, targets):
+    (:class:`NonFiniteLogitsError`, with their count), labels in {1, 0, -1}. One host read.
+    Returns the targets (float labels as int8 codes)."""
     _check_static(logits, targets)
     if logits.numel() == 0:
         return targets
+    x, t = logits.detach(), targets.detach()
     try:
-        return _check_values(logits.detach(), targets.detach())
+        vals = torch.stack(_value_range(x, t)).tolist()  # the one host read
     except RuntimeError as e:  # functorch-wrapped tensors have no storage to read
         raise RuntimeError(
             "ap_loss/auc_loss need concrete tensors: they rank all entries together and read "
@@ -212,6 +198,15 @@ def _validate(logits, targets):
             "supported (for vmap there is no per-sample rule: all entries are ranked together). "
             "Call the loss on ordinary tensors and use loss.backward() / torch.autograd.grad."
         ) from e
+    if not (math.isfinite(vals[0]) and math.isfinite(vals[1])):
+        raise NonFiniteLogitsError(f"{int((~torch.isfinite(x)).sum())} of {x.numel()} logits "
+                                   "are NaN or Inf")
+    if not (vals[2] >= -1 and vals[3] <= 1) or (len(vals) > 4 and vals[4] > 0):
+        invalid = (t != 0) & (t != 1) & (t != -1)
+        raise ValueError(f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
+                         f"{int(invalid.sum())} other labels, e.g. "
+                         f"{torch.unique(t[invalid])[:10].tolist()}")
+    return t.to(torch.int8) if t.is_floating_point() else t
 
 
 def _check_static(logits, targets):
@@ -230,45 +225,25 @@ def _check_static(logits, targets):
         raise ValueError(f"targets must be an int or float tensor, got {targets.dtype}")
 
 
-def _check_values(x, t):
-    xmin, xmax = torch.aminmax(x)
-    tmin, tmax = torch.aminmax(t)
-    vals = [xmin.double(), xmax.double(), tmin.double(), tmax.double()]
-    code = t
+def _value_range(x, t):
+    """float64 [min, max] of the logits and of the labels, and the count of float labels that
+    are not integers (0-dim tensors; no host read)."""
+    vals = [*torch.aminmax(x), *torch.aminmax(t)]
     if t.is_floating_point():  # inside [-1, 1], other labels do not survive the cast
-        code = t.to(torch.int8)
-        vals.append(torch.count_nonzero(code != t).double())
-    vals = torch.stack(vals).tolist()  # the one host read
-    if not (math.isfinite(vals[0]) and math.isfinite(vals[1])):
-        raise NonFiniteLogitsError(f"{int((~torch.isfinite(x)).sum())} of {x.numel()} logits "
-                                   "are NaN or Inf")
-    if not (vals[2] >= -1 and vals[3] <= 1) or (len(vals) > 4 and vals[4] > 0):
-        invalid = (t != 0) & (t != 1) & (t != -1)
-        raise ValueError(f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
-                         f"{int(invalid.sum())} other labels, e.g. "
-                         f"{torch.unique(t[invalid])[:10].tolist()}")
-    return code
+        vals.append(torch.count_nonzero(t.to(torch.int8) != t))
+    return [v.double() for v in vals]
 
 
 def _invalid(x, t):
     """0-dim bool: NaN/Inf logits or invalid labels (no host read)."""
-    xmin, xmax = torch.aminmax(x)
-    tmin, tmax = torch.aminmax(t)
-    bad = ~(torch.isfinite(xmin) & torch.isfinite(xmax)) | (tmin < -1) | (tmax > 1)
-    if t.is_floating_point():
-        bad = bad | (t.to(torch.int8) != t).any()
-    return bad
+    xmin, xmax, tmin, tmax, *frac = _value_range(x, t)
+    return ~(xmin.isfinite() & xmax.isfinite()) | (tmin < -1) | (tmax > 1) | (sum(frac) > 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Forward / backward
-# ---------------------------------------------------------------------------------------------
 def _forward(logits, targets, spec, group):
     """(loss, |P|, |N^|, *state for the backward)."""
-    from . import distributed as dist
-
     kind, step, delta, interpolate, sigmoid_k, sync_free, bound, need_grad = spec
-    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cd = _compute_dtype(logits.dtype)
     out_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     device = logits.device
     zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -290,18 +265,16 @@ def _forward(logits, targets, spec, group):
                 f"kernel='grid', or rank fewer images together (MODEL.CLS_LOSS.KERNEL, "
                 f"MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET)")
         bad = bad | (m > bound)
-        m_local, mine = m, None
     else:
         pos_idx = torch.nonzero(t == 1).squeeze(1)
         p, offset = dist.gather_positive_scores(x[pos_idx].double(), group)
         m = p.numel()
         if m == 0:
             return torch.zeros((), dtype=out_dtype, device=device), 0, zero
-        valid, m_local = None, pos_idx.numel()
+        valid = None
     p, order = torch.sort(p, stable=True)
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=device))
-    if not sync_free:
-        mine = rank[offset : offset + m_local]
+    mine = None if sync_free else rank[offset : offset + pos_idx.numel()]
     m_safe = m.clamp_min(1).double() if sync_free else float(m)
 
     if step == "sigmoid":
@@ -326,7 +299,7 @@ def _forward(logits, targets, spec, group):
         loss = keep(1 - prec_interp).sum() / m_safe
         g_pos = -(1 - prec_interp) / m_safe
     else:
-        n_all = kernel.count_all_negatives()
+        n_all = kernel.n_all
         if sync_free:
             n_safe = n_all.clamp_min(1).double()
             w = torch.where(valid & (n_all > 0), 1.0 / n_safe, 0.0)
@@ -349,16 +322,8 @@ def _forward(logits, targets, spec, group):
     return loss, n_pos, n_neg, kernel.k, A, B, ref
 
 
-def _backward(x, state, grad_output, spec):
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if not state:
-        return torch.zeros_like(x)
-    go, xf = grad_output.to(_F64), x.reshape(-1).to(cd)
-    if spec[1] == "sigmoid":
-        flat = _Sigmoid.evaluate(xf, spec[4], go, *state)
-    else:
-        flat = _Piecewise.evaluate(xf, spec[1] == "linear", go, *state)
-    return flat.view(x.shape).to(x.dtype)
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _positives_static(x, t, bound):
@@ -375,9 +340,6 @@ def _positives_static(x, t, bound):
     return p, m
 
 
-# ---------------------------------------------------------------------------------------------
-# Steps
-# ---------------------------------------------------------------------------------------------
 def _two_sum(a, b):
     """(fl(a + b), exact error): a + b == s + e exactly (Knuth's TwoSum, float64)."""
     s = a + b
@@ -395,12 +357,7 @@ def _round_up(r, e, dtype, strict=False):
 
 def _as_dtype(v, dtype):
     """The Python float ``v`` rounded to ``dtype`` (float32 or float64), on the host."""
-    if dtype == torch.float64:
-        return float(v)
-    try:
-        return struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        return math.inf
+    return float(torch.tensor(v, dtype=dtype))
 
 
 def _count(k, n):
@@ -430,15 +387,14 @@ class _Piecewise:
         upper = _round_up(*_two_sum(pf, torch.full_like(pf, delta)), cd, True) if linear else pf
         if valid is not None:
             lower, upper = (torch.where(valid, v, math.inf) for v in (lower, upper))
-        m, dev = self.m, p.device
+        m, dev = p.numel(), p.device
         c, border = torch.sort(torch.cat([lower, upper]), stable=True)
         position = torch.empty_like(border).scatter_(0, border, torch.arange(2 * m, device=dev))
         self.pos_lo, self.pos_hi = position[:m] + 1, position[m:] + 1  # segments after them
         self.p, self.c, self.border = p, c, border
         self.dummy = 2 * m + 1
         # open windows per segment (+1 at a lower breakpoint, -1 at an upper one)
-        ev = torch.cat([torch.ones(m, dtype=torch.int64, device=dev),
-                        -torch.ones(m, dtype=torch.int64, device=dev)])[border]
+        ev = torch.where(border < m, 1, -1)
         n_open = torch.nn.functional.pad(torch.cumsum(ev, 0), (1, 0))
         self.open = n_open > 0
         # clusters of overlapping windows start at a lower breakpoint with none open before;
@@ -527,10 +483,8 @@ class _Piecewise:
             if self.direct:
                 local = local - count * ref
         self.count = count[: self.dummy]
+        self.n_all = self.count.sum().long()  # every negative (AUC's |N|)
         return self._sums(self.count, local[: self.dummy]), self.count[1:].sum().long()
-
-    def count_all_negatives(self):
-        return self.count.sum().long()
 
     def positive_sums(self):
         """sum_k f(p_k - p_i) over all positives k (self included)."""
@@ -584,11 +538,11 @@ class _Piecewise:
         A_t, B_t, R_t = (A * go).to(cd), (B * go).to(cd), ref.to(cd)
         out = torch.empty(x.numel(), dtype=cd, device=x.device)
         for i in range(0, x.numel(), _CHUNK):  # chunks: temporaries stay small
-            ks = k[i : i + _CHUNK]
-            o = A_t.index_select(0, ks)
+            ks, o = k[i : i + _CHUNK], out[i : i + _CHUNK]
+            torch.index_select(A_t, 0, ks, out=o)
             if linear:
-                o = o.addcmul_(B_t.index_select(0, ks), x[i : i + _CHUNK] - R_t.index_select(0, ks))
-            out[i : i + _CHUNK] = o
+                d = R_t.index_select(0, ks)
+                o.addcmul_(B_t.index_select(0, ks), torch.sub(x[i : i + _CHUNK], d, out=d))
         return out
 
 
@@ -613,29 +567,30 @@ class _Sigmoid:
     f0 = 0.5
 
     def __init__(self, p, k, x, t, delta):
-        self.p, self.k = p, k
-        neg = t == 0
-        self.n_all = neg.sum()
-        self.n_nontrivial = (neg & (x.double() >= p[0] - delta)).sum()
+        self.p, self.k, neg = p, k, t == 0
+        self.n_all, self.n_nontrivial = neg.sum(), (neg & (x.double() >= p[0] - delta)).sum()
         self.idx = torch.nonzero(neg).squeeze(1)
         self.s = x.index_select(0, self.idx).double()
 
     @staticmethod
     def _acc(q, p, k, w=None):
-        rows = max(1, SIGMOID_CHUNK_BYTES // (3 * 8 * max(1, p.numel())))
-        parts = [torch.sigmoid((c[:, None] - p[None, :]) / k) for c in torch.split(q, rows)]
+        """sum_j f(q_j - p_i) per positive i, or with ``w`` sum_i w_i f(q_j - p_i) per q_j."""
+        rows, total, parts = max(1, SIGMOID_CHUNK_BYTES // (3 * 8 * max(1, p.numel()))), 0, []
+        for c in torch.split(q, rows):
+            f = torch.sigmoid((c[:, None] - p[None, :]) / k)
+            if w is None:
+                total = total + f.sum(0)
+            else:
+                parts.append(f @ w)
         if w is None:
-            return sum(f.sum(0) for f in parts) if parts else torch.zeros_like(p)
-        return torch.cat([f @ w for f in parts]) if parts else q
+            return total + torch.zeros_like(p)
+        return torch.cat(parts) if parts else q
 
     def negative_sums(self):
         return self._acc(self.s, self.p, self.k), self.n_nontrivial
 
     def positive_sums(self):
         return self._acc(self.p, self.p, self.k)
-
-    def count_all_negatives(self):
-        return self.n_all
 
     @staticmethod
     def evaluate(x, k, go, idx, s, p, w, pos_idx, g_pos):
