@@ -414,7 +414,7 @@ class _Piecewise:
         breakpoints (a grid, its ambiguous cells searched), positives to their own rows,
         ignored entries to the dummy row. ``rank``: of each positive slot."""
         self.x, c_cd, nb = x, self.c.to(self.cd), 2 * self.m
-        cells = min(max(64, _GRID_CELLS_PER_BREAKPOINT * nb), _GRID_MAX_CELLS)
+        cells = min(max(64, _GRID_CELLS_PER_BREAKPOINT * nb), _GRID_MAX_CELLS, max(64, x.numel()))
         lo = self.c[0]
         hi = torch.where(torch.isfinite(self.c), self.c, lo).max()
         lo = torch.where(torch.isfinite(lo), lo, 0.0)
