@@ -549,7 +549,7 @@ class _Piecewise:
 def _cells(v, lo, inv, cells):
     """Uniform-grid cell of each value, as float (monotone in ``v``: the same ops for the
     breakpoints and the entries, exact IEEE operations in their dtype)."""
-    return ((v - lo) * inv).clamp_(0, cells - 1)
+    return torch.sub(v, lo).mul_(inv).clamp_(0, cells - 1)
 
 
 def _grid_table(c, lo, inv, cells):
