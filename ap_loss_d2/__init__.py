@@ -3,7 +3,7 @@
 ``from ap_loss_d2 import ap_loss, auc_loss`` needs only PyTorch and does not import Detectron2.
 ``import ap_loss_d2.modeling`` registers the models (``APLossRetinaNet``, ``APLossROIHeads``,
 ``APLossSSD`` and their parts) in Detectron2's registries, as Detectron2 projects do;
-``ap_loss_d2.add_ap_loss_config`` (from :mod:`ap_loss_d2.config`) does the same.
+``ap_loss_d2.add_ap_loss_config`` (:mod:`ap_loss_d2.config`) adds the config keys only.
 """
 from .losses import ap_loss, auc_loss
 

@@ -1,10 +1,12 @@
 """Shared test set-up.
 
-The embedded synthetic datasets (``synth_shapes_*``) are registered at ``import ap_loss_d2.data``
-with the cache root read from ``$AP_LOSS_D2_DATASETS`` at that moment. Unless the caller set it,
-point it at a temporary folder for the whole session (before any test module is imported) so
-that tests never write into the working tree; the default dataset is generated there once.
+The project's datasets are registered once, by ``ap_loss_d2.data.register_datasets()``, with the
+cache root of the embedded ``synth_shapes_*`` sets read from ``$AP_LOSS_D2_DATASETS`` then.
+Unless the caller set it, point it at a temporary folder for the whole session (before any test
+module is imported) so that tests never write into the working tree; the default dataset is
+generated there once.
 """
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -19,6 +21,10 @@ def pytest_configure(config):
         path = tempfile.mkdtemp(prefix="ap_loss_d2_test_datasets_")
         os.environ["AP_LOSS_D2_DATASETS"] = path
         _session_dirs.append(path)
+    if importlib.util.find_spec("detectron2") is not None:
+        from ap_loss_d2.data import register_datasets
+
+        register_datasets()
 
 
 def pytest_unconfigure(config):

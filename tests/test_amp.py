@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from ap_loss_d2.losses.registry import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import Trainer, get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.losses import ap_loss, auc_loss  # noqa: E402
-from ap_loss_d2.modeling import APLoss, AUCLoss  # noqa: E402
+from ap_loss_d2.losses.cls_losses import APLoss, AUCLoss  # noqa: E402
 
 from .params import slow_except  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Every config in configs/ loads and builds its model (CPU, no weights); paper settings;
 config-time validation of ap_loss_d2's keys."""
 import argparse
+import ast
 import math
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import yaml
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
+from ap_loss_d2.config import add_ap_loss_config  # noqa: E402
 from ap_loss_d2.losses.registry import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg, setup_cfg, validate_cfg  # noqa: E402
 from ap_loss_d2.engine.lazy import check_lazy_cls_loss  # noqa: E402
@@ -169,7 +171,7 @@ def test_lazy_config_builds(path):
     assert isinstance(model, torch.nn.Module)
 
 
-LAZY_RETINANET = [p for p in LAZY_CONFIGS if Path(p).name.startswith("retinanet_R_")]
+LAZY_RETINANET = [p for p in LAZY_CONFIGS if Path(p).name.startswith("retinanet_R_") and not p.startswith("configs/quick/")]
 
 
 @pytest.mark.parametrize("path", slow_except(LAZY_RETINANET, FAST_BUILDS))
@@ -280,7 +282,7 @@ def test_weight_zero_is_valid():
         ("cls_loss.delta", float("inf"), "model.cls_loss: delta must be a finite number > 0, got inf"),
         ("cls_loss.images_per_ranking_set", -8, "images_per_ranking_set=-8 must be an integer >= 0"),
         ("box_reg_normalizer", "count", "valid values: ema, batch_mean"),
-        ("box_reg_weight", -1.0, "box_reg_weight=-1.0 must be a finite number >= 0"),
+        ("box_reg_weight", -1.0, r"box_reg_weight \(MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT\)=-1.0 must be a finite number >= 0"),
     ],
 )
 def test_lazy_bad_values_fail(node, value, match):
@@ -295,11 +297,51 @@ def test_lazy_bad_values_fail(node, value, match):
 
 def test_box_options_checked_by_the_model():
     for opts, match in (
-        (["MODEL.CLS_LOSS.BOX_REG_WEIGHT", "-1.0"], "box_reg_weight=-1.0 must be"),
-        (["MODEL.CLS_LOSS.BOX_REG_NORMALIZER", "count"], "valid values: ema, batch_mean"),
+        (["MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT", "-1.0"], r"BOX_REG_WEIGHT\)=-1.0 must be"),
+        (["MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER", "count"], r"BOX_REG_NORMALIZER\)='count'; valid values: ema, batch_mean"),
     ):
         with pytest.raises(ValueError, match=match):
             build_model(load_yaml_cfg(str(TINY_YAML.relative_to(REPO)), opts))
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("MODEL.CLS_LOSS.BOX_REG_WEIGHT", "MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT.*MODEL.SSD.BOX_REG_WEIGHT"),
+        ("MODEL.CLS_LOSS.BOX_REG_NORMALIZER", "MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER"),
+        ("MODEL.SSD.TEST_FIXED_SIZE", "MODEL.SSD.FIXED_SIZE"),
+    ],
+)
+def test_moved_keys_name_their_new_key(old, new, tmp_path):
+    """A config or command line with a moved key fails with the new key, not "Non-existent"."""
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        load_yaml_cfg(str(TINY_YAML.relative_to(REPO)), [old, "0.5"])
+    top, mid, leaf = old.split(".")
+    bad = tmp_path / "old.yaml"
+    bad.write_text(f'_BASE_: "{TINY_YAML}"\n{top}:\n  {mid}:\n    {leaf}: 0.5\n')
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        load_yaml_cfg(str(bad), [])
+
+
+def test_one_config_function_without_model_code():
+    """add_ap_loss_config holds every key (SSD's too), imports no model code, and each model's
+    options sit in its own namespace; the SSD512 priors are written once (SSD512_PRIORS)."""
+    tree = ast.parse((REPO / "ap_loss_d2" / "config.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported == {"detectron2.config"}
+    from ap_loss_d2.config import SSD512_PRIORS
+
+    cfg = add_ap_loss_config(get_cfg())
+    assert add_ap_loss_config(cfg) is cfg  # idempotent
+    s = cfg.MODEL.SSD
+    assert (s.PRIOR_MIN_SIZES, s.PRIOR_STEPS) == (list(SSD512_PRIORS["min_sizes"]), list(SSD512_PRIORS["steps"]))
+    assert (s.FOCAL_LOSS_GAMMA, s.FOCAL_LOSS_ALPHA, s.BOX_REG_WEIGHT) == (1.0, 0.25, 1.0)
+    assert set(cfg.MODEL.AP_LOSS_RETINANET) == {"BOX_REG_WEIGHT", "BOX_REG_NORMALIZER"}
+    assert not {"BOX_REG_WEIGHT", "BOX_REG_NORMALIZER"} & set(cfg.MODEL.CLS_LOSS)
+    stock = get_cfg()
+    assert stock.MODEL.RETINANET == cfg.MODEL.RETINANET  # nothing added in Detectron2's namespaces
+    assert not (REPO / "ap_loss_d2" / "ssd_config.py").exists()
 
 
 def test_stock_models_reject_cls_loss_name():

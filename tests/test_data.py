@@ -1,7 +1,11 @@
 """Synthetic dataset, loaders, registration and SSD augmentation (CPU, offline, fast)."""
 import hashlib
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,13 +195,78 @@ def test_registration_is_lazy_and_idempotent(tmp_path):
     assert len(DatasetCatalog.get("t_lazy_voc_val")) == TINY.num_val
 
 
-def test_default_names_registered():
-    import ap_loss_d2.data  # noqa: F401
+def test_register_datasets_adds_the_project_sets_only():
+    from ap_loss_d2.data import BUILTIN_VOC_DATASETS, register_datasets
 
-    registered = set(DatasetCatalog.list())
-    assert set(DATASET_NAMES) <= registered
+    loaders = {n: DatasetCatalog[n] for n in DatasetCatalog.list()}
+    names = register_datasets()  # conftest called it once already: nothing changes
+    assert names == ["synth_shapes_train", "synth_shapes_voc_train", "synth_shapes_val", "synth_shapes_voc_val"] + [
+        n + "_nodifficult" for n in BUILTIN_VOC_DATASETS
+    ]
+    assert set(DATASET_NAMES) <= set(names) and {n: DatasetCatalog[n] for n in DatasetCatalog.list()} == loaders
     assert MetadataCatalog.get("synth_shapes_train").evaluator_type == "coco"
-    assert MetadataCatalog.get("synth_shapes_voc_val").evaluator_type == "pascal_voc"
+    twin = MetadataCatalog.get("voc_2012_trainval_nodifficult")
+    assert twin.difficult_dropped_from == "voc_2012_trainval"
+    assert twin.dirname == MetadataCatalog.get("voc_2012_trainval").dirname
+
+
+_CATALOG_SCRIPT = """
+import json, math, sys
+import torch
+if sys.argv[1] == "package-first":
+    import ap_loss_d2.data as data, ap_loss_d2.modeling
+    import detectron2.data
+elif sys.argv[1] == "detectron2-first":
+    import detectron2.data
+    import ap_loss_d2.data as data, ap_loss_d2.modeling
+else:
+    import detectron2.data
+from detectron2.data import DatasetCatalog, MetadataCatalog
+out = {"import": [DatasetCatalog.list(), MetadataCatalog.list()]}
+if sys.argv[1] != "detectron2-only":
+    from detectron2.config import get_cfg
+    from detectron2.data import build_detection_train_loader
+    from detectron2.engine import SimpleTrainer
+    from detectron2.modeling import build_model
+    from ap_loss_d2.config import add_ap_loss_config
+    out["registered"] = data.register_datasets()
+    cfg = add_ap_loss_config(get_cfg())
+    cfg.merge_from_file(sys.argv[2])
+    model = build_model(cfg)
+    loader = build_detection_train_loader(cfg, mapper=data.build_train_mapper(cfg))
+    trainer = SimpleTrainer(model, loader, torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer.train(0, 2)
+    out["loss"] = trainer.storage.history("total_loss").latest()
+    out["trained"] = [DatasetCatalog.list(), MetadataCatalog.list()]
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_catalogs_in_both_import_orders(synth_dataset_dir):
+    """Fresh processes: importing the package registers nothing, whichever of it and Detectron2's
+    built-in registrations comes first; after register_datasets() and two training iterations
+    on synth_shapes, the catalogs are Detectron2's plus exactly the project's names."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = str(root / "tests" / "configs" / "tiny_synth_retinanet.yaml")
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+
+    def run(order):
+        proc = subprocess.run([sys.executable, "-c", _CATALOG_SCRIPT, order, cfg], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+        return json.loads(line[len("RESULT "):])
+
+    stock = run("detectron2-only")["import"]
+    results = [run("package-first"), run("detectron2-first")]
+    for r in results:
+        assert [sorted(x) for x in r["import"]] == [sorted(x) for x in stock]
+        assert len(r["registered"]) == 11 and not set(r["registered"]) & set(stock[0])
+        expected = [sorted(set(x) | set(r["registered"])) for x in stock]
+        assert [sorted(x) for x in r["trained"]] == expected
+        assert math.isfinite(r["loss"])
+    assert results[0]["registered"] == results[1]["registered"]
 
 
 def test_voc_evaluator_accepts_the_xml(tiny_root):

@@ -31,7 +31,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import ap_loss_d2.modeling  # noqa: E402,F401  (registers the models)
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
-from ap_loss_d2.modeling import APLoss  # noqa: E402
+from ap_loss_d2.losses.cls_losses import APLoss  # noqa: E402
 
 from .gloo import run_gloo  # noqa: E402
 
@@ -44,7 +44,7 @@ if "IMAGES_PER_RANKING_SET" in get_ap_loss_cfg().MODEL.CLS_LOSS:  # absent befor
 ARCHS = {
     "retinanet": (
         "tests/configs/tiny_synth_retinanet.yaml",
-        ["MODEL.CLS_LOSS.BOX_REG_WEIGHT", "0.0"],
+        ["MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT", "0.0"],
         ("head.cls_score.weight", "head.cls_score.bias", "backbone.bottom_up.stem.conv1.weight",
          "backbone.fpn_output4.weight"),
     ),

@@ -22,7 +22,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from ap_loss_d2.losses.registry import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg, validate_cfg  # noqa: E402
-from ap_loss_d2.modeling import APLoss, APLossFastRCNNOutputLayers, APLossROIHeads  # noqa: E402
+from ap_loss_d2.losses.cls_losses import APLoss  # noqa: E402
+from ap_loss_d2.modeling import APLossFastRCNNOutputLayers, APLossROIHeads  # noqa: E402
 
 ROI_HEAD_LOSSES = cls_loss_names("roi_heads")
 REPO = Path(__file__).resolve().parents[1]

@@ -120,7 +120,7 @@ def test_ghm_moving_average_is_per_process_under_ddp():
 def test_loss_module_compiles_without_graph_break(name):
     """The whole training-path module (targets, ranking sets split in the process, kernel)
     compiles with fullgraph=True: no data-dependent host read left; same value and gradient."""
-    from ap_loss_d2.modeling import APLoss, AUCLoss
+    from ap_loss_d2.losses.cls_losses import APLoss, AUCLoss
 
     torch.manual_seed(0)
     x = torch.randn(2, 50, 3, dtype=torch.float64, requires_grad=True)

@@ -128,7 +128,7 @@ def test_ap_ohem_is_ap_loss_on_the_kept_entries():
 
 def _classes():
     pytest.importorskip("detectron2")
-    from ap_loss_d2.modeling import APLoss, APOHEMLoss, APRandomLoss
+    from ap_loss_d2.losses.cls_losses import APLoss, APOHEMLoss, APRandomLoss
 
     return APLoss, APOHEMLoss, APRandomLoss
 

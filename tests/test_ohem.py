@@ -12,7 +12,7 @@ from ap_loss_d2.losses.ohem import ce_ohem_loss
 def naive_ohem(cls_logits, gt_labels, neg_pos_ratio=3.0):
     """Per image, explicit: CE over [0, s_1..s_K], keep positives + hardest negatives."""
     n_img, n_anchor, n_cls = cls_logits.shape
-    total = cls_logits.new_zeros(())
+    total = cls_logits.sum() * 0.0  # attached to the graph when nothing is kept
     total_pos = 0
     kept = torch.zeros(n_img, n_anchor, dtype=torch.bool)
     for n in range(n_img):
@@ -22,7 +22,7 @@ def naive_ohem(cls_logits, gt_labels, neg_pos_ratio=3.0):
         ce = F.cross_entropy(full, target.clamp(min=0), reduction="none")
         pos_ids = [a for a in range(n_anchor) if 0 <= int(labels[a]) < n_cls]
         neg_ids = [a for a in range(n_anchor) if int(labels[a]) == n_cls]
-        n_keep = math.ceil(neg_pos_ratio * max(len(pos_ids), 1))
+        n_keep = math.ceil(neg_pos_ratio * len(pos_ids))  # none without positives, as SSD
         neg_sorted = sorted(neg_ids, key=lambda a: -float(ce[a]))
         for a in pos_ids + neg_sorted[:n_keep]:
             total = total + ce[a]
@@ -72,7 +72,7 @@ def test_kept_counts():
     ce_ohem_loss(x, labels, neg_pos_ratio=3.0).backward()
     kept = x.grad.abs().sum(-1) > 0
     assert kept[0].sum() == 5 + 15
-    assert kept[1].sum() == 3  # no positives: ceil(3 * 1) hardest negatives
+    assert kept[1].sum() == 0  # no positives: no negatives (Caffe SSD, mmdetection)
     assert kept[2].sum() == 300
     # the kept negatives of image 0 are the hardest ones
     with torch.no_grad():
@@ -81,6 +81,23 @@ def test_kept_counts():
     thresh = neg_loss.sort(descending=True).values[14]
     assert (neg_loss[kept[0, 5:]] >= thresh).all()
     assert (neg_loss[~kept[0, 5:]] < thresh).all()
+
+
+def test_image_without_positives_keeps_no_negatives():
+    """SSD's mining (Caffe SSD ``MineHardExamples``: ``min(int(num_pos * neg_pos_ratio), num_neg)``
+    per image; mmdetection ``SSDHead``: ``topk(neg_pos_ratio * num_pos)``), written out by hand."""
+    logits = torch.tensor([[[2.0], [1.0], [-1.0], [0.5]], [[3.0], [2.0], [1.0], [0.0]]], requires_grad=True)
+    labels = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # image 1: one positive; image 2: none
+    loss = ce_ohem_loss(logits, labels, neg_pos_ratio=1.0)
+    # image 1: positive CE log(1 + e^2) - 2, and its hardest negative (score 1.0: log(1 + e)); image 2: nothing
+    assert float(loss) == pytest.approx(math.log(1 + math.exp(2.0)) - 2.0 + math.log(1 + math.e), rel=1e-6)
+    loss.backward()
+    assert logits.grad[0, :2].ne(0).all() and not logits.grad[0, 2:].any() and not logits.grad[1].any()
+    # a batch without any positive: zero loss, no gradient
+    x = torch.randn(2, 6, 3, requires_grad=True)
+    loss = ce_ohem_loss(x, torch.full((2, 6), 3))
+    loss.backward()
+    assert float(loss) == 0.0 and not x.grad.any()
 
 
 def test_value_normalised_by_total_positives():
@@ -128,7 +145,7 @@ def test_grad_flows_to_all_classes_of_kept_anchor_only():
     ce_ohem_loss(x, labels).backward()
     kept = x.grad.abs().sum(-1) > 0
     n_pos = int(((labels >= 0) & (labels < 6)).sum())
-    assert int(kept.sum()) == n_pos + math.ceil(3 * max(n_pos, 1))
+    assert n_pos > 0 and int(kept.sum()) == n_pos + 3 * n_pos
     assert (x.grad[kept] != 0).all()
     assert not x.grad[~kept].any()
     assert np.isfinite(x.grad.numpy()).all()

@@ -20,7 +20,7 @@ NUM_POS, NUM_BG, RATIO = 4, 200, 3.0
 
 def _losses():
     pytest.importorskip("detectron2")
-    from ap_loss_d2.modeling import APLoss, APOHEMLoss
+    from ap_loss_d2.losses.cls_losses import APLoss, APOHEMLoss
 
     return APLoss(), APOHEMLoss(neg_pos_ratio=RATIO)
 

@@ -23,7 +23,6 @@ from detectron2.solver import build_lr_scheduler  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-import ap_loss_d2.data  # noqa: E402,F401  (registers the *_nodifficult VOC sets)
 from ap_loss_d2.data import register_voc_nodifficult  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.evaluation import get_evaluator  # noqa: E402

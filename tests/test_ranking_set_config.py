@@ -14,7 +14,7 @@ from ap_loss_d2.engine import get_ap_loss_cfg, setup_cfg  # noqa: E402
 from ap_loss_d2.engine.lazy import check_lazy_cls_loss  # noqa: E402
 from ap_loss_d2.losses.distributed import ranking_set_layout  # noqa: E402
 from ap_loss_d2.losses.registry import build_cls_loss  # noqa: E402
-from ap_loss_d2.modeling import APLoss  # noqa: E402
+from ap_loss_d2.losses.cls_losses import APLoss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "tests" / "configs" / "tiny_synth_retinanet.yaml"

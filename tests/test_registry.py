@@ -15,6 +15,7 @@ from detectron2.config import LazyCall as L  # noqa: E402
 from detectron2.config import LazyConfig, configurable, instantiate  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
+from ap_loss_d2.losses.base import loss_arguments  # noqa: E402
 from ap_loss_d2.losses.ranking_sets import ranking_targets  # noqa: E402
 from ap_loss_d2.losses.registry import (  # noqa: E402
     CLS_LOSS_REGISTRY,
@@ -154,3 +155,17 @@ def test_toy_loss_trains_both_heads_from_lazy_config(toy_loss):
     cfg.model.roi_heads.box_predictor.cls_loss = L(ToyBrier)(scale=-1.0)
     with pytest.raises(ValueError, match=r"scale=-1.0 must be a finite number > 0"):
         instantiate(cfg.model)
+
+
+def test_valid_arguments_cover_what_yaml_passes():
+    """The arguments an unknown-argument error lists are those the constructors take: every key
+    that ``from_config`` of a built-in loss passes is among them, and each is accepted alone."""
+    from . import test_retinanet as retina
+
+    cfg = retina.tiny_cfg("ap")
+    for name in cls_loss_names():
+        cls = CLS_LOSS_REGISTRY.classes()[name]
+        passed = cls.from_config(cfg)
+        assert set(passed) <= set(loss_arguments(cls)), name
+        with pytest.raises(TypeError, match=rf"{cls.__name__} \('{name}'\) got unknown argument\(s\) 'nope'; valid arguments: {', '.join(loss_arguments(cls))}$"):
+            cls(**passed, nope=1)

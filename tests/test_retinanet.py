@@ -20,7 +20,6 @@ from detectron2.modeling import RetinaNet, build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-import ap_loss_d2.data  # noqa: E402,F401  (registers synth_shapes_*)
 from ap_loss_d2.losses.registry import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.evaluation import SUPPORTED_EVALUATOR_TYPES, build_evaluator  # noqa: E402
@@ -115,7 +114,7 @@ def test_focal_is_stock_retinanet():
     cfg_ours = tiny_cfg("focal")
     # Detectron2's box-loss normaliser (the default of MODEL.CLS_LOSS); the tiny config inherits
     # the paper configs' "batch_mean" (tested in test_focal_weight_and_batch_mean_box_loss).
-    cfg_ours.MODEL.CLS_LOSS.BOX_REG_NORMALIZER = "ema"
+    cfg_ours.MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER = "ema"
     cfg_stock = tiny_cfg("focal", arch="RetinaNet")
     torch.manual_seed(0)
     ours = build_model(cfg_ours)
@@ -152,7 +151,7 @@ def test_focal_weight_and_batch_mean_box_loss():
     """MODEL.CLS_LOSS.WEIGHT scales focal's loss_cls too (0 turns it off); with "batch_mean" the
     focal twin's box loss is the same function of the head output as the other losses'."""
     cfg = tiny_cfg("focal")
-    cfg.MODEL.CLS_LOSS.BOX_REG_NORMALIZER = "ema"
+    cfg.MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER = "ema"
     _, ref = _train_losses(cfg)
     assert ref["loss_cls"] > 0
     for w in (0.0, 2.5):
@@ -163,7 +162,7 @@ def test_focal_weight_and_batch_mean_box_loss():
     boxes = {}
     for loss in ("focal", "ap", "ce_ohem"):
         cfg = tiny_cfg(loss)
-        assert cfg.MODEL.CLS_LOSS.BOX_REG_NORMALIZER == "batch_mean"
+        assert cfg.MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER == "batch_mean"
         _, out = _train_losses(cfg)
         boxes[loss] = out["loss_box_reg"]
     torch.testing.assert_close(boxes["focal"], boxes["ap"])

@@ -17,11 +17,11 @@ from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY  # noqa: E402
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, build_anchor_generator  # noqa: E402
 
-from ap_loss_d2.config import add_ap_loss_config  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg  # noqa: E402
 from ap_loss_d2.modeling.priors import SSDPriorGenerator  # noqa: E402
 from ap_loss_d2.modeling.ssd import ssd_match  # noqa: E402
-from ap_loss_d2.modeling.vgg import CONV4_3_END, VGG16SSD, convert_torchvision_vgg16  # noqa: E402
+from ap_loss_d2.modeling.vgg import CONV4_3_END, VGG16SSD  # noqa: E402
+from tools.convert_vgg16_to_d2 import convert_torchvision_vgg16  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +38,17 @@ def test_backbone_output_shapes_at_512():
     assert [shapes[k].stride for k in out] == [8, 16, 32, 64, 128, 256, 512]
     assert all(shapes[k].channels == v.shape[1] for k, v in out.items())
     assert torch.equal(backbone.conv4_3_norm.weight, torch.full_like(backbone.conv4_3_norm.weight, 20.0))
+
+
+@pytest.mark.parametrize("last", ["conv4_3", "conv11_2", "conv12_2"])
+def test_min_input_size_is_the_smallest_input_torch_runs(last):
+    backbone = VGG16SSD(width=1 / 16, out_features=(last,)).eval()
+    n = backbone.min_input_size
+    assert n == (268 if last == "conv12_2" else 12)
+    with torch.no_grad():
+        assert backbone(torch.zeros(1, 3, n, n))[last].shape[-1] >= 1
+        with pytest.raises(RuntimeError):
+            backbone(torch.zeros(1, 3, n - 1, n - 1))
 
 
 def test_l2norm_scales_unit_vectors():
@@ -107,7 +118,7 @@ def test_conversion_command(torchvision_vgg16, tmp_path):
 
 
 def test_conversion_rejects_other_state_dicts():
-    with pytest.raises(ValueError, match="not a torchvision vgg16 state dict"):
+    with pytest.raises(ValueError, match=r"state dict is not torchvision's VGG-16: .*first difference: features\.0\.weight missing"):
         convert_torchvision_vgg16({"conv1.weight": torch.zeros(1)})
 
 

@@ -1,19 +1,8 @@
-"""Data for ap_loss_d2: the embedded synthetic shapes dataset and SSD-style augmentation.
-
-Importing this package registers (lazily, nothing is generated until first use) the Detectron2
-datasets ``synth_shapes_train``, ``synth_shapes_val`` (COCO format) and ``synth_shapes_voc_train``,
-``synth_shapes_voc_val`` (Pascal VOC format) of the default :class:`SyntheticShapesSpec`, and a
-``<name>_nodifficult`` twin of every Pascal VOC dataset registered then (e.g.
-``voc_2007_trainval_nodifficult``: the training data of the authors' loader, see
-:mod:`ap_loss_d2.data.voc`); see
-:mod:`ap_loss_d2.data.synthetic` for the cache location and :mod:`ap_loss_d2.data.mapper` for the
-``AP_LOSS_INPUT`` config keys.
-"""
-from .mapper import (
-    AUGMENTATIONS,
-    BoxAwareDatasetMapper,
-    build_train_mapper,
-)
+"""Data for ap_loss_d2: the embedded synthetic shapes dataset, Pascal VOC without "difficult"
+objects, SSD-style augmentation, checks of loaded dataset dicts. Importing this package
+registers nothing; :func:`register_datasets` does."""
+from .checks import NamingReadErrors, check_dataset_dicts, hint_filter_empty, naming_bad_json
+from .mapper import AUGMENTATIONS, BoxAwareDatasetMapper, build_train_mapper
 from .synthetic import (
     CLASSES,
     DATASET_NAMES,
@@ -28,13 +17,6 @@ from .synthetic import (
     load_validated_voc_instances,
     register_synthetic_shapes,
 )
-from .voc import (
-    NODIFFICULT_SUFFIX,
-    drop_difficult,
-    register_all_voc_nodifficult,
-    register_voc_nodifficult,
-    voc_difficult_flags,
-)
 from .transforms import (
     CenterKeepingCropTransform,
     ExpandTransform,
@@ -44,36 +26,26 @@ from .transforms import (
     RandomExpand,
     build_ssd_augmentation,
 )
+from .voc import BUILTIN_VOC_DATASETS, NODIFFICULT_SUFFIX, drop_difficult, register_voc_nodifficult
 
 __all__ = [
-    "AUGMENTATIONS",
-    "BoxAwareDatasetMapper",
-    "CLASSES",
-    "CenterKeepingCropTransform",
-    "DATASET_NAMES",
-    "DEFAULT_SPEC",
-    "ExpandTransform",
-    "MinIoURandomCrop",
-    "NODIFFICULT_SUFFIX",
-    "PhotometricDistort",
-    "PhotometricTransform",
-    "RandomExpand",
-    "SyntheticShapesSpec",
-    "build_ssd_augmentation",
-    "build_train_mapper",
-    "drop_difficult",
-    "dataset_root",
-    "ensure_synthetic_dataset",
-    "generate_synthetic_dataset",
-    "load_synthetic_coco",
-    "load_synthetic_voc",
-    "load_validated_coco_json",
-    "load_validated_voc_instances",
-    "register_all_voc_nodifficult",
-    "register_synthetic_shapes",
-    "register_voc_nodifficult",
-    "voc_difficult_flags",
+    "AUGMENTATIONS", "BUILTIN_VOC_DATASETS", "BoxAwareDatasetMapper", "CLASSES", "CenterKeepingCropTransform",
+    "DATASET_NAMES", "DEFAULT_SPEC", "ExpandTransform", "MinIoURandomCrop", "NODIFFICULT_SUFFIX",
+    "NamingReadErrors", "PhotometricDistort", "PhotometricTransform", "RandomExpand", "SyntheticShapesSpec",
+    "build_ssd_augmentation", "build_train_mapper", "check_dataset_dicts", "dataset_root", "drop_difficult",
+    "ensure_synthetic_dataset", "generate_synthetic_dataset", "hint_filter_empty", "load_synthetic_coco",
+    "load_synthetic_voc", "load_validated_coco_json", "load_validated_voc_instances", "naming_bad_json",
+    "register_datasets", "register_synthetic_shapes", "register_voc_nodifficult",
 ]
 
-register_synthetic_shapes()
-register_all_voc_nodifficult()
+
+def register_datasets():
+    """Register the project's datasets in Detectron2's catalogs: the embedded ``synth_shapes_*``
+    sets (default spec; cache root read now, see :mod:`.synthetic`) and ``<name>_nodifficult``
+    for each of Detectron2's built-in Pascal VOC sets (:data:`BUILTIN_VOC_DATASETS`). Adds
+    entries only, never removes or replaces one; a second call changes nothing. Returns the
+    names."""
+    import detectron2.data  # noqa: F401  (Detectron2 registers its built-in datasets on import)
+
+    names = register_synthetic_shapes()
+    return names + [register_voc_nodifficult(name) for name in BUILTIN_VOC_DATASETS]

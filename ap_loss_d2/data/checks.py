@@ -1,31 +1,18 @@
-"""Checks of dataset dicts and image reading that name the offending file and record.
+"""Checks of loaded dataset dicts and of image reading that name the offending file and record.
 
-* :func:`check_dataset_dicts`: raises ``ValueError`` for a box with negative width or height
-  (naming the dataset, the image file, the image id, the annotation index and the annotation
-  file when the metadata has one); warns once per dataset and process, with counts, about
-  zero-area boxes (they never match an anchor or proposal, so they train nothing) and images
-  without annotations (dropped from training while ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is
-  True).
-* :func:`install_dataset_checks`: wraps the ``DatasetCatalog`` functions of the given names
-  (embedded, built-in or user-registered) so that every ``DatasetCatalog.get`` runs the check,
-  and an annotation file that is not valid JSON (truncated, corrupt) raises ``ValueError``
-  naming the dataset and the file. Idempotent. Called at start-up (``ap_loss_d2.engine.validation``) for the configured datasets.
-* :class:`NamingReadErrors`: wraps any dataset mapper; an image that fails to decode
-  (truncated JPEG, not an image, missing) raises ``OSError`` naming its file.
-* :func:`hint_filter_empty`: turns Detectron2's "No valid data found in X" into a message that
-  names ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``.
+* :func:`check_dataset_dicts`: ValueError for a box of negative width or height; one warning per
+  dataset and process, with counts, about zero-area boxes and images without annotations.
+* :func:`naming_bad_json`: names the dataset and file of an annotation file that is not JSON.
+* :class:`NamingReadErrors`: wraps a dataset mapper; an image that fails to decode raises
+  ``OSError`` naming its file.
+* :func:`hint_filter_empty`: Detectron2's "No valid data found in X" with the key to change.
 """
 import contextlib
 import json
 import logging
 from typing import Iterable, List
 
-__all__ = [
-    "NamingReadErrors",
-    "check_dataset_dicts",
-    "hint_filter_empty",
-    "install_dataset_checks",
-]
+__all__ = ["NamingReadErrors", "check_dataset_dicts", "hint_filter_empty", "naming_bad_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +24,8 @@ def _where(name: str, record: dict) -> str:
 
     meta = MetadataCatalog.get(name)
     source = meta.get("json_file", None) or meta.get("dirname", None)
-    return (
-        f"dataset {name!r}"
-        + (f" ({source})" if source else "")
-        + f": image {record.get('file_name')} (image_id {record.get('image_id')!r})"
-    )
+    where = f"dataset {name!r}" + (f" ({source})" if source else "")
+    return f"{where}: image {record.get('file_name')} (image_id {record.get('image_id')!r})"
 
 
 def _width_height(ann: dict):
@@ -59,7 +43,7 @@ def _width_height(ann: dict):
 
 
 def check_dataset_dicts(dicts: List[dict], name: str) -> List[dict]:
-    """Check the dataset dicts of ``name`` (see the module doc); returns ``dicts`` unchanged."""
+    """Check the loaded dataset dicts of the dataset ``name``; returns ``dicts`` unchanged."""
     if not isinstance(dicts, list):
         return dicts  # e.g. a torch Dataset: nothing to inspect cheaply
     zero_boxes = boxes = empty = 0
@@ -85,47 +69,38 @@ def check_dataset_dicts(dicts: List[dict], name: str) -> List[dict]:
                 zero_boxes += 1
     if (zero_boxes or empty) and name not in _warned:
         _warned.add(name)
-        parts = []
-        if zero_boxes:
-            parts.append(
-                f"{zero_boxes} of {boxes} boxes have zero width or height (they match no anchor "
-                "or proposal and train nothing)"
-            )
-        if empty:
-            parts.append(
-                f"{empty} of {len(dicts)} images have no (non-crowd) annotations (dropped from "
-                "training while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)"
-            )
-        logger.warning("Dataset %r: %s.", name, "; ".join(parts))
+        parts = [
+            f"{zero_boxes} of {boxes} boxes have zero width or height (they match no anchor or "
+            "proposal and train nothing)" if zero_boxes else "",
+            f"{empty} of {len(dicts)} images have no (non-crowd) annotations (dropped from training "
+            "while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)" if empty else "",
+        ]
+        logger.warning("Dataset %r: %s.", name, "; ".join(p for p in parts if p))
     return dicts
 
 
-def install_dataset_checks(names: Iterable[str]) -> None:
-    """Make ``DatasetCatalog.get(name)`` run :func:`check_dataset_dicts` for each of ``names``
-    (registered names only; already wrapped ones are left alone)."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+@contextlib.contextmanager
+def naming_bad_json(names: Iterable[str]):
+    """Re-raise a ``json.JSONDecodeError`` of loading the datasets ``names`` (e.g. around
+    ``get_detection_dataset_dicts(names)``) as a ValueError naming the dataset and its file."""
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        from detectron2.data import MetadataCatalog
 
-    for name in names:
-        if name not in DatasetCatalog:
-            continue
-        func = DatasetCatalog[name]
-        if getattr(func, "_ap_loss_d2_checked", False):
-            continue
-
-        def checked(func=func, name=name):
+        for name in names:
+            source = MetadataCatalog.get(name).get("json_file", None)
             try:
-                dicts = func()
-            except json.JSONDecodeError as e:
-                source = MetadataCatalog.get(name).get("json_file", None) or "its annotation file"
+                with open(source) as f:
+                    json.load(f)
+            except json.JSONDecodeError:
                 raise ValueError(
-                    f"dataset {name!r}: {source} is not valid JSON ({e}); the file is truncated "
-                    "or corrupt. Restore it (download or copy it again)."
+                    f"dataset {name!r}: {source} is not valid JSON ({e}); the file is truncated or "
+                    "corrupt. Restore it (download or copy it again)."
                 ) from e
-            return check_dataset_dicts(dicts, name)
-
-        checked._ap_loss_d2_checked = True
-        DatasetCatalog.remove(name)
-        DatasetCatalog.register(name, checked)
+            except (TypeError, OSError):
+                continue
+        raise
 
 
 class NamingReadErrors:

@@ -1,15 +1,6 @@
-"""The training ``DatasetMapper`` built from the ``AP_LOSS_INPUT`` keys (added by
-:func:`ap_loss_d2.config.add_ap_loss_config`)::
-
-    AP_LOSS_INPUT.AUGMENTATION      "default" | "ssd"
-    AP_LOSS_INPUT.FIXED_SIZE        512
-    AP_LOSS_INPUT.EXPAND_MAX_RATIO  4.0
-
-``build_train_mapper(cfg)`` returns Detectron2's ``DatasetMapper(cfg, is_train=True)`` for
-"default", and for "ssd" a :class:`BoxAwareDatasetMapper` (a ``DatasetMapper`` subclass) built
-with ``augmentations=build_ssd_augmentation(cfg, True)``. Pass it to
-``build_detection_train_loader(cfg, mapper=...)``. At test time the paper keeps the aspect ratio
-(shorter side 600, i.e. Detectron2's ``INPUT.MIN_SIZE_TEST``), so the default test mapper fits.
+"""The training ``DatasetMapper`` chosen by ``AP_LOSS_INPUT.AUGMENTATION``: Detectron2's own
+for "default", a :class:`BoxAwareDatasetMapper` with :func:`build_ssd_augmentation` for "ssd".
+The test mapper is Detectron2's (the paper tests at shorter side 600, ``INPUT.MIN_SIZE_TEST``).
 """
 import copy
 
@@ -22,12 +13,7 @@ from detectron2.structures import BoxMode
 
 from .transforms import build_ssd_augmentation
 
-__all__ = [
-    "AUGMENTATIONS",
-    "BoxAwareDatasetMapper",
-    "annotation_boxes",
-    "build_train_mapper",
-]
+__all__ = ["AUGMENTATIONS", "BoxAwareDatasetMapper", "annotation_boxes", "build_train_mapper"]
 
 #: Valid values of ``AP_LOSS_INPUT.AUGMENTATION``.
 AUGMENTATIONS = ("default", "ssd")
@@ -36,9 +22,7 @@ AUGMENTATIONS = ("default", "ssd")
 def annotation_boxes(dataset_dict, include_crowd: bool = False) -> np.ndarray:
     """The record's annotation boxes as an (N, 4) float64 XYXY_ABS array (crowd boxes left out
     unless ``include_crowd``); (0, 4) without annotations."""
-    annos = [
-        a for a in dataset_dict.get("annotations", []) if include_crowd or a.get("iscrowd", 0) == 0
-    ]
+    annos = [a for a in dataset_dict.get("annotations", []) if include_crowd or a.get("iscrowd", 0) == 0]
     if not annos:
         return np.zeros((0, 4), dtype=np.float64)
     return np.array(
@@ -48,19 +32,10 @@ def annotation_boxes(dataset_dict, include_crowd: bool = False) -> np.ndarray:
 
 
 class BoxAwareDatasetMapper(DatasetMapper):
-    """Detectron2's ``DatasetMapper`` whose augmentations also receive the ground-truth boxes,
-    through ``T.AugInput(image, boxes=...)`` as Detectron2 expects (an augmentation whose
-    ``get_transform(image, boxes)`` asks for them, e.g. :class:`MinIoURandomCrop`, gets them;
-    the others ignore them).
-
-    Detectron2's mapper builds ``AugInput(image, sem_seg=...)`` without boxes; this subclass
-    builds it with the annotation boxes (XYXY_ABS; crowd boxes only if ``include_crowd``) and
-    otherwise does what the parent does, with the parent's helpers: image reading and size
-    check, semantic segmentation, proposals, and the annotation transform (clipping,
-    ``filter_empty_instances``, masks, keypoints). Subclasses may add inputs of their own
-    augmentations in :meth:`aug_input`. Construct it like ``DatasetMapper``:
-    ``BoxAwareDatasetMapper(cfg, is_train=True, augmentations=[...])``.
-    """
+    """Detectron2's ``DatasetMapper`` whose augmentations also receive the ground-truth boxes
+    (``T.AugInput(image, boxes=...)``, XYXY_ABS, crowd boxes only with ``include_crowd``), e.g.
+    for :class:`MinIoURandomCrop`; everything else is the parent's, through its helpers.
+    Constructed like ``DatasetMapper``."""
 
     include_crowd = False
 
@@ -98,13 +73,10 @@ class BoxAwareDatasetMapper(DatasetMapper):
 
 
 def build_train_mapper(cfg) -> DatasetMapper:
-    """Training mapper selected by ``cfg.AP_LOSS_INPUT.AUGMENTATION`` ("default" if the namespace
-    is absent). Always an instance of ``detectron2.data.DatasetMapper``."""
-    extra = cfg.get("AP_LOSS_INPUT", None)
-    name = extra.AUGMENTATION if extra is not None else "default"
+    """Training mapper selected by ``cfg.AP_LOSS_INPUT.AUGMENTATION``."""
+    name = cfg.AP_LOSS_INPUT.AUGMENTATION
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={name!r}; expected one of {AUGMENTATIONS}")
     if name == "default":
         return DatasetMapper(cfg, is_train=True)
-    if name == "ssd":
-        augs = build_ssd_augmentation(cfg, is_train=True)
-        return BoxAwareDatasetMapper(cfg, is_train=True, augmentations=augs)
-    raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={name!r}; expected one of {AUGMENTATIONS}")
+    return BoxAwareDatasetMapper(cfg, is_train=True, augmentations=build_ssd_augmentation(cfg, is_train=True))

@@ -1,43 +1,15 @@
-"""Embedded synthetic detection dataset: many small shapes on textured backgrounds.
+"""Embedded synthetic detection dataset: small filled shapes (:data:`CLASSES`) on textured
+backgrounds, so that foreground anchors are a tiny fraction of all (the imbalance AP-loss
+addresses). Generated deterministically from a :class:`SyntheticShapesSpec` (numpy + PIL) and
+cached under ``$AP_LOSS_D2_DATASETS``, else ``$DETECTRON2_DATASETS``, else ``datasets``, in
+:func:`dataset_dirname` (e.g. ``synthetic_shapes_v1_seed0_128px``), written to a temporary
+sibling folder and renamed into place when complete. Each folder holds ``manifest.json``,
+``annotations/instances_{split}.json`` (COCO), ``images/{split}/`` and ``VOC/`` (Pascal VOC).
 
-The set is generated deterministically from a :class:`SyntheticShapesSpec` (numpy + PIL, no
-download) and cached on disk. Each image holds ``min_objects..max_objects`` filled shapes of the
-3 classes :data:`CLASSES` (``"circle"``, ``"square"``, ``"triangle"``) with sizes of
-``min_size..max_size`` pixels on a ``image_size`` x ``image_size`` textured background, so that
-foreground anchors are a tiny fraction of all anchors (the imbalance AP-loss addresses).
-
-Cache location
-    ``$AP_LOSS_D2_DATASETS`` if set, else ``$DETECTRON2_DATASETS`` (Detectron2's own default:
-    ``"datasets"``, relative to the working directory), joined with :func:`dataset_dirname`,
-    e.g. ``datasets/synthetic_shapes_v1_seed0_128px`` for the default spec (other specs get a
-    hash suffix). The environment is read when the names are registered (import time) or when
-    :func:`dataset_root` is called without ``root``.
-
-Layout of one dataset folder::
-
-    manifest.json                       spec + generator version (written last)
-    annotations/instances_{split}.json  COCO json: bbox XYWH, iscrowd 0, category ids 1..3
-    images/{split}/{split}_NNNNNN.jpg
-    VOC/Annotations/{split}_NNNNNN.xml  Pascal VOC xml (1-based inclusive pixel indices)
-    VOC/JPEGImages/{split}_NNNNNN.jpg
-    VOC/ImageSets/Main/{split}.txt
-
-Generation writes into a temporary sibling folder and renames it into place when complete, so
-an interrupted run never leaves a folder that looks complete.
-
-Registered names (see :func:`register_synthetic_shapes`; registered at ``import
-ap_loss_d2.data``, generated lazily on first use of the DatasetCatalog entry):
-
-* ``synth_shapes_train`` / ``synth_shapes_val`` -- COCO format, ``evaluator_type="coco"``.
-* ``synth_shapes_voc_train`` / ``synth_shapes_voc_val`` -- Pascal VOC format through
-  Detectron2's ``load_voc_instances``, ``evaluator_type="pascal_voc"``, ``year=2012``, so
-  Detectron2's ``PascalVOCDetectionEvaluator`` uses the area-under-PR-curve AP (not the VOC2007
-  11-point metric).
-
-Box convention: an object covering the pixels with column indices ``x0..x1-1`` has the
-continuous box ``[x0, x1]`` (COCO ``[x0, y0, x1 - x0, y1 - y0]``) and the VOC box
-``xmin = x0 + 1, xmax = x1`` (1-based inclusive); Detectron2's VOC loader subtracts 1 from
-``xmin``/``ymin`` only, so both loaders yield identical XYXY boxes.
+:func:`register_synthetic_shapes` registers ``synth_shapes_{train,val}`` (COCO,
+``evaluator_type="coco"``) and ``synth_shapes_voc_{train,val}`` (VOC, ``year=2012``: area AP),
+generated on first use. Pixels ``x0..x1-1`` have the COCO box ``[x0, y0, x1 - x0, y1 - y0]`` and
+the VOC box ``xmin = x0 + 1, xmax = x1``, so both loaders yield identical XYXY boxes.
 """
 import dataclasses
 import hashlib
@@ -59,19 +31,9 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASSES",
-    "SPLITS",
-    "SyntheticShapesSpec",
-    "DEFAULT_SPEC",
-    "DATASET_NAMES",
-    "dataset_dirname",
-    "dataset_root",
-    "ensure_synthetic_dataset",
-    "generate_synthetic_dataset",
-    "load_validated_coco_json",
-    "load_validated_voc_instances",
-    "load_synthetic_coco",
-    "load_synthetic_voc",
+    "CLASSES", "DATASET_NAMES", "DEFAULT_SPEC", "SPLITS", "SyntheticShapesSpec", "dataset_dirname",
+    "dataset_root", "ensure_synthetic_dataset", "generate_synthetic_dataset", "load_synthetic_coco",
+    "load_synthetic_voc", "load_validated_coco_json", "load_validated_voc_instances",
     "register_synthetic_shapes",
 ]
 
@@ -83,30 +45,17 @@ GENERATOR_VERSION = 1
 MANIFEST = "manifest.json"
 
 #: Names registered by :func:`register_synthetic_shapes` with the default prefixes.
-DATASET_NAMES: Tuple[str, ...] = (
-    "synth_shapes_train",
-    "synth_shapes_val",
-    "synth_shapes_voc_train",
-    "synth_shapes_voc_val",
-)
+DATASET_NAMES: Tuple[str, ...] = ("synth_shapes_train", "synth_shapes_val", "synth_shapes_voc_train", "synth_shapes_voc_val")
 
 
 @dataclass(frozen=True)
 class SyntheticShapesSpec:
-    """Parameters of the synthetic shapes dataset; the default is what the main job uses.
-
-    Attributes:
-        seed: master seed; image ``i`` of split ``s`` uses its own generator derived from
-            ``(seed, s, i)``, so output does not depend on generation order.
-        image_size: width = height of every image, in pixels.
-        num_train, num_val: images per split (each >= 2: Detectron2's VOC loader reads the
-            split list with ``np.loadtxt``, which cannot iterate a one-line file).
-        min_objects, max_objects: objects per image (uniform, inclusive).
-        min_size, max_size: object extent in pixels (log-uniform, inclusive).
-        max_overlap_iou: a new object is re-sampled if its box has a larger IoU with an
-            earlier one (objects may overlap a little; later ones are drawn on top).
-        jpeg_quality: PIL JPEG quality.
-    """
+    """Parameters of the synthetic shapes dataset (the default: the main job's). Image ``i`` of
+    a split has its own generator seeded by ``(seed, split, i)``; images are ``image_size``
+    square; ``num_train`` / ``num_val`` >= 2 (Detectron2's VOC loader cannot read a one-line
+    split list); objects per image uniform in ``[min_objects, max_objects]``, extents
+    log-uniform in ``[min_size, max_size]`` pixels, re-sampled above ``max_overlap_iou`` with an
+    earlier object."""
 
     seed: int = 0
     image_size: int = 128
@@ -128,9 +77,7 @@ class SyntheticShapesSpec:
         if not 1 <= self.min_objects <= self.max_objects:
             problems.append(f"objects range {self.min_objects}..{self.max_objects}")
         if not 3 <= self.min_size <= self.max_size < self.image_size:
-            problems.append(
-                f"size range {self.min_size}..{self.max_size} (need 3 <= min <= max < image_size)"
-            )
+            problems.append(f"size range {self.min_size}..{self.max_size} (need 3 <= min <= max < image_size)")
         if not 0.0 <= self.max_overlap_iou <= 1.0:
             problems.append(f"max_overlap_iou={self.max_overlap_iou}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -159,11 +106,8 @@ def _spec_or_default(spec: Optional[SyntheticShapesSpec]) -> SyntheticShapesSpec
 
 
 def dataset_dirname(spec: Optional[SyntheticShapesSpec] = None) -> str:
-    """Folder name encoding the spec, e.g. ``synthetic_shapes_v1_seed0_128px``.
-
-    Specs that differ from :data:`DEFAULT_SPEC` in anything but ``seed``/``image_size`` get an
-    8-hex-digit hash of the full spec appended, so two specs never share a cache folder.
-    """
+    """Folder name of the spec, e.g. ``synthetic_shapes_v1_seed0_128px``, plus a hash of the
+    spec when it differs from :data:`DEFAULT_SPEC` in more than ``seed`` / ``image_size``."""
     spec = _spec_or_default(spec)
     name = f"synthetic_shapes_v{GENERATOR_VERSION}_seed{spec.seed}_{spec.image_size}px"
     reference = dataclasses.replace(DEFAULT_SPEC, seed=spec.seed, image_size=spec.image_size)
@@ -179,28 +123,16 @@ def datasets_root() -> Path:
     return Path(os.path.expanduser(env or "datasets"))
 
 
-def dataset_root(
-    spec: Optional[SyntheticShapesSpec] = None, root: Union[str, Path, None] = None
-) -> Path:
-    """Folder of the dataset of ``spec`` under ``root`` (default: :func:`datasets_root`).
-
-    Nothing is generated; see :func:`ensure_synthetic_dataset`.
-    """
+def dataset_root(spec: Optional[SyntheticShapesSpec] = None, root: Union[str, Path, None] = None) -> Path:
+    """Folder of the dataset of ``spec`` under ``root`` (default: :func:`datasets_root`); nothing
+    is generated."""
     base = Path(os.path.expanduser(str(root))) if root is not None else datasets_root()
     return base / dataset_dirname(spec)
 
 
 def _paths(folder: Path, split: str) -> Dict[str, Path]:
-    return {
-        "json_file": folder / "annotations" / f"instances_{split}.json",
-        "image_root": folder / "images" / split,
-        "voc_dir": folder / "VOC",
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation
-# ----------------------------------------------------------------------------------------------
+    json_file = folder / "annotations" / f"instances_{split}.json"
+    return {"json_file": json_file, "image_root": folder / "images" / split, "voc_dir": folder / "VOC"}
 
 
 def _rng(spec: SyntheticShapesSpec, split: str, index: int) -> np.random.Generator:
@@ -240,17 +172,14 @@ def _shape_mask(rng: np.random.Generator, cls: str, w: int, h: int) -> np.ndarra
     elif cls == "square":
         d.rectangle([0, 0, w - 1, h - 1], fill=255)
     else:  # triangle: one side on an edge of the box, the apex on the opposite edge
-        apex = float(rng.uniform(0, 1))
-        orient = int(rng.integers(4))
-        if orient == 0:  # base at bottom
-            pts = [(0, h - 1), (w - 1, h - 1), (apex * (w - 1), 0)]
-        elif orient == 1:  # base at top
-            pts = [(0, 0), (w - 1, 0), (apex * (w - 1), h - 1)]
-        elif orient == 2:  # base at left
-            pts = [(0, 0), (0, h - 1), (w - 1, apex * (h - 1))]
-        else:  # base at right
-            pts = [(w - 1, 0), (w - 1, h - 1), (0, apex * (h - 1))]
-        d.polygon(pts, fill=255)
+        a = float(rng.uniform(0, 1))
+        bases = (  # base at bottom, top, left, right
+            [(0, h - 1), (w - 1, h - 1), (a * (w - 1), 0)],
+            [(0, 0), (w - 1, 0), (a * (w - 1), h - 1)],
+            [(0, 0), (0, h - 1), (w - 1, a * (h - 1))],
+            [(w - 1, 0), (w - 1, h - 1), (0, a * (h - 1))],
+        )
+        d.polygon(bases[int(rng.integers(4))], fill=255)
     return np.asarray(m) > 127
 
 
@@ -300,38 +229,30 @@ def _render_image(spec: SyntheticShapesSpec, split: str, index: int):
         ys, xs = np.nonzero(mask)
         if len(xs) == 0:  # cannot happen for sizes >= 3, but never emit an empty object
             continue
-        # Tight box of the rendered pixels.
-        box = [
-            x0 + int(xs.min()),
-            y0 + int(ys.min()),
-            x0 + int(xs.max()) + 1,
-            y0 + int(ys.max()) + 1,
-        ]
+        box = [x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1]
         region = img[y0 : y0 + h, x0 : x0 + w]
         region[mask] = color.astype(np.float32)
         objects.append((cls_idx, box))
     return np.round(img).astype(np.uint8), objects
 
 
+def _sub(parent, tag: str, **fields):
+    node = ET.SubElement(parent, tag)
+    for key, value in fields.items():
+        ET.SubElement(node, key).text = str(value)
+    return node
+
+
 def _voc_xml(file_name: str, size: int, objects) -> bytes:
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = "VOC"
     ET.SubElement(root, "filename").text = file_name
-    sz = ET.SubElement(root, "size")
-    ET.SubElement(sz, "width").text = str(size)
-    ET.SubElement(sz, "height").text = str(size)
-    ET.SubElement(sz, "depth").text = "3"
+    _sub(root, "size", width=size, height=size, depth=3)
     ET.SubElement(root, "segmented").text = "0"
     for cls_idx, (x0, y0, x1, y1) in objects:
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = CLASSES[cls_idx]
-        ET.SubElement(obj, "pose").text = "Unspecified"
-        ET.SubElement(obj, "truncated").text = "0"
-        ET.SubElement(obj, "difficult").text = "0"
-        bb = ET.SubElement(obj, "bndbox")
+        obj = _sub(root, "object", name=CLASSES[cls_idx], pose="Unspecified", truncated=0, difficult=0)
         # VOC: 1-based inclusive pixel indices; pixels x0..x1-1 -> xmin=x0+1, xmax=x1.
-        for key, val in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x1), ("ymax", y1)):
-            ET.SubElement(bb, key).text = str(int(val))
+        _sub(obj, "bndbox", xmin=x0 + 1, ymin=y0 + 1, xmax=int(x1), ymax=int(y1))
     return ET.tostring(root, encoding="utf-8")
 
 
@@ -345,39 +266,25 @@ def _write_split(spec: SyntheticShapesSpec, folder: Path, split: str, progress) 
         stem = f"{split}_{i:06d}"
         buf = BytesIO()
         Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=spec.jpeg_quality)
-        data = buf.getvalue()
-        (paths["image_root"] / f"{stem}.jpg").write_bytes(data)
-        (voc / "JPEGImages" / f"{stem}.jpg").write_bytes(data)
-        xml = _voc_xml(f"{stem}.jpg", spec.image_size, objects)
-        (voc / "Annotations" / f"{stem}.xml").write_bytes(xml)
-        image_id = i + 1
-        size = spec.image_size
+        for folder in (paths["image_root"], voc / "JPEGImages"):
+            (folder / f"{stem}.jpg").write_bytes(buf.getvalue())
+        (voc / "Annotations" / f"{stem}.xml").write_bytes(_voc_xml(f"{stem}.jpg", spec.image_size, objects))
+        image_id, size = i + 1, spec.image_size
         images.append({"id": image_id, "file_name": f"{stem}.jpg", "width": size, "height": size})
         for cls_idx, (x0, y0, x1, y1) in objects:
             w, h = x1 - x0, y1 - y0
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": cls_idx + 1,
-                    "bbox": [x0, y0, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": cls_idx + 1,
+                "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0,
+            })
         ids.append(stem)
         progress.update(1)
     coco = {
-        "info": {
-            "description": f"ap_loss_d2 synthetic shapes ({split})",
-            "version": str(GENERATOR_VERSION),
-        },
+        "info": {"description": f"ap_loss_d2 synthetic shapes ({split})", "version": str(GENERATOR_VERSION)},
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASSES)
-        ],
+        "categories": [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASSES)],
     }
     paths["json_file"].parent.mkdir(parents=True, exist_ok=True)
     paths["json_file"].write_text(json.dumps(coco, sort_keys=True))
@@ -385,13 +292,9 @@ def _write_split(spec: SyntheticShapesSpec, folder: Path, split: str, progress) 
 
 
 def _manifest(spec: SyntheticShapesSpec) -> dict:
-    return {
-        "generator": "ap_loss_d2.data.synthetic",
-        "generator_version": GENERATOR_VERSION,
-        "classes": list(CLASSES),
-        "spec": spec.to_dict(),
-        "splits": {s: spec.num_images(s) for s in SPLITS},
-    }
+    splits = {s: spec.num_images(s) for s in SPLITS}
+    return dict(generator="ap_loss_d2.data.synthetic", generator_version=GENERATOR_VERSION, classes=list(CLASSES),
+                spec=spec.to_dict(), splits=splits)
 
 
 def _is_complete(folder: Path, spec: SyntheticShapesSpec) -> bool:
@@ -399,10 +302,7 @@ def _is_complete(folder: Path, spec: SyntheticShapesSpec) -> bool:
     if not folder.is_dir():
         return False
     if not manifest.is_file():
-        raise RuntimeError(
-            f"{folder} exists but has no {MANIFEST}; it was not written by a complete "
-            "ap_loss_d2 generation. Delete the folder to regenerate it."
-        )
+        raise RuntimeError(f"{folder} exists but has no {MANIFEST}, so it is not a complete generation; delete it to regenerate")
     got = json.loads(manifest.read_text())
     if got != _manifest(spec):
         raise RuntimeError(
@@ -413,16 +313,11 @@ def _is_complete(folder: Path, spec: SyntheticShapesSpec) -> bool:
 
 
 def generate_synthetic_dataset(
-    spec: Optional[SyntheticShapesSpec] = None,
-    folder: Union[str, Path, None] = None,
-    show_progress: bool = True,
+    spec: Optional[SyntheticShapesSpec] = None, folder: Union[str, Path, None] = None, show_progress: bool = True
 ) -> Path:
-    """Generate the dataset of ``spec`` into ``folder`` (default: :func:`dataset_root`).
-
-    Writes into a temporary sibling folder and renames it to ``folder`` when complete (atomic on
-    POSIX). If another process finished first, its folder is kept. Returns ``folder``. Raises
-    ``FileExistsError`` if ``folder`` exists already (use :func:`ensure_synthetic_dataset`).
-    """
+    """Generate the dataset of ``spec`` into ``folder`` (default: :func:`dataset_root`) through a
+    temporary sibling renamed into place (another process's finished copy is kept); returns
+    ``folder``. ``FileExistsError`` if it exists already (see :func:`ensure_synthetic_dataset`)."""
     from tqdm import tqdm
 
     spec = _spec_or_default(spec)
@@ -435,8 +330,7 @@ def generate_synthetic_dataset(
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
             (tmp / "VOC" / sub).mkdir(parents=True, exist_ok=True)
         total = spec.num_train + spec.num_val
-        desc = f"Generating {folder.name}"
-        with tqdm(total=total, desc=desc, unit="img", disable=not show_progress) as bar:
+        with tqdm(total=total, desc=f"Generating {folder.name}", unit="img", disable=not show_progress) as bar:
             for split in SPLITS:
                 _write_split(spec, tmp, split, bar)
         (tmp / MANIFEST).write_text(json.dumps(_manifest(spec), indent=2, sort_keys=True))
@@ -455,17 +349,9 @@ def generate_synthetic_dataset(
     return folder
 
 
-def ensure_synthetic_dataset(
-    spec: Optional[SyntheticShapesSpec] = None, root: Union[str, Path, None] = None
-) -> Path:
-    """Return the folder of the dataset of ``spec`` (default :data:`DEFAULT_SPEC`), generating it
-    first if it is not cached yet.
-
-    ``root`` is the cache root (default: ``$AP_LOSS_D2_DATASETS``, else
-    ``$DETECTRON2_DATASETS``, else ``datasets``). Call it before reading the ``json_file`` of
-    ``synth_shapes_*`` metadata (e.g. before building a ``COCOEvaluator``).
-    Raises ``RuntimeError`` if the folder exists but is not a complete dataset of ``spec``.
-    """
+def ensure_synthetic_dataset(spec: Optional[SyntheticShapesSpec] = None, root: Union[str, Path, None] = None) -> Path:
+    """The folder of the dataset of ``spec`` under the cache ``root``, generated first if not
+    cached yet; RuntimeError if the folder exists but is not a complete dataset of ``spec``."""
     spec = _spec_or_default(spec)
     folder = dataset_root(spec, root)
     if _is_complete(folder, spec):
@@ -475,11 +361,6 @@ def ensure_synthetic_dataset(
     except FileExistsError:  # another process renamed its copy into place meanwhile
         _is_complete(folder, spec)
         return folder
-
-
-# ----------------------------------------------------------------------------------------------
-# Validated loaders
-# ----------------------------------------------------------------------------------------------
 
 
 def _check_box_xyxy(box, width, height, tol=1e-3) -> Optional[str]:
@@ -493,15 +374,9 @@ def _check_box_xyxy(box, width, height, tol=1e-3) -> Optional[str]:
     return None
 
 
-def load_validated_coco_json(
-    json_file, image_root, dataset_name: Optional[str] = None
-) -> List[dict]:
-    """Detectron2's ``load_coco_json`` plus checks that name the offending file and record.
-
-    Raises ``ValueError`` (message: json file, image id, image file, annotation id) when an image
-    file is missing, an annotation has a category id not listed in ``categories`` or refers to
-    an unknown image, or a box is degenerate / outside its image.
-    """
+def load_validated_coco_json(json_file, image_root, dataset_name: Optional[str] = None) -> List[dict]:
+    """Detectron2's ``load_coco_json``; ValueError naming the file, image and annotation for a
+    missing image file, an unknown category or image id, a degenerate or out-of-image box."""
     from detectron2.data.datasets import load_coco_json
 
     json_file, image_root = str(json_file), str(image_root)
@@ -509,10 +384,8 @@ def load_validated_coco_json(
         try:
             raw = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{json_file} is not valid JSON ({e}); the file is truncated or corrupt. Restore "
-                "it (an embedded synth_shapes set is generated again once its folder is deleted)."
-            ) from None
+            raise ValueError(f"{json_file} is not valid JSON ({e}); the file is truncated or corrupt. Restore it "
+                             "(an embedded synth_shapes set is generated again once its folder is deleted).") from None
     cat_ids = {c["id"] for c in raw.get("categories", [])}
     images = {img["id"]: img for img in raw.get("images", [])}
     for img in images.values():
@@ -524,20 +397,14 @@ def load_validated_coco_json(
         where = f"{json_file}: annotation id {ann.get('id')}"
         if img is None:
             raise ValueError(f"{where} refers to unknown image id {ann.get('image_id')}")
-        where = (
-            f"{json_file}: image id {img['id']} ({img['file_name']}), "
-            f"annotation id {ann.get('id')}"
-        )
+        where = f"{json_file}: image id {img['id']} ({img['file_name']}), annotation id {ann.get('id')}"
         if ann.get("category_id") not in cat_ids:
-            raise ValueError(
-                f"{where}: unknown category id {ann.get('category_id')} (known: {sorted(cat_ids)})"
-            )
+            raise ValueError(f"{where}: unknown category id {ann.get('category_id')} (known: {sorted(cat_ids)})")
         bbox = ann.get("bbox")
         if bbox is None or len(bbox) != 4:
             raise ValueError(f"{where}: bbox {bbox!r} is not [x, y, w, h]")
         x, y, w, h = bbox
-        problem = _check_box_xyxy([x, y, x + w, y + h], img["width"], img["height"])
-        if problem:
+        if problem := _check_box_xyxy([x, y, x + w, y + h], img["width"], img["height"]):
             raise ValueError(f"{where}: bbox {bbox} (XYWH) is {problem}")
     return load_coco_json(json_file, image_root, dataset_name)
 
@@ -551,21 +418,13 @@ def _voc_offender(dirname: str, split: str, class_names) -> Optional[str]:
         for obj in ET.parse(xml).findall("object"):
             name = obj.findtext("name")
             if name not in class_names:
-                return (
-                    f"{xml} (image {fileid}): unknown class name {name!r} "
-                    f"(known: {list(class_names)})"
-                )
+                return f"{xml} (image {fileid}): unknown class name {name!r} (known: {list(class_names)})"
     return None
 
 
-def load_validated_voc_instances(
-    dirname, split: str, class_names: Sequence[str] = CLASSES
-) -> List[dict]:
-    """Detectron2's ``load_voc_instances`` plus checks that name the offending file and record.
-
-    Raises ``ValueError`` naming the xml/jpg file and image id for an unknown class name, a
-    missing annotation or image file, or a degenerate / out-of-image box.
-    """
+def load_validated_voc_instances(dirname, split: str, class_names: Sequence[str] = CLASSES) -> List[dict]:
+    """Detectron2's ``load_voc_instances``; ValueError naming the file and image for an unknown
+    class, a missing annotation or image file, a degenerate or out-of-image box."""
     from detectron2.data.datasets import load_voc_instances
 
     dirname = str(dirname)
@@ -577,103 +436,51 @@ def load_validated_voc_instances(
     for r in dicts:
         xml = os.path.join(dirname, "Annotations", f"{r['image_id']}.xml")
         if not os.path.isfile(r["file_name"]):
-            raise ValueError(
-                f"{xml} (image {r['image_id']}): image file {r['file_name']} does not exist"
-            )
+            raise ValueError(f"{xml} (image {r['image_id']}): image file {r['file_name']} does not exist")
         for k, ann in enumerate(r["annotations"]):
-            problem = _check_box_xyxy(ann["bbox"], r["width"], r["height"])
-            if problem:
-                raise ValueError(
-                    f"{xml} (image {r['image_id']}), object {k}: box {ann['bbox']} (XYXY, "
-                    f"after the loader's -1 on xmin/ymin) is {problem}"
-                )
+            if problem := _check_box_xyxy(ann["bbox"], r["width"], r["height"]):
+                raise ValueError(f"{xml} (image {r['image_id']}), object {k}: box {ann['bbox']} (XYXY, after the "
+                                 f"loader's -1 on xmin/ymin) is {problem}")
     return dicts
 
 
-def load_synthetic_coco(
-    split: str,
-    spec: Optional[SyntheticShapesSpec] = None,
-    root=None,
-    dataset_name: Optional[str] = None,
-) -> List[dict]:
+def load_synthetic_coco(split: str, spec: Optional[SyntheticShapesSpec] = None, root=None, dataset_name=None) -> List[dict]:
     """Dataset dicts of one split in COCO format (generates the dataset if needed)."""
     folder = ensure_synthetic_dataset(spec, root)
-    p = _paths(folder, split)
-    return load_validated_coco_json(p["json_file"], p["image_root"], dataset_name)
+    return load_validated_coco_json(_paths(folder, split)["json_file"], _paths(folder, split)["image_root"], dataset_name)
 
 
-def load_synthetic_voc(
-    split: str, spec: Optional[SyntheticShapesSpec] = None, root=None
-) -> List[dict]:
+def load_synthetic_voc(split: str, spec: Optional[SyntheticShapesSpec] = None, root=None) -> List[dict]:
     """Dataset dicts of one split via Detectron2's VOC loader (generates the dataset if needed)."""
     folder = ensure_synthetic_dataset(spec, root)
     return load_validated_voc_instances(_paths(folder, split)["voc_dir"], split, CLASSES)
 
 
-# ----------------------------------------------------------------------------------------------
-# Registration
-# ----------------------------------------------------------------------------------------------
-
-
-def register_synthetic_shapes(
-    spec: Optional[SyntheticShapesSpec] = None,
-    root: Union[str, Path, None] = None,
-    prefix: str = "synth_shapes",
-    voc_prefix: Optional[str] = None,
-) -> List[str]:
-    """Register the COCO- and VOC-format splits of the dataset of ``spec`` in Detectron2.
-
-    Names: ``{prefix}_{train,val}`` (COCO format; metadata ``thing_classes``, ``json_file``,
-    ``image_root``, ``thing_dataset_id_to_contiguous_id``, ``evaluator_type="coco"``) and
-    ``{voc_prefix}_{train,val}`` (default ``voc_prefix = prefix + "_voc"``; Pascal VOC format;
-    metadata ``thing_classes``, ``dirname``, ``split``, ``year=2012`` (area-based VOC AP),
-    ``evaluator_type="pascal_voc"``). Both carry ``dataset_root`` and ``synthetic_spec``.
-
-    Nothing is generated here: the DatasetCatalog functions call
-    :func:`ensure_synthetic_dataset` when first used. The cache root is resolved now (see
-    module doc). Names already registered are left alone. Returns the names.
-    """
+def register_synthetic_shapes(spec=None, root=None, prefix: str = "synth_shapes", voc_prefix=None) -> List[str]:
+    """Register ``{prefix}_{train,val}`` (COCO format) and ``{voc_prefix}_{train,val}`` (default
+    ``prefix + "_voc"``, Pascal VOC format) of the dataset of ``spec``, generated on first use;
+    the cache root is resolved now. Names already registered are left alone. Returns the names."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     spec = _spec_or_default(spec)
     folder = dataset_root(spec, root)
     voc_prefix = voc_prefix or f"{prefix}_voc"
-    registered = set(DatasetCatalog.list())
-    names = []
-    common = {
-        "thing_classes": list(CLASSES),
-        "dataset_root": str(folder),
-        "synthetic_spec": spec.to_dict(),
-    }
+    registered, names = set(DatasetCatalog.list()), []
+    common = {"thing_classes": list(CLASSES), "dataset_root": str(folder), "synthetic_spec": spec.to_dict()}
     for split in SPLITS:
-        p = _paths(folder, split)
-        name = f"{prefix}_{split}"
+        p, name = _paths(folder, split), f"{prefix}_{split}"
         names.append(name)
         if name not in registered:
-            DatasetCatalog.register(
-                name,
-                lambda split=split, name=name: load_synthetic_coco(
-                    split, spec, folder.parent, name
-                ),
-            )
+            DatasetCatalog.register(name, lambda split=split, name=name: load_synthetic_coco(split, spec, folder.parent, name))
             MetadataCatalog.get(name).set(
-                json_file=str(p["json_file"]),
-                image_root=str(p["image_root"]),
-                thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(CLASSES))},
-                evaluator_type="coco",
-                **common,
+                json_file=str(p["json_file"]), image_root=str(p["image_root"]), evaluator_type="coco",
+                thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(CLASSES))}, **common,
             )
         name = f"{voc_prefix}_{split}"
         names.append(name)
         if name not in registered:
-            DatasetCatalog.register(
-                name, lambda split=split: load_synthetic_voc(split, spec, folder.parent)
-            )
+            DatasetCatalog.register(name, lambda split=split: load_synthetic_voc(split, spec, folder.parent))
             MetadataCatalog.get(name).set(
-                dirname=str(p["voc_dir"]),
-                split=split,
-                year=2012,
-                evaluator_type="pascal_voc",
-                **common,
+                dirname=str(p["voc_dir"]), split=split, year=2012, evaluator_type="pascal_voc", **common
             )
     return names

@@ -1,30 +1,17 @@
-"""SSD-style training augmentation as Detectron2 ``Augmentation`` / ``Transform`` classes.
-
-The paper trains RetinaNet at a fixed 512x512 input "with the same data augmentation strategies
-as SSD": photometric distortion, zoom-out (:class:`RandomExpand`), the min-IoU random crop
-(:class:`MinIoURandomCrop`), a resize to a fixed square and a horizontal flip.
-:func:`build_ssd_augmentation` returns that list; ``ap_loss_d2.data.mapper`` turns it into a
-``DatasetMapper``.
-
-Conventions (Detectron2's): images are HxWxC ``uint8`` (or float) arrays in [0, 255]; boxes are
-Nx4 float XYXY in absolute (continuous) coordinates. ``MinIoURandomCrop`` reads the boxes from
-``AugInput.boxes``; Detectron2's stock ``DatasetMapper`` does not put them there, use
-:class:`ap_loss_d2.data.mapper.BoxAwareDatasetMapper` (what ``build_train_mapper`` builds).
+"""SSD-style training augmentation (the paper trains RetinaNet "with the same data augmentation
+strategies as SSD") as Detectron2 ``Augmentation`` / ``Transform`` classes: photometric
+distortion, zoom-out, the min-IoU random crop, a resize to a fixed square and a flip
+(:func:`build_ssd_augmentation`). Images are HxWxC arrays in [0, 255]; boxes Nx4 XYXY absolute.
+``MinIoURandomCrop`` reads ``AugInput.boxes``, which ``BoxAwareDatasetMapper`` fills.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import transforms as T
 
 __all__ = [
-    "PhotometricTransform",
-    "PhotometricDistort",
-    "ExpandTransform",
-    "RandomExpand",
-    "CenterKeepingCropTransform",
-    "MinIoURandomCrop",
-    "build_ssd_augmentation",
-    "DEFAULT_PIXEL_MEAN_BGR",
+    "DEFAULT_PIXEL_MEAN_BGR", "CenterKeepingCropTransform", "ExpandTransform", "MinIoURandomCrop",
+    "PhotometricDistort", "PhotometricTransform", "RandomExpand", "build_ssd_augmentation",
 ]
 
 #: Detectron2's default ``MODEL.PIXEL_MEAN`` (BGR); used as expand fill when no mean is given.
@@ -38,11 +25,7 @@ def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     c = v - rgb.min(-1)
     s = np.where(v > 0, c / np.maximum(v, 1e-12), 0.0)
     safe_c = np.maximum(c, 1e-12)
-    h = np.where(
-        v == r,
-        (g - b) / safe_c,
-        np.where(v == g, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c),
-    )
+    h = np.where(v == r, (g - b) / safe_c, np.where(v == g, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c))
     h = np.where(c > 0, (h * 60.0) % 360.0, 0.0)
     return np.stack([h, s, v], -1)
 
@@ -57,27 +40,16 @@ def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     # (r, g, b) before adding m = v - c, per 60-degree sector.
     table = [(c, x, zero), (x, c, zero), (zero, c, x), (zero, x, c), (x, zero, c), (c, zero, x)]
     out = np.zeros(hsv.shape, dtype=hsv.dtype)
-    for k, (r, g, b) in enumerate(table):
-        sel = sector == k
-        out[..., 0] = np.where(sel, r, out[..., 0])
-        out[..., 1] = np.where(sel, g, out[..., 1])
-        out[..., 2] = np.where(sel, b, out[..., 2])
+    for k, rgb in enumerate(table):
+        out = np.where((sector == k)[..., None], np.stack(rgb, -1), out)
     return out + (v - c)[..., None]
 
 
 class PhotometricTransform(T.Transform):
-    """Deterministic SSD photometric distortion (geometry untouched: boxes, coords, masks and
-    segmentation pass through unchanged).
-
-    Args:
-        brightness_delta: added to all pixels (None: skip).
-        contrast_alpha: multiplies all pixels (None: skip).
-        contrast_first: apply contrast before (True) or after (False) the HSV steps.
-        saturation_alpha: multiplies HSV saturation (None: skip).
-        hue_delta: added to the HSV hue, in degrees (None: skip).
-        image_format: channel order of the images ("BGR", "RGB"); only the HSV steps use it.
-    Output has the input's dtype; integer outputs are rounded and clipped to [0, 255].
-    """
+    """Deterministic SSD photometric distortion; geometry passes through unchanged. Each step is
+    skipped when None: ``brightness_delta`` (added), ``contrast_alpha`` (multiplies; before or
+    after the HSV steps by ``contrast_first``), ``saturation_alpha`` (multiplies HSV saturation),
+    ``hue_delta`` (degrees). Output: the input's dtype, integers rounded and clipped to [0, 255]."""
 
     def __init__(
         self,
@@ -91,12 +63,7 @@ class PhotometricTransform(T.Transform):
         super().__init__()
         if image_format not in ("BGR", "RGB"):
             raise ValueError(f"PhotometricTransform supports BGR/RGB images, got {image_format!r}")
-        self.brightness_delta = brightness_delta
-        self.contrast_alpha = contrast_alpha
-        self.contrast_first = contrast_first
-        self.saturation_alpha = saturation_alpha
-        self.hue_delta = hue_delta
-        self.image_format = image_format
+        self._set_attributes(locals())
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
         dtype = img.dtype
@@ -141,22 +108,10 @@ class PhotometricDistort(T.Augmentation):
     before or after the HSV steps with equal chance (as in SSD). Pixel values are in [0, 255].
     """
 
-    def __init__(
-        self,
-        brightness_delta: float = 32.0,
-        contrast_range: Tuple[float, float] = (0.5, 1.5),
-        saturation_range: Tuple[float, float] = (0.5, 1.5),
-        hue_delta: float = 18.0,
-        prob: float = 0.5,
-        image_format: str = "BGR",
-    ):
+    def __init__(self, brightness_delta=32.0, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18.0,
+                 prob=0.5, image_format="BGR"):
         super().__init__()
-        self.brightness_delta = brightness_delta
-        self.contrast_range = tuple(contrast_range)
-        self.saturation_range = tuple(saturation_range)
-        self.hue_delta = hue_delta
-        self.prob = prob
-        self.image_format = image_format
+        self._init(locals())
 
     def get_transform(self, image) -> T.Transform:
         def maybe(low, high):
@@ -173,40 +128,20 @@ class PhotometricDistort(T.Augmentation):
 
 
 class ExpandTransform(T.Transform):
-    """Place an ``h x w`` image at ``(left, top)`` on a ``canvas_h x canvas_w`` canvas filled with
-    ``fill`` (per channel). Coordinates are translated by ``(left, top)``; segmentation is padded
-    with ``seg_fill``.
-    """
+    """Place an ``orig_h x orig_w`` image at ``(left, top)`` on a ``canvas_h x canvas_w`` canvas
+    filled with ``fill`` (per channel; segmentation with ``seg_fill``)."""
 
-    def __init__(
-        self,
-        left: int,
-        top: int,
-        canvas_w: int,
-        canvas_h: int,
-        orig_w: int,
-        orig_h: int,
-        fill: Union[float, Sequence[float]] = 0.0,
-        seg_fill: int = 0,
-    ):
+    def __init__(self, left: int, top: int, canvas_w: int, canvas_h: int, orig_w: int, orig_h: int, fill=0.0, seg_fill: int = 0):
         super().__init__()
         if not (0 <= left <= canvas_w - orig_w and 0 <= top <= canvas_h - orig_h):
-            raise ValueError(
-                f"ExpandTransform: a {orig_w}x{orig_h} image at ({left}, {top}) does not fit a "
-                f"{canvas_w}x{canvas_h} canvas"
-            )
-        self.left, self.top = int(left), int(top)
-        self.canvas_w, self.canvas_h = int(canvas_w), int(canvas_h)
-        self.orig_w, self.orig_h = int(orig_w), int(orig_h)
-        self.fill = fill
-        self.seg_fill = seg_fill
+            raise ValueError(f"ExpandTransform: a {orig_w}x{orig_h} image at ({left}, {top}) does not fit a {canvas_w}x{canvas_h} canvas")
+        self.left, self.top, self.canvas_w, self.canvas_h = int(left), int(top), int(canvas_w), int(canvas_h)
+        self.orig_w, self.orig_h, self.fill, self.seg_fill = int(orig_w), int(orig_h), fill, seg_fill
 
     def _paste(self, img: np.ndarray, fill) -> np.ndarray:
         h, w = img.shape[:2]
         if (h, w) != (self.orig_h, self.orig_w):
-            raise ValueError(
-                f"ExpandTransform expects a {self.orig_w}x{self.orig_h} input, got {w}x{h}"
-            )
+            raise ValueError(f"ExpandTransform expects a {self.orig_w}x{self.orig_h} input, got {w}x{h}")
         canvas = np.empty((self.canvas_h, self.canvas_w) + img.shape[2:], dtype=img.dtype)
         fill = np.asarray(fill, dtype=np.float64)
         if np.issubdtype(img.dtype, np.integer):
@@ -231,9 +166,7 @@ class ExpandTransform(T.Transform):
         return coords
 
     def inverse(self) -> T.Transform:
-        return T.CropTransform(
-            self.left, self.top, self.orig_w, self.orig_h, self.canvas_w, self.canvas_h
-        )
+        return T.CropTransform(self.left, self.top, self.orig_w, self.orig_h, self.canvas_w, self.canvas_h)
 
 
 class RandomExpand(T.Augmentation):
@@ -241,20 +174,12 @@ class RandomExpand(T.Augmentation):
     ``r`` times larger (``r`` uniform in ``[1, max_ratio]``) filled with ``fill`` (the pixel mean,
     in the image's channel order)."""
 
-    def __init__(
-        self,
-        max_ratio: float = 4.0,
-        prob: float = 0.5,
-        fill: Union[float, Sequence[float]] = DEFAULT_PIXEL_MEAN_BGR,
-        seg_fill: int = 0,
-    ):
+    def __init__(self, max_ratio: float = 4.0, prob: float = 0.5, fill=DEFAULT_PIXEL_MEAN_BGR, seg_fill: int = 0):
         super().__init__()
         if max_ratio < 1:
             raise ValueError(f"RandomExpand: max_ratio={max_ratio} < 1")
-        self.max_ratio = max_ratio
-        self.prob = prob
+        self.max_ratio, self.prob, self.seg_fill = max_ratio, prob, seg_fill
         self.fill = tuple(fill) if isinstance(fill, (list, tuple)) else fill
-        self.seg_fill = seg_fill
 
     def get_transform(self, image) -> T.Transform:
         if self.max_ratio == 1 or np.random.rand() >= self.prob:
@@ -268,11 +193,8 @@ class RandomExpand(T.Augmentation):
 
 
 class CenterKeepingCropTransform(T.CropTransform):
-    """A ``CropTransform`` whose ``apply_box`` follows SSD: boxes are clipped to the crop, and a box
-    whose centre lies outside the crop becomes the empty box ``[0, 0, 0, 0]`` (Detectron2's
-    ``filter_empty_instances``, run by ``DatasetMapper``, then drops the instance).
-    Images, coordinates, polygons and segmentation are cropped as by ``CropTransform``.
-    """
+    """A ``CropTransform`` whose ``apply_box`` follows SSD: boxes are clipped to the crop, and one
+    whose centre lies outside becomes ``[0, 0, 0, 0]`` (then dropped by ``filter_empty_instances``)."""
 
     def apply_box(self, box: np.ndarray) -> np.ndarray:
         box = np.asarray(box, dtype=np.float64).reshape(-1, 4)
@@ -298,18 +220,11 @@ def _iou_boxes_patches(boxes: np.ndarray, patches: np.ndarray) -> np.ndarray:
 
 
 class MinIoURandomCrop(T.Augmentation):
-    """SSD's random crop with a minimum IoU constraint (``get_transform(image, boxes)``).
-
-    As in the original (Caffe) SSD batch sampler, the candidates are the whole image plus, for each
-    ``min_iou`` in ``min_ious``, the first of ``max_trials`` random patches (width, height uniform
-    in ``[min_scale, 1]`` of the image's, aspect ``h / w`` in ``aspect_range``) that has IoU >=
-    ``min_iou`` with at least one ground-truth box and contains at least one box centre; one
-    candidate is chosen uniformly. The crop is a :class:`CenterKeepingCropTransform`, so boxes are
-    clipped and those whose centre falls outside the crop are emptied (and later filtered).
-
-    ``boxes`` comes from ``AugInput.boxes`` (Nx4 XYXY); ``None`` or no boxes means any patch
-    satisfies the IoU constraint.
-    """
+    """SSD's random crop with a minimum IoU (``get_transform(image, boxes)``), as Caffe SSD's batch
+    sampler: the candidates are the whole image and, per ``min_iou``, the first of ``max_trials``
+    random patches (sides in ``[min_scale, 1]`` of the image's, ``h / w`` in ``aspect_range``)
+    with IoU >= ``min_iou`` with some box and some box centre inside; one is chosen uniformly, as
+    a :class:`CenterKeepingCropTransform`. No boxes: any patch qualifies."""
 
     def __init__(
         self,
@@ -319,14 +234,9 @@ class MinIoURandomCrop(T.Augmentation):
         max_trials: int = 50,
     ):
         super().__init__()
-        self.min_ious = tuple(min_ious)
-        self.min_scale = min_scale
-        self.aspect_range = tuple(aspect_range)
-        self.max_trials = max_trials
+        self._init(locals())
 
-    def _sample_patch(
-        self, w: int, h: int, boxes: np.ndarray, min_iou: float
-    ) -> Optional[Tuple[int, int, int, int]]:
+    def _sample_patch(self, w: int, h: int, boxes: np.ndarray, min_iou: float) -> Optional[Tuple[int, int, int, int]]:
         n = self.max_trials
         pw = np.random.uniform(self.min_scale * w, w, size=n)
         ph = np.random.uniform(self.min_scale * h, h, size=n)
@@ -379,34 +289,20 @@ def build_ssd_augmentation(
     pixel_mean: Optional[Sequence[float]] = None,
     expand_max_ratio: Optional[float] = None,
 ):
-    """The SSD augmentation list (Detectron2 ``Augmentation`` objects).
-
-    Args:
-        cfg_or_size: a Detectron2 ``CfgNode`` (reads ``AP_LOSS_INPUT.FIXED_SIZE`` (default 512),
-            ``AP_LOSS_INPUT.EXPAND_MAX_RATIO`` (default 4), ``INPUT.FORMAT`` and
-            ``MODEL.PIXEL_MEAN``) or an int: the fixed output side.
-        is_train: training: ``[PhotometricDistort, RandomExpand, MinIoURandomCrop,
-            Resize((s, s)), RandomFlip]``; test: ``[Resize((s, s))]``.
-        image_format, pixel_mean, expand_max_ratio: override the values read from ``cfg`` (with an
-            int: defaults "BGR", Detectron2's default BGR pixel mean, 4.0).
-    """
-    fmt, mean, ratio = "BGR", None, 4.0
-    if isinstance(cfg_or_size, (int, np.integer)):
-        size = int(cfg_or_size)
-    else:
+    """The SSD augmentation list: training ``[PhotometricDistort, RandomExpand, MinIoURandomCrop,
+    Resize((s, s)), RandomFlip]``, test ``[Resize((s, s))]``. ``cfg_or_size``: the side ``s``, or a
+    ``CfgNode`` (``AP_LOSS_INPUT.FIXED_SIZE`` / ``EXPAND_MAX_RATIO``, ``INPUT.FORMAT``,
+    ``MODEL.PIXEL_MEAN``); the keyword arguments override those (defaults "BGR", Detectron2's
+    BGR pixel mean, 4.0)."""
+    size, fmt, mean, ratio = cfg_or_size, "BGR", None, 4.0
+    if not isinstance(cfg_or_size, (int, np.integer)):
         cfg = cfg_or_size
-        extra = cfg.get("AP_LOSS_INPUT", None)
-        size = int(extra.FIXED_SIZE) if extra is not None and "FIXED_SIZE" in extra else 512
-        if extra is not None and "EXPAND_MAX_RATIO" in extra:
-            ratio = float(extra.EXPAND_MAX_RATIO)
-        fmt = cfg.INPUT.FORMAT
-        mean = tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN)
-    fmt = image_format or fmt
-    ratio = expand_max_ratio if expand_max_ratio is not None else ratio
-    if pixel_mean is not None:
-        mean = tuple(float(v) for v in pixel_mean)
-    if mean is None:
-        mean = DEFAULT_PIXEL_MEAN_BGR if fmt != "RGB" else DEFAULT_PIXEL_MEAN_BGR[::-1]
+        size, ratio = cfg.AP_LOSS_INPUT.FIXED_SIZE, cfg.AP_LOSS_INPUT.EXPAND_MAX_RATIO
+        fmt, mean = cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN
+    size, fmt = int(size), image_format or fmt
+    ratio = float(expand_max_ratio if expand_max_ratio is not None else ratio)
+    mean = pixel_mean if pixel_mean is not None else mean
+    mean = tuple(float(v) for v in mean) if mean is not None else DEFAULT_PIXEL_MEAN_BGR[:: -1 if fmt == "RGB" else 1]
     if size <= 0:
         raise ValueError(f"build_ssd_augmentation: fixed size must be positive, got {size}")
     if not is_train:

@@ -10,8 +10,9 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .. import modeling  # noqa: F401  (registers the models)
 from ..config import add_ap_loss_config
-from ..data import AUGMENTATIONS, build_train_mapper
+from ..data import AUGMENTATIONS, build_train_mapper, register_datasets
 from ..data.checks import NamingReadErrors, hint_filter_empty
 from ..evaluation import build_evaluator
 from ..losses.registry import build_cls_loss
@@ -85,6 +86,7 @@ def validate_cfg(cfg):
 def setup_cfg(args):
     """Build, validate and freeze the config of ``args`` (``config_file``, ``opts``), then run
     Detectron2's ``default_setup`` (logging, output dir, config dump, seed)."""
+    register_datasets()
     cfg = get_ap_loss_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)

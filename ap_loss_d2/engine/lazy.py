@@ -20,6 +20,7 @@ from detectron2.engine import (
 from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
 
+from ..data import register_datasets
 from .checkpoint import SafeDetectionCheckpointer
 from .divergence import NonFiniteGuard
 from .launch import create_ddp_model_for
@@ -57,6 +58,7 @@ def check_lazy_cls_loss(cfg):
 def setup_lazy_cfg(args):
     """Load ``args.config_file``, apply ``args.opts`` (``key=value``), check datasets and paths,
     ``default_setup``. The model's arguments are checked by their constructors."""
+    register_datasets()
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_lazy_cls_loss(cfg)

@@ -23,7 +23,6 @@ import tempfile
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 
-from ..data.checks import install_dataset_checks
 
 __all__ = ["check_batch_size", "check_dataset_names", "check_startup", "check_startup_lazy", "check_writable"]
 
@@ -135,7 +134,6 @@ def check_startup(cfg, world_size=None) -> None:
     check_writable("OUTPUT_DIR", cfg.OUTPUT_DIR, "Set OUTPUT_DIR to a folder you can write to.")
     names = _names(cfg.DATASETS.TRAIN) + _names(cfg.DATASETS.TEST)
     _check_embedded_roots(names)
-    install_dataset_checks(names)
 
 
 def _lazy_dataset_names(loader):
@@ -164,4 +162,3 @@ def check_startup_lazy(cfg, world_size=None) -> None:
     output_dir = cfg.get("train", {}).get("output_dir", None)
     check_writable("train.output_dir", output_dir, "Set train.output_dir to a folder you can write to.")
     _check_embedded_roots(names)
-    install_dataset_checks(names)

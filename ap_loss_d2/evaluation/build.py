@@ -1,8 +1,4 @@
-"""Evaluators chosen by a dataset's ``evaluator_type`` metadata (Detectron2's convention).
-
-Works with Detectron2's built-in COCO / Pascal VOC registrations (under ``$DETECTRON2_DATASETS``)
-and with ap_loss_d2's embedded synthetic datasets (generated on first use).
-"""
+"""Evaluators chosen by a dataset's ``evaluator_type`` metadata (Detectron2's convention)."""
 import inspect
 import os
 from pathlib import Path
@@ -10,24 +6,19 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
-from ..env import has_compiled_ops
-
 __all__ = ["SUPPORTED_EVALUATOR_TYPES", "build_evaluator", "get_evaluator"]
 
 #: Values of ``MetadataCatalog.get(name).evaluator_type`` that :func:`get_evaluator` handles.
 SUPPORTED_EVALUATOR_TYPES = ("coco", "pascal_voc")
 
 
-def _ensure_files(dataset_name, metadata):
-    """Load the dataset once when the file an evaluator opens is missing.
-
-    ``COCOEvaluator`` opens ``json_file`` in its constructor; datasets that create their files
-    when first loaded (the embedded synthetic sets) have them only after their DatasetCatalog
-    entry ran. Loading through the catalog keeps evaluation ignorant of how data is made.
-    """
-    json_file = metadata.get("json_file", None)
-    if json_file and not Path(json_file).exists():
-        DatasetCatalog.get(dataset_name)
+def _has_compiled_ops():
+    """Whether ``detectron2._C`` is the compiled extension (not the offline install's placeholder)."""
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
+    return not getattr(_C, "AP_LOSS_D2_FALLBACK", 0)
 
 
 def _coco_evaluator(dataset_name, output_dir, distributed, max_dets_per_image):
@@ -35,7 +26,7 @@ def _coco_evaluator(dataset_name, output_dir, distributed, max_dets_per_image):
     params = inspect.signature(COCOEvaluator.__init__).parameters
     if "use_fast_impl" in params:
         # The fast (C++) COCOeval needs Detectron2's compiled ops.
-        kwargs["use_fast_impl"] = has_compiled_ops()
+        kwargs["use_fast_impl"] = _has_compiled_ops()
     if max_dets_per_image is not None and "max_dets_per_image" in params:
         kwargs["max_dets_per_image"] = max_dets_per_image
     return COCOEvaluator(dataset_name, **kwargs)
@@ -62,7 +53,8 @@ def get_evaluator(dataset_name, output_dir=None, distributed=True, max_dets_per_
     if dataset_name not in DatasetCatalog.list():
         raise KeyError(
             f"Dataset {dataset_name!r} is not registered in Detectron2's DatasetCatalog "
-            f"(did you import ap_loss_d2.data, or set $DETECTRON2_DATASETS for the built-in ones?)"
+            "(call ap_loss_d2.data.register_datasets() for the embedded and _nodifficult sets; the "
+            "built-in ones read $DETECTRON2_DATASETS)"
         )
     metadata = MetadataCatalog.get(dataset_name)
     evaluator_type = metadata.get("evaluator_type", None)
@@ -71,7 +63,9 @@ def get_evaluator(dataset_name, output_dir=None, distributed=True, max_dets_per_
             f"No evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r}; "
             f"supported evaluator types: {', '.join(SUPPORTED_EVALUATOR_TYPES)}"
         )
-    _ensure_files(dataset_name, metadata)
+    json_file = metadata.get("json_file", None)
+    if json_file and not Path(json_file).exists():
+        DatasetCatalog.get(dataset_name)  # the embedded sets write their files when first loaded
     if evaluator_type == "coco":
         return _coco_evaluator(dataset_name, output_dir, distributed, max_dets_per_image)
     return PascalVOCDetectionEvaluator(dataset_name)

@@ -1,15 +1,17 @@
 """The base class of the classification losses (:class:`ClsLoss`), built from
 ``MODEL.CLS_LOSS`` by :func:`~ap_loss_d2.losses.registry.build_cls_loss`."""
+import difflib
+import inspect
 import math
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from detectron2.config import configurable
 
-__all__ = ["HEADS", "ClsLoss", "check_number", "loss_clock"]
+__all__ = ["HEADS", "ClsLoss", "check_number", "loss_arguments", "loss_clock"]
 
 #: The heads that take a classification loss module.
 HEADS = ("retinanet", "roi_heads", "ssd")
@@ -32,12 +34,24 @@ def loss_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def loss_arguments(cls) -> List[str]:
+    """The keyword arguments of the loss class ``cls``: those of every ``__init__`` from ``cls``
+    up to :class:`ClsLoss`, sorted."""
+    names = set()
+    for klass in cls.__mro__:
+        if isinstance(klass, type) and issubclass(klass, ClsLoss) and "__init__" in vars(klass):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
+                    names.add(p.name)
+    return sorted(names)
+
+
 class ClsLoss(nn.Module):
     """Base class of the classification losses.
 
     Attributes (class level): ``name`` (``MODEL.CLS_LOSS.NAME``), ``label`` (plots, tables),
     ``heads`` (subset of :data:`HEADS`), ``native`` (the head keeps its own Detectron2 loss and
-    classifier, e.g. Faster R-CNN's softmax CE).
+    classifier, e.g. Faster R-CNN's softmax CE). Subclasses define :meth:`loss`.
     """
 
     name = ""
@@ -46,13 +60,19 @@ class ClsLoss(nn.Module):
     native = False
 
     @configurable
-    def __init__(self, *, weight: float = 1.0, diagnostics: bool = False):
-        """
-        Args:
-            weight: factor of the loss (``MODEL.CLS_LOSS.WEIGHT``).
-            diagnostics: also log ``cls_loss/time`` and counts that are device tensors (each
-                needs a host synchronisation on CUDA).
-        """
+    def __init__(self, *, weight: float = 1.0, diagnostics: bool = False, **unknown):
+        """``weight``: factor of the loss; ``diagnostics``: also log ``cls_loss/time`` and counts
+        that are device tensors (a host synchronisation each on CUDA). ``unknown``: arguments no
+        ``__init__`` of the class took (e.g. a misspelled LazyConfig ``model.cls_loss.<arg>``),
+        a TypeError listing the valid ones."""
+        if unknown:
+            valid = loss_arguments(type(self))
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if m else repr(k)
+                     for k in unknown for m in [difflib.get_close_matches(k, valid, n=1)]]
+            raise TypeError(
+                f"{type(self).__name__} ({self.name!r}) got unknown argument(s) {', '.join(hints)}; "
+                f"valid arguments: {', '.join(valid)}"
+            )
         super().__init__()
         self.weight = check_number("weight", weight, allow_zero=True)
         self.diagnostics = bool(diagnostics)
@@ -69,22 +89,15 @@ class ClsLoss(nn.Module):
         return logits.sigmoid()
 
     def loss(self, logits, gt_labels, stats: dict, normalizer, entries_per_image) -> torch.Tensor:
-        """The unweighted loss (subclasses); arguments as :meth:`forward`."""
-        raise NotImplementedError
+        """The unweighted loss; arguments as :meth:`forward`, ``stats`` a dict to fill with
+        scalars logged as ``cls_loss/<key>``. Every registered loss defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define loss()")
 
     def forward(self, logits, gt_labels, *, normalizer=None, entries_per_image=None, storage=None):
-        """
-        Args:
-            logits: ``(N, R, K)`` scores of N images x R anchors x K classes, or
-                ``(sum_i R_i, K)`` with ``entries_per_image``.
-            gt_labels: ``(N, R)`` / ``(sum_i R_i,)`` int labels: -1 ignored, 0..K-1 class, K
-                background.
-            normalizer: the head's positive-anchor normaliser (used by ``"focal"``).
-            entries_per_image: ``[R_1, ..., R_N]`` for concatenated images (RoIs).
-            storage: Detectron2 ``EventStorage`` to log ``cls_loss/*`` into (None: no logging).
-
-        Returns:
-            0-dim tensor: the loss times ``weight``; 0 (attached to the graph) for empty input.
+        """The loss of ``(N, R, K)`` logits and ``(N, R)`` int labels (-1 ignored, 0..K-1 class, K
+        background), or ``(sum_i R_i, K)`` / ``(sum_i R_i,)`` with ``entries_per_image``, times
+        ``weight``; 0 for empty input. ``normalizer``: the head's positive-anchor normaliser
+        (``"focal"``); ``storage``: Detectron2 ``EventStorage`` for ``cls_loss/*`` (None: no logging).
         """
         if logits.numel() == 0:
             return logits.sum() * 0.0

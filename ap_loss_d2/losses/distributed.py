@@ -1,35 +1,18 @@
-"""Collectives for ranking the entries of all processes together (exactly).
+"""Collectives for ranking the entries of all processes together (exactly), and the process
+groups of ranking sets.
 
-The ranking losses need, besides each process's own entries, only:
-
-1. every positive score of the global batch (``all_gather``, padded to the largest count):
-   ``8 * max_r |P_r| * world_size`` bytes received plus one int64 per process;
-2. the per-positive sums ``b_i = sum_{j in N^} f(s_j - s_i)`` over every process's negatives,
-   which are additive across processes (``all_reduce`` of ``8 * |P|`` bytes, float64);
-3. two counts (non-trivial negatives, and all negatives for AUC): ``all_reduce`` of int64s.
-
-Negatives never travel. Everything derived from these (precision, interpolation, the
-per-positive weights) is computed identically on every rank, so the loss value is identical
-on every rank and each rank's gradient equals its slice of the gradient of one process ranking
-the concatenated batch.
-
-Bytes per process and iteration: ``8`` (its positive count) + ``8 * max_r |P_r|`` (its padded
-positive scores) to the all-gathers, ``8 * |P|`` (the b_i) + ``8``-``16`` (counts) to the
-all-reduces; a ring all-reduce puts about ``2 (W - 1) / W`` times its buffer on the wire. E.g.
-RetinaNet at 8 images x 49,104 anchors x 20 classes on W = 8 processes with |P| = 2,000 (250
-per process): 8 + 2,000 + 16,000 + 16 = ~18 KB of buffers, ~30 KB on the wire, against ~31 MB
-for gathering the logits.
+The ranking losses need, besides each process's own entries, only every positive score of the
+global batch (``all_gather``, padded to the largest count), the per-positive sums over every
+process's negatives (additive: ``all_reduce`` of ``8 |P|`` bytes) and two counts. Negatives never
+travel; the loss value is identical on every rank and each rank's gradient is its slice of the
+single-process gradient of the concatenated batch (bytes per iteration: docs/ranking_sets.md).
 With ``group=None`` or a single process every function here is a no-op.
-
-Ranking sets (``images_per_ranking_set``): :func:`ranking_set_layout` maps a set size onto the
-images per process and the processes, :func:`ranking_set_group` creates (once, identically on
-every rank) the groups of consecutive ranks that rank together, and :func:`scale_gradient`
-makes DistributedDataParallel's average over processes the mean over ranking sets.
 """
 import torch
 
 
-def _world(group):
+def group_size(group) -> int:
+    """Processes in ``group`` (1 for None / not distributed)."""
     if group is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return 1
     return torch.distributed.get_world_size(group)
@@ -45,7 +28,7 @@ def resolve_group(rank_across_processes: bool):
 
 def gather_positive_scores(p_local, group):
     """(all positive scores of the group in rank order, offset of this rank's scores)."""
-    world = _world(group)
+    world = group_size(group)
     if world == 1:
         return p_local, 0
     counts = torch.zeros(world, dtype=torch.int64, device=p_local.device)
@@ -65,7 +48,7 @@ def gather_positive_scores(p_local, group):
 
 
 def all_reduce_sum(x, group):
-    if _world(group) == 1:
+    if group_size(group) == 1:
         return x
     x = x.clone()
     torch.distributed.all_reduce(x, group=group)
@@ -73,32 +56,19 @@ def all_reduce_sum(x, group):
 
 
 def all_reduce_count(n: int, group, device) -> int:
-    if _world(group) == 1:
+    if group_size(group) == 1:
         return int(n)
     t = torch.tensor([n], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, group=group)
     return int(t.item())
 
 
-# --- Ranking sets: which images are ranked together -------------------------------------------
-
-
 def ranking_set_layout(images_per_set: int, images_per_process: int, world_size: int):
-    """How a ranking set of ``images_per_set`` images maps onto processes.
-
-    Args:
-        images_per_set: images ranked together; 0 = each process ranks its own images.
-        images_per_process: images each process holds per iteration.
-        world_size: number of processes.
-
-    Returns:
-        ``(sets_per_process, processes_per_set)``: a process splits its images into
-        ``sets_per_process`` consecutive sets ranked separately, or ``processes_per_set``
-        consecutive ranks rank their images together (at most one of the two exceeds 1).
-
-    Raises:
-        ValueError saying why, with the valid set sizes, when the set does not divide evenly.
-    """
+    """``(sets_per_process, processes_per_set)`` for sets of ``images_per_set`` images (0: each
+    process ranks its own) over ``world_size`` processes of ``images_per_process`` images: a
+    process splits its images into consecutive sets, or consecutive ranks rank their images
+    together (at most one of the two exceeds 1). ValueError saying why, with the valid sizes,
+    when the set does not divide evenly."""
     for name, value in (("images per process", images_per_process), ("processes", world_size)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -112,16 +82,11 @@ def ranking_set_layout(images_per_set: int, images_per_process: int, world_size:
     if s % n == 0 and w % (s // n) == 0:
         return 1, s // n
     valid = sorted({d for d in range(1, n + 1) if n % d == 0} | {n * g for g in range(1, w + 1) if w % g == 0})
-    if s % n == 0:
-        why = (
-            f"{s} images need {s // n} processes per set, and the {w} processes do not split "
-            f"into whole sets of {s // n}"
-        )
-    else:
-        why = (
-            f"{s} images is neither a divisor of the {n} images of a process (several sets per "
-            f"process) nor a multiple of them (several processes per set)"
-        )
+    why = (
+        f"{s} images need {s // n} processes per set, and the {w} processes do not split into whole sets of {s // n}"
+        if s % n == 0 else f"{s} images is neither a divisor of the {n} images of a process (several sets per "
+        "process) nor a multiple of them (several processes per set)"
+    )
     choices = ", ".join(str(v) for v in [0] + valid)
     raise ValueError(
         f"a ranking set of {s} images does not fit {n} images per process x {w} processes: "
@@ -134,13 +99,9 @@ _SET_GROUPS = {}
 
 
 def ranking_set_group(processes_per_set: int):
-    """The process group of this rank's ranking set: ranks ``[k G, (k + 1) G)`` for
-    ``G = processes_per_set``. None when ``G == 1`` or not distributed; the whole world when
-    ``G`` equals the world size.
-
-    Collective on first use for a given ``G``: every rank must call it (in the same order),
-    since ``torch.distributed.new_group`` is. The groups are cached.
-    """
+    """The process group of this rank's ranking set, ranks ``[k G, (k + 1) G)`` for
+    ``G = processes_per_set`` (None when ``G == 1`` or not distributed). Collective on first use
+    for a ``G`` (``new_group``: every rank calls it, in the same order); cached."""
     g = int(processes_per_set)
     if g <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
@@ -163,11 +124,6 @@ def ranking_set_group(processes_per_set: int):
     return mine
 
 
-def group_size(group) -> int:
-    """Processes in ``group`` (1 for None / not distributed)."""
-    return _world(group)
-
-
 class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, factor):
@@ -180,13 +136,9 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 def scale_gradient(x, factor):
-    """``x`` unchanged in the forward pass; its gradient multiplied by ``factor`` backward.
-
-    Used for cross-process ranking under DistributedDataParallel: each of the ``G`` processes of
-    a ranking set backpropagates its slice of the set's gradient and DDP then averages over all
-    processes, so the loss's gradient is scaled by ``G`` to make the averaged update the mean,
-    over ranking sets, of each set's full gradient (the loss value is left as it is).
-    """
+    """``x`` in the forward pass, its gradient times ``factor`` backward. The ``G`` processes
+    ranking a set each backpropagate their slice of its gradient and DDP averages over processes:
+    scaling by ``G`` makes the update the mean over sets of each set's full gradient."""
     if factor == 1:
         return x
     return _ScaleGradient.apply(x, factor)

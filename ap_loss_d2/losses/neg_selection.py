@@ -1,15 +1,12 @@
-"""Negative selection before a ranking loss (paper supplementary Table 8: "OHEM + AP-loss" and
-"Random Sampling + AP-loss"): a subset of the negatives of each image is kept, the others are
-ignored, and AP-loss ranks what is left. Needs only PyTorch.
+"""Negative selection before a ranking loss (paper supplementary Table 8: "OHEM + AP-loss",
+"Random Sampling + AP-loss"): per image a subset of the negatives is kept, the others ignored.
 
-The unit of selection is the anchor (RoI), as in SSD-style hard negative mining and in this
-repo's CE + OHEM baseline (:func:`ap_loss_d2.losses.ohem.ce_ohem_loss`): per image,
-``ceil(ratio * max(#positive anchors, 1))`` background anchors are kept, each with all of its K
-class entries; positive anchors keep all their entries (the positive one and the K - 1
-negative ones). The paper's Table 8 text "use OHEM or Random Sampling to select a subset of
-negative samples" counts samples = anchor boxes (its Sec. 1: "each sample (anchor box)"), and
-its OHEM is [2] / SSD [21]. ``unit="entry"`` selects single anchor x class entries instead (3
-negative entries per positive entry: K times fewer negatives; kept for comparison).
+The unit is the anchor (the paper's "sample (anchor box)", as SSD's hard negative mining and
+:func:`ap_loss_d2.losses.ohem.ce_ohem_loss`): ``ceil(ratio * max(#positive anchors, 1))``
+background anchors are kept with all their K entries; positive anchors keep all theirs. Unlike
+CE + OHEM, an image without positives keeps ``ceil(ratio)`` negatives: a ranking set ranks them
+against the other images' positives. ``unit="entry"`` selects single anchor x class entries
+instead (for comparison). Needs only PyTorch.
 """
 import math
 
@@ -25,8 +22,8 @@ SELECTION_UNITS = ("anchor", "entry")
 
 
 def check_neg_pos_ratio(neg_pos_ratio) -> float:
-    """``float(neg_pos_ratio)``; ValueError unless it is a finite number > 0 (negatives kept per
-    positive by ``"ce_ohem"``, ``"ap_ohem"``, ``"ap_random"``: MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO)."""
+    """``float(neg_pos_ratio)`` (MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO); ValueError unless a finite
+    number > 0."""
     if isinstance(neg_pos_ratio, bool) or not (
         isinstance(neg_pos_ratio, (int, float)) and math.isfinite(neg_pos_ratio) and neg_pos_ratio > 0
     ):
@@ -35,33 +32,12 @@ def check_neg_pos_ratio(neg_pos_ratio) -> float:
 
 
 def select_negatives(targets, logits, mode, neg_pos_ratio=3.0, entries_per_image=None, generator=None, unit="anchor"):
-    """Keep, per image, ``ceil(neg_pos_ratio * max(P, 1))`` negative units and mark the other
-    negatives ignored.
-
-    ``unit="anchor"`` (default): P = the image's positive anchors (rows holding a 1); a negative
-    unit is a background anchor (a row with a 0 and no 1), kept with all its negative entries;
-    its hardness is its highest score (the entry ranked highest among the negatives), as SSD
-    ranks background anchors by their confidence loss. Positive anchors are never touched.
-    ``unit="entry"``: P = the image's positive entries, a negative unit is one entry (anchor x
-    class, paper Fig. 3), hardness its score.
-
-    An image with fewer negative units keeps them all. Ties between equal scores are broken
-    arbitrarily.
-
-    Args:
-        targets: ``(N, R, K)`` (or ``(sum_i R_i, K)``) int8 ranking targets: 1 positive, 0
-            negative, -1 ignored (:func:`ap_loss_d2.losses.ranking_sets.ranking_targets`).
-        logits: scores of the same shape (only read, no gradient).
-        mode: one of :data:`NEG_SELECTIONS`.
-        neg_pos_ratio: negative units kept per positive unit, a finite number > 0 (the rule of
-            ``MODEL.CLS_LOSS.OHEM_NEG_POS_RATIO``, shared with ``ce_ohem``).
-        entries_per_image: ``[R_1, ..., R_N]`` for a 2-D input (None: dim 0 indexes images).
-        generator: optional ``torch.Generator`` for ``"random"``.
-        unit: one of :data:`SELECTION_UNITS`.
-
-    Returns:
-        New targets of the same shape (``targets`` itself for ``"all"``).
-    """
+    """New ranking targets (``(N, R, K)``, or ``(sum_i R_i, K)`` with ``entries_per_image``;
+    ``targets`` itself for ``"all"``) keeping per image ``ceil(neg_pos_ratio * max(P, 1))``
+    negative units, the hardest (``"ohem"``, by ``logits``, ties arbitrary) or random ones
+    (``"random"``, ``generator``); the other negatives become -1. ``unit="anchor"``: P = positive
+    anchors, a unit is a background anchor, its hardness its highest score (as SSD);
+    ``"entry"``: P = positive entries, a unit one entry."""
     if mode not in NEG_SELECTIONS:
         raise ValueError(f"neg_selection={mode!r}; valid values: {', '.join(NEG_SELECTIONS)}")
     if unit not in SELECTION_UNITS:

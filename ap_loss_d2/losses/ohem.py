@@ -19,10 +19,10 @@ def ce_ohem_loss(cls_logits, gt_labels, *, neg_pos_ratio=3.0):
     ``CE = logsumexp([0, s_1..s_K]) - score_of_its_class``.
 
     Per image: every positive (foreground) anchor is kept, and the background anchors with the
-    largest CE loss are kept, ``ceil(neg_pos_ratio * max(num_pos_in_image, 1))`` of them (or all
-    of them if there are fewer). An image without positives thus still keeps the
-    ``ceil(neg_pos_ratio)`` hardest negatives. Ignored anchors (label -1) are never kept. Ties
-    between negatives of equal loss are broken arbitrarily (the value does not depend on it).
+    largest CE loss are kept, ``ceil(neg_pos_ratio * num_pos_in_image)`` of them (or all of them
+    if there are fewer). An image without positives keeps no negative, as SSD (Caffe SSD's
+    ``MineHardExamples``, mmdetection's ``SSDHead``). Ignored anchors (label -1) are never kept.
+    Ties between negatives of equal loss are broken arbitrarily (the value does not depend on it).
 
     Args:
         cls_logits: ``(N, A, K)`` floating point tensor (N images, A anchors, K foreground
@@ -76,7 +76,7 @@ def ce_ohem_loss(cls_logits, gt_labels, *, neg_pos_ratio=3.0):
 
     # Hard negative mining per image, on detached losses.
     num_pos_img = pos.sum(dim=1)  # (N,)
-    num_keep = torch.ceil(neg_pos_ratio * num_pos_img.clamp(min=1).to(torch.float64)).long()
+    num_keep = torch.ceil(neg_pos_ratio * num_pos_img.to(torch.float64)).long()
     neg_loss = torch.where(neg, ce.detach(), torch.full_like(ce, -math.inf, dtype=ce.dtype))
     order = torch.argsort(neg_loss, dim=1, descending=True)
     rank = torch.empty_like(order)

@@ -1,11 +1,7 @@
-"""Ranking sets: which anchors/RoIs x classes are ranked together by AP-/AUC-loss. Needs only
-PyTorch.
-
-* :func:`ranking_targets` replicates every anchor/RoI per class (paper Fig. 3);
-* :class:`RankingSets` splits a batch into sets of images ranked separately, or ranks the
-  images of several processes together (exact, through :mod:`.distributed`), and averages the
-  sets' losses so that DistributedDataParallel's update is the mean over every set of the
-  global batch of the single-process gradient of that set.
+"""Ranking sets: which anchors/RoIs x classes AP-/AUC-loss rank together (docs/ranking_sets.md).
+:func:`ranking_targets` replicates every anchor/RoI per class (paper Fig. 3); :class:`RankingSets`
+splits a batch into sets ranked separately, or ranks the images of several processes together
+(exact, through :mod:`.distributed`). Needs only PyTorch.
 """
 from typing import Callable, Optional, Sequence
 
@@ -17,51 +13,27 @@ __all__ = ["RankingSets", "ranking_targets"]
 
 
 def ranking_targets(gt_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Replicate each anchor/RoI per class and label it for ranking (paper Fig. 3).
-
-    Args:
-        gt_labels: (..., R) int labels, -1 ignored, 0..K-1 foreground class, K background.
-        num_classes: K.
-
-    Returns:
-        (..., R, K) int8 tensor: 1 for the matched class, 0 for the other classes and for
-        background, -1 for every class of an ignored entry.
-    """
+    """(..., R, K) int8 ranking targets of (..., R) labels (-1 ignored, 0..K-1 class, K
+    background): 1 for the matched class, 0 for the others, -1 for every class of an ignored
+    entry (paper Fig. 3)."""
     classes = torch.arange(num_classes, device=gt_labels.device)
     targets = (gt_labels[..., None] == classes).to(torch.int8)  # no boolean indexing: no host sync
     return torch.where((gt_labels < 0)[..., None], torch.full_like(targets, -1), targets)
 
 
 class RankingSets:
-    """The ranking sets of a batch.
-
-    * ``images_per_set=0`` and ``rank_across_processes=False``: one set = this process's images;
-    * ``rank_across_processes=True``: one set = the images of every process;
-    * ``images_per_set=S``: sets of ``S`` consecutive images. A process holding ``n`` images
-      splits them into ``n / S`` sets if ``S`` divides ``n``; if ``n`` divides ``S``, each
-      ``S / n`` consecutive ranks rank their images together. Anything else raises a ValueError
-      listing the valid sizes, at the first call (when the images per process are known).
-
-    The loss is the mean over this process's sets of each set's loss. When ``G > 1`` processes
-    rank a set together, each backpropagates its slice of the set's gradient and DDP averages
-    over all processes, so the gradient (not the value) is scaled by ``G``.
+    """The ranking sets of a batch: this process's images (``images_per_set=0``), the images of
+    every process (``rank_across_processes``), or sets of ``S`` consecutive images (``n / S``
+    sets of a process's ``n`` images, or ``S / n`` consecutive ranks together; anything else is a
+    ValueError listing the valid sizes). The loss is the mean over this process's sets; a set
+    ranked by ``G`` processes has its gradient scaled by ``G`` (:func:`.distributed.scale_gradient`).
     """
 
-    def __init__(
-        self,
-        images_per_set: int = 0,
-        rank_across_processes: bool = False,
-        images_per_process: Optional[int] = None,
-        num_processes: Optional[int] = None,
-    ):
-        """
-        Args:
-            images_per_set, rank_across_processes: the ranking set (see the class docstring).
-            images_per_process: images each process holds per iteration, when known (yaml:
-                ``SOLVER.IMS_PER_BATCH`` / processes): the set is then checked here, once,
-                against it and ``num_processes`` (the current world when None); otherwise at
-                the first call.
-        """
+    def __init__(self, images_per_set: int = 0, rank_across_processes: bool = False,
+                 images_per_process: Optional[int] = None, num_processes: Optional[int] = None):
+        """``images_per_process`` (when known, e.g. ``SOLVER.IMS_PER_BATCH`` / processes) checks
+        the set here against it and ``num_processes`` (None: the current world), else at the
+        first call."""
         if isinstance(images_per_set, bool) or not isinstance(images_per_set, int) or images_per_set < 0:
             raise ValueError(
                 f"images_per_ranking_set={images_per_set!r} must be an integer >= 0 (images ranked "
@@ -71,10 +43,9 @@ class RankingSets:
             raise ValueError(f"rank_across_processes={rank_across_processes!r} must be True or False")
         if rank_across_processes and images_per_set:
             raise ValueError(
-                f"rank_across_processes=True (one ranking set = the whole global batch) and "
-                f"images_per_ranking_set={images_per_set} both choose the ranking set; set only one "
-                "of them (images_per_ranking_set=0 to rank the global batch, or "
-                "rank_across_processes=False)"
+                f"rank_across_processes=True (one ranking set = the whole global batch) and images_per_ranking_set="
+                f"{images_per_set} both choose the ranking set; set only one of them (images_per_ranking_set=0 to "
+                "rank the global batch, or rank_across_processes=False)"
             )
         self.images_per_set = images_per_set
         self.rank_across_processes = rank_across_processes
@@ -114,16 +85,10 @@ class RankingSets:
         stats: Optional[dict] = None,
         **options,
     ) -> torch.Tensor:
-        """``fn(logits, targets, stats=..., process_group=..., **options)`` per set, averaged.
-
-        Args:
-            fn: :func:`~ap_loss_d2.losses.ap_loss` or :func:`~ap_loss_d2.losses.auc_loss`.
-            logits: (N, R, K) scores of N images, or (sum_i R_i, K) with ``entries_per_image``.
-            targets: ranking targets of the same shape (:func:`ranking_targets`).
-            entries_per_image: [R_1, ..., R_N] when the images' entries are concatenated.
-            stats: optional dict, filled with the sums over the sets of ``num_pos`` and
-                ``num_neg_nontrivial``.
-        """
+        """``fn(logits, targets, stats=..., process_group=..., **options)`` (``ap_loss`` /
+        ``auc_loss``) per set, averaged. ``logits``: (N, R, K), or (sum_i R_i, K) with
+        ``entries_per_image``; ``targets`` of the same shape; ``stats`` gets the sums over the
+        sets of ``num_pos`` and ``num_neg_nontrivial``."""
         sizes = [1] * logits.shape[0] if entries_per_image is None else [int(r) for r in entries_per_image]
         group, sets = self.layout(len(sizes))
         if sets == 1:

@@ -4,22 +4,9 @@
 * ``APLossROIHeads`` in ``ROI_HEADS_REGISTRY`` (``MODEL.ROI_HEADS.NAME: APLossROIHeads``);
 * ``APLossSSD`` in ``META_ARCH_REGISTRY``, its VGG-16 backbone ``build_vgg16_ssd_backbone`` in
   ``BACKBONE_REGISTRY`` and its priors ``SSDPriorGenerator`` in ``ANCHOR_GENERATOR_REGISTRY``;
-* the classification losses in ``CLS_LOSS_REGISTRY`` (:mod:`ap_loss_d2.losses.registry`).
+* the classification losses in ``CLS_LOSS_REGISTRY`` (their classes are in
+  :mod:`ap_loss_d2.losses.cls_losses`, the registry in :mod:`ap_loss_d2.losses.registry`).
 """
-from ..losses.cls_losses import (
-    APApproxLoss,
-    APHingeLoss,
-    APLoss,
-    APOHEMLoss,
-    APRandomLoss,
-    AUCLoss,
-    CEOHEMLoss,
-    DRLoss,
-    FocalLoss,
-    GHMCLoss,
-    SoftmaxCELoss,
-)
-from ..losses.registry import CLS_LOSS_REGISTRY, ClsLoss, build_cls_loss
 from .retinanet import APLossRetinaNet
 from .roi_heads import APLossFastRCNNOutputLayers, APLossROIHeads
 from .priors import SSDPriorGenerator
@@ -34,18 +21,4 @@ __all__ = [
     "SSDPriorGenerator",
     "VGG16SSD",
     "build_vgg16_ssd_backbone",
-    "CLS_LOSS_REGISTRY",
-    "ClsLoss",
-    "build_cls_loss",
-    "APLoss",
-    "AUCLoss",
-    "APOHEMLoss",
-    "APRandomLoss",
-    "FocalLoss",
-    "CEOHEMLoss",
-    "APApproxLoss",
-    "APHingeLoss",
-    "GHMCLoss",
-    "DRLoss",
-    "SoftmaxCELoss",
 ]

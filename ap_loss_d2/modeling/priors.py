@@ -10,9 +10,7 @@ Per level ``l`` with min size ``s_l``, max size ``s'_l`` and step ``t_l``, every
   ``s_l / sqrt(a) x s_l sqrt(a)`` (width x height).
 
 Detectron2's ``DefaultAnchorGenerator`` crosses every size with every ratio and cannot express
-the extra square. SSD512 (VOC): min sizes 7%, 15%, 30%, ..., 90% of 512 and max sizes the next
-ones (last 105%), steps 8 .. 512, ratios {2} on the first and last two levels and {2, 3}
-elsewhere: 24,564 priors at 512x512.
+the extra square. SSD512 (VOC, ``ap_loss_d2.config.SSD512_PRIORS``): 24,564 priors at 512x512.
 
 Clipping: priors are not clipped to the image by default (``MODEL.SSD.PRIOR_CLIP: False``), as
 the original Caffe SSD512 (``clip: false``) and Detectron2's anchors; the box deltas are encoded
@@ -29,12 +27,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, BufferList
 from detectron2.structures import Boxes
 
-__all__ = ["SSDPriorGenerator", "ssd_cell_priors", "SSD512_MIN_SIZES", "SSD512_MAX_SIZES", "SSD512_STEPS", "SSD512_ASPECT_RATIOS"]
-
-SSD512_MIN_SIZES = (35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8)
-SSD512_MAX_SIZES = (76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6)
-SSD512_STEPS = (8, 16, 32, 64, 128, 256, 512)
-SSD512_ASPECT_RATIOS = ((2.0,), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0,), (2.0,))
+__all__ = ["SSDPriorGenerator", "ssd_cell_priors"]
 
 
 def ssd_cell_priors(min_size: float, max_size: float, aspect_ratios: Sequence[float]) -> torch.Tensor:

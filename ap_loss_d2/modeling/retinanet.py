@@ -18,14 +18,14 @@ from ..losses.registry import build_cls_loss, check_head, check_number
 
 __all__ = ["APLossRetinaNet", "BOX_REG_NORMALIZERS"]
 
-#: Valid values of ``box_reg_normalizer`` (``MODEL.CLS_LOSS.BOX_REG_NORMALIZER``).
+#: Valid values of ``box_reg_normalizer`` (``MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER``).
 BOX_REG_NORMALIZERS = ("ema", "batch_mean")
 
 
 @META_ARCH_REGISTRY.register()
 class APLossRetinaNet(RetinaNet):
     """Detectron2's RetinaNet with the classification loss ``cls_loss`` (a
-    :class:`~ap_loss_d2.losses.registry.ClsLoss` serving the ``"retinanet"`` head). For the
+    :class:`~ap_loss_d2.losses.registry.ClsLoss` serving ``cls_loss_head``). For the
     ranking losses every anchor is replicated per class (paper Fig. 3) and all images, FPN
     levels and classes of a ranking set are ranked together.
     """
@@ -52,23 +52,32 @@ class APLossRetinaNet(RetinaNet):
                 IoU losses: by the count).
             kwargs: arguments of Detectron2's ``RetinaNet``.
         """
+        num_classes = kwargs.get("num_classes")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"num_classes (MODEL.RETINANET.NUM_CLASSES)={num_classes!r}: set it to the dataset's "
+                "number of classes (an integer >= 1)"
+            )
         super().__init__(**kwargs)
-        self.cls_loss = check_head(cls_loss, "retinanet")
-        self.box_reg_weight = check_number("box_reg_weight", box_reg_weight, allow_zero=True)
+        self.cls_loss = check_head(cls_loss, self.cls_loss_head)
+        self.box_reg_weight = check_number(
+            "box_reg_weight (MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT)", box_reg_weight, allow_zero=True
+        )
         if box_reg_normalizer not in BOX_REG_NORMALIZERS:
             raise ValueError(
-                f"box_reg_normalizer={box_reg_normalizer!r}; valid values: {', '.join(BOX_REG_NORMALIZERS)}"
+                f"box_reg_normalizer (MODEL.AP_LOSS_RETINANET.BOX_REG_NORMALIZER)={box_reg_normalizer!r}; "
+                f"valid values: {', '.join(BOX_REG_NORMALIZERS)}"
             )
         self.box_reg_normalizer = box_reg_normalizer
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        c = cfg.MODEL.CLS_LOSS
+        r = cfg.MODEL.AP_LOSS_RETINANET
         ret.update(
-            cls_loss=build_cls_loss(cfg, "retinanet"),
-            box_reg_weight=c.BOX_REG_WEIGHT,
-            box_reg_normalizer=c.BOX_REG_NORMALIZER,
+            cls_loss=build_cls_loss(cfg, cls.cls_loss_head),
+            box_reg_weight=r.BOX_REG_WEIGHT,
+            box_reg_normalizer=r.BOX_REG_NORMALIZER,
         )
         return ret
 

@@ -3,10 +3,10 @@
 
 ``MODEL.META_ARCHITECTURE: APLossSSD`` with ``MODEL.BACKBONE.NAME: build_vgg16_ssd_backbone``
 and ``MODEL.ANCHOR_GENERATOR.NAME: SSDPriorGenerator``; keys under ``MODEL.SSD`` (see
-:func:`ap_loss_d2.ssd_config.add_ssd_config`).
+:func:`ap_loss_d2.config.add_ap_loss_config`).
 """
 import math
-from typing import List
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +19,13 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.structures import Boxes, ImageList, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from ..losses.registry import build_cls_loss, check_head, check_number
+from ..losses.cls_losses import FocalLoss
+from ..losses.registry import check_head, check_number, get_cls_loss_class
 
-__all__ = ["APLossSSD", "SSDHead", "ssd_match"]
+__all__ = ["APLossSSD", "SSDHead", "check_prior_layout", "ssd_match"]
 
 
 def _check_fraction(name: str, value) -> float:
@@ -32,6 +33,48 @@ def _check_fraction(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
     return float(value)
+
+
+def _check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"num_classes (MODEL.SSD.NUM_CLASSES)={num_classes!r}: set it to the dataset's number of "
+            "classes (an integer >= 1)"
+        )
+    return num_classes
+
+
+def _feature_cells(backbone: nn.Module, in_features: Sequence[str], channels: int, size: int) -> List[int]:
+    """Rows of each of ``in_features`` for a ``size`` x ``size`` input: a shape-only run of
+    ``backbone`` on the meta device (no computation, the module's tensors untouched)."""
+    tensors = dict(backbone.named_parameters())
+    tensors.update(backbone.named_buffers())
+    meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+    x = torch.empty(1, channels, size, size, device="meta")
+    with torch.no_grad():
+        out = torch.func.functional_call(backbone, meta, (x,))
+    return [int(out[f].shape[-2]) for f in in_features]
+
+
+def check_prior_layout(backbone, in_features, anchor_generator, channels: int, size: int, key: str) -> None:
+    """ValueError naming ``key`` unless the priors' steps tile a ``size`` x ``size`` input exactly:
+    on every level, step x cells = size (the prior sizes and steps are pixels of that input)."""
+    steps = [float(s) for s in anchor_generator.strides]
+    try:
+        cells = _feature_cells(backbone, in_features, channels, size)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{key}={size}: a {size}x{size} input is too small for the backbone outputs "
+            f"MODEL.SSD.IN_FEATURES {list(in_features)} ({e}); use a larger input or fewer features"
+        ) from None
+    if not all(math.isclose(t * c, size, rel_tol=1e-6) for t, c in zip(steps, cells)):
+        raise ValueError(
+            f"{key}={size}: MODEL.SSD.PRIOR_STEPS {[f'{t:g}' for t in steps]} do not tile a {size}x{size} "
+            f"input, whose feature maps have {cells} cells (step x cells must equal {size} on every "
+            "level). Use the input size the priors were made for (SSD512's: 512), or set PRIOR_STEPS "
+            f"to {[round(size / c, 4) for c in cells]} and PRIOR_MIN_SIZES / PRIOR_MAX_SIZES for a "
+            f"{size}x{size} input."
+        )
 
 
 def ssd_match(iou: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -68,6 +111,12 @@ class SSDHead(nn.Module):
     @configurable
     def __init__(self, *, input_shape: List[ShapeSpec], num_classes: int, num_anchors: List[int], prior_prob: float = 0.01):
         super().__init__()
+        num_classes = _check_num_classes(num_classes)
+        if isinstance(prior_prob, bool) or not isinstance(prior_prob, (int, float)) or not 0 <= prior_prob < 1:
+            raise ValueError(
+                f"prior_prob (MODEL.SSD.CLS_PRIOR_PROB)={prior_prob!r} must be a number in [0, 1): the "
+                "initial foreground probability (e.g. 0.01; 0 = zero bias)"
+            )
         if len(num_anchors) != len(input_shape):
             raise ValueError(
                 f"SSDHead: {len(input_shape)} feature levels but priors for {len(num_anchors)}; "
@@ -136,7 +185,7 @@ class APLossSSD(DenseDetector):
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.5,
         max_detections_per_image: int = 200,
-        test_fixed_size: int = 0,
+        fixed_size: int = 0,
         pixel_mean,
         pixel_std,
         input_format: str = "BGR",
@@ -153,26 +202,39 @@ class APLossSSD(DenseDetector):
             box_reg_weight: weight of the box loss.
             test_score_thresh, test_topk_candidates, test_nms_thresh, max_detections_per_image:
                 inference (see the class doc).
-            test_fixed_size: at inference, resize every image to this square (SSD512: 512, as
-                the paper tests); 0 keeps the mapper's size. Detections are mapped back to each
-                input's ``height`` x ``width`` by Detectron2's postprocessing.
+            fixed_size: in training and at inference, resize every image (and its boxes) to
+                this square (SSD512: 512), as torchvision's SSD; 0 keeps each image's size
+                (:meth:`resize_inputs`).
             pixel_mean, pixel_std, input_format: image normalisation, as Detectron2's models.
         """
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.anchor_generator = anchor_generator
         self.box2box_transform = box2box_transform
         self.cls_loss = check_head(cls_loss, self.cls_loss_head)
-        self.num_classes = num_classes
+        self.num_classes = _check_num_classes(num_classes)
+        weights = box2box_transform.weights
+        if len(weights) != 4 or not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(
+                f"box2box_transform weights (MODEL.SSD.BBOX_REG_WEIGHTS)={tuple(weights)} must be 4 finite "
+                "numbers > 0 (the box deltas are multiplied by them; SSD: (10, 10, 5, 5))"
+            )
         self.iou_threshold = _check_fraction("iou_threshold (MODEL.SSD.IOU_THRESHOLD)", iou_threshold)
         self.smooth_l1_beta = check_number("smooth_l1_beta (MODEL.SSD.SMOOTH_L1_BETA)", smooth_l1_beta, allow_zero=True)
-        self.box_reg_weight = check_number("box_reg_weight (MODEL.CLS_LOSS.BOX_REG_WEIGHT)", box_reg_weight, allow_zero=True)
+        self.box_reg_weight = check_number("box_reg_weight (MODEL.SSD.BOX_REG_WEIGHT)", box_reg_weight, allow_zero=True)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = _check_fraction("test_nms_thresh (MODEL.SSD.NMS_THRESH_TEST)", test_nms_thresh)
         self.max_detections_per_image = max_detections_per_image
-        if isinstance(test_fixed_size, bool) or not isinstance(test_fixed_size, int) or test_fixed_size < 0:
-            raise ValueError(f"test_fixed_size (MODEL.SSD.TEST_FIXED_SIZE)={test_fixed_size!r} must be an integer >= 0")
-        self.test_fixed_size = test_fixed_size
+        if isinstance(fixed_size, bool) or not isinstance(fixed_size, int) or fixed_size < 0:
+            raise ValueError(f"fixed_size (MODEL.SSD.FIXED_SIZE)={fixed_size!r} must be an integer >= 0")
+        if fixed_size:
+            check_prior_layout(
+                backbone, head_in_features, anchor_generator, len(pixel_mean), fixed_size,
+                "fixed_size (MODEL.SSD.FIXED_SIZE)",
+            )
+        self.fixed_size = fixed_size
+        # the backbone's smallest input side (VGG16SSD knows it; other backbones: unchecked)
+        self.min_input_size = getattr(backbone, "min_input_size", 1)
         self.input_format = input_format
 
     @classmethod
@@ -187,39 +249,69 @@ class APLossSSD(DenseDetector):
                 f"({', '.join(shapes)})"
             )
         feature_shapes = [shapes[f] for f in s.IN_FEATURES]
+        anchor_generator = build_anchor_generator(cfg, feature_shapes)
+        if cfg.AP_LOSS_INPUT.AUGMENTATION == "ssd":
+            check_prior_layout(
+                backbone, s.IN_FEATURES, anchor_generator, len(cfg.MODEL.PIXEL_MEAN),
+                cfg.AP_LOSS_INPUT.FIXED_SIZE, "AP_LOSS_INPUT.FIXED_SIZE",
+            )
+        loss_class = get_cls_loss_class(cfg.MODEL.CLS_LOSS.NAME or "ap", cls.cls_loss_head)
+        focal = {"alpha": s.FOCAL_LOSS_ALPHA, "gamma": s.FOCAL_LOSS_GAMMA} if issubclass(loss_class, FocalLoss) else {}
         return {
             "backbone": backbone,
             "head": SSDHead(cfg, feature_shapes),
             "head_in_features": list(s.IN_FEATURES),
-            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "anchor_generator": anchor_generator,
             "box2box_transform": Box2BoxTransform(weights=s.BBOX_REG_WEIGHTS),
-            "cls_loss": build_cls_loss(cfg, cls.cls_loss_head),
+            "cls_loss": loss_class(cfg, **focal),
             "num_classes": s.NUM_CLASSES,
             "iou_threshold": s.IOU_THRESHOLD,
             "smooth_l1_beta": s.SMOOTH_L1_BETA,
-            "box_reg_weight": cfg.MODEL.CLS_LOSS.BOX_REG_WEIGHT,
+            "box_reg_weight": s.BOX_REG_WEIGHT,
             "test_score_thresh": s.SCORE_THRESH_TEST,
             "test_topk_candidates": s.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": s.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "test_fixed_size": s.TEST_FIXED_SIZE,
+            "fixed_size": s.FIXED_SIZE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
         }
 
-    def preprocess_image(self, batched_inputs):
-        """Detectron2's normalisation and batching; at inference with ``test_fixed_size``, each
-        image is then resized (bilinear) to that square."""
-        images = super().preprocess_image(batched_inputs)
-        if self.training or not self.test_fixed_size:
-            return images
-        size = (self.test_fixed_size, self.test_fixed_size)
-        resized = [
-            F.interpolate(images.tensor[i : i + 1, :, :h, :w], size=size, mode="bilinear", align_corners=False)
-            for i, (h, w) in enumerate(images.image_sizes)
-        ]
-        return ImageList(torch.cat(resized), [size] * len(resized))
+    def forward(self, batched_inputs):
+        """Detectron2's dense-detector forward on :meth:`resize_inputs`: in training as at
+        inference; detections come back in each input's ``height`` x ``width`` (default: the size
+        of its image)."""
+        return super().forward(self.resize_inputs(batched_inputs))
+
+    def resize_inputs(self, batched_inputs):
+        """The inputs as the network sees them. With ``fixed_size``, each image not already that
+        square is resized to it (bilinear, as torchvision's ``GeneralizedRCNNTransform(fixed_size=...)``),
+        its ``gt_boxes`` scaled by the same factors, and its ``height`` / ``width`` default to its
+        own size; the input dicts are not modified. A batch smaller than the backbone accepts is
+        an error naming the key to set."""
+        s, out = self.fixed_size, []
+        for x in batched_inputs:
+            h, w = x["image"].shape[-2:]
+            if not s or (h, w) == (s, s):
+                out.append(x)
+                continue
+            image = F.interpolate(x["image"].to(self.device)[None].float(), size=(s, s), mode="bilinear", align_corners=False)
+            y = {**x, "image": image[0], "height": x.get("height", h), "width": x.get("width", w)}
+            if "instances" in x:
+                boxes = x["instances"].gt_boxes.clone()
+                boxes.scale(s / w, s / h)
+                y["instances"] = Instances((s, s), gt_boxes=boxes, gt_classes=x["instances"].gt_classes)
+            out.append(y)
+        need = self.min_input_size
+        side = min(max(x["image"].shape[-2] for x in out), max(x["image"].shape[-1] for x in out))
+        if side < need:
+            raise ValueError(
+                f"APLossSSD got a batch of {side} px on its shorter side (MODEL.SSD.FIXED_SIZE {s}); its "
+                f"backbone needs at least {need} px to reach {self.head_in_features[-1]}: set "
+                f"MODEL.SSD.FIXED_SIZE to {need} or more (e.g. 512; 0 = no resizing), or use fewer MODEL.SSD.IN_FEATURES"
+            )
+        return out
 
     @torch.no_grad()
     def label_anchors(self, anchors: List[Boxes], gt_instances):

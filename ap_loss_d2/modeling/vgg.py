@@ -1,5 +1,4 @@
-"""VGG-16 backbone of SSD (Liu et al., ECCV 2016; paper Sec. 4.1.1), and the conversion of
-torchvision's ImageNet VGG-16 weights into a Detectron2 checkpoint for it.
+"""VGG-16 backbone of SSD (Liu et al., ECCV 2016; paper Sec. 4.1.1).
 
 Layout (SSD512): conv1_1 .. conv5_3 of VGG-16 (``features``, numbered as torchvision's
 ``vgg16().features``, pool3 with ``ceil_mode`` as SSD), pool5 3x3 / stride 1 / pad 1, fc6 as a
@@ -14,6 +13,7 @@ Convert ImageNet weights once (the user downloads torchvision's ``vgg16-397923af
 
 and set ``MODEL.WEIGHTS vgg16_ssd_d2.pth``.
 """
+import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-__all__ = ["L2Norm", "VGG16SSD", "build_vgg16_ssd_backbone", "convert_torchvision_vgg16", "convert_vgg16_checkpoint", "OUTPUT_NAMES"]
+__all__ = ["L2Norm", "VGG16SSD", "build_vgg16_ssd_backbone", "OUTPUT_NAMES"]
 
 #: VGG-16 conv widths per stage (conv1 .. conv5), 2-2-3-3-3 convolutions.
 _STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -38,12 +38,22 @@ _EXTRAS = (
 #: Output names in order, with their strides (input side / cells).
 OUTPUT_NAMES = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2", "conv12_2")
 _STRIDES = dict(zip(OUTPUT_NAMES, (8, 16, 32, 64, 128, 256, 512)))
+#: Detectron2 norms (``get_norm`` names) offered in the message of an unknown ``norm``.
+_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "LN")
 #: Index of conv4_3's ReLU in ``features`` (torchvision's ``vgg16().features[:23]`` ends there).
 CONV4_3_END = 23
 
 
 def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
+
+
+def _is_norm(name: str) -> bool:
+    try:
+        get_norm(name, 32)
+    except KeyError:
+        return False
+    return True
 
 
 class L2Norm(nn.Module):
@@ -96,6 +106,9 @@ class VGG16SSD(Backbone):
             )
         if not width > 0:
             raise ValueError(f"VGG16SSD width={width!r} must be > 0 (MODEL.SSD.VGG_WIDTH)")
+        if norm and not _is_norm(norm):
+            valid = ", ".join(repr(n) for n in ("",) + tuple(n for n in _NORMS if _is_norm(n)))
+            raise ValueError(f"VGG16SSD norm (MODEL.SSD.VGG_NORM)={norm!r} is not a Detectron2 norm; valid values: {valid}")
         self._out_features = [f for f in OUTPUT_NAMES if f in out_features]
         last = OUTPUT_NAMES.index(self._out_features[-1])
 
@@ -142,6 +155,23 @@ class VGG16SSD(Backbone):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def min_input_size(self) -> int:
+        """The smallest square input side for which every layer has at least one output cell."""
+        layers = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]  # in forward order
+        first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+        n = 1
+        while True:
+            side = n
+            for m in layers:
+                k, s, p, d = (first(getattr(m, a)) for a in ("kernel_size", "stride", "padding", "dilation"))
+                side = (math.ceil if getattr(m, "ceil_mode", False) else math.floor)((side + 2 * p - d * (k - 1) - 1) / s) + 1
+                if side < 1:
+                    break
+            else:
+                return n
+            n += 1
+
     def forward(self, x) -> Dict[str, torch.Tensor]:
         """``(N, C, H, W)`` images -> ``{name: (N, C_name, H_name, W_name)}`` of ``out_features``."""
         outputs = {}
@@ -168,41 +198,3 @@ def build_vgg16_ssd_backbone(cfg, input_shape: ShapeSpec) -> VGG16SSD:
         norm=s.VGG_NORM,
         l2norm_scale=s.L2NORM_SCALE,
     )
-
-
-def convert_torchvision_vgg16(state_dict, prefix: str = "backbone.") -> Dict[str, torch.Tensor]:
-    """torchvision ``vgg16`` state dict -> state dict of :class:`VGG16SSD` (width 1, no norm)
-    under ``prefix``.
-
-    ``features.*`` keep their names; fc6 (``classifier.0``, ``4096 x 25088``) becomes a
-    ``4096 x 512 x 7 x 7`` kernel subsampled to ``1024 x 512 x 3 x 3`` (every 4th output
-    channel, every 3rd tap: the dilated 3x3 convolution SSD uses); fc7 (``classifier.3``,
-    ``4096 x 4096``) to ``1024 x 1024 x 1 x 1`` (every 4th input and output channel).
-    """
-    needed = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias")
-    missing = [k for k in needed if k not in state_dict]
-    if missing or not any(k.startswith("features.") for k in state_dict):
-        raise ValueError(
-            f"not a torchvision vgg16 state dict (missing {', '.join(missing) or 'features.*'}); "
-            "save one with torch.save(torchvision.models.vgg16(weights=...).state_dict(), path)"
-        )
-    fc6_w = state_dict["classifier.0.weight"]
-    if tuple(fc6_w.shape) != (4096, 512 * 7 * 7):
-        raise ValueError(f"classifier.0.weight has shape {tuple(fc6_w.shape)}; vgg16's is (4096, 25088)")
-    out = {f"{prefix}{k}": v.clone() for k, v in state_dict.items() if k.startswith("features.")}
-    out[prefix + "fc6.weight"] = fc6_w.view(4096, 512, 7, 7)[::4, :, ::3, ::3].clone()
-    out[prefix + "fc6.bias"] = state_dict["classifier.0.bias"][::4].clone()
-    out[prefix + "fc7.weight"] = state_dict["classifier.3.weight"][::4, ::4, None, None].clone()
-    out[prefix + "fc7.bias"] = state_dict["classifier.3.bias"][::4].clone()
-    return out
-
-
-def convert_vgg16_checkpoint(src: str, dst: str) -> int:
-    """Write the Detectron2 checkpoint ``dst`` (``{"model", "__author__",
-    "matching_heuristics": False}``) converted from the torchvision vgg16 state dict ``src``;
-    returns the number of tensors."""
-    state = torch.load(src, map_location="cpu", weights_only=True)
-    model = convert_torchvision_vgg16(state)
-    # Exact names: Detectron2 must not rename them by its heuristics (meant for other layouts).
-    torch.save({"model": model, "__author__": "torchvision vgg16, converted by ap_loss_d2", "matching_heuristics": False}, dst)
-    return len(model)

@@ -157,7 +157,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
 
-    import ap_loss_d2.data  # noqa: F401  (registers the embedded and VOC sets)
+    from ap_loss_d2.data import register_datasets
+
+    register_datasets()
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,9 @@ def main(argv=None):
     if not 0 <= args.score_thresh <= 1:
         raise ValueError(f"--score-thresh={args.score_thresh} must be in [0, 1]")
 
-    import ap_loss_d2.data  # noqa: F401  (registers the embedded and VOC sets)
+    from ap_loss_d2.data import register_datasets
+
+    register_datasets()
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     out, specs, resolved, labels, dataset = prepare_runs(args)

@@ -4,7 +4,7 @@ else as ``faster_rcnn_R_50_FPN_18k_voc0712_ce.py``.
 """
 from detectron2.config import LazyCall as L
 
-from ap_loss_d2.modeling import APLoss
+from ap_loss_d2.losses.cls_losses import APLoss
 
 from .faster_rcnn_R_50_FPN_18k_voc0712_ce import (  # noqa: F401
     dataloader,

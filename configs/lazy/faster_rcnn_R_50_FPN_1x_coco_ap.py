@@ -5,7 +5,7 @@ batch ranked together; per-class sigmoid scores at test time. Everything else as
 """
 from detectron2.config import LazyCall as L
 
-from ap_loss_d2.modeling import APLoss
+from ap_loss_d2.losses.cls_losses import APLoss
 
 from .faster_rcnn_R_50_FPN_1x_coco_ce import (  # noqa: F401
     dataloader,

@@ -13,7 +13,8 @@ from detectron2.data import transforms as T
 
 from ap_loss_d2.evaluation import get_evaluator
 from ap_loss_d2.model_zoo import get_config  # not detectron2.model_zoo: it needs pkg_resources
-from ap_loss_d2.modeling import APLossFastRCNNOutputLayers, APLossROIHeads, SoftmaxCELoss
+from ap_loss_d2.losses.cls_losses import SoftmaxCELoss
+from ap_loss_d2.modeling import APLossFastRCNNOutputLayers, APLossROIHeads
 
 model = get_config("common/models/mask_rcnn_fpn.py").model
 model.roi_heads._target_ = APLossROIHeads

@@ -2,7 +2,7 @@
 LazyConfig twin of configs/COCO-Detection/retinanet_R_50_FPN_100e_coco_ce_ohem.yaml."""
 from detectron2.config import LazyCall as L
 
-from ap_loss_d2.modeling import CEOHEMLoss
+from ap_loss_d2.losses.cls_losses import CEOHEMLoss
 
 from .retinanet_R_50_FPN_100e_coco_ap import dataloader, lr_multiplier, model, optimizer, train
 

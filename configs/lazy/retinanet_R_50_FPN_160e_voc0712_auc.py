@@ -2,7 +2,7 @@
 LazyConfig twin of configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_auc.yaml."""
 from detectron2.config import LazyCall as L
 
-from ap_loss_d2.modeling import AUCLoss
+from ap_loss_d2.losses.cls_losses import AUCLoss
 
 from .retinanet_R_50_FPN_160e_voc0712_ap import dataloader, lr_multiplier, model, optimizer, train
 

@@ -2,7 +2,7 @@
 LazyConfig twin of configs/VOC-Detection/retinanet_R_50_FPN_160e_voc0712_dr.yaml."""
 from detectron2.config import LazyCall as L
 
-from ap_loss_d2.modeling import DRLoss
+from ap_loss_d2.losses.cls_losses import DRLoss
 
 from .retinanet_R_50_FPN_160e_voc0712_ap import dataloader, lr_multiplier, model, optimizer, train
 

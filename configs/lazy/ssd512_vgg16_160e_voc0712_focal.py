@@ -2,7 +2,7 @@
 LazyConfig twin of configs/SSD/ssd512_vgg16_160e_voc0712_focal.yaml."""
 from detectron2.config import LazyCall as L
 
-from ap_loss_d2.modeling import FocalLoss
+from ap_loss_d2.losses.cls_losses import FocalLoss
 
 from .ssd512_vgg16_160e_voc0712_ap import dataloader, lr_multiplier, model, optimizer, train
 

@@ -2,8 +2,6 @@
 CPU on the embedded synthetic dataset (ResNet-18, 128px images shown at 64px, 3 classes). Not a recipe."""
 from detectron2.layers import ShapeSpec
 
-import ap_loss_d2.data  # noqa: F401  (registers synth_shapes_*)
-
 from ...configs.lazy.retinanet_R_50_FPN_160e_voc0712_ap import (
     dataloader,
     lr_multiplier,

@@ -1,7 +1,7 @@
 """Comparison of AP-loss optimisation methods (paper Sec. 4.2.3, Fig. 8).
 
 The classification branch of RetinaNet is trained alone (box regression off:
-``MODEL.CLS_LOSS.BOX_REG_WEIGHT 0``) with each method of ``--methods``:
+``MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT 0``) with each method of ``--methods``:
 
 * ``ap``        -- AP-loss, error-driven update (the paper's method);
 * ``ap_approx`` -- AP-loss by the approximate gradient (sigmoid-smoothed AP, ``-log(AP + eps)``);

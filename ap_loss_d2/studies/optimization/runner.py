@@ -103,7 +103,7 @@ def build_run_cfg(
     cfg.merge_from_list([
         "MODEL.META_ARCHITECTURE", "OptimizationStudyRetinaNet",
         "MODEL.CLS_LOSS.NAME", method,
-        "MODEL.CLS_LOSS.BOX_REG_WEIGHT", 0.0,
+        "MODEL.AP_LOSS_RETINANET.BOX_REG_WEIGHT", 0.0,
         "OPTIMIZATION_STUDY.NUM_NEGATIVES", int(num_negatives),
         "OPTIMIZATION_STUDY.NEGATIVE_MODE", negative_mode,
         "OPTIMIZATION_STUDY.PROPOSAL_WEIGHTS", str(proposal_weights or ""),

@@ -7,7 +7,8 @@ module, ``model.cls_loss = L(APLoss)(...)`` (swap it for ``L(FocalLoss)()``, ``L
 from detectron2.config import LazyCall as L
 
 from ap_loss_d2 import model_zoo  # not detectron2.model_zoo: it needs pkg_resources
-from ap_loss_d2.modeling import APLoss, APLossRetinaNet
+from ap_loss_d2.losses.cls_losses import APLoss
+from ap_loss_d2.modeling import APLossRetinaNet
 
 model = model_zoo.get_config("common/models/retinanet.py").model
 model._target_ = APLossRetinaNet

@@ -7,8 +7,9 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 
-from ap_loss_d2.modeling import APLoss, APLossSSD, SSDPriorGenerator, VGG16SSD
-from ap_loss_d2.modeling.priors import SSD512_ASPECT_RATIOS, SSD512_MAX_SIZES, SSD512_MIN_SIZES, SSD512_STEPS
+from ap_loss_d2.config import SSD512_PRIORS
+from ap_loss_d2.losses.cls_losses import APLoss
+from ap_loss_d2.modeling import APLossSSD, SSDPriorGenerator, VGG16SSD
 from ap_loss_d2.modeling.ssd import SSDHead
 from ap_loss_d2.modeling.vgg import OUTPUT_NAMES
 
@@ -24,10 +25,10 @@ model = L(APLossSSD)(
     head_in_features=list(OUTPUT_NAMES),
     # SSD512's priors: 24,564 at 512x512, not clipped (Caffe SSD512)
     anchor_generator=L(SSDPriorGenerator)(
-        min_sizes=list(SSD512_MIN_SIZES),
-        max_sizes=list(SSD512_MAX_SIZES),
-        steps=list(SSD512_STEPS),
-        aspect_ratios=[list(r) for r in SSD512_ASPECT_RATIOS],
+        min_sizes=list(SSD512_PRIORS["min_sizes"]),
+        max_sizes=list(SSD512_PRIORS["max_sizes"]),
+        steps=list(SSD512_PRIORS["steps"]),
+        aspect_ratios=[list(r) for r in SSD512_PRIORS["aspect_ratios"]],
         offset=0.5,
         clip_size=0.0,
     ),
@@ -42,7 +43,7 @@ model = L(APLossSSD)(
     test_topk_candidates=1000,
     test_nms_thresh=0.5,  # the paper's per-class NMS (SSD's own: 0.45)
     max_detections_per_image=200,
-    test_fixed_size=512,  # tested at 512x512
+    fixed_size=512,  # images (and boxes) resized to 512x512 in training and at test
     # torchvision's ImageNet normalisation, which the converted VGG-16 weights expect
     pixel_mean=[123.675, 116.28, 103.53],
     pixel_std=[58.395, 57.12, 57.375],

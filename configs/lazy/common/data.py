@@ -45,8 +45,8 @@ def _dataloader(train_names, test_name, train_size=512, test_size=600, test_max_
     return dataloader
 
 
-# Training without the VOC "difficult" objects, as the authors' loader (ap_loss_d2.data registers
-# the *_nodifficult twins); the test set is evaluated with the official protocol.
+# Training without the VOC "difficult" objects, as the authors' loader (the *_nodifficult twins of
+# ap_loss_d2.data.register_datasets()); the test set is evaluated with the official protocol.
 voc0712 = _dataloader(
     ["voc_2007_trainval_nodifficult", "voc_2012_trainval_nodifficult"], "voc_2007_test"
 )
