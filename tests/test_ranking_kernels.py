@@ -111,9 +111,10 @@ def test_sync_free_bound_on_positives(kind):
     with pytest.raises(ValueError, match=r"300 positives exceed.*max_positives=299.*"
                                          r"max_positives=300 or more.*kernel='grid'"):
         fn(x, t, kernel="sync_free", max_positives=299)
-    compiled = torch.compile(lambda a, b: fn(a * 1.0, b, max_positives=299), fullgraph=True,
-                             backend="aot_eager")
-    assert math.isnan(float(compiled(x, t)))
+    if kind == "ap":  # one compilation is enough (the fast suite stays cheap)
+        compiled = torch.compile(lambda a, b: fn(a * 1.0, b, max_positives=299),
+                                 fullgraph=True, backend="aot_eager")
+        assert math.isnan(float(compiled(x, t)))
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="max_positives must be an integer >= 1"):
             fn(x, t, max_positives=bad)
