@@ -41,6 +41,8 @@ def add_ap_loss_config(cfg):
     c.STEP = "linear"
     # Slope k of the sigmoid step (Eq. 54), with STEP "sigmoid".
     c.SIGMOID_K = 0.5
+    # Ranking kernel of "ap"/"auc": "grid" (host reads), "sync_free" (none), "auto" (docs/losses.md).
+    c.KERNEL = "auto"
     # Temperature k of the smoothed AP of "ap_approx" (Fig. 8; the paper: 1).
     c.APPROX_SIGMOID_K = 1.0
     # Weight of the classification loss.

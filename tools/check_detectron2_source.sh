@@ -102,7 +102,7 @@ mkdir -p "$BUILD/detectron2/layers/csrc"
 cp "$REPO/tools/d2_fallback/vision.cpp" "$BUILD/detectron2/layers/csrc/vision.cpp"
 "${PIP[@]}" uninstall -q -y detectron2 pb1-detectron2 >/dev/null 2>&1 || true
 "${PIP[@]}" install -q --no-build-isolation -c "$CONSTRAINTS" "$BUILD"
-# What ap_loss_d2.env reports as the install path of this Detectron2.
+# What tools.env reports as the install path of this Detectron2.
 "$PY" - "$VENV/ap_loss_d2-detectron2.json" "$TREE" "$COMMIT" <<'EOF'
 import json, sys, time
 out, tree, commit = sys.argv[1:]
