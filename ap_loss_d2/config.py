@@ -67,4 +67,10 @@ def add_ap_loss_config(cfg):
     # Largest zoom-out (canvas / image side) of the "ssd" augmentation's expand step (SSD: 4).
     cfg.AP_LOSS_INPUT.EXPAND_MAX_RATIO = 4.0
     add_ssd_config(cfg)  # MODEL.SSD.* (APLossSSD)
+
+    # --- engine: output folder (train_net.py; LazyConfig: train.overwrite_output)
+    cfg.AP_LOSS_OUTPUT = CN()
+    # A new run (neither --resume nor --eval-only) refuses an OUTPUT_DIR holding another run's
+    # checkpoints; True overwrites them on purpose.
+    cfg.AP_LOSS_OUTPUT.OVERWRITE = False
     return cfg

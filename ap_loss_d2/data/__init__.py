@@ -9,6 +9,7 @@ datasets ``synth_shapes_train``, ``synth_shapes_val`` (COCO format) and ``synth_
 :mod:`ap_loss_d2.data.synthetic` for the cache location and :mod:`ap_loss_d2.data.mapper` for the
 ``AP_LOSS_INPUT`` config keys.
 """
+from .checks import check_dataset_dicts
 from .mapper import (
     AUGMENTATIONS,
     BoxAwareDatasetMapper,
@@ -61,6 +62,7 @@ __all__ = [
     "SyntheticShapesSpec",
     "build_ssd_augmentation",
     "build_train_mapper",
+    "check_dataset_dicts",
     "drop_difficult",
     "dataset_root",
     "ensure_synthetic_dataset",
@@ -70,10 +72,18 @@ __all__ = [
     "load_validated_coco_json",
     "load_validated_voc_instances",
     "register_all_voc_nodifficult",
+    "register_datasets",
     "register_synthetic_shapes",
     "register_voc_nodifficult",
     "voc_difficult_flags",
 ]
 
-register_synthetic_shapes()
-register_all_voc_nodifficult()
+
+def register_datasets():
+    """Register the embedded ``synth_shapes_*`` sets and the ``_nodifficult`` twins of the registered VOC sets
+    (idempotent)."""
+    register_synthetic_shapes()
+    register_all_voc_nodifficult()
+
+
+register_datasets()
