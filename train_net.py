@@ -6,20 +6,93 @@
 
 :func:`main` returns the evaluation results (of ``--eval-only``, or of the evaluation that ends training).
 """
+import difflib
 import logging
+import os
+import tempfile
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, default_setup, default_writers, hooks
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
 
 import ap_loss_d2.modeling  # noqa: F401  (registers the models)
 from ap_loss_d2.data import register_datasets
-from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, launch, setup_cfg
-from ap_loss_d2.engine.defaults import check_run, check_startup
+from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, get_ap_loss_cfg, launch, validate_cfg
 
 logger = logging.getLogger("detectron2")
+
+
+def check_datasets(names_by_key):
+    """Each dataset of ``{key: names}`` is registered (ValueError naming the key, close matches and the fix)."""
+    registered = DatasetCatalog.list()
+    for key, names in names_by_key.items():
+        for name in [n for n in ([names] if isinstance(names, str) else names) if n not in registered]:
+            close = difflib.get_close_matches(str(name), registered, n=3)
+            raise ValueError(f"{key} names the dataset {name!r}, which is not registered in Detectron2's DatasetCatalog"
+                             + (f"; did you mean {', '.join(map(repr, close))}?" if close else ".") + " Register it "
+                             f"first (detectron2.data.datasets.register_coco_instances / register_pascal_voc), or fix {key}.")
+
+
+def check_batch(key, value, world_size=None, reference=0):
+    """``value`` images per iteration: an integer >= 1 that splits over the processes (unless Detectron2 rescales it)."""
+    world = world_size or comm.get_world_size()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r}: the number of images per iteration (all processes) must be an integer >= 1")
+    if value % world and reference in (0, world):
+        raise ValueError(f"{key}={value} is not divisible by the number of processes, {world} (--num-gpus x --num-machines)")
+
+
+def check_output(args, output_dir, weights, overwrite, keys):
+    """``output_dir`` is writable; --eval-only has weights; a new run (neither --resume nor --eval-only) does not
+    overwrite another run's checkpoints. ``keys``: the config's names of (output folder, weights, overwrite switch)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as e:
+        raise ValueError(f"{keys[0]}={output_dir!r} is not writable ({e.strerror}: {e.filename or output_dir}). Set "
+                         f"{keys[0]} to a folder you can write to.") from None
+    if args.eval_only and not weights and not args.resume:
+        raise ValueError(f"--eval-only with {keys[1]} empty would evaluate an untrained model: give {keys[1]} "
+                         "path/to/model_final.pth (or --resume to evaluate the last checkpoint of the output folder).")
+    found = sorted(f for f in os.listdir(output_dir) if f == "last_checkpoint" or f.endswith(".pth"))
+    if found and not (args.resume or args.eval_only or overwrite):
+        raise ValueError(f"{keys[0]}={output_dir!r} holds another run's checkpoints ({', '.join(found[:4])}), which a new "
+                         f"run would overwrite: continue that run with --resume, choose a new {keys[0]}, or set "
+                         f"{keys[2]} True to overwrite them on purpose.")
+
+
+def check_start(cfg, world_size=None):
+    """Start-up checks of a yacs config: datasets, NUM_CLASSES against the training sets' classes, batch, processes."""
+    check_datasets({"DATASETS.TRAIN": cfg.DATASETS.TRAIN, "DATASETS.TEST": cfg.DATASETS.TEST})
+    arch = cfg.MODEL.META_ARCHITECTURE
+    head = "ROI_HEADS" if "RCNN" in arch else "RETINANET" if "RetinaNet" in arch else "SSD" if "SSD" in arch else None
+    for dataset in cfg.DATASETS.TRAIN if head else ():
+        classes = len(MetadataCatalog.get(dataset).get("thing_classes", None) or ())
+        if cfg.MODEL[head].NUM_CLASSES < classes:
+            raise ValueError(f"MODEL.{head}.NUM_CLASSES={cfg.MODEL[head].NUM_CLASSES}, but the training set {dataset!r} "
+                             f"has {classes} classes: set MODEL.{head}.NUM_CLASSES {classes}")
+    check_batch("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH, world_size, cfg.SOLVER.REFERENCE_WORLD_SIZE)
+    if (world_size or comm.get_world_size()) > 1 and cfg.MODEL.DEVICE == "cpu":
+        raise ValueError("MODEL.DEVICE cpu in several processes: Detectron2's DefaultTrainer gives DistributedDataParallel "
+                         "device_ids, which CPU models reject. Train a yaml config on CPU in one process, or a LazyConfig "
+                         "(its CPU processes are wrapped without device_ids: docs/multi_gpu.md).")
+
+
+def setup(args):
+    """The engine's ``setup_cfg`` with the start-up checks of this run before ``default_setup`` writes anything."""
+    register_datasets()
+    cfg = get_ap_loss_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    check_start(validate_cfg(cfg))
+    check_output(args, cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, cfg.AP_LOSS_OUTPUT.OVERWRITE,
+                 ("OUTPUT_DIR", "MODEL.WEIGHTS", "AP_LOSS_OUTPUT.OVERWRITE"))
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
 
 
 def setup_lazy(args):
@@ -32,10 +105,9 @@ def setup_lazy(args):
             instantiate(loss)
         except ValueError as e:
             raise ValueError(f"model.cls_loss: {e}") from None
-    train = cfg.dataloader.train
-    check_startup({f"dataloader.{k}.dataset.names": cfg.dataloader[k].dataset.names for k in ("train", "test")},
-                  ("dataloader.train.total_batch_size", train.total_batch_size, 0), ("train.output_dir", cfg.train.output_dir))
-    check_run(args, cfg.train.output_dir, cfg.train.init_checkpoint, cfg.train.get("overwrite_output", False),
+    check_datasets({f"dataloader.{k}.dataset.names": cfg.dataloader[k].dataset.names for k in ("train", "test")})
+    check_batch("dataloader.train.total_batch_size", cfg.dataloader.train.total_batch_size)
+    check_output(args, cfg.train.output_dir, cfg.train.init_checkpoint, cfg.train.get("overwrite_output", False),
               ("train.output_dir", "train.init_checkpoint", "train.overwrite_output"))
     default_setup(cfg, args)
     return cfg
@@ -89,7 +161,7 @@ def main(args):
         SafeDetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
         return do_test(cfg, model) or {}
 
-    cfg = setup_cfg(args)
+    cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

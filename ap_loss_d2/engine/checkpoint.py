@@ -1,6 +1,5 @@
-"""Detectron2's ``DetectionCheckpointer`` with the guarantees it lacks (docs/checkpoints.md):
-weights-only loading, atomic saves, named empty/corrupt/NaN files, ``--resume`` falling back by
-stored iteration, and the classification loss's scores recorded with the weights."""
+"""Detectron2's ``DetectionCheckpointer`` plus weights-only loading, atomic saves, named empty/corrupt/NaN files,
+``--resume`` falling back by stored iteration, and the loss's inference scores saved with the weights (checkpoints.md)."""
 import contextlib
 import glob
 import io
@@ -35,94 +34,77 @@ class NonFiniteCheckpointError(ValueError):
 
 
 class CheckpointCompatibilityError(ValueError):
-    """The checkpoint does not fit the model (``--resume``) or its scores (loss)."""
+    """A checkpoint does not fit the model it is resumed into, or the scores of its loss."""
 
 
 _UNREADABLE = (CorruptCheckpointError, UnsafeCheckpointError, NonFiniteCheckpointError)
-_PKL_ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+_ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
     (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
-_BAD_PICKLE = (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) in _PKL_ALLOWED:
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise UnsafeCheckpointError(
-            f"refusing to load {module}.{name} from a weights file: only numpy arrays and builtin containers are allowed")
+        raise UnsafeCheckpointError(f"refusing to load {module}.{name} from a weights file: only arrays and containers")
 
 
 def _unpickle(filename, data, corrupt):
-    """The first pickle of ``data`` by the restricted unpickler (nothing outside it runs)."""
+    """The first pickle of ``data``, read by the restricted unpickler: nothing outside ``_ALLOWED`` runs."""
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{filename}: {e}") from None
-    except _BAD_PICKLE as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise CorruptCheckpointError(f"{filename} {corrupt} (starts with {data[:16]!r}): {type(e).__name__}: {e}") from None
 
 
 def _torch_load(filename, data):
+    """A ``torch.save`` file (zip, or the legacy format) with ``weights_only=True``, its errors named."""
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
-        if unsafe:
-            raise UnsafeCheckpointError(
-                f"{filename} is not a weights-only checkpoint: it references {', '.join(unsafe)}, which a plain "
-                "state dict does not; refusing to load it. Re-save the weights from a trusted copy with "
-                "torch.save(model.state_dict(), path) (numpy arrays in Detectron2's model-zoo format: name the file .pkl)."
-            ) from None
-        raise CorruptCheckpointError(f"{filename} is truncated or corrupt: not a readable weights pickle") from None
+        if not unsafe:
+            raise CorruptCheckpointError(f"{filename} is truncated or corrupt: not a readable weights pickle") from None
+        raise UnsafeCheckpointError(
+            f"{filename} is not a weights-only checkpoint: it references {', '.join(unsafe)}, which a plain state dict "
+            "does not; refusing to load it. Re-save the weights from a trusted copy with torch.save(model.state_dict(), "
+            "path) (numpy arrays in Detectron2's model-zoo format: name the file .pkl).") from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
-        reason = str(e).split(". This is an internal")[0].strip().splitlines()
-        raise CorruptCheckpointError(
-            f"{filename} is truncated or corrupt ({len(data)} bytes): {type(e).__name__}: "
-            f"{reason[0] if reason else ''}. Use an earlier checkpoint or a fresh copy.") from None
+        reason = (str(e).split(". This is an internal")[0].strip().splitlines() or [""])[0]
+        raise CorruptCheckpointError(f"{filename} is truncated or corrupt ({len(data)} bytes): {type(e).__name__}: "
+                                     f"{reason}. Use an earlier checkpoint or a fresh copy.") from None
 
 
 def _check_weights(filename, state):
     for name, value in state.items():
         if not isinstance(value, (torch.Tensor, np.ndarray)):
             raise CorruptCheckpointError(
-                f"{filename} is not a checkpoint of weights: {name!r} holds a {type(value).__name__}, not a tensor. "
-                "Give a state dict (tensor name -> tensor) or Detectron2's {'model': state dict, ...}.")
-        value = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+                f"{filename} is not a checkpoint of weights: {name!r} holds a {type(value).__name__}, not a tensor. Give "
+                "a state dict (name -> tensor) or Detectron2's {'model': state dict, ...}.")
+        value = torch.as_tensor(value)
         bad = int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
         if bad:
-            raise NonFiniteCheckpointError(
-                f"{filename}: tensor {name!r} holds {bad} NaN/Inf value(s); refusing to load the weights "
-                "of a diverged run. Use an earlier checkpoint.")
-
-
-def _split_options(path):
-    """``(file, matching_heuristics)`` of ``file?matching_heuristics=True|False``; ValueError otherwise."""
-    parsed = urlparse(path)
-    options = parse_qs(parsed.query, keep_blank_values=True)
-    for key, values in options.items():
-        if key != "matching_heuristics":
-            raise ValueError(f"checkpoint {path!r}: unknown loading option {key!r}; supported: matching_heuristics=True|False")
-        if values not in (["True"], ["False"]):
-            raise ValueError(f"checkpoint {path!r}: {key}={'&'.join(values)!r} is not valid; use {key}=True or False")
-    return path[: -len(parsed.query) - 1], options.get("matching_heuristics") == ["True"]
+            raise NonFiniteCheckpointError(f"{filename}: tensor {name!r} holds {bad} NaN/Inf value(s); refusing to load "
+                                           "the weights of a diverged run. Use an earlier checkpoint.")
 
 
 def _atomic_write(path, write):
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(f"{path}.tmp", "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(f"{path}.tmp", path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.remove(tmp)
+            os.remove(f"{path}.tmp")
         raise
 
 
 def _scores(loss):
-    return type(loss).scores.__qualname__  # the method that turns logits into inference scores
+    return type(loss).scores.__qualname__  # the method that turns the loss's logits into inference scores
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
@@ -131,149 +113,124 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     _heuristics = False
     _resuming = None  # the file being resumed from
 
-    def _local(self):
-        return bool(self.save_dir) and "://" not in self.save_dir
-
     def _cls_loss(self):
         return next((m for m in self.model.modules() if isinstance(m, ClsLoss)), None)
 
     def save(self, name, **kwargs):
-        if not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}, **kwargs}
         loss = self._cls_loss()
         if loss is not None:
-            data["cls_loss"] = {"name": loss.name, "scores": _scores(loss)}
+            kwargs["cls_loss"] = {"name": loss.name, "scores": _scores(loss)}
+        if "://" in self.save_dir or not (self.save_dir and self.save_to_disk):  # not a local folder: Detectron2's save
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}, **kwargs}
         path = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info(f"Saving checkpoint to {path}")
-        if self._local():
-            os.makedirs(self.save_dir, exist_ok=True)
-            _atomic_write(path, lambda f: torch.save(data, f))
-        else:
-            with self.path_manager.open(path, "wb") as f:
-                torch.save(data, f)
+        os.makedirs(self.save_dir, exist_ok=True)
+        _atomic_write(path, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(f"{name}.pth")
 
     def tag_last_checkpoint(self, last_filename_basename):
-        if not self._local():
+        if "://" in self.save_dir:
             return super().tag_last_checkpoint(last_filename_basename)
         _atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path, *args, **kwargs):
-        self._heuristics = False
-        if path and "?" in path and not os.path.isfile(path):
-            path, self._heuristics = _split_options(path)
-        return super().load(path, *args, **kwargs)
+        query = urlparse(path).query if path and "?" in path and not os.path.isfile(path) else ""
+        options = parse_qs(query, keep_blank_values=True)
+        if set(options) - {"matching_heuristics"} or options.get("matching_heuristics", ["True"]) not in (["True"], ["False"]):
+            raise ValueError(f"checkpoint {path!r}: loading option {query!r} is not valid; supported: matching_heuristics=True|False")
+        self._heuristics = options.get("matching_heuristics") == ["True"]  # as Detectron2's main branch, on every version
+        return super().load(path[: -len(query) - 1] if query else path, *args, **kwargs)
 
     def resume_or_load(self, path, *, resume=True):
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
-        named, problem = self._last_checkpoint()
-        candidate = named
-        if named is not None:
-            try:  # read it before Detectron2's load, which must not fail half-way (its state would stay set)
-                self._read(named)
-            except _UNREADABLE as e:
-                candidate, problem = None, e
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        try:
+            name = self.get_checkpoint_file()[len(self.save_dir):].strip(os.sep)
+            problem = None if name else f"{tag} is empty (it should hold a checkpoint file name)"
+        except UnicodeDecodeError:
+            name, problem = "", f"{tag} is not text (it should hold a checkpoint file name)"
+        candidate = named = os.path.join(self.save_dir, name) if name else None
+        try:  # read before Detectron2's load, which must not fail half-way: its loading state would stay set
+            if named is not None and not os.path.isfile(named):
+                candidate, problem = None, f"{tag} names {name}, which does not exist in {self.save_dir}"
+            elif named is not None:
+                self.read(named)
+        except _UNREADABLE as e:
+            candidate, problem = None, e
         if candidate is None:
             usable = usable_checkpoints(self.save_dir, exclude=(named,))
             if not usable:
-                raise CorruptCheckpointError(
-                    f"--resume: no readable checkpoint with finite weights in {self.save_dir} ({problem}). Start "
-                    "without --resume (or set another OUTPUT_DIR) to train from MODEL.WEIGHTS.")
+                raise CorruptCheckpointError(f"--resume: no readable checkpoint with finite weights in {self.save_dir} "
+                                             f"({problem}). Start without --resume (or set another OUTPUT_DIR) to train "
+                                             "from MODEL.WEIGHTS.")
             candidate = usable[-1][1]
-            self.logger.warning(
-                f"--resume: the latest checkpoint cannot be used ({problem}); resuming from {candidate}, the "
-                "readable one with finite weights and the highest iteration (nothing was deleted)")
+            self.logger.warning(f"--resume: the latest checkpoint cannot be used ({problem}); resuming from {candidate}, "
+                                "the readable one with finite weights and the highest iteration (nothing was deleted)")
         self._resuming = candidate
         try:
             return self.load(candidate)
         finally:
             self._resuming = None
 
-    def _last_checkpoint(self):
-        """(the file ``last_checkpoint`` names, None) or (None, what is wrong with it)."""
-        tag = os.path.join(self.save_dir, "last_checkpoint")
-        try:
-            name = self.get_checkpoint_file()[len(self.save_dir):].strip(os.sep)
-        except UnicodeDecodeError:
-            return None, f"{tag} is not text (it should hold a checkpoint file name)"
-        if not name:
-            return None, f"{tag} is empty (it should hold a checkpoint file name)"
-        if not os.path.isfile(os.path.join(self.save_dir, name)):
-            return None, f"{tag} names {name}, which does not exist in {self.save_dir}"
-        return os.path.join(self.save_dir, name), None
-
     def _load_model(self, checkpoint):
         recorded, loss = checkpoint.get("cls_loss"), self._cls_loss()
         incompatible = super()._load_model(checkpoint)
-        differences = [f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model" for k, a, b in incompatible.incorrect_shapes]
-        if self._resuming and (differences or incompatible.missing_keys or incompatible.unexpected_keys):
-            differences += [f"{k}: only in the model" for k in incompatible.missing_keys]
-            differences += [f"{k}: only in the checkpoint" for k in incompatible.unexpected_keys]
+        differ = [f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model" for k, a, b in incompatible.incorrect_shapes]
+        differ += [f"{k}: only in the model" for k in incompatible.missing_keys] if self._resuming else []
+        if self._resuming and differ:
             raise CheckpointCompatibilityError(
                 f"--resume: {self._resuming} was saved from another model than the one built from the config "
-                f"({len(differences)} tensor(s) differ):\n  " + "\n  ".join(differences[:5]) + "\nResume with the "
-                "settings it was trained with (class count, MODEL.CLS_LOSS.NAME, ...), or use another OUTPUT_DIR; to "
-                "fine-tune from its weights, load it as MODEL.WEIGHTS (train.init_checkpoint) without --resume.")
-        if isinstance(recorded, dict) and loss is not None and recorded.get("scores") != _scores(loss) and not differences:
+                f"({len(differ)} tensor(s) differ):\n  " + "\n  ".join(differ[:5]) + "\nResume with the settings it was "
+                "trained with (class count, MODEL.CLS_LOSS.NAME, ...), or use another OUTPUT_DIR; to fine-tune from its "
+                "weights, load it as MODEL.WEIGHTS (train.init_checkpoint) without --resume.")
+        if isinstance(recorded, dict) and loss is not None and recorded.get("scores") != _scores(loss) and not differ:
             raise CheckpointCompatibilityError(
                 f"The checkpoint was trained with MODEL.CLS_LOSS.NAME={recorded.get('name')!r}, whose inference scores "
-                f"({recorded.get('scores')}) differ from those of {loss.name!r} ({_scores(loss)}), the loss of this "
-                f"model: set MODEL.CLS_LOSS.NAME {recorded.get('name')} (LazyConfig: model.cls_loss of that name).")
+                f"({recorded.get('scores')}) differ from those of this model's loss {loss.name!r} ({_scores(loss)}): "
+                f"set MODEL.CLS_LOSS.NAME {recorded.get('name')} (LazyConfig: model.cls_loss of that name).")
         backbone = [k for k in self.model.state_dict() if k.startswith("backbone.")]
         skipped = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
-        if backbone and all(k in skipped for k in backbone):
-            self.logger.warning(
-                f"0 of {len(backbone)} backbone tensors loaded from the checkpoint: is it converted to this model's "
-                "names (Detectron2's format; tools/convert_vgg16_to_d2.py for torchvision's VGG-16)?")
+        if backbone and skipped.issuperset(backbone):
+            self.logger.warning(f"0 of {len(backbone)} backbone tensors loaded from the checkpoint: is it converted to "
+                                "this model's names (e.g. tools/convert_vgg16_to_d2.py for torchvision's VGG-16)?")
         return incompatible
 
-    def _read(self, filename):
-        """The checkpoint dict of ``filename``, checked (module doc); never runs code from it."""
+    def read(self, filename):
+        """The checked checkpoint dict of ``filename`` (module doc); runs no code from the file."""
         with PathManager.open(filename, "rb") as f:
             data = f.read()
         if not data:
             raise CorruptCheckpointError(f"{filename} is empty (0 bytes): the save that wrote it did not finish")
         if filename.endswith(".pkl"):
             _unpickle(filename, data, "is not a readable weights pickle (truncated, corrupt, or another kind of file;")
-            loaded = super()._load_file(filename)  # Detectron2's conversions of a checked pickle
-        else:
-            if data[:4] != b"PK\x03\x04" and data[:1] != b"\x80":
-                raise CorruptCheckpointError(
-                    f"{filename} is not a PyTorch checkpoint: it is neither a zip archive written by torch.save nor a "
-                    f"pickle (it starts with {data[:16]!r})")
-            plain = None if data[:1] != b"\x80" else _unpickle(filename, data, "is truncated or corrupt: not a readable weights pickle")
-            loaded = plain if isinstance(plain, dict) else _torch_load(filename, data)  # else: torch's legacy format
+            loaded = super()._load_file(filename)  # Detectron2's model-zoo conversions of the checked pickle
+        elif data[:4] != b"PK\x03\x04" and data[:1] != b"\x80":
+            raise CorruptCheckpointError(f"{filename} is not a PyTorch checkpoint: it is neither a zip archive written by "
+                                         f"torch.save nor a pickle (it starts with {data[:16]!r})")
+        else:  # a plain pickle of containers is used as it is; torch's legacy format starts with an int
+            plain = data[:1] == b"\x80" and _unpickle(filename, data, "is truncated or corrupt: not a readable weights pickle")
+            loaded = plain if isinstance(plain, dict) else _torch_load(filename, data)
             if not isinstance(loaded, dict):
                 raise CorruptCheckpointError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint (a dict of weights)")
-            if filename.endswith(".pyth"):  # pycls, as Detectron2 reads it
-                state = {k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")}
-                loaded = {"model": state, "__author__": "pycls", "matching_heuristics": True}
-            elif "model" not in loaded:
-                loaded = {"model": loaded}
+            loaded = loaded if "model" in loaded else {"model": loaded}
         _check_weights(filename, loaded["model"])
         return loaded
 
     def _load_file(self, filename):
-        loaded = self._read(filename)
-        if self._heuristics:
-            loaded["matching_heuristics"] = True
-        return loaded
+        loaded = self.read(filename)
+        return {**loaded, "matching_heuristics": True} if self._heuristics else loaded
 
 
 def usable_checkpoints(save_dir, exclude=()):
-    """``[(iteration, path, largest |weight|)]`` of the readable ``.pth`` files of ``save_dir`` with finite
-    weights (``exclude`` aside), by stored ``iteration`` (-1 if none), then name. Reads every file."""
+    """``[(iteration, path)]`` of the readable ``.pth`` files of ``save_dir`` with finite weights (``exclude`` aside), by
+    stored ``iteration`` (-1 if none), then name. Reads every file."""
     reader, found = SafeDetectionCheckpointer(torch.nn.Module()), []
     for path in sorted(set(glob.glob(os.path.join(save_dir, "*.pth"))) - set(exclude)):
         try:
-            loaded = reader._read(path)
+            iteration = reader.read(path).get("iteration")
+            found.append((iteration if isinstance(iteration, int) else -1, path))
         except _UNREADABLE as e:
             logging.getLogger(__name__).warning(f"Skipping checkpoint {path}: {e}")
-            continue
-        iteration = loaded.get("iteration")
-        tensors = [torch.as_tensor(v) for v in loaded["model"].values()]
-        largest = max((float(v.abs().max()) for v in tensors if v.is_floating_point() and v.numel()), default=0.0)
-        found.append((iteration if isinstance(iteration, int) else -1, path, largest))
     return sorted(found)
