@@ -17,8 +17,8 @@ from detectron2.utils.file_io import PathManager
 
 from ..losses.base import ClsLoss
 
-__all__ = ["CheckpointCompatibilityError", "CorruptCheckpointError", "NonFiniteCheckpointError",
-           "SafeDetectionCheckpointer", "UnsafeCheckpointError", "usable_checkpoints"]
+__all__ = ["CheckpointCompatibilityError", "CorruptCheckpointError", "NonFiniteCheckpointError", "SafeDetectionCheckpointer",
+           "UnsafeCheckpointError"]
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -90,23 +90,6 @@ def _check_weights(filename, state):
                                            "the weights of a diverged run. Use an earlier checkpoint.")
 
 
-def _atomic_write(path, write):
-    try:
-        with open(f"{path}.tmp", "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(f"{path}.tmp", path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(f"{path}.tmp")
-        raise
-
-
-def _scores(loss):
-    return type(loss).scores.__qualname__  # the method that turns the loss's logits into inference scores
-
-
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     """Detectron2's ``DetectionCheckpointer`` (same arguments) with the guarantees of the module doc."""
 
@@ -119,20 +102,23 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     def save(self, name, **kwargs):
         loss = self._cls_loss()
         if loss is not None:
-            kwargs["cls_loss"] = {"name": loss.name, "scores": _scores(loss)}
+            kwargs["cls_loss"] = {"name": loss.name, "scores": type(loss).scores.__qualname__}  # its inference scores
         if "://" in self.save_dir or not (self.save_dir and self.save_to_disk):  # not a local folder: Detectron2's save
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}, **kwargs}
         path = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info(f"Saving checkpoint to {path}")
         os.makedirs(self.save_dir, exist_ok=True)
-        _atomic_write(path, lambda f: torch.save(data, f))
+        try:  # atomic: a failed save (disk full, killed) leaves the previous files as they were
+            with open(f"{path}.tmp", "wb") as f:
+                torch.save(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(f"{path}.tmp", path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(f"{path}.tmp")
         self.tag_last_checkpoint(f"{name}.pth")
-
-    def tag_last_checkpoint(self, last_filename_basename):
-        if "://" in self.save_dir:
-            return super().tag_last_checkpoint(last_filename_basename)
-        _atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path, *args, **kwargs):
         query = urlparse(path).query if path and "?" in path and not os.path.isfile(path) else ""
@@ -160,7 +146,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         except _UNREADABLE as e:
             candidate, problem = None, e
         if candidate is None:
-            usable = usable_checkpoints(self.save_dir, exclude=(named,))
+            usable = self.usable(exclude=(named,))
             if not usable:
                 raise CorruptCheckpointError(f"--resume: no readable checkpoint with finite weights in {self.save_dir} "
                                              f"({problem}). Start without --resume (or set another OUTPUT_DIR) to train "
@@ -175,20 +161,20 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             self._resuming = None
 
     def _load_model(self, checkpoint):
-        recorded, loss = checkpoint.get("cls_loss"), self._cls_loss()
+        recorded, loss = checkpoint.get("cls_loss") or {}, self._cls_loss()
+        scores = type(loss).scores.__qualname__ if loss is not None else None
         incompatible = super()._load_model(checkpoint)
         differ = [f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model" for k, a, b in incompatible.incorrect_shapes]
         differ += [f"{k}: only in the model" for k in incompatible.missing_keys] if self._resuming else []
         if self._resuming and differ:
             raise CheckpointCompatibilityError(
-                f"--resume: {self._resuming} was saved from another model than the one built from the config "
-                f"({len(differ)} tensor(s) differ):\n  " + "\n  ".join(differ[:5]) + "\nResume with the settings it was "
-                "trained with (class count, MODEL.CLS_LOSS.NAME, ...), or use another OUTPUT_DIR; to fine-tune from its "
-                "weights, load it as MODEL.WEIGHTS (train.init_checkpoint) without --resume.")
-        if isinstance(recorded, dict) and loss is not None and recorded.get("scores") != _scores(loss) and not differ:
+                f"--resume: {self._resuming} was saved from another model than the config's ({len(differ)} tensor(s) "
+                "differ):\n  " + "\n  ".join(differ[:5]) + "\nResume with its settings (class count, MODEL.CLS_LOSS.NAME, ...) "
+                "or use another OUTPUT_DIR; to fine-tune from it, load it as MODEL.WEIGHTS (train.init_checkpoint).")
+        if recorded and scores and recorded.get("scores") != scores and not differ:
             raise CheckpointCompatibilityError(
                 f"The checkpoint was trained with MODEL.CLS_LOSS.NAME={recorded.get('name')!r}, whose inference scores "
-                f"({recorded.get('scores')}) differ from those of this model's loss {loss.name!r} ({_scores(loss)}): "
+                f"({recorded.get('scores')}) differ from those of this model's loss {loss.name!r} ({scores}): "
                 f"set MODEL.CLS_LOSS.NAME {recorded.get('name')} (LazyConfig: model.cls_loss of that name).")
         backbone = [k for k in self.model.state_dict() if k.startswith("backbone.")]
         skipped = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
@@ -222,15 +208,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         loaded = self.read(filename)
         return {**loaded, "matching_heuristics": True} if self._heuristics else loaded
 
-
-def usable_checkpoints(save_dir, exclude=()):
-    """``[(iteration, path)]`` of the readable ``.pth`` files of ``save_dir`` with finite weights (``exclude`` aside), by
-    stored ``iteration`` (-1 if none), then name. Reads every file."""
-    reader, found = SafeDetectionCheckpointer(torch.nn.Module()), []
-    for path in sorted(set(glob.glob(os.path.join(save_dir, "*.pth"))) - set(exclude)):
-        try:
-            iteration = reader.read(path).get("iteration")
-            found.append((iteration if isinstance(iteration, int) else -1, path))
-        except _UNREADABLE as e:
-            logging.getLogger(__name__).warning(f"Skipping checkpoint {path}: {e}")
-    return sorted(found)
+    def usable(self, exclude=()):
+        """``[(iteration, path)]`` of the readable ``.pth`` files of ``save_dir`` with finite weights (``exclude`` aside),
+        by stored ``iteration`` (-1 if none), then name. Reads every file."""
+        found = []
+        for path in sorted(set(glob.glob(os.path.join(self.save_dir, "*.pth"))) - set(exclude)):
+            try:
+                iteration = self.read(path).get("iteration")
+                found.append((iteration if isinstance(iteration, int) else -1, path))
+            except _UNREADABLE as e:
+                logging.getLogger(__name__).warning(f"Skipping checkpoint {path}: {e}")
+        return sorted(found)

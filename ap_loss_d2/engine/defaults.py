@@ -1,4 +1,4 @@
-"""Detectron2's ``DefaultTrainer`` flow with ap_loss_d2's config, start-up checks and checkpointer."""
+"""Detectron2's ``DefaultTrainer`` flow with ap_loss_d2's config, evaluators, data checks and checkpointer."""
 import json
 import weakref
 
@@ -10,7 +10,6 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import launch as d2_launch
-from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.utils import comm
@@ -22,7 +21,7 @@ from ..evaluation import build_evaluator
 from ..losses.registry import build_cls_loss
 from .checkpoint import SafeDetectionCheckpointer
 
-__all__ = ["Trainer", "checked_dicts", "get_ap_loss_cfg", "launch", "setup_cfg", "validate_cfg"]
+__all__ = ["Trainer", "get_ap_loss_cfg", "launch", "setup_cfg", "validate_cfg"]
 
 
 def get_ap_loss_cfg():
@@ -49,8 +48,8 @@ def validate_cfg(cfg):
 
 
 def setup_cfg(args):
-    """Merge ``args.config_file`` and ``args.opts``, validate, freeze, ``default_setup`` (train_net.py's ``setup`` adds
-    the checks of the run: datasets, batch, output folder)."""
+    """Merge ``args.config_file`` and ``args.opts``, validate, freeze, ``default_setup`` (train_net.py's ``setup``
+    also checks the run before ``default_setup`` writes to its output folder)."""
     register_datasets()
     cfg = get_ap_loss_cfg()
     cfg.merge_from_file(args.config_file)
@@ -60,8 +59,7 @@ def setup_cfg(args):
     return cfg
 
 
-def checked_dicts(name):
-    """``DatasetCatalog.get(name)`` through ``check_dataset_dicts``; a truncated annotation file is named."""
+def _checked_dicts(name):
     try:
         return check_dataset_dicts(DatasetCatalog.get(name), name)
     except json.JSONDecodeError as e:
@@ -71,10 +69,10 @@ def checked_dicts(name):
 
 class Trainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluators, training mapper (``AP_LOSS_INPUT``), dataset
-    checks and :class:`SafeDetectionCheckpointer`."""
+    checks (``check_dataset_dicts``; image files named when they fail to decode) and :class:`SafeDetectionCheckpointer`."""
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ calls this once its stock checkpointer exists; the hooks use this one
+        # DefaultTrainer.__init__ calls this after making its stock checkpointer: the hooks get this one
         self.checkpointer = SafeDetectionCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         return super().build_hooks()
 
@@ -85,28 +83,27 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         for name in cfg.DATASETS.TRAIN:  # checked here, loaded again by Detectron2's loader
-            checked_dicts(name)
+            _checked_dicts(name)
         with hint_filter_empty():
             return build_detection_train_loader(cfg, mapper=NamingReadErrors(build_train_mapper(cfg)))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         mapper = NamingReadErrors(DatasetMapper(cfg, False))
-        return build_detection_test_loader(checked_dicts(dataset_name), mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
+        return build_detection_test_loader(_checked_dicts(dataset_name), mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
 
-def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(), timeout=DEFAULT_TIMEOUT):
-    """Detectron2's ``launch``. Shim for Detectron2 v0.6, whose ``launch`` needs CUDA for more than one process: without
-    CUDA it starts the processes with Gloo. Detectron2's main branch after v0.6 (the one with
-    ``comm.create_local_process_group``) does so itself; a Detectron2 release after v0.6 makes this unnecessary."""
-    world = num_machines * num_gpus_per_machine
-    if world <= 1 or torch.cuda.is_available() or hasattr(comm, "create_local_process_group"):
-        return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
-    mp.spawn(_cpu_worker, nprocs=num_gpus_per_machine, daemon=False,
-             args=(main_func, world, num_gpus_per_machine, machine_rank, dist_url, args, timeout))
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(), **kwargs):
+    """Detectron2's ``launch``, and a shim for Detectron2 v0.6, whose ``launch`` needs CUDA for more than one process:
+    without CUDA the processes are started with Gloo. Detectron2's main branch after v0.6 (which has
+    ``comm.create_local_process_group``) does that itself; a Detectron2 release after v0.6 makes the shim unnecessary."""
+    if num_machines * num_gpus_per_machine <= 1 or torch.cuda.is_available() or hasattr(comm, "create_local_process_group"):
+        return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, **kwargs)
+    mp.spawn(_gloo_worker, nprocs=num_gpus_per_machine,
+             args=(main_func, num_machines, num_gpus_per_machine, machine_rank, dist_url, args, kwargs))
 
 
-def _cpu_worker(local_rank, main_func, world, per_machine, machine_rank, dist_url, args, timeout):
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world, rank=machine_rank * per_machine + local_rank, timeout=timeout)
-    comm.synchronize()
+def _gloo_worker(local_rank, main_func, num_machines, per_machine, machine_rank, dist_url, args, kwargs):
+    rank, world = machine_rank * per_machine + local_rank, num_machines * per_machine
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world, rank=rank, **kwargs)  # kwargs: timeout
     main_func(*args)
