@@ -176,7 +176,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 f"The checkpoint was trained with MODEL.CLS_LOSS.NAME={recorded.get('name')!r}, whose inference scores "
                 f"({recorded.get('scores')}) differ from those of this model's loss {loss.name!r} ({scores}): "
                 f"set MODEL.CLS_LOSS.NAME {recorded.get('name')} (LazyConfig: model.cls_loss of that name).")
-        backbone = [k for k in self.model.state_dict() if k.startswith("backbone.")]
+        backbone = [k for k, _ in self.model.named_parameters() if k.startswith("backbone.")]
         skipped = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
         if backbone and skipped.issuperset(backbone):
             self.logger.warning(f"0 of {len(backbone)} backbone tensors loaded from the checkpoint: is it converted to "
