@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compatibility check: build a Detectron2 source tree into a separate virtual environment with
 # ap_loss_d2's placeholder `_C` (tools/d2_fallback/vision.cpp, so no C++/CUDA op is compiled)
-# and run this project's test suite against it. CI keeps using the release (make test).
+# and run this project's test suite against it. CI (.ci/run) runs it on Detectron2 main's
+# snapshot after `make test` (make test-d2-main).
 #
 #   tools/check_detectron2_source.sh <detectron2 source tree> [venv dir] [-- pytest args]
 #
@@ -123,7 +124,7 @@ EOF
 
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -m ap_loss_d2.env
+"$PY" -m detectron2.utils.collect_env 2>/dev/null | head -20 || true
 "$PY" -m pip list --disable-pip-version-check 2>/dev/null \
   | grep -i -E '^(numpy|setuptools|omegaconf|hydra-core|pillow|matplotlib|fvcore|iopath|torch|torchvision|detectron2) ' || true
 log "running: pytest -q ${PYTEST_ARGS[*]}"
