@@ -2,7 +2,8 @@
 """Train / evaluate Detectron2 detectors with AP-loss: Detectron2's ``tools/train_net.py`` for yaml configs and
 ``tools/lazyconfig_train_net.py`` for LazyConfig ``.py`` configs, with ap_loss_d2's models, checks and checkpointer.
 
-    python train_net.py --config-file <cfg.yaml | cfg.py> [--eval-only] [--resume] [--num-gpus N] [KEY VALUE | key=value ...]
+    python train_net.py --config-file <cfg.yaml | cfg.py> [--eval-only] [--resume] [--num-gpus N] \
+        [KEY VALUE | key=value ...]
 
 :func:`main` returns the evaluation results (of ``--eval-only``, or of the evaluation that ends training).
 """
@@ -33,16 +34,18 @@ def check_datasets(names_by_key):
             close = difflib.get_close_matches(str(name), registered, n=3)
             raise ValueError(f"{key} names the dataset {name!r}, which is not registered in Detectron2's DatasetCatalog"
                              + (f"; did you mean {', '.join(map(repr, close))}?" if close else ".") + " Register it "
-                             f"first (detectron2.data.datasets.register_coco_instances / register_pascal_voc), or fix {key}.")
+                             "first (detectron2.data.datasets.register_coco_instances / register_pascal_voc), or fix "
+                             f"{key}.")
 
 
 def check_batch(key, value, world_size=None, reference=0):
-    """``value`` images per iteration: an integer >= 1 that splits over the processes (unless Detectron2 rescales it)."""
+    """``value`` images per iteration: an integer >= 1 splitting over the processes (unless Detectron2 rescales it)."""
     world = world_size or comm.get_world_size()
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key}={value!r}: the number of images per iteration (all processes) must be an integer >= 1")
     if value % world and reference in (0, world):
-        raise ValueError(f"{key}={value} is not divisible by the number of processes, {world} (--num-gpus x --num-machines)")
+        raise ValueError(f"{key}={value} is not divisible by the number of processes, {world} "
+                         "(--num-gpus x --num-machines)")
 
 
 def check_output(args, output_dir, weights, overwrite, keys):
@@ -59,8 +62,8 @@ def check_output(args, output_dir, weights, overwrite, keys):
                          "path/to/model_final.pth (or --resume to evaluate the last checkpoint of the output folder).")
     found = sorted(f for f in os.listdir(output_dir) if f == "last_checkpoint" or f.endswith(".pth"))
     if found and not (args.resume or args.eval_only or overwrite):
-        raise ValueError(f"{keys[0]}={output_dir!r} holds another run's checkpoints ({', '.join(found[:4])}), which a new "
-                         f"run would overwrite: continue that run with --resume, choose a new {keys[0]}, or set "
+        raise ValueError(f"{keys[0]}={output_dir!r} holds another run's checkpoints ({', '.join(found[:4])}), which "
+                         f"a new run would overwrite: continue that run with --resume, choose a new {keys[0]}, or set "
                          f"{keys[2]} True to overwrite them on purpose.")
 
 
@@ -72,13 +75,14 @@ def check_start(cfg, world_size=None):
     for dataset in cfg.DATASETS.TRAIN if head else ():
         classes = len(MetadataCatalog.get(dataset).get("thing_classes", None) or ())
         if cfg.MODEL[head].NUM_CLASSES < classes:
-            raise ValueError(f"MODEL.{head}.NUM_CLASSES={cfg.MODEL[head].NUM_CLASSES}, but the training set {dataset!r} "
-                             f"has {classes} classes: set MODEL.{head}.NUM_CLASSES {classes}")
+            raise ValueError(f"MODEL.{head}.NUM_CLASSES={cfg.MODEL[head].NUM_CLASSES}, but the training set "
+                             f"{dataset!r} has {classes} classes: set MODEL.{head}.NUM_CLASSES {classes}")
     check_batch("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH, world_size, cfg.SOLVER.REFERENCE_WORLD_SIZE)
     if (world_size or comm.get_world_size()) > 1 and cfg.MODEL.DEVICE == "cpu":
-        raise ValueError("MODEL.DEVICE cpu in several processes: Detectron2's DefaultTrainer gives DistributedDataParallel "
-                         "device_ids, which CPU models reject. Train a yaml config on CPU in one process, or a LazyConfig "
-                         "(its CPU processes are wrapped without device_ids: docs/multi_gpu.md).")
+        raise ValueError("MODEL.DEVICE cpu in several processes: Detectron2's DefaultTrainer gives "
+                         "DistributedDataParallel device_ids, which CPU models reject. Train a yaml config on CPU in "
+                         "one process, or a LazyConfig (its CPU processes are wrapped without device_ids: "
+                         "docs/multi_gpu.md).")
 
 
 def setup(args):
@@ -158,7 +162,8 @@ def main(args):
         if not args.eval_only:
             return do_train(args, cfg)
         model = create_lazy_ddp_model(cfg, instantiate(cfg.model).to(cfg.train.device))
-        SafeDetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir)
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
         return do_test(cfg, model) or {}
 
     cfg = setup(args)

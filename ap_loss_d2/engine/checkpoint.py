@@ -1,5 +1,6 @@
-"""Detectron2's ``DetectionCheckpointer`` plus weights-only loading, atomic saves, named empty/corrupt/NaN files,
-``--resume`` falling back by stored iteration, and the loss's inference scores saved with the weights (checkpoints.md)."""
+"""Detectron2's ``DetectionCheckpointer`` plus weights-only loading, atomic saves, named empty/corrupt/NaN
+files, ``--resume`` falling back by stored iteration, and the loss's inference scores saved with the weights
+(docs/checkpoints.md)."""
 import contextlib
 import glob
 import io
@@ -17,8 +18,8 @@ from detectron2.utils.file_io import PathManager
 
 from ..losses.base import ClsLoss
 
-__all__ = ["CheckpointCompatibilityError", "CorruptCheckpointError", "NonFiniteCheckpointError", "SafeDetectionCheckpointer",
-           "UnsafeCheckpointError"]
+__all__ = ["CheckpointCompatibilityError", "CorruptCheckpointError", "NonFiniteCheckpointError",
+           "SafeDetectionCheckpointer", "UnsafeCheckpointError"]
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -56,7 +57,8 @@ def _unpickle(filename, data, corrupt):
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{filename}: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        raise CorruptCheckpointError(f"{filename} {corrupt} (starts with {data[:16]!r}): {type(e).__name__}: {e}") from None
+        error = f"{type(e).__name__}: {e}"
+        raise CorruptCheckpointError(f"{filename} {corrupt} (starts with {data[:16]!r}): {error}") from None
 
 
 def _torch_load(filename, data):
@@ -68,9 +70,10 @@ def _torch_load(filename, data):
         if not unsafe:
             raise CorruptCheckpointError(f"{filename} is truncated or corrupt: not a readable weights pickle") from None
         raise UnsafeCheckpointError(
-            f"{filename} is not a weights-only checkpoint: it references {', '.join(unsafe)}, which a plain state dict "
-            "does not; refusing to load it. Re-save the weights from a trusted copy with torch.save(model.state_dict(), "
-            "path) (numpy arrays in Detectron2's model-zoo format: name the file .pkl).") from None
+            f"{filename} is not a weights-only checkpoint: it references {', '.join(unsafe)}, which a plain state "
+            "dict does not; refusing to load it. Re-save the weights from a trusted copy with "
+            "torch.save(model.state_dict(), path) (numpy arrays in Detectron2's model-zoo format: name the file .pkl)."
+        ) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
         reason = (str(e).split(". This is an internal")[0].strip().splitlines() or [""])[0]
         raise CorruptCheckpointError(f"{filename} is truncated or corrupt ({len(data)} bytes): {type(e).__name__}: "
@@ -81,13 +84,13 @@ def _check_weights(filename, state):
     for name, value in state.items():
         if not isinstance(value, (torch.Tensor, np.ndarray)):
             raise CorruptCheckpointError(
-                f"{filename} is not a checkpoint of weights: {name!r} holds a {type(value).__name__}, not a tensor. Give "
-                "a state dict (name -> tensor) or Detectron2's {'model': state dict, ...}.")
+                f"{filename} is not a checkpoint of weights: {name!r} holds a {type(value).__name__}, not a tensor. "
+                "Give a state dict (name -> tensor) or Detectron2's {'model': state dict, ...}.")
         value = torch.as_tensor(value)
         bad = int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
         if bad:
-            raise NonFiniteCheckpointError(f"{filename}: tensor {name!r} holds {bad} NaN/Inf value(s); refusing to load "
-                                           "the weights of a diverged run. Use an earlier checkpoint.")
+            raise NonFiniteCheckpointError(f"{filename}: tensor {name!r} holds {bad} NaN/Inf value(s); refusing to "
+                                           "load the weights of a diverged run. Use an earlier checkpoint.")
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
@@ -105,7 +108,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             kwargs["cls_loss"] = {"name": loss.name, "scores": type(loss).scores.__qualname__}  # its inference scores
         if "://" in self.save_dir or not (self.save_dir and self.save_to_disk):  # not a local folder: Detectron2's save
             return super().save(name, **kwargs)
-        data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}, **kwargs}
+        data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}}
+        data.update(kwargs)
         path = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info(f"Saving checkpoint to {path}")
         os.makedirs(self.save_dir, exist_ok=True)
@@ -121,11 +125,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(f"{name}.pth")
 
     def load(self, path, *args, **kwargs):
+        # loading options in the path, as on Detectron2's main branch, on every version
         query = urlparse(path).query if path and "?" in path and not os.path.isfile(path) else ""
         options = parse_qs(query, keep_blank_values=True)
-        if set(options) - {"matching_heuristics"} or options.get("matching_heuristics", ["True"]) not in (["True"], ["False"]):
-            raise ValueError(f"checkpoint {path!r}: loading option {query!r} is not valid; supported: matching_heuristics=True|False")
-        self._heuristics = options.get("matching_heuristics") == ["True"]  # as Detectron2's main branch, on every version
+        heuristics = options.pop("matching_heuristics", ["False"])
+        if options or heuristics not in (["True"], ["False"]):
+            raise ValueError(f"checkpoint {path!r}: loading option {query!r} is not valid; supported: "
+                             "matching_heuristics=True|False")
+        self._heuristics = heuristics == ["True"]
         return super().load(path[: -len(query) - 1] if query else path, *args, **kwargs)
 
     def resume_or_load(self, path, *, resume=True):
@@ -148,12 +155,13 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if candidate is None:
             usable = self.usable(exclude=(named,))
             if not usable:
-                raise CorruptCheckpointError(f"--resume: no readable checkpoint with finite weights in {self.save_dir} "
-                                             f"({problem}). Start without --resume (or set another OUTPUT_DIR) to train "
-                                             "from MODEL.WEIGHTS.")
+                raise CorruptCheckpointError(
+                    f"--resume: no readable checkpoint with finite weights in {self.save_dir} ({problem}). Start "
+                    "without --resume (or set another OUTPUT_DIR) to train from MODEL.WEIGHTS.")
             candidate = usable[-1][1]
-            self.logger.warning(f"--resume: the latest checkpoint cannot be used ({problem}); resuming from {candidate}, "
-                                "the readable one with finite weights and the highest iteration (nothing was deleted)")
+            self.logger.warning(f"--resume: the latest checkpoint cannot be used ({problem}); resuming from "
+                                f"{candidate}, the readable one with finite weights and the highest iteration "
+                                "(nothing was deleted)")
         self._resuming = candidate
         try:
             return self.load(candidate)
@@ -164,13 +172,15 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         recorded, loss = checkpoint.get("cls_loss") or {}, self._cls_loss()
         scores = type(loss).scores.__qualname__ if loss is not None else None
         incompatible = super()._load_model(checkpoint)
-        differ = [f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model" for k, a, b in incompatible.incorrect_shapes]
+        differ = [f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model"
+                  for k, a, b in incompatible.incorrect_shapes]
         differ += [f"{k}: only in the model" for k in incompatible.missing_keys] if self._resuming else []
         if self._resuming and differ:
             raise CheckpointCompatibilityError(
-                f"--resume: {self._resuming} was saved from another model than the config's ({len(differ)} tensor(s) "
-                "differ):\n  " + "\n  ".join(differ[:5]) + "\nResume with its settings (class count, MODEL.CLS_LOSS.NAME, ...) "
-                "or use another OUTPUT_DIR; to fine-tune from it, load it as MODEL.WEIGHTS (train.init_checkpoint).")
+                f"--resume: {self._resuming} was saved from another model than the config's ({len(differ)} "
+                "tensor(s) differ):\n  " + "\n  ".join(differ[:5]) + "\nResume with its settings (class count, "
+                "MODEL.CLS_LOSS.NAME, ...) or use another OUTPUT_DIR; to fine-tune from it, load it as MODEL.WEIGHTS "
+                "(train.init_checkpoint).")
         if recorded and scores and recorded.get("scores") != scores and not differ:
             raise CheckpointCompatibilityError(
                 f"The checkpoint was trained with MODEL.CLS_LOSS.NAME={recorded.get('name')!r}, whose inference scores "
@@ -193,13 +203,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             _unpickle(filename, data, "is not a readable weights pickle (truncated, corrupt, or another kind of file;")
             loaded = super()._load_file(filename)  # Detectron2's model-zoo conversions of the checked pickle
         elif data[:4] != b"PK\x03\x04" and data[:1] != b"\x80":
-            raise CorruptCheckpointError(f"{filename} is not a PyTorch checkpoint: it is neither a zip archive written by "
-                                         f"torch.save nor a pickle (it starts with {data[:16]!r})")
+            raise CorruptCheckpointError(f"{filename} is not a PyTorch checkpoint: it is neither a zip archive "
+                                         f"written by torch.save nor a pickle (it starts with {data[:16]!r})")
         else:  # a plain pickle of containers is used as it is; torch's legacy format starts with an int
-            plain = data[:1] == b"\x80" and _unpickle(filename, data, "is truncated or corrupt: not a readable weights pickle")
+            corrupt = "is truncated or corrupt: not a readable weights pickle"
+            plain = data[:1] == b"\x80" and _unpickle(filename, data, corrupt)
             loaded = plain if isinstance(plain, dict) else _torch_load(filename, data)
             if not isinstance(loaded, dict):
-                raise CorruptCheckpointError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint (a dict of weights)")
+                raise CorruptCheckpointError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint")
             loaded = loaded if "model" in loaded else {"model": loaded}
         _check_weights(filename, loaded["model"])
         return loaded
@@ -209,8 +220,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return {**loaded, "matching_heuristics": True} if self._heuristics else loaded
 
     def usable(self, exclude=()):
-        """``[(iteration, path)]`` of the readable ``.pth`` files of ``save_dir`` with finite weights (``exclude`` aside),
-        by stored ``iteration`` (-1 if none), then name. Reads every file."""
+        """``[(iteration, path)]`` of the readable ``.pth`` files of ``save_dir`` with finite weights (``exclude``
+        aside), by stored ``iteration`` (-1 if none), then name. Reads every file."""
         found = []
         for path in sorted(set(glob.glob(os.path.join(self.save_dir, "*.pth"))) - set(exclude)):
             try:

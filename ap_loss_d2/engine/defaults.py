@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import launch as d2_launch
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
@@ -24,6 +25,9 @@ from .checkpoint import SafeDetectionCheckpointer
 __all__ = ["Trainer", "get_ap_loss_cfg", "launch", "setup_cfg", "validate_cfg"]
 
 
+_OWN_LOSS = ((RetinaNet, "focal"), (StandardROIHeads, "ce"))  # the loss a stock model trains
+
+
 def get_ap_loss_cfg():
     """Detectron2's ``get_cfg()`` plus ap_loss_d2's keys."""
     return add_ap_loss_config(get_cfg())
@@ -32,7 +36,8 @@ def get_ap_loss_cfg():
 def validate_cfg(cfg):
     """ValueError naming the key, before anything is built: a ``MODEL.CLS_LOSS.NAME`` the model would ignore (stock
     RetinaNet / StandardROIHeads, unless it names their own ``focal`` / ``ce``); the loss options (built once)."""
-    name, key, model = cfg.MODEL.CLS_LOSS.NAME, "MODEL.META_ARCHITECTURE", META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    name, key = cfg.MODEL.CLS_LOSS.NAME, "MODEL.META_ARCHITECTURE"
+    model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
     if issubclass(model, GeneralizedRCNN):
         key, model = "MODEL.ROI_HEADS.NAME", ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
     if getattr(model, "cls_loss_head", None):
@@ -40,10 +45,11 @@ def validate_cfg(cfg):
             build_cls_loss(cfg, model.cls_loss_head)
         except ValueError as e:
             raise ValueError(f"MODEL.CLS_LOSS (NAME={name or 'ap'!r}): {e}") from None
-    elif name and not any(issubclass(model, m) and name == own for m, own in ((RetinaNet, "focal"), (StandardROIHeads, "ce"))):
-        fix = "MODEL.ROI_HEADS.NAME: APLossROIHeads" if "ROI" in key else "MODEL.META_ARCHITECTURE: APLossRetinaNet or APLossSSD"
+    elif name and not any(issubclass(model, m) and name == own for m, own in _OWN_LOSS):
+        fix = "ROI_HEADS.NAME: APLossROIHeads" if "ROI" in key else "META_ARCHITECTURE: APLossRetinaNet or APLossSSD"
         raise ValueError(f"MODEL.CLS_LOSS.NAME={name!r} would be ignored: {key}={model.__name__!r} does not read "
-                         f"MODEL.CLS_LOSS (it trains its own loss). Use {fix}, or leave MODEL.CLS_LOSS.NAME unset")
+                         f"MODEL.CLS_LOSS (it trains its own loss). Use MODEL.{fix}, or leave MODEL.CLS_LOSS.NAME "
+                         "unset")
     return cfg
 
 
@@ -63,13 +69,14 @@ def _checked_dicts(name):
     try:
         return check_dataset_dicts(DatasetCatalog.get(name), name)
     except json.JSONDecodeError as e:
-        raise ValueError(f"dataset {name!r}: {MetadataCatalog.get(name).get('json_file', 'its annotation file')} is not "
-                         f"valid JSON ({e}); the file is truncated or corrupt. Restore it (download or copy it again).") from e
+        source = MetadataCatalog.get(name).get("json_file", "its annotation file")
+        raise ValueError(f"dataset {name!r}: {source} is not valid JSON ({e}); the file is truncated or corrupt. "
+                         "Restore it (download or copy it again).") from e
 
 
 class Trainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluators, training mapper (``AP_LOSS_INPUT``), dataset
-    checks (``check_dataset_dicts``; image files named when they fail to decode) and :class:`SafeDetectionCheckpointer`."""
+    checks (``check_dataset_dicts``; image files named when they fail to decode) and the safe checkpointer."""
 
     def build_hooks(self):
         # DefaultTrainer.__init__ calls this after making its stock checkpointer: the hooks get this one
@@ -90,14 +97,17 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         mapper = NamingReadErrors(DatasetMapper(cfg, False))
-        return build_detection_test_loader(_checked_dicts(dataset_name), mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
+        dicts = _checked_dicts(dataset_name)
+        return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(), **kwargs):
     """Detectron2's ``launch``, and a shim for Detectron2 v0.6, whose ``launch`` needs CUDA for more than one process:
     without CUDA the processes are started with Gloo. Detectron2's main branch after v0.6 (which has
-    ``comm.create_local_process_group``) does that itself; a Detectron2 release after v0.6 makes the shim unnecessary."""
-    if num_machines * num_gpus_per_machine <= 1 or torch.cuda.is_available() or hasattr(comm, "create_local_process_group"):
+    ``comm.create_local_process_group``) does that itself; a Detectron2 release after v0.6 makes the shim
+    unnecessary."""
+    runs_cpu_processes = hasattr(comm, "create_local_process_group")
+    if num_machines * num_gpus_per_machine <= 1 or torch.cuda.is_available() or runs_cpu_processes:
         return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, **kwargs)
     mp.spawn(_gloo_worker, nprocs=num_gpus_per_machine,
              args=(main_func, num_machines, num_gpus_per_machine, machine_rank, dist_url, args, kwargs))
