@@ -99,16 +99,21 @@ def setup(args):
     return cfg
 
 
+def check_lazy_cls_loss(cfg):
+    """Build ``model.cls_loss`` once, so that its constructor checks its options before anything else is built."""
+    loss = cfg.model.get("cls_loss", None)
+    if loss is not None and "_target_" in loss:
+        try:
+            instantiate(loss)
+        except ValueError as e:
+            raise ValueError(f"model.cls_loss: {e}") from None
+
+
 def setup_lazy(args):
     """Load the LazyConfig, apply ``key=value`` overrides, run the start-up checks and ``default_setup``."""
     register_datasets()
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    loss = cfg.model.get("cls_loss", None)
-    if loss is not None and "_target_" in loss:
-        try:  # its constructor checks its options: fail before anything is built
-            instantiate(loss)
-        except ValueError as e:
-            raise ValueError(f"model.cls_loss: {e}") from None
+    check_lazy_cls_loss(cfg)
     check_datasets({f"dataloader.{k}.dataset.names": cfg.dataloader[k].dataset.names for k in ("train", "test")})
     check_batch("dataloader.train.total_batch_size", cfg.dataloader.train.total_batch_size)
     check_output(args, cfg.train.output_dir, cfg.train.init_checkpoint, cfg.train.get("overwrite_output", False),

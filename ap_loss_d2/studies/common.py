@@ -79,7 +79,7 @@ def default_config(relpath: str) -> str:
 def train_net_command() -> List[str]:
     """The command that runs ``train_net.py``'s logic in a new process (``--num-gpus`` etc.
     appended by the caller); works from an installed package."""
-    return [sys.executable, "-m", "ap_loss_d2.engine.train_net"]
+    return [sys.executable, str(Path(__file__).resolve().parents[2] / "train_net.py")]
 
 
 def scale_iter(value: int, max_iter: int, iters: int) -> int:

@@ -143,7 +143,7 @@ def main(argv=None):
 
     from detectron2.engine import default_argument_parser
 
-    from ..engine.train_net import main as train_net_main
+    from train_net import main as train_net_main  # the repository's train_net.py (run from the repository root)
 
     train_args = default_argument_parser().parse_args(["--config-file", config_file, *opts])
     print("[main_job] train_net " + " ".join(["--config-file", config_file, *opts]), flush=True)
