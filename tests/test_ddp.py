@@ -211,7 +211,7 @@ def test_train_net_two_cpu_processes_same_update_as_one(synth_dataset_dir, tmp_p
     step2, step1 = two["head.cls_score.bias"] - b0, one["head.cls_score.bias"] - b0
     assert step1.norm() > 1e-6
     assert relative_difference(step2, step1) < 1e-4
-    train2, train1 = ([m for m in metrics if "loss_cls" in m][-1] for m in (metrics2, metrics1))
+    train2, train1 = ([r for r in rows if "loss_cls" in r][-1] for rows in (metrics2, metrics1))
     assert train2["loss_cls"] == pytest.approx(train1["loss_cls"], rel=1e-5)
     assert train2["cls_loss/num_pos"] == train1["cls_loss/num_pos"]
 
