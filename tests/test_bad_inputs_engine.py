@@ -76,12 +76,22 @@ def _warnings_of(fn):
     return "\n".join(handler.lines) + f"\nresult={result}"
 
 
+_MODELS = {}
+
+
+def _model(loss):
+    """The tiny RetinaNet with ``loss`` (built once per module)."""
+    if loss not in _MODELS:
+        _MODELS[loss] = Trainer.build_model(_cfg("MODEL.CLS_LOSS.NAME", loss))
+    return _MODELS[loss]
+
+
 def trained_with(train_loss, eval_loss):
     """A RetinaNet checkpoint saved with ``train_loss``, loaded into the same model built with ``eval_loss``."""
 
     def call(tmp):
-        SafeDetectionCheckpointer(Trainer.build_model(_cfg("MODEL.CLS_LOSS.NAME", train_loss)), str(tmp)).save("m")
-        model = Trainer.build_model(_cfg("MODEL.CLS_LOSS.NAME", eval_loss))
+        SafeDetectionCheckpointer(_model(train_loss), str(tmp)).save("m")
+        model = _model(eval_loss)
         return _warnings_of(lambda: (SafeDetectionCheckpointer(model).load(str(tmp / "m.pth")), "loaded")[1])
 
     return call
@@ -90,7 +100,7 @@ def trained_with(train_loss, eval_loss):
 def unconverted_weights(tmp):
     """torchvision-style VGG names (an unconverted file) as the weights of a RetinaNet."""
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3), "features.0.bias": torch.zeros(64)}, tmp / "vgg16.pth")
-    model = Trainer.build_model(_cfg())
+    model = _model("ap")
     return _warnings_of(lambda: (SafeDetectionCheckpointer(model).load(str(tmp / "vgg16.pth")), "loaded")[1])
 
 
