@@ -115,6 +115,12 @@ def add_ap_loss_config(cfg):
     # Largest zoom-out ratio of the "ssd" augmentation.
     i.EXPAND_MAX_RATIO = 4.0
 
+    # Output folder (train_net.py; LazyConfig: train.overwrite_output).
+    cfg.AP_LOSS_OUTPUT = CN()
+    # A new run (neither --resume nor --eval-only) refuses an OUTPUT_DIR holding another run's
+    # checkpoints; True overwrites them on purpose.
+    cfg.AP_LOSS_OUTPUT.OVERWRITE = False
+
     for old, new in _RENAMED.items():
         cfg.register_renamed_key(old, *(new if isinstance(new, tuple) else (new,)))
     return cfg

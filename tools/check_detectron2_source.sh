@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compatibility check: build a Detectron2 source tree into a separate virtual environment with
 # ap_loss_d2's placeholder `_C` (tools/d2_fallback/vision.cpp, so no C++/CUDA op is compiled)
-# and run this project's test suite against it. CI keeps using the release (make test).
+# and run this project's test suite against it. CI (.ci/run) runs it on Detectron2 main's
+# snapshot after `make test` (make test-d2-main).
 #
 #   tools/check_detectron2_source.sh <detectron2 source tree> [venv dir] [-- pytest args]
 #
