@@ -100,13 +100,17 @@ def setup(args):
 
 
 def check_lazy_cls_loss(cfg):
-    """Build ``model.cls_loss`` once, so that its constructor checks its options before anything else is built."""
-    loss = cfg.model.get("cls_loss", None)
-    if loss is not None and "_target_" in loss:
-        try:
-            instantiate(loss)
-        except ValueError as e:
-            raise ValueError(f"model.cls_loss: {e}") from None
+    """Build the loss nodes (``model.cls_loss``, ``model.roi_heads.box_predictor.cls_loss``) once, so that their
+    constructors check their options before anything else is built (ValueError naming the node)."""
+    for key in ("model.cls_loss", "model.roi_heads.box_predictor.cls_loss"):
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part, None) if hasattr(node, "get") else None
+        if hasattr(node, "get") and "_target_" in node:
+            try:
+                instantiate(node)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{key}: {e}") from None
 
 
 def setup_lazy(args):

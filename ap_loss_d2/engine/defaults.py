@@ -51,6 +51,7 @@ def validate_cfg(cfg):
         raise ValueError(f"MODEL.CLS_LOSS.NAME={name!r} would be ignored: {key}={model.__name__!r} does not read "
                          f"MODEL.CLS_LOSS (it trains its own loss). Use MODEL.{fix}, or leave MODEL.CLS_LOSS.NAME "
                          "unset")
+    build_train_mapper(cfg)  # checks AP_LOSS_INPUT
     return cfg
 
 
