@@ -8,8 +8,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, launch as d2_launch
-from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
-from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN, RetinaNet, StandardROIHeads
 from detectron2.utils import comm
 
 from .. import modeling  # noqa: F401  (registers the models)
@@ -88,16 +87,14 @@ class Trainer(DefaultTrainer):
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(), **kwargs):
-    """Detectron2's ``launch``; on v0.6, which needs CUDA for several processes, CPU processes start with Gloo (a
-    shim: Detectron2's main branch, with ``comm.create_local_process_group``, does it; a release after v0.6 ends it)."""
+    """Detectron2's ``launch``; CPU processes start with Gloo on v0.6 (a shim: releases after v0.6 do it themselves)."""
     runs_cpu_processes = hasattr(comm, "create_local_process_group")
     if num_machines * num_gpus_per_machine <= 1 or torch.cuda.is_available() or runs_cpu_processes:
         return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, **kwargs)
-    torch.multiprocessing.spawn(_gloo_worker, nprocs=num_gpus_per_machine,
-             args=(main_func, num_machines, num_gpus_per_machine, machine_rank, dist_url, args, kwargs))
+    world, first = num_machines * num_gpus_per_machine, machine_rank * num_gpus_per_machine
+    torch.multiprocessing.spawn(_gloo_worker, (main_func, world, first, dist_url, args, kwargs), num_gpus_per_machine)
 
 
-def _gloo_worker(local_rank, main_func, num_machines, per_machine, machine_rank, dist_url, args, kwargs):
-    rank, world = machine_rank * per_machine + local_rank, num_machines * per_machine
-    torch.distributed.init_process_group("gloo", init_method=dist_url, world_size=world, rank=rank, **kwargs)
+def _gloo_worker(local, main_func, world, first, dist_url, args, kwargs):
+    torch.distributed.init_process_group("gloo", init_method=dist_url, world_size=world, rank=first + local, **kwargs)
     main_func(*args)
