@@ -18,6 +18,7 @@ from ..evaluation import build_evaluator
 from ..losses.registry import build_cls_loss
 from .checkpoint import SafeDetectionCheckpointer
 
+
 def get_ap_loss_cfg():
     """Detectron2's ``get_cfg()`` plus ap_loss_d2's keys."""
     return add_ap_loss_config(get_cfg())
@@ -58,9 +59,8 @@ def _checked_dicts(name):
     try:
         return check_dataset_dicts(DatasetCatalog.get(name), name)
     except json.JSONDecodeError as e:
-        source = MetadataCatalog.get(name).get("json_file", "its annotation file")
-        raise ValueError(f"dataset {name!r}: {source} is not valid JSON ({e}); the file is truncated or corrupt. "
-                         "Restore it (download or copy it again).") from e
+        path = MetadataCatalog.get(name).get("json_file", "its annotation file")
+        raise ValueError(f"dataset {name!r}: {path} is not valid JSON ({e}); the file is truncated, restore it") from e
 
 
 class Trainer(DefaultTrainer):
