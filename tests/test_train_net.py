@@ -156,10 +156,11 @@ def test_main_job_in_process_prints_what_train_net_returned(synth_dataset_dir, t
                                  "SOLVER.MAX_ITER", "3", *FAST_EVAL])
     finally:
         torch.set_num_threads(threads)
-    logged = [r for r in read_metrics(out) if "bbox/AP" in r][-1]
+    (run,) = [p for p in out.iterdir() if p.is_dir()]  # the main job's folder for this run (its start time)
+    logged = [r for r in read_metrics(run) if "bbox/AP" in r][-1]
     for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert results[k] == pytest.approx(logged[f"bbox/{k}"], nan_ok=True)
     text = capsys.readouterr().out
     assert "| AP | AP50 | AP75 | APs | APm | APl |" in text
     assert "| " + " | ".join(f"{results[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + " |" in text
-    assert f"output in {out}" in text
+    assert f"output in {run}" in text
