@@ -1,14 +1,5 @@
-"""Helpers shared by the studies: runs (config + checkpoint) to models, dataset subsets, tables.
-
-A *run* is given on the command line as ``CONFIG:WEIGHTS[:LABEL]`` (a yacs ``.yaml`` config,
-a checkpoint, an optional label) or as a training output folder ``RUN_DIR[:LABEL]`` (its
-``config.yaml`` and its last checkpoint, as written by ``train_net.py``). The label defaults to
-the registry's label of ``MODEL.CLS_LOSS.NAME`` ("AP-loss", "Focal loss", ...).
-
-Every study writes ``<name>.json`` with ``"study": "<name>"`` at the top, a markdown table
-``<name>.md`` and, where useful, PNG figures listed under ``"figures"`` (paths relative to the
-JSON's folder); :mod:`studies.report` collects them.
-"""
+"""Helpers shared by the studies: runs to models, training processes, dataset subsets, tables,
+the shared argument parser. Conventions (run specs, outputs): docs/studies.md."""
 import argparse
 import json
 import logging
@@ -30,7 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def default_config(relpath: str) -> str:
-    """``REPO/configs/<relpath>``."""
     return str(REPO / "configs" / relpath)
 
 
@@ -54,8 +44,7 @@ def train_net_command(imports: Sequence[str] = ()) -> List[str]:
 
 
 def run_logged(cmd: Sequence[str], log_path, env=None, echo: bool = False) -> int:
-    """Run ``cmd`` (a training process) with its output appended to ``log_path`` after a ``$ cmd``
-    line, and echoed with ``echo``; an interrupt stops the process too. Returns its exit code."""
+    """Run ``cmd`` with its output appended to ``log_path`` (and echoed); returns its exit code."""
     import subprocess
 
     with open(log_path, "a") as log:
@@ -103,13 +92,11 @@ def check_loss_names(names: Sequence[str], imports: Sequence[str] = (), error=Sy
 
 
 def scale_iter(value: int, max_iter: int, iters: int) -> int:
-    """An iteration count of a ``max_iter`` schedule (a step, ``WARMUP_ITERS``) at ``iters``."""
     return int(round(value * iters / max_iter))
 
 
 def scaled_schedule(steps: Sequence[int], max_iter: int, iters: int) -> Tuple[int, ...]:
-    """``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters``, kept strictly
-    increasing and inside ``(0, iters)`` (what Detectron2's multi-step scheduler accepts)."""
+    """``SOLVER.STEPS`` rescaled to ``iters``, strictly increasing inside ``(0, iters)``."""
     out: List[int] = []
     for s in steps:
         s = scale_iter(s, max_iter, iters)
@@ -125,15 +112,10 @@ def read_json(path):
 
 def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json",
                        error=SystemExit) -> bool:
-    """Resume by fingerprint: ``run_dir/run_file`` remembers the settings of a run folder.
-
-    Writes them when absent (returns False: a new run); returns True when they are the same
-    (the run may be resumed or skipped); refuses other settings with ``error`` (a command
-    line's ``SystemExit``, a library's ``RuntimeError``) naming the folder.
-    """
-    run_dir = Path(run_dir)
+    """``run_dir/run_file`` remembers a run folder's settings: False (written) for a new run,
+    True for the same settings (resume or skip), ``error`` naming the folder for others."""
+    run_dir, settings = Path(run_dir), to_jsonable(settings)
     path = run_dir / run_file
-    settings = to_jsonable(settings)
     if path.exists():
         previous = read_json(path)
         if previous != settings:
@@ -147,7 +129,6 @@ def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json"
 
 
 def progress(study: str, msg: str) -> None:
-    """One progress line on stderr, ``[study] msg``."""
     print(f"[{study}] {msg}", file=sys.stderr, flush=True)
 
 
@@ -156,8 +137,7 @@ def progress(study: str, msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class RunSpec:
-    """One model to study: a config file, a checkpoint ("" = the config's MODEL.WEIGHTS) and an
-    optional label."""
+    """A config file, a checkpoint ("" = the config's MODEL.WEIGHTS) and an optional label."""
 
     config: str
     weights: str = ""
@@ -180,11 +160,7 @@ def _last_checkpoint(run_dir: Path) -> str:
 
 
 def parse_run_spec(text: str) -> RunSpec:
-    """``CONFIG:WEIGHTS[:LABEL]`` or ``RUN_DIR[:LABEL]`` -> :class:`RunSpec`.
-
-    ``WEIGHTS`` may be empty (``CONFIG:``, ``CONFIG::LABEL``): the config's ``MODEL.WEIGHTS``
-    is used. A ``RUN_DIR`` is a training output folder with ``config.yaml`` and checkpoints.
-    """
+    """``CONFIG:WEIGHTS[:LABEL]`` (WEIGHTS may be empty) or ``RUN_DIR[:LABEL]`` -> RunSpec."""
     parts = text.split(":")
     if os.path.isdir(parts[0]):
         if len(parts) > 2:
@@ -210,8 +186,7 @@ def parse_run_spec(text: str) -> RunSpec:
 
 
 def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None):
-    """ap_loss_d2's yacs config of ``config_file`` with ``opts`` (``KEY VALUE`` ...) merged,
-    validated and frozen. ``device`` overrides ``MODEL.DEVICE``."""
+    """The validated, frozen yacs config of ``config_file`` with ``opts`` and ``device``."""
     if not str(config_file).endswith((".yaml", ".yml")):
         raise ValueError(
             f"{config_file}: the studies take yacs (.yaml) configs; for a LazyConfig run use "
@@ -230,8 +205,7 @@ def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] =
 
 
 def cls_loss_label(name: str) -> str:
-    """The registry's label of the loss ``name`` (``MODEL.CLS_LOSS.NAME``), ``name`` itself when
-    no loss of that name is registered."""
+    """The registry's label of the loss ``name``, else ``name``."""
     from ap_loss_d2.losses import registry
 
     return registry.cls_loss_label(name) if name in registry.cls_loss_names() else name
@@ -239,15 +213,12 @@ def cls_loss_label(name: str) -> str:
 
 def loss_label(cfg) -> str:
     """The label of the classification loss of ``cfg`` (or the meta-architecture)."""
-    name = cfg.MODEL.get("CLS_LOSS", {}).get("NAME", None) if hasattr(cfg, "MODEL") else None
-    if name is None:
-        return str(cfg.MODEL.META_ARCHITECTURE)
-    return cls_loss_label(name)
+    name = cfg.MODEL.get("CLS_LOSS", {}).get("NAME", None)
+    return str(cfg.MODEL.META_ARCHITECTURE) if name is None else cls_loss_label(name)
 
 
 def build_model_for_run(cfg, weights: str):
-    """Detectron2's ``build_model(cfg)`` in eval mode with ``weights`` (or ``cfg.MODEL.WEIGHTS``)
-    loaded by ``DetectionCheckpointer``; random initialisation when both are empty."""
+    """``build_model(cfg)`` in eval mode with ``weights`` (or ``cfg.MODEL.WEIGHTS``) loaded."""
     from ap_loss_d2.engine import SafeDetectionCheckpointer as DetectionCheckpointer
     from detectron2.modeling import build_model
 
@@ -261,14 +232,8 @@ def build_model_for_run(cfg, weights: str):
     return model
 
 
-def resolve_run(spec: RunSpec, opts: Sequence[str] = (), device: Optional[str] = None):
-    """``(cfg, label)`` of a :class:`RunSpec`."""
-    cfg = load_cfg(spec.config, opts, device)
-    return cfg, spec.label or loss_label(cfg)
-
-
 def unique_labels(labels: Iterable[str]) -> List[str]:
-    """Make labels unique by appending `` (2)``, `` (3)``... to repeats."""
+    """The labels with `` (2)``, `` (3)``... appended to repeats."""
     seen, out = {}, []
     for lab in labels:
         n = seen.get(lab, 0) + 1
@@ -278,7 +243,7 @@ def unique_labels(labels: Iterable[str]) -> List[str]:
 
 
 def save_checkpoint(model, path) -> str:
-    """Save ``model``'s weights with ``DetectionCheckpointer`` as ``path`` (a ``.pth``)."""
+
     from ap_loss_d2.engine import SafeDetectionCheckpointer as DetectionCheckpointer
 
     path = Path(path)
@@ -301,14 +266,9 @@ def _reregister(name, loader, metadata):
 
 
 def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str:
-    """Name of a registered dataset holding the first ``max_images`` images of ``dataset_name``
-    (``dataset_name`` itself when ``max_images`` is None or not smaller than the dataset).
-
-    The subset keeps the metadata of the original, with the evaluator's ground truth restricted
-    to the same images: for ``evaluator_type == "coco"`` a filtered copy of ``json_file`` in
-    ``workdir``; for ``"pascal_voc"`` a folder in ``workdir`` with a link to the original
-    ``Annotations`` and its own ``ImageSets/Main/<split>.txt``.
-    """
+    """A registered dataset of the first ``max_images`` images of ``dataset_name`` (itself when
+    None or not smaller) whose evaluator's ground truth (coco json / VOC image set, in
+    ``workdir``) holds the same images."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     if max_images is None:
@@ -326,7 +286,6 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
     workdir = Path(workdir) / name
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "coco":
-        # (DatasetCatalog.get above generated an embedded synthetic dataset if needed)
         with open(meta["json_file"]) as f:
             raw = json.load(f)
         ids = {d["image_id"] for d in subset}
@@ -359,31 +318,20 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
 # ---------------------------------------------------------------------------------------------
 def fmt_num(x, digits: int = 1) -> str:
     """``x`` with ``digits`` decimals; "-" for None/NaN; integers as integers."""
-    if x is None:
-        return "-"
     if isinstance(x, (bool, np.bool_)):
         return str(bool(x))
     if isinstance(x, (int, np.integer)):
         return str(int(x))
-    x = float(x)
-    if math.isnan(x):
-        return "-"
-    return f"{x:.{digits}f}"
+    return "-" if x is None or math.isnan(float(x)) else f"{float(x):.{digits}f}"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence],
                    align: Optional[str] = None) -> str:
-    """A GitHub markdown table. ``align``: one of "l"/"r"/"c" per column (default: first column
-    left, the others right)."""
-    if align is None:
-        align = "l" + "r" * (len(headers) - 1)
+    """A GitHub markdown table; ``align``: "l"/"r"/"c" per column (default "lrr...")."""
+    align = align or "l" + "r" * (len(headers) - 1)
     marks = {"l": ":---", "r": "---:", "c": ":---:"}
-    esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
-             "| " + " | ".join(marks[a] for a in align) + " |"]
-    for r in rows:
-        lines.append("| " + " | ".join(esc(v) for v in r) + " |")
-    return "\n".join(lines)
+    line = lambda cells: "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in cells) + " |"  # noqa: E731
+    return "\n".join([line(headers), "| " + " | ".join(marks[a] for a in align) + " |", *map(line, rows)])
 
 
 def to_jsonable(obj):
@@ -406,8 +354,7 @@ def to_jsonable(obj):
 
 
 def write_json(path, obj) -> None:
-    """Write ``obj`` as strict JSON (NaN/Inf -> null) atomically: a temporary file renamed over
-    ``path``, so an interrupted write never leaves a partial file."""
+    """Write ``obj`` as strict JSON (NaN/Inf -> null) atomically (a temporary file renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -425,13 +372,23 @@ def pyplot():
     return plt
 
 
+def subplots(*args, **kwargs):
+    """``(figure, axes)`` of ``pyplot().subplots``."""
+    return pyplot().subplots(*args, **kwargs)
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def read_metrics_json(path) -> Tuple[List[dict], int]:
-    """Entries of a Detectron2 ``metrics.json`` (one JSON object a line) and the number of
-    unreadable lines skipped (e.g. a line cut by an interrupted run)."""
+    """Entries of a Detectron2 ``metrics.json`` and the number of unreadable lines skipped."""
     entries, skipped = [], 0
     with open(path) as f:
         for line in f:
@@ -451,17 +408,14 @@ def read_metrics_json(path) -> Tuple[List[dict], int]:
 
 
 def not_finite(values: dict, keys: Sequence[str]) -> List[str]:
-    """The ``keys`` whose value in ``values`` is missing, not a number, NaN or infinite (an
-    evaluation of a model that detects nothing logs AP NaN)."""
+    """The ``keys`` whose value in ``values`` is missing, not a number, NaN or infinite."""
     return [k for k in keys if not isinstance(values.get(k), (int, float))
             or not math.isfinite(values[k])]
 
 
 def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> dict:
-    """The last logged COCO-style bbox metrics of a ``metrics.json``:
-    ``{dataset prefix ("" for single-dataset keys): {metric: value, "iteration": it}}``
-    (``{}`` when the file is missing or logged no evaluation). ``metrics=None``: every
-    ``bbox/*`` key (``AP``, ``AP50``, ..., ``AP-<class>``)."""
+    """The last logged ``bbox/<metric>`` values of a ``metrics.json`` (``metrics=None``: all) as
+    ``{dataset prefix ("" for one dataset): {metric: value, "iteration": it}}``."""
     out: dict = {}
     path = Path(path)
     if not path.is_file():
@@ -479,21 +433,15 @@ def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> 
     return out
 
 
-#: A yacs config key (``SOLVER.MAX_ITER``, ``SEED``): where the trailing overrides start.
 CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*")
 
 
-#: The form of ``--run`` of the studies that take checkpoints (:func:`parse_run_spec`).
 RUN_SPEC = "CONFIG:WEIGHTS[:LABEL] or RUN_DIR[:LABEL]"
 
 
 class StudyArgumentParser(argparse.ArgumentParser):
-    """``argparse`` with Detectron2's trailing config overrides (``opts``, ``argparse.REMAINDER``).
-
-    The overrides start at ``--`` or at the first config key (:data:`CONFIG_KEY`) that is not the
-    value of a one-value option, so they may follow a multi-value option
-    (``--seeds 0 1 SOLVER.MAX_ITER 10``), which argparse alone would feed them to.
-    """
+    """``argparse`` with trailing ``KEY VALUE`` overrides (``opts``) that start at ``--`` or at
+    the first config key that is not a one-value option's value, e.g. after ``--seeds 0 1``."""
 
     def _split_overrides(self, argv: List[str]) -> Tuple[List[str], List[str]]:
         one_value = {s for a in self._actions if a.option_strings and a.nargs is None
@@ -524,8 +472,7 @@ class StudyArgumentParser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written; an option's default after its help unless the help names
-    one or the default is None / False."""
+    """An option's default after its help, unless the help names one or it is None / False."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -538,15 +485,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def study_argument_parser(study: str, description: str, *, config: Optional[str] = None,
                           num_gpus: bool = False, runs: Optional[str] = None, opts: bool = True):
-    """The argument parser of every study command (``python -m studies.<study>``).
-
-    Options are spelled out in full (no abbreviations). Every command gets ``--output-dir``
-    (default ``output/<study>``); ``config``: a
-    ``--config-file`` whose help names that default; ``num_gpus``: ``--num-gpus``, processes per
-    launched training run; ``runs``: the checkpoint studies' ``--run`` (repeatable, ``runs`` is its
-    form, e.g. :data:`RUN_SPEC`), ``--dataset``, ``--device`` (read by :func:`prepare_runs`); ``opts``: trailing ``KEY VALUE``
-    config overrides, after any option or after ``--`` (:class:`StudyArgumentParser`).
-    """
+    """The parser of ``python -m studies.<study>``: ``--output-dir``, and on request
+    ``--config-file`` (its default named), ``--num-gpus``, ``--run``/``--dataset``/``--device``
+    (the checkpoint studies, :func:`prepare_runs`) and trailing overrides."""
     p = StudyArgumentParser(prog=f"python -m studies.{study}", description=description,
                             formatter_class=_HelpFormatter, allow_abbrev=False)
     p.add_argument("--output-dir", default=f"output/{study}", help="folder of the outputs")
@@ -569,23 +510,19 @@ def study_argument_parser(study: str, description: str, *, config: Optional[str]
 
 
 def prepare_runs(args):
-    """Shared set-up of the checkpoint studies from the arguments of
-    ``study_argument_parser(..., runs=True)``.
-
-    Returns ``(output dir, run specs, [(cfg, weights)], labels, dataset name)``.
-    """
+    """``(output dir, run specs, [(cfg, label)], labels, dataset name)`` of ``--run`` ..."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = [parse_run_spec(r) for r in args.run]
-    resolved = [resolve_run(s, args.opts, args.device) for s in specs]
+    resolved = [(cfg, s.label or loss_label(cfg)) for s in specs
+                for cfg in [load_cfg(s.config, args.opts, args.device)]]
     labels = unique_labels([lab for _, lab in resolved])
     dataset = args.dataset or resolved[0][0].DATASETS.TEST[0]
     return out, specs, resolved, labels, dataset
 
 
 def metrics_by_iteration(path) -> Tuple[dict, int]:
-    """``metrics.json`` as ``({iteration: merged entries}, unreadable lines skipped)``; a later
-    line for the same iteration wins (e.g. after a resumed run)."""
+    """``metrics.json`` as ``({iteration: merged entries}, lines skipped)``; later lines win."""
     entries, skipped = read_metrics_json(path)
     by_iter: dict = {}
     for entry in entries:
@@ -597,7 +534,7 @@ def metrics_by_iteration(path) -> Tuple[dict, int]:
 
 
 def write_study_outputs(out: Path, name: str, study: str, report: dict, md_lines, table: str):
-    """Write ``<name>.json`` and ``<name>.md`` into ``out``, print the table and say so."""
+    """Write ``<name>.json`` and ``<name>.md``, print the table and say so."""
     write_json(out / f"{name}.json", report)
     (out / f"{name}.md").write_text("\n".join(md_lines) + "\n")
     print(table, flush=True)

@@ -27,7 +27,7 @@ from ap_loss_d2.losses.ranking_sets import ranking_targets
 from ap_loss_d2.losses.registry import cls_loss_names
 from ap_loss_d2.modeling import APLossRetinaNet
 from .common import (
-    REPO, check_run_settings, cls_loss_label, metrics_by_iteration, save_figure, read_json,
+    REPO, check_run_settings, cls_loss_label, metrics_by_iteration, read_json, save_figure, subplots,
     scale_iter, scaled_schedule, study_argument_parser, write_json
 )
 
