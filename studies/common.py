@@ -539,3 +539,18 @@ def write_study_outputs(out: Path, name: str, study: str, report: dict, md_lines
     (out / f"{name}.md").write_text("\n".join(md_lines) + "\n")
     print(table, flush=True)
     progress(study, f"wrote {out / (name + '.json')}, {out / (name + '.md')}")
+
+
+def number(kind, low=None):
+    """An argparse type: a ``kind`` number > 0, or >= ``low``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not (value > 0 if low is None else value >= low):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'> 0' if low is None else f'>= {low}'}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {'> 0' if low is None else f'>= {low}'}"
+    return parse
