@@ -43,6 +43,17 @@ def train_net_command(imports: Sequence[str] = ()) -> List[str]:
     return [sys.executable, "-c", _IMPORT_THEN_TRAIN, str(REPO / "train_net.py"), *imports, "--"]
 
 
+def train_net_process(run_dir, config, opts: Sequence[str], *, log: str, imports: Sequence[str] = (),
+                      num_gpus: int = 1, train_net=None, env=None, echo: bool = False):
+    """Train (or resume) one run in a new ``train_net.py`` process (``train_net``: another script
+    with Detectron2's arguments) into ``run_dir``, its output appended to ``run_dir/log``;
+    returns ``(command, exit code)``."""
+    cmd = [*(train_net_command(imports) if train_net is None else [sys.executable, str(train_net)]),
+           *(["--num-gpus", str(num_gpus)] if num_gpus > 1 else []), "--config-file", str(config),
+           "--resume", *opts, "OUTPUT_DIR", str(Path(run_dir).resolve())]
+    return cmd, run_logged(cmd, Path(run_dir) / log, env=env, echo=echo)
+
+
 def run_logged(cmd: Sequence[str], log_path, env=None, echo: bool = False) -> int:
     """Run ``cmd`` with its output appended to ``log_path`` (and echoed); returns its exit code."""
     import subprocess

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from .common import (
-    check_loss_names, cls_loss_label, default_config, fmt_num, import_modules, last_bbox_metrics,
-    markdown_table, not_finite, progress, REPO, run_logged, study_argument_parser, timestamp,
-    train_net_command, write_json
+    check_loss_names, cls_loss_label, fmt_num, import_modules, last_bbox_metrics,
+    markdown_table, not_finite, progress, REPO, save_figure, study_argument_parser, subplots,
+    timestamp, train_net_process, write_json
 )
 
 STUDY = "lr_sweep"
@@ -41,19 +41,12 @@ def parse_divergence(log: str) -> Optional[int]:
     return None
 
 
-def _settings(args, loss, lr, seed) -> dict:
-    return {"config": args.config_file, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
-
-
 def config_path(config: str) -> str:
-    """``config`` as given, or relative to the repository (the default); a clear error when
-    neither exists."""
+    """``config`` as given, or relative to the repository (the default)."""
     if os.path.isfile(config):
         return config
-    if (REPO / config).is_file():
+    if (REPO / config).is_file() or config == DEFAULT_CONFIG:
         return str(REPO / config)
-    if config == DEFAULT_CONFIG:
-        return default_config(CONFIG_REL)  # says where the configs are expected
     raise SystemExit(f"[{STUDY}] --config-file {config}: no such file")
 
 
@@ -61,7 +54,7 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     """Train (or resume, or skip) one run; returns its record."""
     out = Path(args.output_dir) / run_name(loss, lr, seed)
     done = out / "sweep_run.json"
-    settings = _settings(args, loss, lr, seed)
+    settings = {"config": args.config_file, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
     if done.is_file():
         record = json.loads(done.read_text())
         if record.get("settings") != settings:
@@ -72,21 +65,15 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
         progress(STUDY, f"{out.name}: finished earlier ({record['status']})")
         return record
     out.mkdir(parents=True, exist_ok=True)
-    resume = (out / "last_checkpoint").is_file()
-    cmd = [*train_net_command(args.imports), "--config-file", config_path(args.config_file)]
-    if resume:
-        cmd.append("--resume")
-    if args.num_gpus > 1:
-        cmd += ["--num-gpus", str(args.num_gpus)]
-    # DIAGNOSTICS: cls_loss/time in metrics.json, which the cost study plots (Fig. 10)
-    cmd += ["MODEL.CLS_LOSS.DIAGNOSTICS", "True", "MODEL.CLS_LOSS.NAME", loss,
-            "SOLVER.BASE_LR", repr(float(lr)), "SEED", str(seed), *args.opts,
-            "OUTPUT_DIR", str(out.resolve())]
     env = dict(os.environ)
     if args.devices:
         env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
-    progress(STUDY, f"{out.name}: {'resuming' if resume else 'training'}")
-    returncode = run_logged(cmd, out / "sweep_log.txt", env=env)
+    progress(STUDY, f"{out.name}: {'resuming' if (out / 'last_checkpoint').is_file() else 'training'}")
+    # DIAGNOSTICS: cls_loss/time in metrics.json, which the cost study plots (Fig. 10)
+    opts = ["MODEL.CLS_LOSS.DIAGNOSTICS", "True", "MODEL.CLS_LOSS.NAME", loss, "SOLVER.BASE_LR", repr(float(lr)),
+            "SEED", str(seed), *args.opts]
+    cmd, returncode = train_net_process(out, config_path(args.config_file), opts, log="sweep_log.txt",
+                                        imports=args.imports, num_gpus=args.num_gpus, env=env)
     text = (out / "sweep_log.txt").read_text(errors="replace")
     record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode}
     metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
@@ -107,10 +94,8 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
 
 
 def run_status(returncode: int, log: str, metrics: dict) -> dict:
-    """The status of a finished training process from its exit code, output and last bbox
-    ``metrics``: ``ok`` with AP / AP50 / AP75 (all finite); ``diverged`` with the iteration
-    (NaN/Inf); ``failed`` with a ``reason`` when it trained but evaluated to no detections (NaN
-    or missing AP: kept, not retried), else with the ``log_tail`` (retried on the next call)."""
+    """``ok`` with finite AP / AP50 / AP75, ``diverged`` with the iteration, ``failed`` with a
+    ``reason`` (no detections: kept) or the ``log_tail`` (retried on the next call)."""
     diverged_at = parse_divergence(log) if returncode != 0 else None
     if diverged_at is not None:
         return {"status": "diverged", "diverged_at": diverged_at}
@@ -131,13 +116,12 @@ def _stats(values: List[float]) -> dict:
 
 
 def _is_ok(record: dict) -> bool:
-    """Status ok with finite AP / AP50 / AP75 (a record read back from JSON has NaN as null)."""
     return record["status"] == "ok" and not not_finite(record, METRICS)
 
 
 def summarize(records: List[dict], losses, lrs) -> dict:
-    """Per loss and LR: seeds run, ok, diverged, failed, stats of AP/AP50/AP75 over ok runs; and
-    each loss's best LR (highest mean AP among LRs without divergence, else among all)."""
+    """Per loss and LR: seeds run, ok, diverged, failed, AP stats over ok runs; each loss's best
+    LR (highest mean AP among LRs without divergence or failure, else among all)."""
     table = {}
     for loss in losses:
         table[loss] = {}
@@ -208,37 +192,25 @@ def render(summary: dict, args, labels) -> List[str]:
 
 
 def plot(summary: dict, path: Path, labels) -> bool:
-    from .common import pyplot
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    drawn = False
+    fig, ax = subplots(figsize=(5, 3.5))
     for loss, cells in summary["table"].items():
-        pts = [(float(lr), c["AP"]) for lr, c in cells.items() if c["AP"]["mean"] is not None]
-        if not pts:
-            continue
-        pts.sort()
-        x = [p[0] for p in pts]
-        y = [p[1]["mean"] for p in pts]
-        err = [[p[1]["mean"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["mean"] for p in pts]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=labels.get(loss, loss))
-        drawn = True
-    ax.set_xscale("log")
-    ax.set_xlabel("base learning rate")
-    ax.set_ylabel("AP (mean, range over seeds)")
+        pts = sorted((float(lr), c["AP"]) for lr, c in cells.items() if c["AP"]["mean"] is not None)
+        err = [[s["mean"] - s["min"] for _, s in pts], [s["max"] - s["mean"] for _, s in pts]]
+        if pts:
+            ax.errorbar([x for x, _ in pts], [s["mean"] for _, s in pts], yerr=err, marker="o", capsize=3,
+                        label=labels.get(loss, loss))
+    ax.set(xscale="log", xlabel="base learning rate", ylabel="AP (mean, range over seeds)")
     ax.grid(alpha=0.3)
+    drawn = bool(ax.get_lines())
     if drawn:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return drawn
 
 
 def expected_results(summary: dict, args, previous: Optional[Path] = None) -> dict:
-    """What studies.main_job prints as the spread to expect: per loss, its best LR's
-    stats; the ``fresh_runs`` (APs of fresh ``make main`` runs, added by hand) of ``previous``
-    are kept when it measured the same config."""
+    """The best LRs' stats that studies.main_job prints; ``previous``'s hand-added
+    ``fresh_runs`` kept when it measured the same config."""
     kept = {}
     if previous is not None and previous.is_file():
         old = json.loads(previous.read_text())
@@ -257,7 +229,7 @@ def expected_results(summary: dict, args, previous: Optional[Path] = None) -> di
 
 
 def parse_args(argv=None):
-    p = study_argument_parser(STUDY, __doc__, config=DEFAULT_CONFIG + " (the main job's)",
+    p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], config=DEFAULT_CONFIG + " (the main job's)",
                               num_gpus=True)
     p.add_argument("--losses", nargs="+", default=["ap", "focal"])
     p.add_argument("--lrs", nargs="+", type=float, default=[0.005, 0.01, 0.02])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from studies import lr_sweep
+from studies import common, lr_sweep
 from studies.common import cls_loss_label as L
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ FAKE = textwrap.dedent('''
 def fake_train(tmp_path, monkeypatch):
     script = tmp_path / "fake_train_net.py"
     script.write_text(FAKE)
-    monkeypatch.setattr(lr_sweep, "train_net_command", lambda imports=(): [sys.executable, str(script)])
+    monkeypatch.setattr(common, "train_net_command", lambda imports=(): [sys.executable, str(script)])
     monkeypatch.setattr(lr_sweep, "check_loss_names", lambda *a, **k: None)  # the fake's "broken", "empty"
     return script
 
