@@ -98,7 +98,7 @@ def benchmark_markdown(groups, losses, field, title, scale):
     return "\n".join(parts)
 
 
-def plot_training(runs, path):
+def training_figure(runs):
     """Fig. 10 measured during training: loss and iteration time; non-trivial negative and
     positive anchor x class entries."""
     fig, (a, b) = subplots(1, 2, figsize=(11, 4))
@@ -121,7 +121,7 @@ def plot_training(runs, path):
             ax.legend(fontsize=7)
     if b.get_lines() and all(min(line.get_ydata()) > 0 for line in b.get_lines()):
         b.set_yscale("log")
-    save_figure(fig, path, dpi=110)
+    return fig
 
 
 def plot_benchmark(groups, losses, path):
@@ -177,7 +177,7 @@ def main(argv=None):
                             "MODEL.CLS_LOSS.DIAGNOSTICS True to measure the loss time")
         report["runs"].append(run)
     if report["runs"]:
-        plot_training(report["runs"], out / "cost_training.png")
+        save_figure(training_figure(report["runs"]), out / "cost_training.png", dpi=110)
         report["figures"].append("cost_training.png")
         md += ["## Measured during training (Fig. 10)", "",
                "Per-iteration loss time (forward), iteration time, non-trivial negatives and "
