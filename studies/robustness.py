@@ -17,6 +17,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
@@ -206,12 +207,6 @@ def frozen_params(model):
             p.requires_grad_(f)
 
 
-def _to_nrk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, A*K, H, W) head output -> (N, H*W*A, K), Detectron2's anchor order."""
-    n, _, h, w = x.shape
-    return x.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k)
-
-
 def score_logits(model, logits: torch.Tensor) -> torch.Tensor:
     """``log(p / (1 - p))`` of the test-time scores ``p`` of ``(..., K)`` head logits: the logits
     themselves for sigmoid scoring; for a loss with its own ``scores`` (``ce_ohem``)
@@ -242,7 +237,7 @@ def matched_score_logits(model, images: Sequence[torch.Tensor], gt_instances: Se
     features = [features[f] for f in model.head_in_features]
     logits, _ = model.head(features)
     k = model.num_classes
-    logits = torch.cat([_to_nrk(x, k) for x in logits], dim=1)  # (N, R, K)
+    logits = torch.cat([permute_to_N_HWA_K(x, k) for x in logits], dim=1)  # (N, R, K)
     anchors = model.anchor_generator(features)
     gt_labels, _ = model.label_anchors(anchors, [g.to(logits.device) for g in gt_instances])
     out = []
