@@ -7,8 +7,8 @@ from pathlib import Path
 from ap_loss_d2.data import register_datasets
 
 from .common import (
-    dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress,
-    pyplot, study_argument_parser, timestamp, unique_labels, write_json
+    build_model_for_run, dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress,
+    save_figure, study_argument_parser, subplots, timestamp, unique_labels, write_json, write_study_outputs
 )
 
 STUDY = "training_curves"
@@ -17,8 +17,8 @@ _CKPT = re.compile(r"^model_(\d+|final)\.pth$")
 
 
 def checkpoint_iteration(path) -> int:
-    """Iterations trained when ``path`` was saved: its stored ``iteration`` + 1, or (older files
-    without it) the number in ``model_XXXXXXX.pth`` + 1."""
+    """Iterations trained when ``path`` was saved: its stored ``iteration`` (else the number in
+    ``model_XXXXXXX.pth``) + 1."""
     import torch
 
     data = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -31,8 +31,7 @@ def checkpoint_iteration(path) -> int:
 
 
 def list_checkpoints(run_dir) -> list:
-    """``[(iteration, path)]`` of a run's checkpoints, by iteration; when two files hold the same
-    iteration (``model_final.pth`` and a periodic one) the final one is kept."""
+    """``[(iteration, path)]`` of a run's checkpoints; ``model_final.pth`` wins a tie."""
     found = {}
     for path in sorted(Path(run_dir).glob("model_*.pth")):
         if not _CKPT.match(path.name):
@@ -46,13 +45,10 @@ def list_checkpoints(run_dir) -> list:
 
 
 def evaluate_checkpoint(cfg, weights) -> dict:
-    """``{"AP": .., "AP50": .., "AP75": ..}`` of ``weights`` on ``cfg.DATASETS.TEST[0]`` via
-    :meth:`Trainer.test` (Detectron2's ``inference_on_dataset`` with ap_loss_d2's evaluator)."""
+    """``{"AP": .., "AP50": .., "AP75": ..}`` of ``weights`` on ``cfg.DATASETS.TEST[0]`` (Trainer.test)."""
     from ap_loss_d2.engine import Trainer
-    from .common import build_model_for_run
 
-    model = build_model_for_run(cfg, weights)
-    results = Trainer.test(cfg, model)
+    results = Trainer.test(cfg, build_model_for_run(cfg, weights))
     if cfg.DATASETS.TEST[0] in results:
         results = results[cfg.DATASETS.TEST[0]]
     bbox = results.get("bbox", {})
@@ -66,15 +62,11 @@ def group_points(runs) -> list:
     """Runs with the same label -> ``[{"label", "num_runs", "points": [{"iteration", "AP", "AP_min",
     "AP_max", ...}]}]``: per iteration saved by all of the label's runs, the mean, min and max of
     each metric over the runs that have it (a checkpoint without detections counts as 0)."""
-    order, by_label = [], {}
+    by_label = {}
     for run in runs:
-        if run["label"] not in by_label:
-            order.append(run["label"])
-            by_label[run["label"]] = []
-        by_label[run["label"]].append(run)
+        by_label.setdefault(run["label"], []).append(run)
     groups = []
-    for label in order:
-        members = by_label[label]
+    for label, members in by_label.items():
         common = set.intersection(*[{q["iteration"] for q in r["points"]} for r in members])
         points = []
         for it in sorted(common):
@@ -99,11 +91,6 @@ def _parse_run(text):
     return Path(text), None
 
 
-def _fingerprint(path):
-    st = Path(path).stat()
-    return f"{st.st_size}:{int(st.st_mtime_ns)}"
-
-
 def _config_hash(cfg):
     """Hash of the evaluation config (without OUTPUT_DIR): a changed override re-evaluates."""
     import hashlib
@@ -115,8 +102,7 @@ def _config_hash(cfg):
 
 
 def parse_args(argv=None):
-    p = study_argument_parser(STUDY, __doc__, config="each run's config.yaml",
-                              runs="RUN_DIR[:LABEL]")
+    p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], config="each run's config.yaml", runs="RUN_DIR[:LABEL]")
     p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
     p.add_argument("--group", action="store_true",
                    help="runs with the same LABEL are seeds of one setting: mean and [min, max]")
@@ -125,9 +111,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-
     register_datasets()
-
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = out / f"{STUDY}.json"
@@ -161,7 +145,7 @@ def main(argv=None):
         config_hash = _config_hash(cfg)
         points = []
         for it, ckpt in list_checkpoints(run_dir):
-            key = (ckpt, _fingerprint(ckpt), dataset, config_hash)
+            key = (ckpt, f"{Path(ckpt).stat().st_size}:{Path(ckpt).stat().st_mtime_ns}", dataset, config_hash)
             if key in cache:
                 progress(STUDY, f"{label}: iteration {it} already evaluated ({ckpt})")
                 point = cache[key]
@@ -177,8 +161,7 @@ def main(argv=None):
         report_runs.append({"label": label, "run_dir": str(run_dir), "points": points})
 
     groups = group_points(report_runs) if args.group else None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     for metric, ax in zip(("AP", "AP50"), axes):
         if groups is None:
             for run in report_runs:
@@ -192,15 +175,11 @@ def main(argv=None):
                                 label=f"{group['label']} (mean of {group['num_runs']})")
                 ax.fill_between(its, [q[metric + "_min"] for q in pts], [q[metric + "_max"] for q in pts],
                                 color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(f"{metric} vs. training iteration")
+        ax.set(xlabel="iteration", ylabel=f"{metric} (%)", title=f"{metric} vs. training iteration")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     png = out / f"{STUDY}.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, dpi=100)
 
     if groups is None:
         rows = [[run["label"], q["iteration"]] + (["no detections"] * len(METRICS) if q.get("note") else [fmt_num(q.get(m)) for m in METRICS])
@@ -219,11 +198,8 @@ def main(argv=None):
               "figures": [png.name]}
     if groups is not None:
         report["groups"] = groups
-    write_json(cache_path, report)
     md = ["# Fig. 6: AP against training iteration", "", table, "", f"![training curves]({png.name})"]
-    (out / f"{STUDY}.md").write_text("\n".join(md) + "\n")
-    print(table, flush=True)
-    progress(STUDY, f"wrote {cache_path}, {out / (STUDY + '.md')}, {png}")
+    write_study_outputs(out, STUDY, STUDY, report, md, table)
     return report
 
 
