@@ -68,17 +68,24 @@ def count(stats, key, n=1):
         stats[key] = stats.get(key, 0) + n
 
 
-def black_patch(image, boxes, rng=None, stats=None):
-    """Zero the centre patch (half width, half height) of every box."""
+def _regions(boxes, height, width):
+    regions = (center_patch_region(b, height, width) for b in np.asarray(boxes).reshape(-1, 4))
+    return [r for r in regions if r is not None]
+
+
+def replace_patches(image, boxes, stats, content):
+    """``image`` with the centre patch of every box replaced by ``content(image, x0, y0, x1, y1)``."""
     image, boxes = check_image_boxes(image, boxes)
     out = image.copy()
-    h, w = image.shape[:2]
-    for box in boxes:
-        r = center_patch_region(box, h, w)
-        if r is not None:
-            out[r[1]:r[3], r[0]:r[2]] = 0
-            count(stats, "patches")
+    for x0, y0, x1, y1 in _regions(boxes, *image.shape[:2]):
+        out[y0:y1, x0:x1] = content(image, x0, y0, x1, y1)
+        count(stats, "patches")
     return out
+
+
+def black_patch(image, boxes, rng=None, stats=None):
+    """Zero the centre patch (half width, half height) of every box."""
+    return replace_patches(image, boxes, stats, lambda im, x0, y0, x1, y1: 0)
 
 
 FLIP_MODES = ("left_right", "top_bottom", "both")
@@ -87,23 +94,12 @@ FLIP_MODES = ("left_right", "top_bottom", "both")
 def flip_patch(image, boxes, rng, stats=None):
     """Replace the centre patch of every box by itself flipped left/right, top/bottom or both
     (uniformly at random per box; the mode counts go to ``stats["flip_<mode>"]``)."""
-    image, boxes = check_image_boxes(image, boxes)
-    out = image.copy()
-    h, w = image.shape[:2]
-    for box in boxes:
-        r = center_patch_region(box, h, w)
-        if r is None:
-            continue
+    def flipped(im, x0, y0, x1, y1):
         mode = FLIP_MODES[int(rng.integers(len(FLIP_MODES)))]
-        patch = image[r[1]:r[3], r[0]:r[2]]
-        if mode in ("left_right", "both"):
-            patch = patch[:, ::-1]
-        if mode in ("top_bottom", "both"):
-            patch = patch[::-1, :]
-        out[r[1]:r[3], r[0]:r[2]] = patch
-        count(stats, "patches")
         count(stats, f"flip_{mode}")
-    return out
+        return im[y0:y1, x0:x1][::1 if mode == "left_right" else -1, ::1 if mode == "top_bottom" else -1]
+
+    return replace_patches(image, boxes, stats, flipped)
 
 
 def box_mask(boxes, height: int, width: int) -> np.ndarray:
@@ -128,25 +124,17 @@ def _window_sums(mask: np.ndarray, ph: int, pw: int) -> np.ndarray:
 def random_patch(image, boxes, rng, stats=None):
     """Replace the centre patch of every box by a same-size region outside every box, uniformly
     chosen (else the least-overlapping one, counted as ``random_patch_fallbacks``)."""
-    image, boxes = check_image_boxes(image, boxes)
-    out = image.copy()
-    h, w = image.shape[:2]
-    mask = box_mask(boxes, h, w)
-    for box in boxes:
-        r = center_patch_region(box, h, w)
-        if r is None:
-            continue
-        pw, ph = r[2] - r[0], r[3] - r[1]
-        sums = _window_sums(mask, ph, pw)
-        best = sums.min()
-        ys, xs = np.nonzero(sums == best)
+    mask = box_mask(boxes, *np.asarray(image).shape[:2])
+
+    def elsewhere(im, x0, y0, x1, y1):
+        sums = _window_sums(mask, y1 - y0, x1 - x0)
+        ys, xs = np.nonzero(sums == sums.min())
         k = int(rng.integers(len(ys)))
-        sy, sx = int(ys[k]), int(xs[k])
-        if best > 0:
+        if sums.min() > 0:
             count(stats, "random_patch_fallbacks")
-        out[r[1]:r[3], r[0]:r[2]] = image[sy:sy + ph, sx:sx + pw]
-        count(stats, "patches")
-    return out
+        return im[ys[k]:ys[k] + y1 - y0, xs[k]:xs[k] + x1 - x0]
+
+    return replace_patches(image, boxes, stats, elsewhere)
 
 
 def gaussian_noise(image, boxes=None, rng=None, stats=None, variance: float = NOISE_VARIANCE):
@@ -304,11 +292,6 @@ def resize_patch(patch: torch.Tensor, height: int, width: int) -> torch.Tensor:
                          align_corners=False, antialias=True)[0]
 
 
-def _regions(boxes, height, width):
-    regions = (center_patch_region(b, height, width) for b in np.asarray(boxes).reshape(-1, 4))
-    return [r for r in regions if r is not None]
-
-
 def paste_patch_tensor(image: torch.Tensor, boxes, patch: torch.Tensor) -> torch.Tensor:
     """``image`` (C, H, W) float with ``patch`` (C, S, S, pixel units) resized into the centre
     region of every box (XYXY, image coordinates); differentiable w.r.t. ``patch``."""
@@ -331,15 +314,8 @@ class AdversarialPatch:
         self._tensor = _hwc_to_tensor(patch)
 
     def __call__(self, image, boxes, rng=None, stats=None):
-        image, boxes = check_image_boxes(image, boxes)
-        out = image.copy()
-        h, w = image.shape[:2]
-        for x0, y0, x1, y1 in _regions(boxes, h, w):
-            p = resize_patch(self._tensor, y1 - y0, x1 - x0)
-            p = p.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-            out[y0:y1, x0:x1] = p
-            count(stats, "patches")
-        return out
+        return replace_patches(image, boxes, stats, lambda im, x0, y0, x1, y1: resize_patch(
+            self._tensor, y1 - y0, x1 - x0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def _patch_terms(model, examples, patch):
