@@ -165,21 +165,16 @@ def check_attack_model(model_or_class, attack: str):
     """Raise a ValueError unless ``model_or_class`` is a Detectron2 RetinaNet (or subclass)."""
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     if not issubclass(cls, RetinaNet):
-        raise ValueError(
-            f"{attack}: attacks the anchor classification scores of a RetinaNet "
-            f"(MODEL.META_ARCHITECTURE RetinaNet, APLossRetinaNet or a subclass); got "
-            f"{cls.__name__}. Faster R-CNN is not supported: leave {attack} out of "
-            "--perturbations for this run"
-        )
+        raise ValueError(f"{attack}: attacks the anchor classification scores of a RetinaNet "
+                         f"(MODEL.META_ARCHITECTURE RetinaNet, APLossRetinaNet or a subclass); got "
+                         f"{cls.__name__}. Faster R-CNN is not supported: leave {attack} out of "
+                         "--perturbations for this run")
 
 
 def check_threshold(t: float):
     if not (isinstance(t, (int, float)) and 0.0 < float(t) < 1.0):
-        raise ValueError(
-            f"score threshold {t!r}: the attacks need 0 < t < 1 (the anchors' score logit is "
-            "compared with logit(t)); set --deepfool-score-thresh or "
-            "MODEL.RETINANET.SCORE_THRESH_TEST"
-        )
+        raise ValueError(f"score threshold {t!r}: the attacks need 0 < t < 1 (the anchors' score logit is "
+                         "compared with logit(t)); set --deepfool-score-thresh or MODEL.RETINANET.SCORE_THRESH_TEST")
 
 
 @contextlib.contextmanager
@@ -252,21 +247,14 @@ def _test_transform(cfg, image):
     tfm = augs(aug_input)
     for t in tfm.transforms:
         if not isinstance(t, (T.ResizeTransform, T.NoOpTransform)):
-            raise ValueError(
-                f"the attacks support test-time augmentations that only resize; got "
-                f"{type(t).__name__}"
-            )
+            raise ValueError(f"the attacks support test-time augmentations that only resize; got {type(t).__name__}")
     return tfm, aug_input.image
 
 
 def load_examples(cfg, dataset_name: str, max_images: Optional[int] = None) -> List[AttackExample]:
-    """The first ``max_images`` records of ``dataset_name`` (all when None) as
-    :class:`AttackExample` (test-time resize of ``cfg``, as Detectron2's test mapper)."""
-    records = DatasetCatalog.get(dataset_name)
-    if max_images is not None:
-        records = records[:max_images]
+    """The first ``max_images`` records of ``dataset_name`` (all when None), test-time resized."""
     out = []
-    for rec in records:
+    for rec in DatasetCatalog.get(dataset_name)[:max_images]:
         image = utils.read_image(rec["file_name"], format=cfg.INPUT.FORMAT)
         utils.check_image_size(rec, image)
         tfm, test_image = _test_transform(cfg, image)
@@ -337,9 +325,7 @@ def patch_objective(model, examples: Sequence[AttackExample], patch: torch.Tenso
 
 
 def _check_positive(name, value, kind=int):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or (
-        kind is int and int(value) != value
-    ):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or (kind is int and int(value) != value):
         raise ValueError(f"{name}={value!r}: expected a positive {kind.__name__}")
 
 
@@ -355,14 +341,11 @@ def train_adversarial_patch(model, examples: Sequence[AttackExample], *, steps: 
         _check_positive(f"advs_patch {name}", value, kind)
     if not examples:
         raise ValueError("advs_patch: no training images")
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(int(seed))
-    channels = examples[0].image.shape[2]
-    param = torch.rand((channels, size, size), generator=gen).to(device).requires_grad_()
+    param = torch.rand((examples[0].image.shape[2], size, size), generator=gen)
+    param = param.to(next(model.parameters()).device).requires_grad_()
     opt = torch.optim.Adam([param], lr=lr)
-    history = []
-    order: List[int] = []
-    was_training = model.training
+    history, order, was_training = [], [], model.training
     model.eval()
 
     def full_objective(patch01):
@@ -411,43 +394,32 @@ def deepfool_binary(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
     if not (isinstance(step_eps, (int, float)) and step_eps >= 0):
         raise ValueError(f"deepfool step_eps={step_eps!r}: expected a number >= 0")
     x0 = x0.detach()
-    r_tot = torch.zeros_like(x0)
-    first_step, f0 = None, None
-    it = 0
-    reason = "max_iter"
+    r_tot, first_step, f0, it, reason = torch.zeros_like(x0), None, None, 0, "max_iter"
     while True:
         x = (x0 + (1.0 + overshoot) * r_tot).requires_grad_(True)
         with torch.enable_grad():
             fx = f(x)
-            if f0 is None:
-                f0 = float(fx.detach())
-            if not math.isfinite(float(fx.detach())):
-                reason = "non_finite"
-                break
-            if float(fx.detach()) < 0:
-                reason = "success" if it > 0 else "already"
-                break
-            if it >= max_iter:
+            value = float(fx.detach())
+            f0 = value if f0 is None else f0
+            if not math.isfinite(value) or value < 0 or it >= max_iter:
+                reason = "non_finite" if not math.isfinite(value) else "max_iter" if value >= 0 else \
+                    "success" if it > 0 else "already"
                 break
             (grad,) = torch.autograd.grad(fx, x)
         gg = float((grad.double() ** 2).sum())
         if gg == 0.0 or not math.isfinite(gg):
             reason = "zero_gradient" if gg == 0.0 else "non_finite"
             break
-        norm = math.sqrt(gg)
-        r_i = (-(float(fx.detach()) / norm + step_eps) / norm) * grad.detach()
-        if first_step is None:
-            first_step = r_i.clone()
-        r_tot = r_tot + r_i
-        it += 1
+        r_i = (-(value / math.sqrt(gg) + step_eps) / math.sqrt(gg)) * grad.detach()
+        first_step = r_i.clone() if first_step is None else first_step
+        r_tot, it = r_tot + r_i, it + 1
     return dict(r=(x.detach() - x0), success=reason in ("success", "already"), iterations=it,
                 f0=f0, f=float(fx.detach()), first_step=first_step, reason=reason)
 
 
 def detector_margin(model, instances: Instances, threshold: float):
-    """``f(x) = max_a g_a(x) - logit(threshold)`` over the anchors of ``model`` matched to the
-    objects of ``instances``, as a function of the model input ``x`` ((C, H, W) float); None
-    when no anchor is matched (see :func:`matched_score_logits`)."""
+    """``f(x) = max_a g_a(x) - logit(threshold)`` over the anchors matched to ``instances``, a
+    function of the model input ``x`` ((C, H, W) float) raising ``_NoMatch`` without any."""
     check_threshold(threshold)
     c = math.log(threshold) - math.log1p(-threshold)
 
@@ -466,12 +438,10 @@ class _NoMatch(Exception):
 
 def deepfool_detector(model, example: AttackExample, *, threshold: float, max_iter: int = 50,
                       overshoot: float = 0.02, keep_perturbation: bool = False) -> Dict:
-    """DeepFool on one image (see the module docstring): per-image result dict (``rho``,
-    ``r_norm``, ``x_norm``, ``success``, ``reason``, ``iterations``, ``f0``, ``f``,
-    ``objects``; ``perturbation``, the (C, H, W) tensor ``r``, if ``keep_perturbation``)."""
+    """DeepFool on one image: ``rho``, ``r_norm``, ``x_norm``, ``success``, ``reason``, ...
+    (``perturbation``, the (C, H, W) ``r``, if ``keep_perturbation``)."""
     check_attack_model(model, "deepfool")
-    device = next(model.parameters()).device
-    x0 = _hwc_to_tensor(example.test_image).to(device)
+    x0 = _hwc_to_tensor(example.test_image).to(next(model.parameters()).device)
     res = dict(image_id=example.image_id, objects=len(example.instances))
     if len(example.instances) == 0:
         return dict(res, reason="no_objects", success=False, attacked=False)
@@ -481,8 +451,7 @@ def deepfool_detector(model, example: AttackExample, *, threshold: float, max_it
             out = deepfool_binary(f, x0, max_iter=max_iter, overshoot=overshoot)
     except _NoMatch:
         return dict(res, reason="no_matched_anchor", success=False, attacked=False)
-    r_norm = float(out["r"].double().norm())
-    x_norm = float(x0.double().norm())
+    r_norm, x_norm = float(out["r"].double().norm()), float(x0.double().norm())
     res = dict(res, reason=out["reason"], attacked=out["reason"] != "already",
                success=out["reason"] == "success", iterations=out["iterations"], f0=out["f0"],
                f=out["f"], r_norm=r_norm, x_norm=x_norm, rho=r_norm / x_norm if x_norm else None)
@@ -495,20 +464,17 @@ def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int]
                      threshold: Optional[float] = None, max_iter: int = 50,
                      overshoot: float = 0.02, scale: float = 1000.0,
                      log: Optional[Callable[[str], None]] = None) -> Dict:
-    """DeepFool on the first ``max_images`` images of ``dataset_name``: per-image results and
-    ``rho`` (mean ``||r|| / ||x||`` over the successful attacks), ``rho_scaled``
-    (``rho * scale``), ``success_rate`` (successes / attacked images) and counts."""
+    """DeepFool on the first ``max_images`` images of ``dataset_name``: per-image results, ``rho``
+    (mean ``||r|| / ||x||`` over the successes), ``rho * scale``, the success rate and counts."""
     check_attack_model(model, "deepfool")
     _check_positive("deepfool scale", scale, float)
     threshold = model.test_score_thresh if threshold is None else threshold
     check_threshold(threshold)
     examples = load_examples(cfg, dataset_name, max_images)
-    was_training = model.training
+    was_training, per_image = model.training, []
     model.eval()
-    per_image = []
     for i, ex in enumerate(examples):
-        per_image.append(deepfool_detector(model, ex, threshold=threshold, max_iter=max_iter,
-                                           overshoot=overshoot))
+        per_image.append(deepfool_detector(model, ex, threshold=threshold, max_iter=max_iter, overshoot=overshoot))
         if log is not None:
             r = per_image[-1]
             log(f"deepfool image {i + 1}/{len(examples)}: {r['reason']}"
@@ -520,30 +486,22 @@ def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int]
     return dict(
         rho=rho, rho_scaled=None if rho is None else rho * scale, scale=scale,
         rho_median=float(np.median([r["rho"] for r in succ])) if succ else None,
-        success_rate=len(succ) / len(attacked) if attacked else None,
-        images=len(per_image), attacked=len(attacked), succeeded=len(succ),
-        already_undetected=sum(r["reason"] == "already" for r in per_image),
+        success_rate=len(succ) / len(attacked) if attacked else None, images=len(per_image),
+        attacked=len(attacked), succeeded=len(succ), already_undetected=sum(r["reason"] == "already" for r in per_image),
         no_objects=sum(r["reason"] in ("no_objects", "no_matched_anchor") for r in per_image),
         mean_iterations=float(np.mean([r["iterations"] for r in succ])) if succ else None,
-        threshold=float(threshold), max_iter=int(max_iter), overshoot=float(overshoot),
-        per_image=per_image,
-    )
+        threshold=float(threshold), max_iter=int(max_iter), overshoot=float(overshoot), per_image=per_image)
 
 
 STUDY = "robustness"
-
-
-#: name -> Table 3 column header.
+#: Every column of Table 3 (the choices of ``--perturbations``) -> its header, in the paper's order.
 PERTURBATION_NAMES = {
     "original": "Original", "black_patch": "Black Patch", "random_patch": "Random Patch",
-    "flip_patch": "Flip Patch", "gaussian_noise": "Gaussian Noise", "advs_patch": "Advs-Patch",
+    "flip_patch": "Flip Patch", "advs_patch": "Advs-Patch", "gaussian_noise": "Gaussian Noise",
     "deepfool": "DeepFool"
 }
-#: The white-box attacks (per model; RetinaNet only).
-ATTACKS = ("advs_patch", "deepfool")
-#: Every column of Table 3, in the paper's order (the choices of ``--perturbations``).
-COLUMNS = ("original", "black_patch", "random_patch", "flip_patch", "advs_patch",
-           "gaussian_noise", "deepfool")
+COLUMNS = tuple(PERTURBATION_NAMES)
+ATTACKS = ("advs_patch", "deepfool")  # white-box, per model; RetinaNet only
 
 
 def image_seed(seed: int, image_id) -> int:
@@ -556,8 +514,7 @@ def image_seed(seed: int, image_id) -> int:
 
 
 class PerturbTransform(T.Transform):
-    """Applies a perturbation function to the image; coordinates and segmentation unchanged.
-    Per-image statistics of the perturbation are collected in ``stats``."""
+    """A perturbation function on the image (its counts in ``stats``); coordinates unchanged."""
 
     def __init__(self, fn, boxes, seed):
         super().__init__()
@@ -604,12 +561,10 @@ class PerturbedDatasetMapper(BoxAwareDatasetMapper):
             valid = ", ".join(list(PERTURBATIONS) + ["advs_patch (with fn)"])
             raise ValueError(f"Unknown perturbation {perturbation!r}; valid: {valid}")
         super().__init__(cfg, is_train=False)
-        self.perturbation = perturbation
-        self.seed = seed
-        # Perturb the decoded image first, then run Detectron2's test-time augmentations.
-        self.augmentations = T.AugmentationList(
-            [PerturbAugmentation(fn or PERTURBATIONS[perturbation]), self.augmentations]
-        )
+        self.perturbation, self.seed = perturbation, seed
+        # the decoded image perturbed first, then Detectron2's test-time augmentations
+        self.augmentations = T.AugmentationList([PerturbAugmentation(fn or PERTURBATIONS[perturbation]),
+                                                 self.augmentations])
 
     def aug_input(self, dataset_dict, image, sem_seg):
         aug_input = super().aug_input(dataset_dict, image, sem_seg)
@@ -619,9 +574,7 @@ class PerturbedDatasetMapper(BoxAwareDatasetMapper):
     def __call__(self, dataset_dict):
         out, transforms = self.map_with_transforms(dataset_dict)
         stats = next(t.stats for t in transforms.transforms if isinstance(t, PerturbTransform))
-        out["perturbation"] = dict(
-            name=self.perturbation, image_id=dataset_dict["image_id"], **stats
-        )
+        out["perturbation"] = dict(name=self.perturbation, image_id=dataset_dict["image_id"], **stats)
         return out
 
 
@@ -646,23 +599,16 @@ class PerturbationStats(DatasetEvaluator):
 
 def evaluate_run(cfg, model, dataset_name, perturbation, seed, output_folder, fn=None):
     """``(evaluator results, perturbation stats)`` of ``model`` on the perturbed dataset."""
-    mapper = PerturbedDatasetMapper(cfg, perturbation, seed, fn=fn)
-    loader = build_detection_test_loader(
-        DatasetCatalog.get(dataset_name), mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
-    )
-    evaluator = DatasetEvaluators(
-        [build_evaluator(cfg, dataset_name, str(output_folder)), PerturbationStats()]
-    )
+    loader = build_detection_test_loader(DatasetCatalog.get(dataset_name), num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                         mapper=PerturbedDatasetMapper(cfg, perturbation, seed, fn=fn))
+    evaluator = DatasetEvaluators([build_evaluator(cfg, dataset_name, str(output_folder)), PerturbationStats()])
     results = dict(inference_on_dataset(model, loader, evaluator))
-    stats = results.pop("perturbation_stats", {})
-    return results, stats
+    return results, results.pop("perturbation_stats", {})
 
 
 def _metric(results, key):
-    bbox = results.get("bbox") if isinstance(results, dict) else None
-    if not bbox or key not in bbox:
-        return None
-    return float(bbox[key])
+    bbox = (results.get("bbox") if isinstance(results, dict) else None) or {}
+    return float(bbox[key]) if key in bbox else None
 
 
 def plot_examples(dataset_name, perturbations, seed, path, fns=None, image_format="RGB"):
@@ -745,8 +691,7 @@ def check_attacks(args, resolved):
             continue
         for cfg, label in resolved:
             try:
-                check_attack_model(
-                    META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), pert)
+                check_attack_model(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), pert)
             except ValueError as e:
                 raise ValueError(f"run {label!r}: {e}") from None
             if pert == "deepfool":
@@ -757,9 +702,8 @@ def check_attacks(args, resolved):
 def run_advs_patch(args, cfg, model, run_index, out):
     """Train the run's patch, save it as PNG; ``(AdversarialPatch, summary dict)``."""
     dataset = args.patch_dataset or cfg.DATASETS.TRAIN[0]
-    examples = load_examples(cfg, dataset, args.patch_images)
     res = train_adversarial_patch(
-        model, examples, steps=args.patch_steps, lr=args.patch_lr, batch_size=args.patch_batch,
+        model, load_examples(cfg, dataset, args.patch_images), steps=args.patch_steps, lr=args.patch_lr, batch_size=args.patch_batch,
         size=args.patch_size, seed=args.patch_seed, log=lambda m: progress(STUDY, "    " + m))
     name = f"advs_patch_run{run_index}.png"
     from PIL import Image
