@@ -95,11 +95,9 @@ def check_loss_names(names: Sequence[str], imports: Sequence[str] = (), error=Sy
     unknown = [n for n in names if n not in known]
     if unknown:
         imported = f" (imported: {', '.join(imports)})" if imports else ""
-        raise error(
-            f"--losses {' '.join(unknown)}: not a registered classification loss{imported}; "
-            f"registered: {', '.join(known)}. A loss that your own module registers needs "
-            "--import MODULE, which this command and its training processes import first"
-        )
+        raise error(f"--losses {' '.join(unknown)}: not a registered classification loss{imported}; "
+                    f"registered: {', '.join(known)}. A loss that your own module registers needs "
+                    "--import MODULE, which this command and its training processes import first")
 
 
 def scale_iter(value: int, max_iter: int, iters: int) -> int:
@@ -117,8 +115,7 @@ def scaled_schedule(steps: Sequence[int], max_iter: int, iters: int) -> Tuple[in
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(Path(path).read_text())
 
 
 def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json",
@@ -130,10 +127,8 @@ def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json"
     if path.exists():
         previous = read_json(path)
         if previous != settings:
-            raise error(
-                f"{run_dir} holds a run with other settings:\n  {previous}\nnow:\n  {settings}\n"
-                "use another --output-dir or delete that directory"
-            )
+            raise error(f"{run_dir} holds a run with other settings:\n  {previous}\nnow:\n  {settings}\n"
+                        "use another --output-dir or delete that directory")
         return True
     write_json(path, settings)
     return False
@@ -143,9 +138,6 @@ def progress(study: str, msg: str) -> None:
     print(f"[{study}] {msg}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Runs
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class RunSpec:
     """A config file, a checkpoint ("" = the config's MODEL.WEIGHTS) and an optional label."""
@@ -183,9 +175,7 @@ def parse_run_spec(text: str) -> RunSpec:
         label = parts[1] if len(parts) == 2 and parts[1] else None
         return RunSpec(str(config), _last_checkpoint(run_dir), label)
     if len(parts) not in (2, 3):
-        raise ValueError(
-            f"run {text!r}: expected CONFIG:WEIGHTS[:LABEL] (WEIGHTS may be empty) or RUN_DIR"
-        )
+        raise ValueError(f"run {text!r}: expected CONFIG:WEIGHTS[:LABEL] (WEIGHTS may be empty) or RUN_DIR")
     config, weights = parts[0], parts[1]
     label = parts[2] if len(parts) == 3 and parts[2] else None
     if not os.path.isfile(config):
@@ -199,10 +189,8 @@ def parse_run_spec(text: str) -> RunSpec:
 def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None):
     """The validated, frozen yacs config of ``config_file`` with ``opts`` and ``device``."""
     if not str(config_file).endswith((".yaml", ".yml")):
-        raise ValueError(
-            f"{config_file}: the studies take yacs (.yaml) configs; for a LazyConfig run use "
-            "the config.yaml that train_net.py wrote into its output folder"
-        )
+        raise ValueError(f"{config_file}: the studies take yacs (.yaml) configs; for a LazyConfig run use "
+                         "the config.yaml that train_net.py wrote into its output folder")
     from ap_loss_d2.engine import get_ap_loss_cfg, validate_cfg
 
     cfg = get_ap_loss_cfg()
@@ -234,38 +222,22 @@ def build_model_for_run(cfg, weights: str):
     from detectron2.modeling import build_model
 
     model = build_model(cfg)
-    weights = weights or cfg.MODEL.WEIGHTS
-    if weights:
-        DetectionCheckpointer(model).load(weights)
+    if weights or cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(weights or cfg.MODEL.WEIGHTS)
     else:
         logger.warning("No weights given: the model keeps its random initialisation")
-    model.eval()
-    return model
+    return model.eval()
 
 
 def unique_labels(labels: Iterable[str]) -> List[str]:
     """The labels with `` (2)``, `` (3)``... appended to repeats."""
     seen, out = {}, []
     for lab in labels:
-        n = seen.get(lab, 0) + 1
-        seen[lab] = n
-        out.append(lab if n == 1 else f"{lab} ({n})")
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab} ({seen[lab]})")
     return out
 
 
-def save_checkpoint(model, path) -> str:
-
-    from ap_loss_d2.engine import SafeDetectionCheckpointer as DetectionCheckpointer
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    DetectionCheckpointer(model, save_dir=str(path.parent)).save(path.stem)
-    return str(path.parent / (path.stem + ".pth"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Dataset subsets (evaluate on the first N images with the dataset's own evaluator)
-# ---------------------------------------------------------------------------------------------
 def _reregister(name, loader, metadata):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -311,22 +283,15 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
         link = voc / "Annotations"
         if not link.exists():
             os.symlink(os.path.abspath(os.path.join(meta["dirname"], "Annotations")), link)
-        (voc / "ImageSets" / "Main" / f"{meta['split']}.txt").write_text(
-            "".join(f"{d['image_id']}\n" for d in subset)
-        )
+        (voc / "ImageSets" / "Main" / f"{meta['split']}.txt").write_text("".join(f"{d['image_id']}\n" for d in subset))
         meta["dirname"] = str(voc)
     else:
-        raise NotImplementedError(
-            f"Cannot take a subset of {dataset_name!r} (evaluator_type={kind!r}); "
-            "supported: coco, pascal_voc"
-        )
+        raise NotImplementedError(f"Cannot take a subset of {dataset_name!r} (evaluator_type={kind!r}); "
+                                  "supported: coco, pascal_voc")
     _reregister(name, lambda: subset, meta)
     return name
 
 
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
 def fmt_num(x, digits: int = 1) -> str:
     """``x`` with ``digits`` decimals; "-" for None/NaN; integers as integers."""
     if isinstance(x, (bool, np.bool_)):

@@ -20,7 +20,8 @@ from PIL import Image  # noqa: E402
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.evaluation import build_evaluator  # noqa: E402
 from studies import robustness as rb  # noqa: E402
-from studies.common import build_model_for_run, load_cfg, save_checkpoint  # noqa: E402
+from studies.common import build_model_for_run, load_cfg  # noqa: E402
+from tests.test_robustness import save_checkpoint  # noqa: E402
 
 try:  # Detectron2 main
     from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K

@@ -1,5 +1,6 @@
 """Robustness study (Table 3): perturbation functions and an end-to-end CLI run (CPU, small)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,18 @@ from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.evaluation import build_evaluator  # noqa: E402
 from studies import robustness as rb  # noqa: E402
-from studies.common import (  # noqa: E402
-    build_model_for_run,
-    dataset_subset,
-    load_cfg,
-    save_checkpoint,
-)
+from studies.common import build_model_for_run, dataset_subset, load_cfg  # noqa: E402
+
+
+def save_checkpoint(model, path) -> str:
+    """``model``'s weights saved by the project's checkpointer as ``path`` (a ``.pth``)."""
+    from ap_loss_d2.engine import SafeDetectionCheckpointer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    SafeDetectionCheckpointer(model, save_dir=str(path.parent)).save(path.stem)
+    return str(path.parent / (path.stem + ".pth"))
+
 
 QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 TINY = SyntheticShapesSpec(seed=11, image_size=64, num_train=2, num_val=3, min_objects=2,

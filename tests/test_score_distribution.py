@@ -10,7 +10,8 @@ import torch  # noqa: E402
 
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from studies import score_distribution as sd  # noqa: E402
-from studies.common import build_model_for_run, cls_loss_label, load_cfg, save_checkpoint  # noqa: E402
+from studies.common import build_model_for_run, cls_loss_label, load_cfg  # noqa: E402
+from tests.test_robustness import save_checkpoint  # noqa: E402
 
 QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 TINY = SyntheticShapesSpec(seed=12, image_size=64, num_train=2, num_val=3, min_objects=2,
