@@ -5,8 +5,8 @@ import json
 import math
 import os
 import re
+import queue
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
@@ -14,7 +14,7 @@ from typing import List, Optional
 from .common import (
     check_loss_names, cls_loss_label, fmt_num, import_modules, last_bbox_metrics,
     markdown_table, not_finite, progress, REPO, save_figure, study_argument_parser, subplots,
-    timestamp, train_net_process, write_json
+    timestamp, train_net_process, write_json, write_study_outputs
 )
 
 STUDY = "lr_sweep"
@@ -58,10 +58,8 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     if done.is_file():
         record = json.loads(done.read_text())
         if record.get("settings") != settings:
-            raise SystemExit(
-                f"[{STUDY}] {out} holds a run with other settings ({record.get('settings')}); "
-                "use another --output-dir"
-            )
+            raise SystemExit(f"[{STUDY}] {out} holds a run with other settings ({record.get('settings')}); "
+                             "use another --output-dir")
         progress(STUDY, f"{out.name}: finished earlier ({record['status']})")
         return record
     out.mkdir(parents=True, exist_ok=True)
@@ -74,22 +72,18 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
             "SEED", str(seed), *args.opts]
     cmd, returncode = train_net_process(out, config_path(args.config_file), opts, log="sweep_log.txt",
                                         imports=args.imports, num_gpus=args.num_gpus, env=env)
-    text = (out / "sweep_log.txt").read_text(errors="replace")
-    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode}
     metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
                for m, v in per_dataset.items() if m in METRICS}
-    record.update(run_status(returncode, text, metrics))
+    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode,
+              **run_status(returncode, (out / "sweep_log.txt").read_text(errors="replace"), metrics)}
     if record["status"] == "failed" and "reason" not in record:
         progress(STUDY, f"{out.name}: FAILED (exit {returncode}); see {out / 'sweep_log.txt'}"
                         f"\n{record['log_tail']}")
         return record  # not marked finished: retried next time
     write_json(done, record)
-    if record["status"] == "ok":
-        progress(STUDY, f"{out.name}: ok, AP {record['AP']:.2f}")
-    elif record["status"] == "diverged":
-        progress(STUDY, f"{out.name}: diverged at iteration {record['diverged_at']}")
-    else:
-        progress(STUDY, f"{out.name}: FAILED, {record['reason']}")
+    progress(STUDY, f"{out.name}: " + (f"ok, AP {record['AP']:.2f}" if record["status"] == "ok" else
+                                       f"diverged at iteration {record['diverged_at']}" if record["status"] == "diverged"
+                                       else f"FAILED, {record['reason']}"))
     return record
 
 
@@ -126,20 +120,13 @@ def summarize(records: List[dict], losses, lrs) -> dict:
     for loss in losses:
         table[loss] = {}
         for lr in lrs:
-            rs = [r for r in records if r["settings"]["loss"] == loss
-                  and math.isclose(r["settings"]["lr"], lr)]
+            rs = [r for r in records if r["settings"]["loss"] == loss and math.isclose(r["settings"]["lr"], lr)]
             ok = [r for r in rs if _is_ok(r)]
-            cell = {
-                "seeds": sorted(r["settings"]["seed"] for r in rs),
-                "ok": len(ok),
-                "diverged": sorted([r["settings"]["seed"], r["diverged_at"]]
-                                   for r in rs if r["status"] == "diverged"),
-                "failed": sorted(r["settings"]["seed"] for r in rs
-                                 if not _is_ok(r) and r["status"] != "diverged"),
-            }
-            for m in METRICS:
-                cell[m] = _stats([r[m] for r in ok])
-            table[loss][f"{lr:g}"] = cell
+            table[loss][f"{lr:g}"] = {
+                "seeds": sorted(r["settings"]["seed"] for r in rs), "ok": len(ok),
+                "diverged": sorted([r["settings"]["seed"], r["diverged_at"]] for r in rs if r["status"] == "diverged"),
+                "failed": sorted(r["settings"]["seed"] for r in rs if not _is_ok(r) and r["status"] != "diverged"),
+                **{m: _stats([r[m] for r in ok]) for m in METRICS}}
     best = {}
     for loss in losses:
         cells = [(lr, c) for lr, c in table[loss].items() if c["ok"]]
@@ -153,9 +140,7 @@ def summarize(records: List[dict], losses, lrs) -> dict:
 
 
 def _fmt_range(s, digits=1):
-    if s["mean"] is None:
-        return "-"
-    return f"{fmt_num(s['mean'], digits)} [{fmt_num(s['min'], digits)}, {fmt_num(s['max'], digits)}]"
+    return "-" if s["mean"] is None else f"{fmt_num(s['mean'], digits)} [{fmt_num(s['min'], digits)}, {fmt_num(s['max'], digits)}]"
 
 
 def render(summary: dict, args, labels) -> List[str]:
@@ -171,11 +156,9 @@ def render(summary: dict, args, labels) -> List[str]:
                 div += f" (failed: seeds {c['failed']})"
             rows.append([labels.get(loss, loss), mark(lr), f"{c['ok']}/{len(c['seeds'])}",
                          *(mark(_fmt_range(c[m])) for m in METRICS), div])
-    readme = []
-    for loss, b in summary["best"].items():
-        readme.append([f"{labels.get(loss, loss)}, best LR {b['lr']:g}"
-                       + ("" if b["stable"] else " (every LR has a diverged or failed seed)"),
-                       *(_fmt_range(b[m]) for m in METRICS)])
+    readme = [[f"{labels.get(loss, loss)}, best LR {b['lr']:g}"
+               + ("" if b["stable"] else " (every LR has a diverged or failed seed)"), *(_fmt_range(b[m]) for m in METRICS)]
+              for loss, b in summary["best"].items()]
     seeds = ", ".join(str(s) for s in args.seeds)
     opts = " ".join(args.opts) or "none"
     return [
@@ -266,19 +249,16 @@ def main(argv=None):
     jobs = [(loss, lr, seed) for loss in args.losses for lr in args.lrs for seed in args.seeds]
     progress(STUDY, f"{len(jobs)} runs ({len(args.losses)} losses x {len(args.lrs)} LRs x "
                     f"{len(args.seeds)} seeds), {args.num_parallel} at a time, into {out}")
-    slots = threading.Semaphore(args.num_parallel)
-    free = list(range(args.num_parallel))
-    lock = threading.Lock()
+    free = queue.Queue()  # the slots (--devices entries) of the runs in flight
+    for slot in range(args.num_parallel):
+        free.put(slot)
 
     def task(job):
-        with slots:
-            with lock:
-                slot = free.pop(0)
-            try:
-                return run_one(args, *job, slot=slot)
-            finally:
-                with lock:
-                    free.append(slot)
+        slot = free.get()
+        try:
+            return run_one(args, *job, slot=slot)
+        finally:
+            free.put(slot)
 
     with ThreadPoolExecutor(max_workers=args.num_parallel) as pool:
         records = list(pool.map(task, jobs))
@@ -289,14 +269,10 @@ def main(argv=None):
     report = {"study": STUDY, "generated": timestamp(), "config": args.config_file,
               "overrides": list(args.opts), "losses": args.losses, "lrs": args.lrs,
               "seeds": args.seeds, **summary, "runs": records, "figures": figures}
-    write_json(out / "lr_sweep.json", report)
-    (out / "lr_sweep.md").write_text("\n".join(md) + "\n")
     if args.expected_results:
-        write_json(Path(args.expected_results),
-                   expected_results(summary, args, Path(args.expected_results)))
+        write_json(Path(args.expected_results), expected_results(summary, args, Path(args.expected_results)))
         progress(STUDY, f"wrote {args.expected_results}")
-    print("\n".join(md), flush=True)
-    progress(STUDY, f"wrote {out / 'lr_sweep.md'}, {out / 'lr_sweep.json'}")
+    write_study_outputs(out, STUDY, STUDY, report, md, "\n".join(md))
     failed = [r for r in records if r["status"] == "failed"]
     retried = [r for r in failed if "reason" not in r]
     if failed:
