@@ -366,20 +366,15 @@ def timestamp() -> str:
 def read_metrics_json(path) -> Tuple[List[dict], int]:
     """Entries of a Detectron2 ``metrics.json`` and the number of unreadable lines skipped."""
     entries, skipped = [], 0
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if isinstance(entry, dict):
-                entries.append(entry)
-            else:
-                skipped += 1
+    for line in filter(str.strip, Path(path).read_text(errors="replace").splitlines()):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            skipped += 1
     return entries, skipped
 
 
@@ -410,8 +405,6 @@ def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> 
 
 
 CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*")
-
-
 RUN_SPEC = "CONFIG:WEIGHTS[:LABEL] or RUN_DIR[:LABEL]"
 
 
@@ -509,12 +502,12 @@ def metrics_by_iteration(path) -> Tuple[dict, int]:
     return dict(sorted(by_iter.items())), skipped
 
 
-def write_study_outputs(out: Path, name: str, study: str, report: dict, md_lines, table: str):
-    """Write ``<name>.json`` and ``<name>.md``, print the table and say so."""
-    write_json(out / f"{name}.json", report)
-    (out / f"{name}.md").write_text("\n".join(md_lines) + "\n")
-    print(table, flush=True)
-    progress(study, f"wrote {out / (name + '.json')}, {out / (name + '.md')}")
+def write_study_outputs(out: Path, study: str, report: dict, md_lines, table: Optional[str] = None):
+    """Write ``<study>.json`` and ``<study>.md``, print ``table`` (default: the markdown), say so."""
+    write_json(out / f"{study}.json", report)
+    (out / f"{study}.md").write_text("\n".join(md_lines) + "\n")
+    print("\n".join(md_lines) if table is None else table, flush=True)
+    progress(study, f"wrote {out / (study + '.json')}, {out / (study + '.md')}")
 
 
 def number(kind, low=None):

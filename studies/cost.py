@@ -214,7 +214,7 @@ def main(argv=None):
                benchmark_markdown(groups, losses, "time_s", "Forward + backward time (ms)", 1e3),
                "\\* extrapolated from a subset of the positives (see benchmark.json).", "",
                "![loss benchmark](cost_benchmark.png)", ""]
-    write_study_outputs(out, "cost", STUDY, report, md, "\n".join(md))
+    write_study_outputs(out, STUDY, report, md)
     return report
 
 

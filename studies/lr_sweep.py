@@ -272,7 +272,7 @@ def main(argv=None):
     if args.expected_results:
         write_json(Path(args.expected_results), expected_results(summary, args, Path(args.expected_results)))
         progress(STUDY, f"wrote {args.expected_results}")
-    write_study_outputs(out, STUDY, STUDY, report, md, "\n".join(md))
+    write_study_outputs(out, STUDY, report, md)
     failed = [r for r in records if r["status"] == "failed"]
     retried = [r for r in failed if "reason" not in r]
     if failed:

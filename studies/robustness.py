@@ -825,7 +825,7 @@ def main(argv=None):
                        for r in report["runs"] if "deepfool" in r)]
     if report["figures"]:
         md += ["", "![perturbation examples](robustness.png)"]
-    write_study_outputs(out, "robustness", STUDY, report, md, table)
+    write_study_outputs(out, STUDY, report, md, table)
     return report
 
 

@@ -267,7 +267,7 @@ def main(argv=None):
           f"sampling rate), and anchors with score >= {args.high_score} at IoU < {args.low_iou} "
           "(exact count; fraction of all anchors with IoU below that).", "", table, "",
           "![score distribution](score_distribution.png)"]
-    write_study_outputs(out, "score_distribution", STUDY, report, md, table)
+    write_study_outputs(out, STUDY, report, md, table)
     return report
 
 

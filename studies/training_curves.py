@@ -199,7 +199,7 @@ def main(argv=None):
     if groups is not None:
         report["groups"] = groups
     md = ["# Fig. 6: AP against training iteration", "", table, "", f"![training curves]({png.name})"]
-    write_study_outputs(out, STUDY, STUDY, report, md, table)
+    write_study_outputs(out, STUDY, report, md, table)
     return report
 
 

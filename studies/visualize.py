@@ -115,7 +115,7 @@ def main(argv=None):
               "images": records, "figures": figures}
     md = [f"# Fig. 5 / 12: detections on {dataset} (score >= {args.score_thresh})", "", table, ""]
     md += [f"![{t}]({f})" for t, f in zip(row_titles, figures)]
-    write_study_outputs(out, STUDY, STUDY, report, md, table)
+    write_study_outputs(out, STUDY, report, md, table)
     return report
 
 
