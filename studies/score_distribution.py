@@ -65,43 +65,32 @@ def collect_pairs(model, cfg, dicts, zero_iou_samples=200, seed=0, score_mode="s
             totals["images_without_gt"] += 1
             continue
         anchors, probs = image_scores(model, inputs, score_mode)
-        gt_boxes = gt.gt_boxes.to(device)
         gt_classes = gt.gt_classes.to(device)
-        iou = pairwise_iou(gt_boxes, anchors)  # (G, R)
+        iou = pairwise_iou(gt.gt_boxes.to(device), anchors)  # (G, R)
         matched, labels = model.anchor_matcher(iou)
         best_iou = iou.max(dim=0).values
         totals["anchors"] += len(best_iou)
-
-        pos = best_iou > 0
-        idx = torch.nonzero(pos).squeeze(1)
+        idx, zero = torch.nonzero(best_iou > 0).squeeze(1), torch.nonzero(best_iou <= 0).squeeze(1)
         cls = gt_classes[matched[idx]]
-        present = torch.unique(gt_classes)
-
-        zero = torch.nonzero(~pos).squeeze(1)
-        zero_scores = probs[zero][:, present].max(dim=1).values if len(zero) else probs.new_zeros(0)
+        zero_scores = probs[zero][:, torch.unique(gt_classes)].max(dim=1).values if len(zero) else probs.new_zeros(0)
         totals["zero_iou_anchors"] += len(zero)
         totals["zero_iou_score_sum"] += float(zero_scores.double().sum())
         totals["zero_iou_high_score"] += int((zero_scores >= high_score).sum())
         k = len(zero) if zero_iou_samples < 0 else min(zero_iou_samples, len(zero))
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
         pick = torch.randperm(len(zero), generator=g)[:k].to(zero.device)
-        zidx = zero[pick]
-
-        all_idx = torch.cat([idx, zidx])
+        all_idx = torch.cat([idx, zero[pick]])
         acc["iou"].append(best_iou[all_idx].cpu().numpy())
         acc["score"].append(torch.cat([probs[idx, cls], zero_scores[pick]]).cpu().numpy())
         acc["max_score"].append(probs[all_idx].max(dim=1).values.cpu().numpy())
         acc["match_label"].append(labels[all_idx].cpu().numpy().astype(np.int8))
-        w_zero = len(zero) / k if k else 0.0
-        acc["weight"].append(np.concatenate([np.ones(len(idx)), np.full(k, w_zero)]))
+        acc["weight"].append(np.concatenate([np.ones(len(idx)), np.full(k, len(zero) / k if k else 0.0)]))
         acc["image_index"].append(np.full(len(all_idx), i, dtype=np.int32))
         if log_every and (i + 1) % log_every == 0:
             progress(STUDY, f"    {i + 1}/{len(dicts)} images")
     dtypes = dict(iou=np.float32, score=np.float32, max_score=np.float32, match_label=np.int8,
                   weight=np.float64, image_index=np.int32)
-    pairs = {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k]))
-             for k, v in acc.items()}
-    return pairs, totals
+    return {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k])) for k, v in acc.items()}, totals
 
 
 def bin_index(iou: np.ndarray) -> np.ndarray:
@@ -111,37 +100,26 @@ def bin_index(iou: np.ndarray) -> np.ndarray:
 
 def summarize(pairs: Dict[str, np.ndarray], totals: dict, high_score=0.5, low_iou=0.4) -> dict:
     """Summary numbers of one run's pairs (all weighted by ``pairs["weight"]``)."""
-    iou = pairs["iou"].astype(np.float64)
-    score = pairs["score"].astype(np.float64)
-    w = pairs["weight"]
-    b = bin_index(iou)
-    bins = []
+    iou, score, w = pairs["iou"].astype(np.float64), pairs["score"].astype(np.float64), pairs["weight"]
+    bins, b = [], bin_index(iou)
     for i in range(len(BIN_EDGES) - 1):
         m = b == i
         wc = float(w[m].sum())
-        bins.append(dict(
-            lo=float(BIN_EDGES[i]), hi=float(BIN_EDGES[i + 1]), count=int(m.sum()),
-            weighted_count=wc,
-            mean_score=float((w[m] * score[m]).sum() / wc) if wc > 0 else None,
-            frac_high_score=float(w[m & (score >= high_score)].sum() / wc) if wc > 0 else None,
-        ))
+        bins.append(dict(lo=float(BIN_EDGES[i]), hi=float(BIN_EDGES[i + 1]), count=int(m.sum()), weighted_count=wc,
+                         mean_score=float((w[m] * score[m]).sum() / wc) if wc > 0 else None,
+                         frac_high_score=float(w[m & (score >= high_score)].sum() / wc) if wc > 0 else None))
     low_nonzero = (iou > 0) & (iou < low_iou)
     hs_nonzero = int((low_nonzero & (score >= high_score)).sum())
     low_total = int(low_nonzero.sum()) + totals["zero_iou_anchors"]
     hs_total = hs_nonzero + totals["zero_iou_high_score"]
-    fg = pairs["match_label"] == 1
-    nz = totals["zero_iou_anchors"]
+    fg, nz = pairs["match_label"] == 1, totals["zero_iou_anchors"]
     return {
-        "bins": bins,
-        "positives": dict(count=int(fg.sum()),
-                          mean_score=float(score[fg].mean()) if fg.any() else None),
-        "zero_iou": dict(anchors=nz, recorded=int((iou == 0).sum()),
-                         mean_score=totals["zero_iou_score_sum"] / nz if nz else None,
-                         high_score=totals["zero_iou_high_score"]),
+        "bins": bins, "positives": dict(count=int(fg.sum()), mean_score=float(score[fg].mean()) if fg.any() else None),
+        "zero_iou": dict(anchors=nz, recorded=int((iou == 0).sum()), high_score=totals["zero_iou_high_score"],
+                         mean_score=totals["zero_iou_score_sum"] / nz if nz else None),
         "high_score_low_iou": dict(
-            iou_below=low_iou, score_at_least=high_score,
-            count_nonzero_iou=hs_nonzero, count_zero_iou=totals["zero_iou_high_score"],
-            count=hs_total, low_iou_anchors=low_total,
+            iou_below=low_iou, score_at_least=high_score, count_nonzero_iou=hs_nonzero,
+            count_zero_iou=totals["zero_iou_high_score"], count=hs_total, low_iou_anchors=low_total,
             fraction=hs_total / low_total if low_total else None),
     }
 
@@ -195,15 +173,11 @@ def combined_figure(runs_data, high_score, max_points=50000, seed=0):
 
 def build_table(report, digits=3):
     bins = report["runs"][0]["summary"]["bins"] if report["runs"] else []
-    headers = (["Training Loss"]
-               + [f"[{b['lo']:.1f}, {b['hi']:.1f}" + ("]" if b["hi"] >= 1 else ")") for b in bins]
+    headers = (["Training Loss"] + [f"[{b['lo']:.1f}, {b['hi']:.1f}" + ("]" if b["hi"] >= 1 else ")") for b in bins]
                + ["high score, low IoU", "fraction"])
-    rows = []
-    for run in report["runs"]:
-        s = run["summary"]
-        hs = s["high_score_low_iou"]
-        rows.append([run["label"]] + [fmt_num(b["mean_score"], digits) for b in s["bins"]]
-                    + [fmt_num(hs["count"]), fmt_num(hs["fraction"], 5)])
+    rows = [[run["label"]] + [fmt_num(b["mean_score"], digits) for b in s["bins"]]
+            + [fmt_num(s["high_score_low_iou"]["count"]), fmt_num(s["high_score_low_iou"]["fraction"], 5)]
+            for run in report["runs"] for s in [run["summary"]]]
     return markdown_table(headers, rows)
 
 
@@ -228,25 +202,19 @@ def main(argv=None):
     dicts = DatasetCatalog.get(dataset)
     if args.max_images is not None and args.max_images >= 0:
         dicts = dicts[:args.max_images]
-    report = {
-        "study": STUDY, "created": timestamp(), "dataset": dataset, "images": len(dicts),
-        "zero_iou_samples": args.zero_iou_samples, "high_score": args.high_score,
-        "low_iou": args.low_iou, "seed": args.seed,
-        "bin_edges": BIN_EDGES.tolist(), "runs": [], "figures": [],
-    }
+    report = {"study": STUDY, "created": timestamp(), "dataset": dataset, "images": len(dicts),
+              "zero_iou_samples": args.zero_iou_samples, "high_score": args.high_score, "low_iou": args.low_iou,
+              "seed": args.seed, "bin_edges": BIN_EDGES.tolist(), "runs": [], "figures": []}
     runs_data = []
     for k, (spec, (cfg, _), label) in enumerate(zip(specs, resolved, labels)):
         mode = score_mode_of(cfg) if args.score == "auto" else args.score
-        progress(STUDY, f"({k + 1}/{len(specs)}) {label}: {len(dicts)} images of {dataset}, "
-                        f"{mode} scores")
+        progress(STUDY, f"({k + 1}/{len(specs)}) {label}: {len(dicts)} images of {dataset}, {mode} scores")
         model = build_model_for_run(cfg, spec.weights)
-        pairs, totals = collect_pairs(model, cfg, dicts, args.zero_iou_samples, args.seed, mode,
-                                      args.high_score)
+        pairs, totals = collect_pairs(model, cfg, dicts, args.zero_iou_samples, args.seed, mode, args.high_score)
         summary = summarize(pairs, totals, args.high_score, args.low_iou)
         slug = _slug(label)
         np.savez_compressed(out / f"score_{slug}.npz", **pairs)
-        plot_run(pairs, summary, label, out / f"score_{slug}.png", args.high_score,
-                 args.max_plot_points, args.seed)
+        plot_run(pairs, summary, label, out / f"score_{slug}.png", args.high_score, args.max_plot_points, args.seed)
         report["figures"].append(f"score_{slug}.png")
         report["runs"].append({
             "label": label, "config": spec.config, "weights": spec.weights or cfg.MODEL.WEIGHTS,
