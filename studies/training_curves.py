@@ -8,7 +8,7 @@ from ap_loss_d2.data import register_datasets
 
 from .common import (
     build_model_for_run, dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress,
-    save_figure, study_argument_parser, subplots, timestamp, unique_labels, write_json, write_study_outputs
+    read_json, save_figure, study_argument_parser, subplots, timestamp, unique_labels, write_json, write_study_outputs
 )
 
 STUDY = "training_curves"
@@ -70,14 +70,12 @@ def group_points(runs) -> list:
         common = set.intersection(*[{q["iteration"] for q in r["points"]} for r in members])
         points = []
         for it in sorted(common):
-            point = {"iteration": it}
+            at_it = [next(q for q in r["points"] if q["iteration"] == it) for r in members]
+            points.append({"iteration": it})
             for m in METRICS:
-                vals = [next(q for q in r["points"] if q["iteration"] == it) for r in members]
-                vals = [0.0 if q.get("note") else q.get(m) for q in vals]
-                vals = [v for v in vals if v is not None]
+                vals = [v for v in (0.0 if q.get("note") else q.get(m) for q in at_it) if v is not None]
                 if vals:
-                    point.update({m: sum(vals) / len(vals), m + "_min": min(vals), m + "_max": max(vals)})
-            points.append(point)
+                    points[-1].update({m: sum(vals) / len(vals), m + "_min": min(vals), m + "_max": max(vals)})
         groups.append({"label": label, "num_runs": len(members), "points": points})
     return groups
 
@@ -115,19 +113,12 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = out / f"{STUDY}.json"
-    cache = {}
-    if cache_path.is_file():
-        import json
-
-        for run in json.loads(cache_path.read_text()).get("runs", []):
-            for point in run.get("points", []):
-                cache[(point["checkpoint"], point.get("fingerprint"), point.get("dataset"), point.get("config"))] = point
-
+    cache = {(q["checkpoint"], q.get("fingerprint"), q.get("dataset"), q.get("config")): q
+             for run in (read_json(cache_path).get("runs", []) if cache_path.is_file() else [])
+             for q in run.get("points", [])}
     runs = []
-    for text in args.run:
-        run_dir, label = _parse_run(text)
-        config = args.config_file or str(run_dir / "config.yaml")
-        cfg = load_cfg(config, args.opts, args.device)
+    for run_dir, label in map(_parse_run, args.run):
+        cfg = load_cfg(args.config_file or str(run_dir / "config.yaml"), args.opts, args.device)
         runs.append((run_dir, label or loss_label(cfg), cfg))
     labels = [lab for _, lab, _ in runs]
     labels = labels if args.group else unique_labels(labels)
@@ -186,18 +177,12 @@ def main(argv=None):
                 for run in report_runs for q in run["points"]]
         table = markdown_table(["run", "iteration"] + list(METRICS), rows)
     else:
-        def cell(q, m):
-            if q.get(m) is None:
-                return "no detections"
-            return f"{fmt_num(q[m])} [{fmt_num(q[m + '_min'])}, {fmt_num(q[m + '_max'])}]"
-
-        rows = [[g["label"], g["num_runs"], q["iteration"]] + [cell(q, m) for m in METRICS]
-                for g in groups for q in g["points"]]
+        rows = [[g["label"], g["num_runs"], q["iteration"]]
+                + ["no detections" if q.get(m) is None else f"{fmt_num(q[m])} [{fmt_num(q[m + '_min'])}, "
+                   f"{fmt_num(q[m + '_max'])}]" for m in METRICS] for g in groups for q in g["points"]]
         table = markdown_table(["runs", "n", "iteration"] + [f"{m} mean [min, max]" for m in METRICS], rows)
-    report = {"study": STUDY, "created": timestamp(), "runs": report_runs, "complete": True,
-              "figures": [png.name]}
-    if groups is not None:
-        report["groups"] = groups
+    report = {"study": STUDY, "created": timestamp(), "runs": report_runs, "complete": True, "figures": [png.name],
+              **({} if groups is None else {"groups": groups})}
     md = ["# Fig. 6: AP against training iteration", "", table, "", f"![training curves]({png.name})"]
     write_study_outputs(out, STUDY, report, md, table)
     return report
