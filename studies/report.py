@@ -53,16 +53,10 @@ def run_status(values: dict) -> str:
 
 def find_studies(folder: Path, max_depth: int = 3) -> List[Path]:
     """Study JSON files (:data:`STUDY_FILES`) in ``folder`` and up to ``max_depth`` levels below."""
-    found = []
-    base_depth = len(folder.resolve().parts)
+    found, base_depth = [], len(folder.resolve().parts)
     for root, dirs, files in os.walk(folder):
-        depth = len(Path(root).resolve().parts) - base_depth
-        if depth >= max_depth:
-            dirs[:] = []
-        dirs.sort()
-        for name in sorted(files):
-            if name in STUDY_FILES:
-                found.append(Path(root) / name)
+        dirs[:] = [] if len(Path(root).resolve().parts) - base_depth >= max_depth else sorted(dirs)
+        found += [Path(root) / name for name in sorted(files) if name in STUDY_FILES]
     return found
 
 
@@ -92,11 +86,10 @@ def table2(rows, digits) -> str:
 
 
 def details_table(rows, digits, rel) -> str:
-    body = [[r["label"], r["detector"], r["dataset"], fmt_num(r["iteration"]),
-             *(fmt_num(r[m], digits) for m in METRICS), r["status"], f"`{rel(r['run_dir'])}`"]
-            for r in rows]
-    return markdown_table(["Training Loss", "detector", "test set", "iteration", *METRICS,
-                           "status", "run folder"], body, align="lllrrrrll")
+    body = [[r["label"], r["detector"], r["dataset"], fmt_num(r["iteration"]), *(fmt_num(r[m], digits) for m in METRICS),
+             r["status"], f"`{rel(r['run_dir'])}`"] for r in rows]
+    return markdown_table(["Training Loss", "detector", "test set", "iteration", *METRICS, "status", "run folder"],
+                          body, align="lllrrrrll")
 
 
 def _figures(data, json_path: Path, rel):
@@ -111,15 +104,12 @@ def _render_study(data, json_path: Path, digits, rel) -> List[str]:
         from .robustness import build_table
 
         title = f"### Robustness (Table 3): {data.get('metric', 'AP50')} on `{data.get('dataset')}`"
-        if data.get("max_images"):
-            title += f" (first {data['max_images']} images)"
-        return [title, "", build_table(data, digits=digits), "", src, "",
-                *_figures(data, json_path, rel), ""]
+        title += f" (first {data['max_images']} images)" if data.get("max_images") else ""
+        return [title, "", build_table(data, digits=digits), "", src, "", *_figures(data, json_path, rel), ""]
     if kind == "score_distribution":
         from .score_distribution import build_table
 
-        return [f"### Score distribution (Fig. 7) on `{data.get('dataset')}` "
-                f"({data.get('images')} images)", "",
+        return [f"### Score distribution (Fig. 7) on `{data.get('dataset')}` ({data.get('images')} images)", "",
                 "Mean score of the ground-truth class per IoU bin; anchors with score >= "
                 f"{data.get('high_score')} at IoU < {data.get('low_iou')}.", "",
                 build_table(data), "", src, "", *_figures(data, json_path, rel), ""]
@@ -140,19 +130,13 @@ def _render_study(data, json_path: Path, digits, rel) -> List[str]:
 
 
 def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results") -> str:
-    base = output.parent.resolve()
-
     def rel(p):
-        return os.path.relpath(Path(p).resolve(), base)
+        return os.path.relpath(Path(p).resolve(), output.parent.resolve())
 
     md = [f"# {title}", "", f"Generated {timestamp()} by `python -m studies.report`.",
           "", "## Detection accuracy (Table 2)", ""]
-    if rows:
-        md += [table2(rows, digits), "", "Last evaluation logged in each run's metrics.json "
-               "(bbox AP over IoU 0.50:0.95, AP50, AP75; %).", "",
-               details_table(rows, digits, rel), ""]
-    else:
-        md += ["No runs.", ""]
+    md += [table2(rows, digits), "", "Last evaluation logged in each run's metrics.json (bbox AP over IoU "
+           "0.50:0.95, AP50, AP75; %).", "", details_table(rows, digits, rel), ""] if rows else ["No runs.", ""]
     by_kind = OrderedDict((k, []) for k in ("robustness", "score_distribution", "cost"))
     for path, data in studies:
         by_kind.setdefault(data.get("study"), []).append((path, data))
@@ -181,8 +165,7 @@ def main(argv=None):
     args = parse_args(argv)
     output = Path(args.output_dir) / "report.md"
     rows, study_paths = [], []
-    for d in args.run_dirs:
-        d = Path(d)
+    for d in map(Path, args.run_dirs):
         if not d.is_dir():
             raise SystemExit(f"{d} is not a folder")
         r = collect_run(d)
@@ -193,10 +176,9 @@ def main(argv=None):
         study_paths += find_studies(Path(d))
     studies, seen = [], set()
     for p in study_paths:
-        key = p.resolve()
-        if key in seen:
+        if p.resolve() in seen:
             continue
-        seen.add(key)
+        seen.add(p.resolve())
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
