@@ -194,37 +194,27 @@ def plot(summary: dict, path: Path, labels) -> bool:
 def expected_results(summary: dict, args, previous: Optional[Path] = None) -> dict:
     """The best LRs' stats that studies.main_job prints; ``previous``'s hand-added
     ``fresh_runs`` kept when it measured the same config."""
-    kept = {}
-    if previous is not None and previous.is_file():
-        old = json.loads(previous.read_text())
-        if old.get("config") == args.config_file and "fresh_runs" in old:
-            kept = {"fresh_runs": old["fresh_runs"]}
-    return {
-        "generated": timestamp(),
-        "command": "python -m studies.lr_sweep " + " ".join(sys.argv[1:]),
-        "config": args.config_file,
-        "overrides": list(args.opts),
-        "seeds": list(args.seeds),
-        "losses": {loss: {"lr": b["lr"], **{m: b[m] for m in METRICS}}
-                   for loss, b in summary["best"].items()},
-        **kept,
-    }
+    old = json.loads(previous.read_text()) if previous is not None and previous.is_file() else {}
+    kept = {"fresh_runs": old["fresh_runs"]} if old.get("config") == args.config_file and "fresh_runs" in old else {}
+    return {"generated": timestamp(), "command": "python -m studies.lr_sweep " + " ".join(sys.argv[1:]),
+            "config": args.config_file, "overrides": list(args.opts), "seeds": list(args.seeds),
+            "losses": {loss: {"lr": b["lr"], **{m: b[m] for m in METRICS}} for loss, b in summary["best"].items()},
+            **kept}
 
 
 def parse_args(argv=None):
     p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], config=DEFAULT_CONFIG + " (the main job's)",
                               num_gpus=True)
-    p.add_argument("--losses", nargs="+", default=["ap", "focal"])
-    p.add_argument("--lrs", nargs="+", type=float, default=[0.005, 0.01, 0.02])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--num-parallel", type=int, default=1, help="runs trained at the same time")
-    p.add_argument("--devices", nargs="*", default=[],
-                   help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
-    p.add_argument("--expected-results", default=None, metavar="FILE",
-                   help="also write the best-LR summary read by studies.main_job")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="a module to import in the sweep and in every training process first, "
-                        "e.g. one that registers a loss named in --losses (repeatable)")
+    add = p.add_argument
+    add("--losses", nargs="+", default=["ap", "focal"])
+    add("--lrs", nargs="+", type=float, default=[0.005, 0.01, 0.02])
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    add("--num-parallel", type=int, default=1, help="runs trained at the same time")
+    add("--devices", nargs="*", default=[], help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
+    add("--expected-results", default=None, metavar="FILE", help="also write the best-LR summary read by studies.main_job")
+    add("--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="a module to import in the sweep and in every training process first, e.g. one that registers a "
+             "loss named in --losses (repeatable)")
     args = p.parse_args(argv)
     args.config_file = args.config_file or DEFAULT_CONFIG
     if args.imports and args.num_gpus > 1:
