@@ -517,8 +517,8 @@ def number(kind, low=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not (value > 0 if low is None else value >= low):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {'> 0' if low is None else f'>= {low}'}")
+        if not math.isfinite(value) or not (value > 0 if low is None else value >= low):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {'> 0' if low is None else f'>= {low}'}")
         return value
 
     parse.__name__ = f"{kind.__name__} {'> 0' if low is None else f'>= {low}'}"

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from .common import (
     check_loss_names, cls_loss_label, fmt_num, import_modules, last_bbox_metrics,
-    markdown_table, not_finite, progress, REPO, save_figure, study_argument_parser, subplots,
+    markdown_table, not_finite, number, progress, REPO, save_figure, study_argument_parser, subplots,
     timestamp, train_net_process, write_json, write_study_outputs
 )
 
@@ -207,9 +207,9 @@ def parse_args(argv=None):
                               num_gpus=True)
     add = p.add_argument
     add("--losses", nargs="+", default=["ap", "focal"])
-    add("--lrs", nargs="+", type=float, default=[0.005, 0.01, 0.02])
+    add("--lrs", nargs="+", type=number(float), default=[0.005, 0.01, 0.02])
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    add("--num-parallel", type=int, default=1, help="runs trained at the same time")
+    add("--num-parallel", type=number(int), default=1, help="runs trained at the same time")
     add("--devices", nargs="*", default=[], help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
     add("--expected-results", default=None, metavar="FILE", help="also write the best-LR summary read by studies.main_job")
     add("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -225,10 +225,6 @@ def parse_args(argv=None):
     for key in ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR", "SEED", "OUTPUT_DIR"):
         if key in args.opts[::2]:
             p.error(f"{key} is set by the sweep per run; use --losses/--lrs/--seeds/--output-dir")
-    if args.num_parallel < 1:
-        p.error("--num-parallel must be >= 1")
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
-        p.error(f"--lrs must be finite numbers > 0, got {args.lrs}")
     return args
 
 

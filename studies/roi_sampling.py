@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .common import (
     check_run_settings, cls_loss_label, default_config, fmt_num, markdown_table, metrics_by_iteration,
-    read_json, save_figure, scaled_schedule, study_argument_parser, subplots, to_jsonable,
+    number, read_json, save_figure, scaled_schedule, study_argument_parser, subplots, to_jsonable,
     train_net_process, write_json
 )
 
@@ -26,11 +26,11 @@ def build_parser():
     parser = study_argument_parser("roi_sampling", __doc__.split("\n\n")[0],
                                    config=f"configs/{CONFIG_REL}, a model with APLossROIHeads", num_gpus=True)
     add = parser.add_argument
-    add("--sizes", type=int, nargs="+", default=[512, 1024, 1536, 2048, 3072, 4096],
+    add("--sizes", type=number(int), nargs="+", default=[512, 1024, 1536, 2048, 3072, 4096],
         help="values of MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
     add("--losses", nargs="+", default=["ce", "ap"], choices=cls_loss_names("roi_heads"),
         help="values of MODEL.CLS_LOSS.NAME")
-    add("--iters", type=int, default=None,
+    add("--iters", type=number(int), default=None,
         help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (default: the config's)")
     add("--train-net", default=None,
         help="another training script taking Detectron2's default_argument_parser arguments")
@@ -140,10 +140,6 @@ def _say(msg):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     opts = list(args.opts)
-    if any(s <= 0 for s in args.sizes):
-        raise SystemExit(f"--sizes must be positive, got {args.sizes}")
-    if args.iters is not None and args.iters <= 0:
-        raise SystemExit(f"--iters must be positive, got {args.iters}")
     sizes, losses = sorted(set(args.sizes)), list(dict.fromkeys(args.losses))
     config = str(Path(args.config_file or default_config(CONFIG_REL)).resolve())
     output_dir = Path(args.output_dir).resolve()

@@ -7,7 +7,7 @@ from pathlib import Path
 from ap_loss_d2.data import register_datasets
 
 from .common import (
-    RUN_SPEC, build_model_for_run, markdown_table, prepare_runs, progress, save_figure,
+    RUN_SPEC, build_model_for_run, markdown_table, number, prepare_runs, progress, save_figure,
     study_argument_parser, subplots, timestamp, write_study_outputs
 )
 
@@ -54,7 +54,7 @@ def _figure(rows, labels, titles_per_row, path):
 
 def parse_args(argv=None):
     p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], runs=RUN_SPEC)
-    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--num-images", type=number(int), default=4)
     p.add_argument("--score-thresh", type=float, default=0.3)
     return p.parse_args(argv)
 
@@ -66,8 +66,6 @@ def main(argv=None):
     except ImportError:
         raise ImportError("studies.visualize draws with Detectron2's Visualizer, which needs OpenCV: "
                           "pip install opencv-python-headless") from None
-    if args.num_images < 1:
-        raise ValueError(f"--num-images={args.num_images} must be >= 1")
     if not 0 <= args.score_thresh <= 1:
         raise ValueError(f"--score-thresh={args.score_thresh} must be in [0, 1]")
 

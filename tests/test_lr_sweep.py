@@ -111,12 +111,13 @@ def test_failed_runs_are_retried_and_interrupted_runs_resume(tmp_path, fake_trai
     assert "--resume" in calls[-1] or "--resume" in calls[-2]
 
 
-def test_bad_arguments():
+def test_bad_arguments(capsys):
     for argv, msg in ([["SOLVER.BASE_LR", "0.1"], "SOLVER.BASE_LR is set by the sweep"],
-                      [["--lrs", "0"], "--lrs must be finite numbers > 0"],
+                      [["--lrs", "0"], "must be a finite number > 0"], [["--lrs", "inf"], "must be a finite number"],
                       [["MODEL.DEVICE"], "KEY VALUE pairs"]):
         with pytest.raises(SystemExit):
             lr_sweep.parse_args(argv)
+        assert msg in capsys.readouterr().err
     assert lr_sweep.parse_divergence("x\nLoss became infinite or NaN at iteration=12!\n") == 12
     assert lr_sweep.parse_divergence("all good") is None
 
