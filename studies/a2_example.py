@@ -30,17 +30,6 @@ def smoothed_ap_loss(theta: torch.Tensor, sigmoid_k: float = 1.0) -> torch.Tenso
     return 1.0 - smoothed_ap(f @ theta, t, sigmoid_k=sigmoid_k)
 
 
-def smoothed_ap_loss_eq35(theta1: float, theta2: float) -> float:
-    """Eq. 35 written out (a check of :func:`smoothed_ap_loss` with ``k = 1``)."""
-
-    def S(x):
-        return 1.0 / (1.0 + math.exp(-x))
-
-    a = S(-theta1) / (1 + S(-theta1) + S(theta2 - 4 * theta1))
-    b = S(3 * theta1 - theta2) / (1 + S(4 * theta1 - theta2) + S(3 * theta1 - theta2))
-    return 0.5 * (a + b)
-
-
 def exact_ap_loss(theta: torch.Tensor) -> float:
     """``1 - AP`` (Heaviside step, not interpolated) of the scores ``f . theta``, by ap_loss."""
     f, t = _data(theta.dtype)
