@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup main test test-fast env benchmark check-d2-source
+.PHONY: setup main test test-fast test-d2-main env benchmark check-d2-source
 setup:
 	bash tools/setup_env.sh
 
@@ -21,6 +21,16 @@ env: setup
 
 benchmark: setup
 	$(PY) -m tools.benchmark
+
+# The whole suite against Detectron2 main, built from the snapshot beside the clone
+# (../shared/detectron2-main) with the placeholder ops and .venv's torch (docs/development.md)
+D2_MAIN_SNAPSHOT ?= ../shared/detectron2-main/detectron2-main.tar.gz
+D2_MAIN_TESTS ?= tests
+test-d2-main: setup
+	@test -f "$(D2_MAIN_SNAPSHOT)" || { echo "test-d2-main: no Detectron2 main snapshot at $(D2_MAIN_SNAPSHOT) (set D2_MAIN_SNAPSHOT=...)"; exit 2; }
+	d=$$(mktemp -d /tmp/ap_loss_d2-d2main.XXXXXX) && trap 'rm -rf "$$d"' EXIT && \
+	tar -xzf "$(D2_MAIN_SNAPSHOT)" -C "$$d" && \
+	TORCH_FROM="$(abspath $(VENV))" bash tools/check_detectron2_source.sh "$$d/detectron2-main" "$$d/venv" -- $(D2_MAIN_TESTS)
 
 # Compatibility check against a Detectron2 source tree (docs/development.md):
 #   make check-d2-source D2_SOURCE=/path/to/detectron2 [D2_VENV=/tmp/venv-d2]

@@ -41,6 +41,8 @@ def add_ap_loss_config(cfg):
     c.STEP = "linear"
     # Slope k of the sigmoid step (Eq. 54), with STEP "sigmoid".
     c.SIGMOID_K = 0.5
+    # Ranking kernel of "ap"/"auc": "grid" (host reads), "sync_free" (none), "auto" (docs/losses.md).
+    c.KERNEL = "auto"
     # Temperature k of the smoothed AP of "ap_approx" (Fig. 8; the paper: 1).
     c.APPROX_SIGMOID_K = 1.0
     # Weight of the classification loss.
@@ -112,6 +114,12 @@ def add_ap_loss_config(cfg):
     i.FIXED_SIZE = 512
     # Largest zoom-out ratio of the "ssd" augmentation.
     i.EXPAND_MAX_RATIO = 4.0
+
+    # Output folder (train_net.py; LazyConfig: train.overwrite_output).
+    cfg.AP_LOSS_OUTPUT = CN()
+    # A new run (neither --resume nor --eval-only) refuses an OUTPUT_DIR holding another run's
+    # checkpoints; True overwrites them on purpose.
+    cfg.AP_LOSS_OUTPUT.OVERWRITE = False
 
     for old, new in _RENAMED.items():
         cfg.register_renamed_key(old, *(new if isinstance(new, tuple) else (new,)))

@@ -2,6 +2,7 @@
 
 Details: docs/studies.md#studiesmain_job."""
 import json
+import os
 import time
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config_file = args.config_file or default_config(CONFIG_REL)
-    opts = ["OUTPUT_DIR", args.output_dir, *args.opts]  # an OUTPUT_DIR override wins
+    # a folder of its own per run (named by its start time), so that a second run loses nothing
+    run_dir = os.path.join(args.output_dir, time.strftime("%Y%m%d-%H%M%S"))
+    opts = ["OUTPUT_DIR", run_dir, *args.opts]  # an OUTPUT_DIR override wins
     out = dict(zip(opts[::2], opts[1::2]))["OUTPUT_DIR"]
 
     from detectron2.engine import default_argument_parser

@@ -26,8 +26,10 @@ from PIL import Image  # noqa: E402
 
 from ap_loss_d2 import ap_loss  # noqa: E402
 from ap_loss_d2.data import SyntheticShapesSpec, load_validated_coco_json, register_synthetic_shapes  # noqa: E402
-from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, get_ap_loss_cfg, launch, setup_cfg, setup_lazy_cfg  # noqa: E402
-from ap_loss_d2.engine.validation import check_startup  # noqa: E402
+from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, get_ap_loss_cfg, launch  # noqa: E402
+from train_net import check_start  # noqa: E402
+from train_net import setup as setup_cfg  # noqa: E402
+from train_net import setup_lazy as setup_lazy_cfg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = str(REPO / "tests/configs/tiny_synth_retinanet.yaml")
@@ -235,7 +237,7 @@ def train_loader_on(boxes_per_image, *opts, image_bytes=None, batches=1):
                    "AP_LOSS_INPUT.AUGMENTATION", "default", *opts)
 
         def run():
-            check_startup(cfg)
+            check_start(cfg)
             loader = iter(Trainer.build_train_loader(cfg))
             for _ in range(batches):
                 next(loader)
@@ -250,7 +252,7 @@ def eval_loader_on(image_bytes):
     def call(tmp):
         name, _ = _coco_dataset(tmp, "tds", [[[4, 4, 20, 20]]], image_bytes)
         cfg = _cfg(tmp, "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", f"('{name}',)")
-        check_startup(cfg)
+        check_start(cfg)
         return next(iter(Trainer.build_test_loader(cfg, name)))
 
     return call
@@ -265,7 +267,7 @@ def bad_dataset_root(tmp):
     blocker.write_text("x")
     names = register_synthetic_shapes(SyntheticShapesSpec(num_train=2, num_val=2), root=blocker / "ds",
                                       prefix=f"badroot{abs(hash(str(tmp))) % 10**8}")
-    return setup_cfg(_args(YAML, "OUTPUT_DIR", str(tmp / "out"), "DATASETS.TRAIN", f"('{names[0]}',)"))
+    return Trainer.build_train_loader(setup_cfg(_args(YAML, "OUTPUT_DIR", str(tmp / "out"), "DATASETS.TRAIN", f"('{names[0]}',)")))
 
 
 def embedded_loader_negative_box(tmp):
@@ -276,8 +278,7 @@ def embedded_loader_negative_box(tmp):
 def truncated_json_user_coco(tmp):
     name, json_file = _coco_dataset(tmp, "tj", [[[4, 4, 20, 20]]])
     json_file.write_text(json_file.read_text()[:60])
-    check_startup(_cfg(tmp, "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"))
-    return DatasetCatalog.get(name)
+    return Trainer.build_train_loader(_cfg(tmp, "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"))
 
 
 def truncated_json_embedded(tmp):
@@ -299,8 +300,7 @@ def truncated_json_builtin_coco(tmp):
     try:
         os.makedirs(os.path.dirname(json_file))
         Path(json_file).write_text('{"images": [{"id": 1, "file_name": "a.jpg"')
-        check_startup(_cfg(tmp, "DATASETS.TRAIN", "('coco_2017_val',)", "DATASETS.TEST", "()"))
-        return DatasetCatalog.get("coco_2017_val")
+        return Trainer.build_train_loader(_cfg(tmp, "DATASETS.TRAIN", "('coco_2017_val',)", "DATASETS.TEST", "()"))
     finally:
         os.chdir(cwd)
 
@@ -338,7 +338,7 @@ def resumed_trainer(*opts, metrics=()):
 
 
 def check_world(*opts, world_size):
-    return lambda tmp: check_startup(_cfg(tmp, *opts), world_size=world_size)
+    return lambda tmp: check_start(_cfg(tmp, *opts), world_size=world_size)
 
 
 # ---------------------------------------------------------------------------------- the table
@@ -443,10 +443,10 @@ ROWS = [
     ("ims-per-batch-0-ranking", yaml_setup("SOLVER.IMS_PER_BATCH", "0"), r"SOLVER\.IMS_PER_BATCH=0"),
     ("ims-per-batch-not-divisible", check_world("SOLVER.IMS_PER_BATCH", "3", "MODEL.CLS_LOSS.NAME", "focal", world_size=2), r"SOLVER\.IMS_PER_BATCH=3 is not divisible by the number of processes, 2"),
     ("lazy-batch-0", lazy_setup("dataloader.train.total_batch_size=0", "model.cls_loss.images_per_ranking_set=0"), r"dataloader\.train\.total_batch_size=0.*>= 1"),
-    ("output-dir-under-a-file", lambda tmp: setup_cfg(_args(YAML, "OUTPUT_DIR", "/etc/hostname/out")), r"OUTPUT_DIR='/etc/hostname/out' cannot be created: /etc/hostname .*not a folder"),
+    ("output-dir-under-a-file", lambda tmp: setup_cfg(_args(YAML, "OUTPUT_DIR", "/etc/hostname/out")), r"OUTPUT_DIR='/etc/hostname/out' is not writable \(Not a directory: /etc/hostname/out\)"),
     ("output-dir-not-writable", lambda tmp: setup_cfg(_args(YAML, "OUTPUT_DIR", "/proc/ap_loss_out")), r"OUTPUT_DIR='/proc/ap_loss_out' is not writable"),
     ("lazy-output-dir-not-writable", lambda tmp: setup_lazy_cfg(_args(LAZY, "train.output_dir=/proc/ap_loss_out")), r"train\.output_dir='/proc/ap_loss_out' is not writable"),
-    ("datasets-root-not-writable", bad_dataset_root, r"dataset root of 'badroot\d+_train'.*AP_LOSS_D2_DATASETS.*cannot be created.*writable folder"),
+    ("datasets-root-not-writable", bad_dataset_root, r"NotADirectoryError: .*Not a directory: '\S*file/ds'"),
     # --- the loss (already handled)
     ("loss-nan-logits", lambda tmp: ap_loss(torch.full((2, 5), float("nan")), _T), r"NonFiniteLogitsError: 10 of 10 logits are NaN or Inf"),
     ("loss-shape-mismatch", lambda tmp: ap_loss(_L, _T[:, :3]), r"shape"),
@@ -462,8 +462,8 @@ ROWS = [
     ("truncated-pth", load_file("trunc.pth", _good_checkpoint_bytes()[:300]), r"trunc\.pth is truncated or corrupt"),
     ("malicious-pkl", load_file("evil.pkl", _evil_pkl), r"UnsafeCheckpointError: \S*evil\.pkl: refusing to load posix\.system"),
     ("malicious-pth", load_file("evil.pth", _evil_pth), r"UnsafeCheckpointError: \S*evil\.pth is not a weights-only checkpoint: it references posix\.system"),
-    ("bad-load-option", load_file("m.pth", _good_checkpoint_bytes(), "?matching_heuristics=yes"), r"matching_heuristics='yes' is not valid; use matching_heuristics=True or False"),
-    ("unknown-load-option", load_file("m.pth", _good_checkpoint_bytes(), "?foo=1"), r"ValueError: checkpoint \S*m\.pth\?foo=1': unknown loading option 'foo'; supported: matching_heuristics=True\|False"),
+    ("bad-load-option", load_file("m.pth", _good_checkpoint_bytes(), "?matching_heuristics=yes"), r"loading option 'matching_heuristics=yes' is not valid; supported: matching_heuristics=True\|False"),
+    ("unknown-load-option", load_file("m.pth", _good_checkpoint_bytes(), "?foo=1"), r"ValueError: checkpoint \S*m\.pth\?foo=1': loading option 'foo=1' is not valid; supported: matching_heuristics=True\|False"),
     ("nan-weights", load_file("nan.pth", lambda p: (p.write_bytes(_good_checkpoint_bytes()), _nan_weights(p))), r"NonFiniteCheckpointError: \S*nan\.pth: tensor '1\.bias' holds 1 NaN/Inf value\(s\); refusing"),
     # --- --resume falls back to the newest valid checkpoint, deleting nothing
     ("resume-empty-last-checkpoint", resume_after(lambda out: (out / "last_checkpoint").write_text("")), r"last_checkpoint is empty.*result=9"),

@@ -14,7 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("focal", "focal_plain", "ce_ohem", "ap_loss", "ap_loss_float32_targets",
-          "ap_loss_int64_targets", "auc_loss", "ap_loss_grid", "ap_loss_sorted",
+          "ap_loss_int64_targets", "auc_loss", "ap_loss_grid", "ap_loss_sync_free",
           "ap_positive_loop", "ap_loss_reference", "auc_loss_reference")
 
 
@@ -68,7 +68,7 @@ def _check_report(out, device):
             assert all(e["host_syncs"] is None for e in row["losses"].values())
         else:
             for name in ("ap_loss", "ap_loss_float32_targets", "ap_loss_int64_targets",
-                         "auc_loss", "ap_loss_sorted", "focal_plain"):
+                         "auc_loss", "ap_loss_sync_free", "focal_plain"):
                 assert row["losses"][name]["host_syncs"] == 0, (name, row["losses"][name])
             assert row["losses"]["focal"]["host_syncs"] >= 1  # x[valid] runs a nonzero
             assert row["losses"]["ap_loss_grid"]["host_syncs"] >= 1

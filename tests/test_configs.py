@@ -17,7 +17,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from ap_loss_d2.config import add_ap_loss_config  # noqa: E402
 from ap_loss_d2.losses.registry import cls_loss_names  # noqa: E402
 from ap_loss_d2.engine import get_ap_loss_cfg, setup_cfg, validate_cfg  # noqa: E402
-from ap_loss_d2.engine.lazy import check_lazy_cls_loss  # noqa: E402
+from train_net import check_lazy_cls_loss  # noqa: E402
 from ap_loss_d2.modeling import APLossRetinaNet  # noqa: E402
 
 from .params import slow_except  # noqa: E402

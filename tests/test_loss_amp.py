@@ -2,6 +2,8 @@
 ``grad_output`` (the loss scale) in float32, and only then cast to float16. So the scaled float16
 gradient equals the float32 gradient times the scale, rounded once to float16: no entry zeroed,
 inf or NaN where that value is a finite non-zero float16. No Detectron2 needed."""
+import functools
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def _check_scaled(g16, g32, scale):
 @pytest.mark.parametrize("kind", ["ap", "auc"])
 @pytest.mark.parametrize("scale", [1024.0, 32768.0, 65536.0])
 def test_float16_backward_with_loss_scale(kind, scale, kernel):
-    fn = FNS[kind]
+    fn = functools.partial(FNS[kind], kernel=kernel)
     x16, t = _case()
     x16.requires_grad_(True)
     x32 = x16.detach().float().requires_grad_(True)
@@ -54,7 +56,7 @@ def test_float16_backward_with_loss_scale(kind, scale, kernel):
 def test_gradscaler_cpu_default_scale(kind, kernel):
     if not hasattr(torch.amp, "GradScaler"):
         pytest.skip("torch.amp.GradScaler not available")
-    fn = FNS[kind]
+    fn = functools.partial(FNS[kind], kernel=kernel)
     torch.manual_seed(0)
     feats = torch.randn(20_000, 8)
     t = torch.zeros(20_000, dtype=torch.long)

@@ -11,6 +11,7 @@ inputs must equal the float32 call on the same upcast values (gradient compared 
 to the half dtype).
 """
 import ast
+import functools
 import math
 import os
 import subprocess
@@ -29,11 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = ("linear", "heaviside", "sigmoid")
 
 
-def _impl():
-    """The implementation under test (imported lazily so the oracle tests run without it)."""
+def _impl(kernel="auto"):
+    """The implementation under test on ``kernel`` (imported lazily so the oracle tests run
+    without it)."""
     from ap_loss_d2.losses import ap_loss, auc_loss
 
-    return ap_loss, auc_loss
+    return tuple(functools.update_wrapper(functools.partial(fn, kernel=kernel), fn)
+                 for fn in (ap_loss, auc_loss))
 
 
 def _positive_loop():
@@ -171,8 +174,8 @@ def _tols(dtype, expected_grad):
     return 1e-5, 1e-7, max(1e-6 * scale, 1e-12)
 
 
-def _check(kind, scores, targets, dtype=torch.float64, **kw):
-    ap_loss, auc_loss = _impl()
+def _check(kind, scores, targets, dtype=torch.float64, kernel="auto", **kw):
+    ap_loss, auc_loss = _impl(kernel)
     fn = ap_loss if kind == "ap" else auc_loss
     call_kw = dict(kw)
     if kind == "auc":
@@ -240,7 +243,7 @@ def test_ap_random_float64(step, interpolate, shape_id, kernel):
     for delta in (0.5, 1.0, 2.0):
         for shift in (0.0, 4.0):
             s, t = _random_case(1000 * shape_id + int(4 * delta), shape, pos_shift=shift)
-            _check("ap", s, t, torch.float64, delta=delta, interpolate=interpolate, step=step)
+            _check("ap", s, t, torch.float64, delta=delta, interpolate=interpolate, step=step, kernel=kernel)
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -249,7 +252,7 @@ def test_auc_random_float64(step, kernel):
         for delta in (0.5, 1.0, 2.0):
             for shift in (0.0, 4.0):
                 s, t = _random_case(50 + i, shape, pos_shift=shift)
-                _check("auc", s, t, torch.float64, delta=delta, step=step)
+                _check("auc", s, t, torch.float64, delta=delta, step=step, kernel=kernel)
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -261,7 +264,7 @@ def test_random_float32(step, kind, kernel):
                 continue
             for shift in (0.0, 3.0):
                 s, t = _random_case(70 + i, shape, pos_frac=0.08, pos_shift=shift)
-                _check(kind, s, t, torch.float32, delta=1.0, interpolate=interpolate, step=step)
+                _check(kind, s, t, torch.float32, delta=1.0, interpolate=interpolate, step=step, kernel=kernel)
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -270,12 +273,12 @@ def test_random_float32(step, kind, kernel):
 def test_ties_and_exact_delta_boundaries(step, interpolate, dtype, kernel):
     for delta in (0.25, 0.5, 1.0, 2.0):
         s, t = _boundary_case(int(8 * delta), delta)
-        _check("ap", s, t, dtype, delta=delta, interpolate=interpolate, step=step)
+        _check("ap", s, t, dtype, delta=delta, interpolate=interpolate, step=step, kernel=kernel)
         if interpolate:
-            _check("auc", s, t, dtype, delta=delta, step=step)
+            _check("auc", s, t, dtype, delta=delta, step=step, kernel=kernel)
         # many ties on a coarse dyadic grid, several images x anchors x classes
         s, t = _random_case(int(16 * delta), (2, 30, 3), pos_frac=0.15, kind="ties")
-        _check("ap", s, t, dtype, delta=delta, interpolate=interpolate, step=step)
+        _check("ap", s, t, dtype, delta=delta, interpolate=interpolate, step=step, kernel=kernel)
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -289,14 +292,14 @@ def test_saturated_logits(step, dtype, kernel):
     t[rng.choice(n, 15, replace=False)] = 1
     t[rng.choice(n, 5, replace=False)] = -1
     for interpolate in (True, False):
-        loss, grad = _check("ap", s, t, dtype, interpolate=interpolate, step=step)
+        loss, grad = _check("ap", s, t, dtype, interpolate=interpolate, step=step, kernel=kernel)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    loss, grad = _check("auc", s, t, dtype, step=step)
+    loss, grad = _check("auc", s, t, dtype, step=step, kernel=kernel)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     # positives at -1e3 under a negative at +1e3: the worst ranking, finite values
     s2, t2 = np.array([-1e3, -1e3, 1e3, 1e3]), np.array([1, 1, 0, 0])
-    _check("ap", s2, t2, dtype, step=step)
-    _check("auc", s2, t2, dtype, step=step)
+    _check("ap", s2, t2, dtype, step=step, kernel=kernel)
+    _check("auc", s2, t2, dtype, step=step, kernel=kernel)
 
 
 @pytest.mark.parametrize("interpolate", [True, False])
@@ -304,13 +307,13 @@ def test_one_positive(interpolate, kernel):
     for step in STEPS:
         s, t = _random_case(5, (3, 20, 2), pos_frac=0.0)  # _random_case forces one positive
         assert (t == 1).sum() == 1
-        _check("ap", s, t, torch.float64, interpolate=interpolate, step=step)
-        _check("auc", s, t, torch.float64, step=step)
+        _check("ap", s, t, torch.float64, interpolate=interpolate, step=step, kernel=kernel)
+        _check("auc", s, t, torch.float64, step=step, kernel=kernel)
 
 
 @pytest.mark.parametrize("kind", ["ap", "auc"])
 def test_no_positives(kind, kernel):
-    ap_loss, auc_loss = _impl()
+    ap_loss, auc_loss = _impl(kernel)
     fn = ap_loss if kind == "ap" else auc_loss
     for t in ([0, 0, -1, 0], [-1, -1, -1, -1]):
         x = torch.tensor([0.3, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
@@ -332,7 +335,7 @@ def test_no_positives(kind, kernel):
 
 @pytest.mark.parametrize("kind", ["ap", "auc"])
 def test_no_negatives(kind, kernel):
-    ap_loss, auc_loss = _impl()
+    ap_loss, auc_loss = _impl(kernel)
     fn = ap_loss if kind == "ap" else auc_loss
     for step in STEPS:
         x = torch.tensor([0.3, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
@@ -350,14 +353,14 @@ def test_all_negatives_trivial(step, kernel):
     # for the piecewise steps; the sigmoid step (Eq. 54) is non-zero there: the oracle
     s = np.array([5.0, 4.0, 6.0, 2.5, 0.0, -10.0, 1.0])
     t = np.array([1, 1, 1, 0, 0, 0, -1])
-    ap_loss, auc_loss = _impl()
+    ap_loss, auc_loss = _impl(kernel)
     for kind, fn in (("ap", ap_loss), ("auc", auc_loss)):
         stats = {}
         loss, grad, _ = _run(fn, s, t, delta=1.0, step=step, stats=stats)
         assert stats["num_neg_nontrivial"] == 0 and stats["num_pos"] == 3
         if step == "sigmoid":
             assert float(loss) > 0
-            _check(kind, s, t, delta=1.0, step=step)
+            _check(kind, s, t, delta=1.0, step=step, kernel=kernel)
         else:
             assert float(loss) == 0.0 and not grad.any(), kind
 
@@ -452,7 +455,7 @@ def test_dense_reference_matches_oracle(step):
 @pytest.mark.parametrize("kind", ["normal", "ties"])
 def test_larger_inputs_against_dense_reference(step, kind, kernel):
     """~20k entries, ~400 positives (many breakpoints), vs the dense float64 reference."""
-    ap_loss, auc_loss = _impl()
+    ap_loss, auc_loss = _impl(kernel)
     for shift in (0.0, 2.0):
         s, t = _random_case(7 + int(shift), (4, 1000, 5), pos_frac=0.02, ign_frac=0.01,
                             kind=kind, pos_shift=shift)
@@ -472,7 +475,7 @@ def test_larger_inputs_against_dense_reference(step, kind, kernel):
 
 
 def test_targets_dtypes(kernel):
-    ap_loss, auc_loss = _impl()
+    ap_loss, auc_loss = _impl(kernel)
     s, t = _random_case(31, (2, 30, 3), pos_frac=0.1)
     ref_loss, ref_grad, _ = _run(ap_loss, s, t)
     for dt in (torch.int8, torch.int32, torch.float32):
@@ -489,7 +492,7 @@ def test_targets_dtypes(kernel):
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("step", STEPS)
 def test_half_precision_equals_float32_on_upcast(half, step, kernel):
-    ap_loss, auc_loss = _impl()
+    ap_loss, auc_loss = _impl(kernel)
     rng = np.random.default_rng(11)
     s = torch.from_numpy(rng.normal(0, 1.5, size=(2, 50, 4))).to(half)
     t_np = np.zeros(s.shape, dtype=np.int64)
@@ -518,7 +521,7 @@ def test_half_precision_equals_float32_on_upcast(half, step, kernel):
 @pytest.mark.parametrize("kind", ["ap", "auc"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_grad_output_scaling_and_dtype(kind, dtype, kernel):
-    ap_loss, auc_loss = _impl()
+    ap_loss, auc_loss = _impl(kernel)
     fn = ap_loss if kind == "ap" else auc_loss
     s, t = _random_case(21, (2, 25, 3), pos_frac=0.1)
     _, g1, _ = _run(fn, s, t, dtype=dtype)
@@ -535,7 +538,7 @@ def test_grad_output_scaling_and_dtype(kind, dtype, kernel):
 
 @pytest.mark.parametrize("step", STEPS)
 def test_stats(step, kernel):
-    ap_loss, auc_loss = _impl()
+    ap_loss, auc_loss = _impl(kernel)
     for delta in (0.5, 1.0):
         s, t = _boundary_case(7, delta)
         _, _, info = ap_oracle(s, t, delta=delta, step=step, details=True)
@@ -558,7 +561,7 @@ def test_stats(step, kernel):
 
 def test_targets_any_layout_ranked_together(kernel):
     """All entries are ranked together: the loss does not depend on the layout."""
-    ap_loss, _ = _impl()
+    ap_loss, _ = _impl(kernel)
     s, t = _random_case(99, (4, 30, 2), pos_frac=0.1)
     l1, g1, _ = _run(ap_loss, s, t)
     l2, g2, _ = _run(ap_loss, s.reshape(-1), t.reshape(-1))
@@ -569,7 +572,7 @@ def test_targets_any_layout_ranked_together(kernel):
 
 
 def test_non_contiguous_logits(kernel):
-    ap_loss, _ = _impl()
+    ap_loss, _ = _impl(kernel)
     s, t = _random_case(12, (3, 20, 4), pos_frac=0.1)
     base = torch.as_tensor(s.transpose(1, 0, 2).copy()).requires_grad_(True)
     x = base.transpose(0, 1)  # non-contiguous view with the layout of s

@@ -53,7 +53,7 @@ def test_lazy_configs_load_and_build_without_pkg_resources(no_pkg_resources_env)
         f"""
         import torch
         from detectron2.config import LazyConfig, instantiate
-        from ap_loss_d2.engine.lazy import check_lazy_cls_loss
+        from train_net import check_lazy_cls_loss
         torch.set_num_threads(1)
         for path in {LAZY_CONFIGS!r}:
             cfg = LazyConfig.load(path)

@@ -40,15 +40,16 @@ def _oracle(kind, s, t, **kw):
     return _oracle_cache[key]
 
 
-def _against_oracle(s, t, **kw):
+def _against_oracle(s, t, kernel="auto", **kw):
     """float64 logits vs the oracle to 1e-9; float32 logits (when the values are float32) vs
-    the float64 call up to float32 rounding."""
+    the float64 call up to float32 rounding; ``kernel``: the one to run."""
     s = np.asarray(s, dtype=np.float64)
     for kind, fn in (("ap", ap_loss), ("auc", auc_loss)):
         okw = dict(kw)
         if kind == "auc":
             okw.pop("interpolate", None)
         exp_loss, exp_grad = _oracle(kind, s, t, **okw)
+        okw["kernel"] = kernel
         loss, grad = _call(fn, s, t, torch.float64, **okw)
         np.testing.assert_allclose(loss, exp_loss, rtol=1e-9, atol=1e-15, err_msg=f"{kind} {kw}")
         np.testing.assert_allclose(grad, exp_grad, rtol=1e-9, atol=1e-15,
@@ -63,10 +64,10 @@ def _against_oracle(s, t, **kw):
 def test_issue_example_huge_negative_positive(kernel):
     # Algorithm 1: f(0 - (-1e30)) = 1, a = 1, b = 1: loss 0.5, gradients -0.5 / +0.5
     for dtype in (torch.float32, torch.float64):
-        loss, grad = _call(ap_loss, [-1e30, 0.0], [1, 0], dtype)
+        loss, grad = _call(ap_loss, [-1e30, 0.0], [1, 0], dtype, kernel=kernel)
         assert loss == 0.5
         np.testing.assert_array_equal(grad, [-0.5, 0.5])
-    _against_oracle([-1e30, 0.0], [1, 0])
+    _against_oracle([-1e30, 0.0], [1, 0], kernel=kernel)
 
 
 @pytest.mark.parametrize("delta", [1e-3, 1.0, 1e3])
@@ -75,11 +76,11 @@ def test_float32_extremes(delta, step, kernel):
     big = float(np.float32(3e38))
     s = [big, -big, 0.0, 1.0, big, -big, F32_MAX, -F32_MAX, 0.5, -1e30, 1e30, 1e-30, big]
     t = [1, 1, 0, 1, 0, 0, 0, 1, -1, 0, 1, 0, 0]
-    _against_oracle(s, t, delta=delta, step=step)
+    _against_oracle(s, t, delta=delta, step=step, kernel=kernel)
     # ties at the extremes and windows of width 2 delta around huge scores
     s2 = [big, big, big, -big, -big, 0.0, 0.0]
-    _against_oracle(s2, [1, 0, 1, 1, 0, 0, 1], delta=delta, step=step)
-    _against_oracle(s2, [1, 0, 1, 1, 0, 0, 1], delta=delta, step=step, interpolate=False)
+    _against_oracle(s2, [1, 0, 1, 1, 0, 0, 1], delta=delta, step=step, kernel=kernel)
+    _against_oracle(s2, [1, 0, 1, 1, 0, 0, 1], delta=delta, step=step, interpolate=False, kernel=kernel)
 
 
 @pytest.mark.parametrize("delta", slow_except([1e-3, 1.0, 1e3], {1.0}))
@@ -96,9 +97,9 @@ def test_spread_1e12_many_negatives(delta, kernel):
                                                                      near.sum())
     s = np.concatenate([p, neg])
     t = np.concatenate([np.ones(n_pos, int), np.zeros(n_neg, int)])
-    _against_oracle(s, t, delta=delta)
+    _against_oracle(s, t, delta=delta, kernel=kernel)
     # the same values rounded to float32 (windows collapse far from 0)
-    _against_oracle(s.astype(np.float32).astype(np.float64), t, delta=delta)
+    _against_oracle(s.astype(np.float32).astype(np.float64), t, delta=delta, kernel=kernel)
 
 
 def test_spread_1e12_value_from_issue(kernel):
@@ -109,9 +110,9 @@ def test_spread_1e12_value_from_issue(kernel):
     # upper positive i: a = 1, b = 4 * f(0.75) = 4 * 0.875 = 3.5, prec = 1/4.5
     # lower positive: a = 1 + 1, b = 4, prec = 2/6; interpolated: max(2/6, 1/4.5) for the lower
     exp = 1 - (2 / 6 + 2 / 6) / 2
-    loss, _ = _call(ap_loss, s, t, torch.float64)
+    loss, _ = _call(ap_loss, s, t, torch.float64, kernel=kernel)
     assert abs(loss - exp) < 1e-12
-    _against_oracle(s, t)
+    _against_oracle(s, t, kernel=kernel)
 
 
 def test_delta_range_random(kernel):
@@ -121,8 +122,8 @@ def test_delta_range_random(kernel):
         t = np.zeros(400, int)
         t[rng.choice(400, 25, replace=False)] = 1
         t[rng.choice(400, 10, replace=False)] = -1
-        _against_oracle(s, t, delta=delta)
-        _against_oracle(s, t, delta=delta, step="heaviside")
+        _against_oracle(s, t, delta=delta, kernel=kernel)
+        _against_oracle(s, t, delta=delta, step="heaviside", kernel=kernel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The synchronisation-free ("sorted") ranking kernel (issue 23): it compiles with
+"""The synchronisation-free ranking kernel ("sync_free", issues 23 and 26): it compiles with
 ``torch.compile(fullgraph=True)`` (a data-dependent host read would break the graph) and gives
 the oracle's values; CUDA twins run it under ``torch.cuda.set_sync_debug_mode("error")`` and in
 a CUDA graph. Also: which kernel runs when, invalid values without a host read, and the option
@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ap_loss_d2.losses import ranking
-from ap_loss_d2.losses.ranking import (NonFiniteLogitsError, ap_loss, auc_loss,
-                                       check_ranking_options, ranking_kernel)
+from ap_loss_d2.losses.ranking import NonFiniteLogitsError, ap_loss, auc_loss, check_ranking_options
 from tests.ap_oracle import ap_oracle, auc_oracle
 
 FNS = {"ap": (ap_loss, ap_oracle), "auc": (auc_loss, auc_oracle)}
@@ -72,52 +70,89 @@ def test_compile_fullgraph_inductor_matches_oracle(kind, step):
 
 
 def test_kernel_choice_on_cpu():
-    """CPU eager: the grid kernel (its validation read names the problem); the sorted kernel,
-    forced, makes no host read: invalid values give NaN loss and gradients instead."""
+    """CPU eager: the grid kernel (its validation read names the problem); the sync-free
+    kernel, forced, makes no host read: invalid values give NaN loss and gradients instead."""
     t = torch.tensor([1, 0, 0, -1, 1, 0])
     x = torch.tensor([0.5, float("nan"), 1.0, 0.0, 2.0, -1.0], requires_grad=True)
     with pytest.raises(NonFiniteLogitsError, match=r"\b1 of 6\b"):
         ap_loss(x, t)
     for fn, _ in FNS.values():
-        with ranking_kernel("sorted"):
-            for logits, labels in ((x, t), (x.detach().nan_to_num().requires_grad_(),
-                                            torch.tensor([1, 0, 2, -1, 1, 0])),
-                                   (x.detach().nan_to_num().requires_grad_(),
-                                    torch.tensor([1.0, 0.0, 0.5, -1.0, 1.0, 0.0]))):
-                loss = fn(logits, labels)
-                loss.backward()
-                assert math.isnan(float(loss)) and logits.grad.isnan().all()
-    with pytest.raises(ValueError, match="auto.*grid.*sorted"):
-        with ranking_kernel("gpu"):
-            pass
+        for logits, labels in ((x, t), (x.detach().nan_to_num().requires_grad_(),
+                                        torch.tensor([1, 0, 2, -1, 1, 0])),
+                               (x.detach().nan_to_num().requires_grad_(),
+                                torch.tensor([1.0, 0.0, 0.5, -1.0, 1.0, 0.0]))):
+            loss = fn(logits, labels, kernel="sync_free")
+            loss.backward()
+            assert math.isnan(float(loss)) and logits.grad.isnan().all()
+        with pytest.raises(ValueError, match="auto.*grid.*sync_free"):
+            fn(x, t, kernel="gpu")
+    # the sigmoid step has one implementation: it still validates on the host
+    with pytest.raises(NonFiniteLogitsError):
+        ap_loss(torch.full((4,), math.inf), torch.tensor([1, 0, 0, 1]), step="sigmoid",
+                kernel="sync_free")
 
 
-def test_ranking_kernel_restores_and_sigmoid_uses_grid():
-    s, t = _case(seed=5)
-    x = torch.tensor(s)
-    with ranking_kernel("sorted"):
-        assert ranking._kernel == "sorted"
-        with ranking_kernel("grid"):
-            assert ranking._kernel == "grid"
-        assert ranking._kernel == "sorted"
-        # the sigmoid step has one implementation: it still validates on the host
-        with pytest.raises(NonFiniteLogitsError):
-            ap_loss(torch.full_like(x, float("inf")), torch.as_tensor(t), step="sigmoid")
-    assert ranking._kernel == "auto"
+def _positives_case(n=4000, n_pos=300, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(n, dtype=torch.int8)
+    t[torch.randperm(n, generator=g)[:n_pos]] = 1
+    return torch.randn(n, generator=g, dtype=torch.float64), t
 
 
-def test_sorted_kernel_autograd_contract():
+@pytest.mark.parametrize("kind", ["ap", "auc"])
+def test_sync_free_bound_on_positives(kind):
+    """max_positives is the sync-free kernel's static bound: exact up to it; beyond it a
+    ValueError naming the bound and the fixes on the CPU, NaN (no host read) when compiled."""
+    fn, _ = FNS[kind]
+    x, t = _positives_case()
+    ref = fn(x, t, kernel="grid")
+    assert float(fn(x, t, kernel="sync_free", max_positives=300)) == pytest.approx(
+        float(ref), rel=1e-12)
+    with pytest.raises(ValueError, match=r"300 positives exceed.*max_positives=299.*"
+                                         r"max_positives=300 or more.*kernel='grid'"):
+        fn(x, t, kernel="sync_free", max_positives=299)
+    if kind == "ap":  # one compilation is enough (the fast suite stays cheap)
+        compiled = torch.compile(lambda a, b: fn(a * 1.0, b, max_positives=299),
+                                 fullgraph=True, backend="aot_eager")
+        assert math.isnan(float(compiled(x, t)))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_positives must be an integer >= 1"):
+            fn(x, t, max_positives=bad)
+
+
+@pytest.mark.parametrize("kernel", ["grid", "sync_free"])
+def test_memory_kept_for_backward(kernel):
+    """Between forward and backward each kernel keeps the logits (no copy), 4 bytes per entry
+    (the int32 segment) and tables of O(|P|) (here, O(n) for the sync-free kernel's bound)."""
+    x, t = _positives_case(n=200_000, n_pos=50)
+    x = x.float().requires_grad_(True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = ap_loss(x, t, kernel=kernel, max_positives=64)
+    extra = sum(s.numel() * s.element_size() for s in saved if s.data_ptr() != x.data_ptr())
+    assert extra <= 4 * x.numel() + 64 * 1024, extra
+    loss.backward()
+    ref = x.detach().clone().requires_grad_(True)
+    ap_loss(ref, t, kernel="grid").backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_sync_free_kernel_autograd_contract():
     s, t = _case(seed=6)
     t = torch.as_tensor(t)
-    with ranking_kernel("sorted"):
-        x = torch.tensor(s, requires_grad=True)
-        with pytest.raises(RuntimeError, match="double backward"):
-            torch.autograd.grad(ap_loss(x, t), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="vmap"):
-            torch.func.vmap(ap_loss)(x.detach(), t)
-        with torch.no_grad():
-            value = ap_loss(x, t)
-        assert value.grad_fn is None
+    x = torch.tensor(s, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ap_loss(x, t, kernel="sync_free"), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(lambda a, b: ap_loss(a, b, kernel="sync_free"))(x.detach(), t)
+    with torch.no_grad():
+        value = ap_loss(x, t, kernel="sync_free")
+    assert value.grad_fn is None
     exp_loss, _, _ = _oracle("ap", s, t.numpy(), "linear", 1.0)
     np.testing.assert_allclose(float(value), exp_loss, rtol=1e-9)
 
@@ -158,8 +193,7 @@ def _cuda_case(seed=0):
 def _cpu_reference(fn, x, t, step):
     ref = x.clone().requires_grad_(True)
     stats = {}
-    with ranking_kernel("grid"):
-        loss = fn(ref, t, step=step, stats=stats)
+    loss = fn(ref, t, step=step, stats=stats, kernel="grid")
     loss.backward()
     return loss.detach(), ref.grad, stats
 

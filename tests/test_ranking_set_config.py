@@ -11,7 +11,7 @@ from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from ap_loss_d2.engine import get_ap_loss_cfg, setup_cfg  # noqa: E402
-from ap_loss_d2.engine.lazy import check_lazy_cls_loss  # noqa: E402
+from train_net import check_lazy_cls_loss  # noqa: E402
 from ap_loss_d2.losses.distributed import ranking_set_layout  # noqa: E402
 from ap_loss_d2.losses.registry import build_cls_loss  # noqa: E402
 from ap_loss_d2.losses.cls_losses import APLoss  # noqa: E402

@@ -25,9 +25,9 @@ to
 * ``ap_loss`` and ``auc_loss``: :mod:`ap_loss_d2.losses.ranking` (linear step, delta 1) with
   int8 targets and the default kernel of the device, and ``ap_loss_float32_targets`` /
   ``ap_loss_int64_targets``: the same AP-loss given a float32 one-hot-style or an int64 target
-  tensor (what users often hold); ``ap_loss_grid`` / ``ap_loss_sorted``: AP-loss with the kernel
-  forced (:func:`ap_loss_d2.losses.ranking.ranking_kernel`; ``"grid"`` is the CPU default,
-  ``"sorted"`` the synchronisation-free one used on accelerators);
+  tensor (what users often hold); ``ap_loss_grid`` / ``ap_loss_sync_free``: AP-loss with the
+  kernel forced (``kernel=``; ``"grid"`` is the CPU default, ``"sync_free"`` the one used on
+  accelerators);
 * with ``--reference-kernel FILE`` also ``ap_loss_reference`` / ``auc_loss_reference``: the
   ``ap_loss``/``auc_loss`` of another version of ``ranking.py`` (e.g.
   ``git show main:ap_loss_d2/losses/ranking.py > /tmp/ranking_main.py``), loaded as a module
@@ -86,7 +86,7 @@ from pathlib import Path
 import torch
 
 LOSSES = ("focal", "focal_plain", "ce_ohem", "ap_loss", "ap_loss_float32_targets",
-          "ap_loss_int64_targets", "auc_loss", "ap_loss_grid", "ap_loss_sorted",
+          "ap_loss_int64_targets", "auc_loss", "ap_loss_grid", "ap_loss_sync_free",
           "ap_positive_loop")
 REFERENCE_LOSSES = ("ap_loss_reference", "auc_loss_reference")
 LABELS = {
@@ -98,7 +98,7 @@ LABELS = {
     "ap_loss_int64_targets": "AP-loss, int64 targets",
     "auc_loss": "AUC-loss, int8 targets",
     "ap_loss_grid": "AP-loss, grid kernel",
-    "ap_loss_sorted": "AP-loss, sorted kernel",
+    "ap_loss_sync_free": "AP-loss, sync-free kernel",
     "ap_positive_loop": "AP-loss, loop on positives",
     "ap_loss_reference": "AP-loss, reference file",
     "auc_loss_reference": "AUC-loss, reference file",
@@ -180,15 +180,6 @@ def load_reference_kernel(path):
     return module
 
 
-def _forced(kernel, fn):
-    from ap_loss_d2.losses.ranking import ranking_kernel
-
-    def call():
-        with ranking_kernel(kernel):
-            return fn()
-    return call
-
-
 def make_loss_fns(inp, loop_positives, reference=None):
     from torchvision.ops import sigmoid_focal_loss
 
@@ -208,14 +199,14 @@ def make_loss_fns(inp, loop_positives, reference=None):
     def focal_plain():
         return sigmoid_focal_loss(x, inp["onehot"], alpha=0.25, gamma=2.0, reduction="sum") / norm
 
-    def ap_int8():
-        return ap_loss(x, inp["ternary"], delta=1.0)
+    def ap_int8(kernel="auto"):
+        return ap_loss(x, inp["ternary"], delta=1.0, kernel=kernel)
 
     fns = {
         "focal": focal,
         "focal_plain": focal_plain,
-        "ap_loss_grid": _forced("grid", ap_int8),
-        "ap_loss_sorted": _forced("sorted", ap_int8),
+        "ap_loss_grid": lambda: ap_int8("grid"),
+        "ap_loss_sync_free": lambda: ap_int8("sync_free"),
         "ce_ohem": lambda: ce_ohem_loss(x, inp["labels"], neg_pos_ratio=3.0),
         "ap_loss": ap_int8,
         "ap_loss_float32_targets": lambda: ap_loss(x, inp["ternary_f32"], delta=1.0),
@@ -471,10 +462,14 @@ def run(args):
                              _spread([a / b for a, b in zip(entry["times_s"],
                                                             times[("fb", base)])]))
                 entry[f"ratio_to_{base}_rounds"] = per_round
-        for name in ("ap_loss", "auc_loss"):  # this version against the reference file's
-            twin = f"{name}_reference"
+        # per-round ratios: this version against the reference file's (the grid kernel
+        # against the reference's CPU default), the sync-free kernel against the grid one
+        for name, twin, key in (("ap_loss", "ap_loss_reference", "reference"),
+                                ("auc_loss", "auc_loss_reference", "reference"),
+                                ("ap_loss_grid", "ap_loss_reference", "reference"),
+                                ("ap_loss_sync_free", "ap_loss_grid", "grid")):
             if name in row["losses"] and twin in row["losses"]:
-                row["losses"][name]["ratio_to_reference_rounds"] = _spread(
+                row["losses"][name][f"ratio_to_{key}_rounds"] = _spread(
                     [a / b for a, b in zip(times[("fb", name)], times[("fb", twin)])])
         results.append(row)
         del inp, fns, x
@@ -607,12 +602,13 @@ def format_table(report):
                 f"{e['forward_time_s'] * 1e3:.1f} ms, under torch.no_grad "
                 f"{e['no_grad_time_s'] * 1e3:.1f} ms, forward+backward {e['time_s'] * 1e3:.1f} ms")
     for row in report["results"]:
-        versus = [f"{LABELS[n]} {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
-                  for n, e in row["losses"].items() if (r := e.get("ratio_to_reference_rounds"))]
-        if versus:
-            lines.append(f"time / reference file's, per round ({row['device']}, "
-                         f"{row['anchors']} anchors, {row['classes']} classes, {row['images']} "
-                         f"images, |P| {row['positives']}): " + "; ".join(versus))
+        for key, what in (("reference", "reference file's"), ("grid", "grid kernel's")):
+            versus = [f"{LABELS[n]} {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+                      for n, e in row["losses"].items() if (r := e.get(f"ratio_to_{key}_rounds"))]
+            if versus:
+                lines.append(f"time / {what}, per round ({row['device']}, {row['anchors']} "
+                             f"anchors, {row['classes']} classes, {row['images']} images, |P| "
+                             f"{row['positives']}): " + "; ".join(versus))
     for dev in ("cpu", "cuda"):
         if mm.get(dev):
             lines.append(f"memory ({dev}): {mm[dev]}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compatibility check: build a Detectron2 source tree into a separate virtual environment with
 # ap_loss_d2's placeholder `_C` (tools/d2_fallback/vision.cpp, so no C++/CUDA op is compiled)
-# and run this project's test suite against it. CI keeps using the release (make test).
+# and run this project's test suite against it. CI (.ci/run) runs it on Detectron2 main's
+# snapshot after `make test` (make test-d2-main).
 #
 #   tools/check_detectron2_source.sh <detectron2 source tree> [venv dir] [-- pytest args]
 #
@@ -102,7 +103,7 @@ mkdir -p "$BUILD/detectron2/layers/csrc"
 cp "$REPO/tools/d2_fallback/vision.cpp" "$BUILD/detectron2/layers/csrc/vision.cpp"
 "${PIP[@]}" uninstall -q -y detectron2 pb1-detectron2 >/dev/null 2>&1 || true
 "${PIP[@]}" install -q --no-build-isolation -c "$CONSTRAINTS" "$BUILD"
-# What ap_loss_d2.env reports as the install path of this Detectron2.
+# What tools.env reports as the install path of this Detectron2.
 "$PY" - "$VENV/ap_loss_d2-detectron2.json" "$TREE" "$COMMIT" <<'EOF'
 import json, sys, time
 out, tree, commit = sys.argv[1:]

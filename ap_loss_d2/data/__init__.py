@@ -1,7 +1,7 @@
 """Data for ap_loss_d2: the embedded synthetic shapes dataset, Pascal VOC without "difficult"
 objects, SSD-style augmentation, checks of loaded dataset dicts. Importing this package
 registers nothing; :func:`register_datasets` does."""
-from .checks import NamingReadErrors, check_dataset_dicts, hint_filter_empty, naming_bad_json
+from .checks import NamingReadErrors, check_dataset_dicts, hint_filter_empty
 from .mapper import AUGMENTATIONS, BoxAwareDatasetMapper, build_train_mapper
 from .synthetic import (
     CLASSES,
@@ -34,7 +34,7 @@ __all__ = [
     "NamingReadErrors", "PhotometricDistort", "PhotometricTransform", "RandomExpand", "SyntheticShapesSpec",
     "build_ssd_augmentation", "build_train_mapper", "check_dataset_dicts", "dataset_root", "drop_difficult",
     "ensure_synthetic_dataset", "generate_synthetic_dataset", "hint_filter_empty", "load_synthetic_coco",
-    "load_synthetic_voc", "load_validated_coco_json", "load_validated_voc_instances", "naming_bad_json",
+    "load_synthetic_voc", "load_validated_coco_json", "load_validated_voc_instances",
     "register_datasets", "register_synthetic_shapes", "register_voc_nodifficult",
 ]
 

@@ -2,7 +2,6 @@
 
 * :func:`check_dataset_dicts`: ValueError for a box of negative width or height; one warning per
   dataset and process, with counts, about zero-area boxes and images without annotations.
-* :func:`naming_bad_json`: names the dataset and file of an annotation file that is not JSON.
 * :class:`NamingReadErrors`: wraps a dataset mapper; an image that fails to decode raises
   ``OSError`` naming its file.
 * :func:`hint_filter_empty`: Detectron2's "No valid data found in X" with the key to change.
@@ -12,7 +11,7 @@ import json
 import logging
 from typing import Iterable, List
 
-__all__ = ["NamingReadErrors", "check_dataset_dicts", "hint_filter_empty", "naming_bad_json"]
+__all__ = ["NamingReadErrors", "check_dataset_dicts", "hint_filter_empty"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,30 +76,6 @@ def check_dataset_dicts(dicts: List[dict], name: str) -> List[dict]:
         ]
         logger.warning("Dataset %r: %s.", name, "; ".join(p for p in parts if p))
     return dicts
-
-
-@contextlib.contextmanager
-def naming_bad_json(names: Iterable[str]):
-    """Re-raise a ``json.JSONDecodeError`` of loading the datasets ``names`` (e.g. around
-    ``get_detection_dataset_dicts(names)``) as a ValueError naming the dataset and its file."""
-    try:
-        yield
-    except json.JSONDecodeError as e:
-        from detectron2.data import MetadataCatalog
-
-        for name in names:
-            source = MetadataCatalog.get(name).get("json_file", None)
-            try:
-                with open(source) as f:
-                    json.load(f)
-            except json.JSONDecodeError:
-                raise ValueError(
-                    f"dataset {name!r}: {source} is not valid JSON ({e}); the file is truncated or "
-                    "corrupt. Restore it (download or copy it again)."
-                ) from e
-            except (TypeError, OSError):
-                continue
-        raise
 
 
 class NamingReadErrors:

@@ -76,7 +76,7 @@ def build_train_mapper(cfg) -> DatasetMapper:
     """Training mapper selected by ``cfg.AP_LOSS_INPUT.AUGMENTATION``."""
     name = cfg.AP_LOSS_INPUT.AUGMENTATION
     if name not in AUGMENTATIONS:
-        raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={name!r}; expected one of {AUGMENTATIONS}")
+        raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={name!r}; valid values: {', '.join(AUGMENTATIONS)}")
     if name == "default":
         return DatasetMapper(cfg, is_train=True)
     return BoxAwareDatasetMapper(cfg, is_train=True, augmentations=build_ssd_augmentation(cfg, is_train=True))

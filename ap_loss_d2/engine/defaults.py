@@ -1,133 +1,89 @@
-"""Training with yacs (``.yaml``) configs: config set-up with validation, and the Trainer."""
-import logging
+"""Detectron2's ``DefaultTrainer`` flow with ap_loss_d2's config, evaluators, data checks and checkpointer."""
+import json
 import weakref
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 from detectron2.config import get_cfg
-from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import launch as d2_launch
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from .. import modeling  # noqa: F401  (registers the models)
 from ..config import add_ap_loss_config
-from ..data import AUGMENTATIONS, build_train_mapper, register_datasets
+from ..data import build_train_mapper, check_dataset_dicts, register_datasets
 from ..data.checks import NamingReadErrors, hint_filter_empty
 from ..evaluation import build_evaluator
 from ..losses.registry import build_cls_loss
 from .checkpoint import SafeDetectionCheckpointer
-from .divergence import NonFiniteGuard
-from .launch import create_ddp_model_for
-from .validation import check_startup
 
-__all__ = ["Trainer", "check_cls_loss_is_read", "get_ap_loss_cfg", "setup_cfg", "validate_cfg"]
+__all__ = ["Trainer", "get_ap_loss_cfg", "launch", "setup_cfg", "validate_cfg"]
 
-# The loss a stock Detectron2 model trains: MODEL.CLS_LOSS.NAME may name it with that model.
-_STOCK_LOSSES = ((RetinaNet, "focal"), (StandardROIHeads, "ce"))
+
+_OWN_LOSS = ((RetinaNet, "focal"), (StandardROIHeads, "ce"))  # the loss a stock model trains
 
 
 def get_ap_loss_cfg():
-    """Detectron2's default config plus ap_loss_d2's keys (``add_ap_loss_config``)."""
-    cfg = get_cfg()
-    add_ap_loss_config(cfg)
-    return cfg
-
-
-def _registered(registry, name):
-    return registry.get(name) if name in registry else None
-
-
-def check_cls_loss_is_read(cfg):
-    """ValueError if ``MODEL.CLS_LOSS.NAME`` is set while the model of ``cfg`` does not read it
-    (stock ``RetinaNet``, ``StandardROIHeads``...), unless it names that model's own loss
-    (``"focal"`` for RetinaNet, ``"ce"`` for StandardROIHeads); the message names the class to
-    use instead. Returns the head that reads it (the model's ``cls_loss_head``), or None."""
-    name = cfg.MODEL.CLS_LOSS.NAME
-    model = _registered(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
-    if model is not None and issubclass(model, GeneralizedRCNN):
-        model = _registered(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME)
-    head = getattr(model, "cls_loss_head", None)
-    if not name or model is None or head:
-        return head
-    if any(issubclass(model, stock) and name == own for stock, own in _STOCK_LOSSES):
-        return None
-    if issubclass(model, RetinaNet):
-        where, fix = f"MODEL.META_ARCHITECTURE={model.__name__!r}", "MODEL.META_ARCHITECTURE: APLossRetinaNet"
-    elif cfg.MODEL.META_ARCHITECTURE == model.__name__:
-        where = f"MODEL.META_ARCHITECTURE={model.__name__!r}"
-        fix = "MODEL.META_ARCHITECTURE: APLossRetinaNet or APLossSSD, or a GeneralizedRCNN with MODEL.ROI_HEADS.NAME: APLossROIHeads"
-    else:
-        where, fix = f"MODEL.ROI_HEADS.NAME={model.__name__!r}", "MODEL.ROI_HEADS.NAME: APLossROIHeads"
-    raise ValueError(
-        f"MODEL.CLS_LOSS.NAME={name!r} would be ignored: {where} does not read MODEL.CLS_LOSS "
-        f"(it trains its own loss). Use {fix}, or leave MODEL.CLS_LOSS.NAME unset"
-    )
+    """Detectron2's ``get_cfg()`` plus ap_loss_d2's keys."""
+    return add_ap_loss_config(get_cfg())
 
 
 def validate_cfg(cfg):
-    """Fail fast, before anything is written or built (ValueError naming the key): a
-    ``MODEL.CLS_LOSS.NAME`` the model would ignore; the loss of ``MODEL.CLS_LOSS``, built once
-    here so that its constructor checks its options; ``AP_LOSS_INPUT``."""
-    head = check_cls_loss_is_read(cfg)
-    if head is not None:
+    """ValueError naming the key, before anything is built: a ``MODEL.CLS_LOSS.NAME`` the model would ignore (stock
+    RetinaNet / StandardROIHeads, unless it names their own ``focal`` / ``ce``); the loss options (built once)."""
+    name, key = cfg.MODEL.CLS_LOSS.NAME, "MODEL.META_ARCHITECTURE"
+    model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    if issubclass(model, GeneralizedRCNN):
+        key, model = "MODEL.ROI_HEADS.NAME", ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    if getattr(model, "cls_loss_head", None):
         try:
-            build_cls_loss(cfg, head)
+            build_cls_loss(cfg, model.cls_loss_head)
         except ValueError as e:
-            raise ValueError(f"MODEL.CLS_LOSS (NAME={cfg.MODEL.CLS_LOSS.NAME or 'ap'!r}): {e}") from None
-    aug = cfg.AP_LOSS_INPUT.AUGMENTATION
-    if aug not in AUGMENTATIONS:
-        raise ValueError(f"AP_LOSS_INPUT.AUGMENTATION={aug!r}; valid values: {', '.join(AUGMENTATIONS)}")
-    if not cfg.AP_LOSS_INPUT.FIXED_SIZE > 0:
-        raise ValueError(f"AP_LOSS_INPUT.FIXED_SIZE={cfg.AP_LOSS_INPUT.FIXED_SIZE!r} must be > 0")
+            raise ValueError(f"MODEL.CLS_LOSS (NAME={name or 'ap'!r}): {e}") from None
+    elif name and not any(issubclass(model, m) and name == own for m, own in _OWN_LOSS):
+        fix = "ROI_HEADS.NAME: APLossROIHeads" if "ROI" in key else "META_ARCHITECTURE: APLossRetinaNet or APLossSSD"
+        raise ValueError(f"MODEL.CLS_LOSS.NAME={name!r} would be ignored: {key}={model.__name__!r} does not read "
+                         f"MODEL.CLS_LOSS (it trains its own loss). Use MODEL.{fix}, or leave MODEL.CLS_LOSS.NAME "
+                         "unset")
+    build_train_mapper(cfg)  # checks AP_LOSS_INPUT
     return cfg
 
 
 def setup_cfg(args):
-    """Build, validate and freeze the config of ``args`` (``config_file``, ``opts``), then run
-    Detectron2's ``default_setup`` (logging, output dir, config dump, seed)."""
+    """Merge ``args.config_file`` and ``args.opts``, validate, freeze, ``default_setup`` (train_net.py's ``setup``
+    also checks the run before ``default_setup`` writes to its output folder)."""
     register_datasets()
     cfg = get_ap_loss_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    validate_cfg(cfg)
-    check_startup(cfg)  # datasets, output paths, batch size: before anything is built
-    cfg.freeze()
+    validate_cfg(cfg).freeze()
     default_setup(cfg, args)
     return cfg
 
 
-class Trainer(NonFiniteGuard, DefaultTrainer):
-    """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluator selection, training mapper
-    (SSD augmentation when ``AP_LOSS_INPUT.AUGMENTATION == "ssd"``) and checkpointer
-    (:class:`SafeDetectionCheckpointer`: atomic saves, weights-only loading); NaN/Inf stops with
-    :class:`~.divergence.NonFiniteGuard`'s message. Trains in several CPU processes too: the model
-    is wrapped by :meth:`wrap_model` (``DistributedDataParallel`` without ``device_ids`` on CPU)."""
+def _checked_dicts(name):
+    try:
+        return check_dataset_dicts(DatasetCatalog.get(name), name)
+    except json.JSONDecodeError as e:
+        source = MetadataCatalog.get(name).get("json_file", "its annotation file")
+        raise ValueError(f"dataset {name!r}: {source} is not valid JSON ({e}); the file is truncated or corrupt. "
+                         "Restore it (download or copy it again).") from e
 
-    def __init__(self, cfg):
-        # DefaultTrainer.__init__, with the model wrapped by wrap_model and the checkpointer
-        # SafeDetectionCheckpointer
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = self.wrap_model(model)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
 
-    @classmethod
-    def wrap_model(cls, model):
-        """``DistributedDataParallel`` for several processes (as ``DefaultTrainer``), without
-        ``device_ids`` for a model on CPU."""
-        return create_ddp_model_for(model, broadcast_buffers=False)
+class Trainer(DefaultTrainer):
+    """Detectron2's ``DefaultTrainer`` with ap_loss_d2's evaluators, training mapper (``AP_LOSS_INPUT``), dataset
+    checks (``check_dataset_dicts``; image files named when they fail to decode) and the safe checkpointer."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ calls this after making its stock checkpointer: the hooks get this one
+        self.checkpointer = SafeDetectionCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -135,12 +91,31 @@ class Trainer(NonFiniteGuard, DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        # build_train_mapper: Detectron2's DatasetMapper(cfg, True) unless AUGMENTATION is "ssd";
-        # NamingReadErrors names the file of an image that fails to decode
+        for name in cfg.DATASETS.TRAIN:  # checked here, loaded again by Detectron2's loader
+            _checked_dicts(name)
         with hint_filter_empty():
             return build_detection_train_loader(cfg, mapper=NamingReadErrors(build_train_mapper(cfg)))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         mapper = NamingReadErrors(DatasetMapper(cfg, False))
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        dicts = _checked_dicts(dataset_name)
+        return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(), **kwargs):
+    """Detectron2's ``launch``, and a shim for Detectron2 v0.6, whose ``launch`` needs CUDA for more than one process:
+    without CUDA the processes are started with Gloo. Detectron2's main branch after v0.6 (which has
+    ``comm.create_local_process_group``) does that itself; a Detectron2 release after v0.6 makes the shim
+    unnecessary."""
+    runs_cpu_processes = hasattr(comm, "create_local_process_group")
+    if num_machines * num_gpus_per_machine <= 1 or torch.cuda.is_available() or runs_cpu_processes:
+        return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, **kwargs)
+    mp.spawn(_gloo_worker, nprocs=num_gpus_per_machine,
+             args=(main_func, num_machines, num_gpus_per_machine, machine_rank, dist_url, args, kwargs))
+
+
+def _gloo_worker(local_rank, main_func, num_machines, per_machine, machine_rank, dist_url, args, kwargs):
+    rank, world = machine_rank * per_machine + local_rank, num_machines * per_machine
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world, rank=rank, **kwargs)  # kwargs: timeout
+    main_func(*args)

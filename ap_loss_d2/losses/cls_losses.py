@@ -56,6 +56,7 @@ class _RankingLoss(ClsLoss):
         delta: float = 1.0,
         step: str = "linear",
         sigmoid_k: float = 0.5,
+        kernel: str = "auto",
         images_per_ranking_set: int = 0,
         rank_across_processes: bool = False,
         images_per_process: Optional[int] = None,
@@ -63,8 +64,8 @@ class _RankingLoss(ClsLoss):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_ranking_options(delta=delta, step=step, sigmoid_k=sigmoid_k)
-        self.options = dict(delta=delta, step=step, sigmoid_k=sigmoid_k)
+        check_ranking_options(delta=delta, step=step, sigmoid_k=sigmoid_k, kernel=kernel)
+        self.options = dict(delta=delta, step=step, sigmoid_k=sigmoid_k, kernel=kernel)
         self.sets = RankingSets(images_per_ranking_set, rank_across_processes, images_per_process, num_processes)
 
     @classmethod
@@ -75,6 +76,7 @@ class _RankingLoss(ClsLoss):
             "delta": c.DELTA,
             "step": c.STEP,
             "sigmoid_k": c.SIGMOID_K,
+            "kernel": c.KERNEL,
             "images_per_ranking_set": c.IMAGES_PER_RANKING_SET,
             "rank_across_processes": c.RANK_ACROSS_PROCESSES,
             "images_per_process": _images_per_process(cfg),
@@ -107,7 +109,8 @@ class APLoss(_RankingLoss):
         """
         Args:
             interpolate: interpolated AP (Sec. 3.4.3).
-            kwargs: ``delta``, ``step``, ``sigmoid_k`` (see :func:`ap_loss_d2.losses.ap_loss`),
+            kwargs: ``delta``, ``step``, ``sigmoid_k``, ``kernel`` (see
+                :func:`ap_loss_d2.losses.ap_loss`),
                 ``images_per_ranking_set``, ``rank_across_processes`` (see
                 :class:`~ap_loss_d2.losses.ranking_sets.RankingSets`), ``weight``, ``diagnostics``.
         """

@@ -1,174 +1,63 @@
-"""Exact error-driven AP-loss and AUC-loss (Chen et al., "AP-Loss for Accurate One-Stage Object
-Detection", Sec. 3 and Algorithm 1), in plain PyTorch: no Detectron2 needed.
+"""Exact error-driven AP-loss and AUC-loss (Chen et al., Sec. 3 and Algorithm 1), plain PyTorch.
 
-All entries of one call are ranked together (all images, anchors and classes of a mini-batch,
-Sec. 3.4.1). For positives ``P`` (label 1) and non-trivial negatives
-``N^ = {j : t_j = 0, s_j >= min_P s - delta}``, with ``f`` the step function:
+All entries of one call are ranked together. For positives ``P`` (label 1), negatives ``N``
+(label 0, ``-1`` ignored) and the step ``f``: ``a_i = 1 + sum_{k in P, k != i} f(s_k - s_i)``,
+``b_i = sum_{j in N} f(s_j - s_i)``, ``prec_i = a_i / (a_i + b_i)``, interpolated as a running
+maximum over the positives in ascending score; the gradient is Eq. 14 normalised by ``|P|``,
+the value ``1 - mean_i prec_i^interp``. Negatives below ``min_P s - delta`` contribute 0 for
+the linear and Heaviside steps; the sigmoid step (Eq. 54) sums over all negatives.
 
-* ``a_i = 1 + sum_{k in P, k != i} f(s_k - s_i)``, ``b_i = sum_{j in N^} f(s_j - s_i)``,
-  ``prec_i = a_i / (a_i + b_i)``, ``L_ij = f(s_j - s_i) / (a_i + b_i)``;
-* interpolation (positives in ascending score, running max ``MaxPrec``): where
-  ``prec_i < MaxPrec`` the ``L_ij`` are scaled by ``(1 - MaxPrec) / (1 - prec_i)``;
-* gradient (Eq. 14, normalised by ``|P|``): positive ``i``: ``-(1 - prec_i^interp) / |P|``;
-  negative ``j``: ``sum_i L_ij / |P|``; ignored labels and trivial negatives: 0;
-* value: ``1 - mean_i prec_i^interp``.
+One algorithm (linear and Heaviside steps), explained in docs/losses.md:
 
-For the linear and Heaviside steps, negatives below ``min_P s - delta`` contribute exactly 0, so
-``N^`` changes nothing but the work. The sigmoid step (Eq. 54) is non-zero everywhere: it sums
-over **all** negatives.
+1. the positives are sorted; each has two breakpoints, rounded outwards to the compute dtype
+   so that "``s`` has passed ``c``" is the exact comparison ``s >= c``;
+2. every entry gets its segment ``k`` (breakpoints ``<= s``); this is the only step that
+   differs per kernel (``_Piecewise.locate_grid`` / ``locate_sync_free``);
+3. per-segment counts and sums of ``s - ref_k`` (``ref_k`` a local reference) give every
+   ``b_i`` by window sums; ``a_i`` the same way from the positives;
+4. the gradient of an entry in segment ``k`` is ``A_k + B_k (s - ref_k)``; positives get their
+   own table rows. Only the int32 ``k`` (4 bytes per entry) is kept for the backward.
 
-Two kernels, one result
------------------------
-Both compute the same exact values (every oracle test runs on both, extreme logits included);
-they differ in how they find the entries near the positives.
-
-* ``"grid"`` (CPU eager): the positives are gathered (``nonzero``), their breakpoints index a
-  uniform look-up grid sized on the host, and every entry gets its segment from one table
-  look-up. ``O(|N| + (|P| + |N_amb|) log |P|)``, 4 host reads per call (see below), which cost
-  nothing on a CPU.
-* ``"sorted"`` (CUDA and other accelerators, and inside ``torch.compile``): no host
-  synchronisation and only fixed-size work. All entries are sorted once; every breakpoint
-  search is a ``searchsorted`` into the sorted scores and every per-positive or per-entry sum a
-  difference of two prefix sums over the sorted order. ``O(n log n)`` for ``n`` entries, a
-  static graph: it compiles with ``torch.compile(fullgraph=True)`` and can be captured in a
-  CUDA graph.
-
-``"auto"`` (the default) picks ``"sorted"`` when the logits are not on the CPU or when
-``torch.compiler.is_compiling()``, else ``"grid"``. :func:`ranking_kernel` forces one kernel
-for a block of code (``with ranking_kernel("sorted"): ...``). The sigmoid step and ranking
-across processes (``process_group`` with more than one process) always use the grid code,
-which reads counts on the host.
-
-How the grid kernel is fast and exact at once
----------------------------------------------
-For the linear and Heaviside steps, ``f(s - p_i)`` is piecewise linear in ``s``. Each positive
-has two breakpoints, rounded *outwards* to the compute dtype (float32 for float16/bfloat16/
-float32 logits, float64 for float64 logits) so that "``s`` has passed the breakpoint" is one
-exact comparison ``s >= c`` in that dtype: lower ``c = ceil(p_i - delta)``; upper: linear
-``s > p_i + delta`` (the smallest value above it), Heaviside ``s >= p_i``. Then
-
-* every entry needs only its segment index ``k`` = number of breakpoints ``<= s``: a uniform
-  grid over the breakpoints gives it by one table look-up (cells holding a breakpoint fall back
-  to a binary search, ~1/256 of the entries);
-* non-negatives are sent to a dummy segment, so one ``index_add_`` gives per-segment counts and
-  a second (float64, in chunks) the per-segment score sums; ``b_i`` are window sums of these;
-* the gradient of a negative in segment ``k`` is ``A_k + B_k (s - ref_k)`` with ``A_k, B_k >= 0``
-  and ``ref_k`` the segment's left breakpoint: three table gathers and one multiply-add, with
-  no cancellation (all terms are non-negative), evaluated in the backward.
-
-The sorted kernel uses the same breakpoints (the same exact comparisons) and the same local
-references; its gradient is computed in the forward and kept for the backward (one value per
-entry in the compute dtype).
-
-Extreme logits: all sums are taken relative to local references (the segment's left breakpoint
-for the scores, the left end of each cluster of overlapping windows for the coefficients), never
-as differences of global prefix sums of raw scores, and entries outside every window only count.
-So every finite input is handled exactly, including ``+-3e38``, spreads of ``1e12`` and
-``delta`` from ``1e-3`` to ``1e3`` (tested against the oracle).
-
-Memory (grid kernel): 4 bytes per entry kept for the backward (the int32 segment indices) plus
-O(|P|) tables; the element-wise passes run in chunks of 2**20 entries, so the peak extra memory
-of forward + backward is ~2.3x the float32 logits, the 1x gradient included
-(``python -m ap_loss_d2.benchmark``). The sorted kernel keeps the gradient (4 bytes per entry
-for float32 logits) and holds float64/int32 arrays of ``n`` entries during the forward: about
-200 bytes per entry at peak (52x the float32 logits, measured on CPU). The sigmoid step is
-computed in chunks of negatives against all positives (``O(|P| |N|)``, chunk memory capped by
-:data:`SIGMOID_CHUNK_BYTES`).
-
-Precision, AMP
---------------
-Sums are float64. The gradient is computed in float32 (float16/bfloat16/float32 logits) or
-float64 (float64 logits), **multiplied by ``grad_output`` in that precision** (the loss scale of
-a ``GradScaler`` included) and only then cast to the logits' dtype, so scaled float16 gradients
-neither underflow nor overflow where the scaled float32 ones are representable. The loss value
-is returned in float32 for float16/bfloat16 logits (in the logits' dtype otherwise).
-
-Invalid inputs
---------------
-Shapes, dtypes and devices are checked on every call (no host read). Values (NaN/Inf logits,
-labels other than 1, 0, -1): the grid kernel reads them on the host with its first read and
-raises :class:`NonFiniteLogitsError` / ``ValueError`` naming the count. The sorted kernel makes
-no host read: invalid values turn the loss and every gradient entry into NaN on the device, so
-Detectron2's trainer stops at its own non-finite loss check ("Loss became infinite or NaN"),
-and ``GradScaler`` skips the step. :func:`validate_ranking_inputs` gives the detailed message
-at the cost of one host read.
-
-Autograd
---------
-The backward is ``once_differentiable``: ``create_graph=True`` / double backward raises. Under
-``torch.no_grad()``, ``torch.inference_mode()`` or when the logits do not require grad, only the
-loss value is computed (no gradient kept). ``torch.func.vmap`` raises a clear error (all
-entries are ranked together, there is no per-sample rule). ``torch.func.grad``/``jacrev`` raise
-the same double-backward error.
-
-Host synchronisations per call
-------------------------------
-Sorted kernel (linear/Heaviside step, one process): none, forward and backward.
-Grid kernel (linear/Heaviside step, one process): 1 validation read (min/max of logits and
-labels together), 1 ``nonzero`` for the positives, 1 read of the breakpoints' range (to size
-the look-up grid), 1 ``nonzero`` for the entries in grid cells holding a breakpoint, plus 1
-read of the negative count for AUC: 4 (AP), 5 (AUC); the backward adds none. The sigmoid step
-has no grid: validation, the positives' ``nonzero`` and the negatives' ``nonzero``, 3 (AP), 4
-(AUC). Ranking across processes adds the collectives of :mod:`ap_loss_d2.losses.distributed`.
+Kernels (``kernel=``): ``"grid"`` finds the positives with ``nonzero`` and the segments with a
+uniform grid sized on the host (host reads, free on a CPU); ``"sync_free"`` gathers the
+positives into ``max_positives`` static slots and searches the same grid's ambiguous cells: no
+host read, static shapes (``torch.compile(fullgraph=True)``, CUDA graphs). ``"auto"``:
+``"sync_free"`` off the CPU or under ``torch.compile``. The sigmoid step and ranking across
+processes always use the grid code. Invalid values and, off the CPU, more positives than
+``max_positives`` make the sync-free kernel return NaN (no host read); the grid kernel raises.
+Sums are float64, the gradient float32 (float64 for float64 logits) times ``grad_output``.
 """
-import contextlib
 import math
 import numbers
-import struct
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-__all__ = [
-    "ap_loss",
-    "auc_loss",
-    "check_ranking_options",
-    "validate_ranking_inputs",
-    "ranking_kernel",
-    "NonFiniteLogitsError",
-    "STEPS",
-    "KERNELS",
-    "SIGMOID_CHUNK_BYTES",
-]
+from . import distributed as dist
+
+__all__ = ["ap_loss", "auc_loss", "check_ranking_options", "validate_ranking_inputs",
+           "NonFiniteLogitsError", "STEPS", "KERNELS", "MAX_POSITIVES", "SIGMOID_CHUNK_BYTES"]
 
 STEPS = ("linear", "heaviside", "sigmoid")
-#: Kernels :func:`ranking_kernel` accepts (see the module docstring).
-KERNELS = ("auto", "grid", "sorted")
+KERNELS = ("auto", "grid", "sync_free")
+#: Default static bound on the positives of one call of the sync-free kernel.
+MAX_POSITIVES = 2**16
 #: Cap on the temporary memory of one chunk of the sigmoid step (bytes).
 SIGMOID_CHUNK_BYTES = 256 * 2**20
-# Uniform grid cells per breakpoint for the segment look-up table, and the table's size cap.
 _GRID_CELLS_PER_BREAKPOINT = 256
 _GRID_MAX_CELLS = 2**21
-# Entries per chunk of the element-wise passes (bounds their temporary memory).
-_CHUNK = 2**20
-_kernel = "auto"
+_CHUNK = 2**20  # entries per chunk of the element-wise passes (bounds their temporaries)
+_F64 = torch.float64
 
 
 class NonFiniteLogitsError(ValueError):
     """The logits given to a ranking loss hold NaN or Inf."""
 
 
-@contextlib.contextmanager
-def ranking_kernel(name: str):
-    """Use kernel ``name`` (one of :data:`KERNELS`) for the linear and Heaviside steps of every
-    ``ap_loss``/``auc_loss`` call in the block, in this process (all threads); the previous
-    choice is restored on exit. ``"auto"``: sorted on accelerators and under
-    ``torch.compile``, grid on the CPU otherwise."""
-    global _kernel
-    if name not in KERNELS:
-        raise ValueError(f"ranking kernel {name!r} is unknown; choose one of {KERNELS}")
-    previous, _kernel = _kernel, name
-    try:
-        yield
-    finally:
-        _kernel = previous
-
-
-def check_ranking_options(*, delta, step, sigmoid_k, interpolate=True):
+def check_ranking_options(*, delta, step, sigmoid_k, interpolate=True, kernel="auto",
+                          max_positives=MAX_POSITIVES):
     """Raise a TypeError (wrong type) or ValueError (bad value) naming the option and what is
-    valid, unless the options of a ranking loss are valid: ``delta`` and ``sigmoid_k`` finite
-    numbers > 0, ``step`` one of :data:`STEPS`, ``interpolate`` a bool."""
+    valid, unless the options of a ranking loss are valid."""
     for name, value in (("delta", delta), ("sigmoid_k", sigmoid_k)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a Python number, got {type(value).__name__} {value!r}")
@@ -179,208 +68,129 @@ def check_ranking_options(*, delta, step, sigmoid_k, interpolate=True):
     if not isinstance(interpolate, bool):
         raise TypeError(f"interpolate must be True or False, got {type(interpolate).__name__} "
                         f"{interpolate!r}")
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"ranking kernel {kernel!r} is unknown; choose one of {KERNELS}")
+    if isinstance(max_positives, bool) or not isinstance(max_positives, int) or max_positives < 1:
+        raise ValueError(f"max_positives must be an integer >= 1, got {max_positives!r}")
 
 
-def ap_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    delta: float = 1.0,
-    interpolate: bool = True,
-    step: str = "linear",
-    sigmoid_k: float = 0.5,
-    stats: Optional[dict] = None,
-    process_group=None,
-) -> torch.Tensor:
+def ap_loss(logits: torch.Tensor, targets: torch.Tensor, *, delta: float = 1.0,
+            interpolate: bool = True, step: str = "linear", sigmoid_k: float = 0.5,
+            kernel: str = "auto", max_positives: int = MAX_POSITIVES,
+            stats: Optional[dict] = None, process_group=None) -> torch.Tensor:
     """AP-loss ``1 - AP`` over all entries, with the error-driven update as its gradient.
 
     Args:
-        logits: scores, any shape (e.g. ``(N images, A anchors, K classes)``), float16,
-            bfloat16, float32 or float64, any device; any finite values.
-        targets: same shape as ``logits``; 1 positive, 0 negative, -1 ignored (any int or
-            float dtype).
-        delta: width of the piecewise step (Eq. 21); negatives scoring below
-            ``min(positive scores) - delta`` are trivial (no loss, zero gradient) for the
-            linear and Heaviside steps.
-        interpolate: use interpolated AP (Sec. 3.4.3).
-        step: ``"linear"`` (Eq. 21), ``"heaviside"`` (Eq. 4) or ``"sigmoid"`` (Eq. 54, over
-            all negatives).
-        sigmoid_k: slope parameter ``k`` of the sigmoid step.
-        stats: ``None`` or a dict, filled with ``num_pos`` and ``num_neg_nontrivial`` (``N^``
-            as defined above; global when ranking across processes). Python ints on the CPU
-            in eager mode; elsewhere 0-dim int64 tensors on the logits' device (no host read
-            for them), except the grid kernel's ``num_pos``, which it reads anyway.
-        process_group: a ``torch.distributed`` group to rank the entries of all its processes
-            together (see :mod:`ap_loss_d2.losses.distributed`); ``None`` ranks locally.
+        logits: scores, any shape, float16/bfloat16/float32/float64, any device, finite.
+        targets: same shape; 1 positive, 0 negative, -1 ignored (any int or float dtype).
+        delta: width of the piecewise step (Eq. 21); interpolate: interpolated AP (3.4.3).
+        step: ``"linear"`` (Eq. 21), ``"heaviside"`` (Eq. 4) or ``"sigmoid"`` (Eq. 54, slope
+            ``sigmoid_k``).
+        kernel: ``"auto"``, ``"grid"`` or ``"sync_free"``; max_positives: the sync-free
+            kernel's static bound on the positives of this call.
+        stats: ``None`` or a dict, filled with ``num_pos`` and ``num_neg_nontrivial``
+            (negatives with ``s >= min_P s - delta``): Python ints on the CPU in eager mode,
+            else 0-dim int64 tensors on the logits' device.
+        process_group: a ``torch.distributed`` group whose processes' entries are ranked
+            together (:mod:`ap_loss_d2.losses.distributed`); ``None`` ranks locally.
 
-    Returns:
-        A 0-dim tensor: in the logits' dtype, float32 for float16/bfloat16 logits. Its
-        backward gives the error-driven update (Eq. 9/14) of Algorithm 1 times the incoming
-        gradient (computed in float32/float64, cast to the logits' dtype last). With no
-        positives the loss is 0 and every gradient 0.
-
-    Raises:
-        TypeError / ValueError for invalid options (:func:`check_ranking_options`), a ``stats``
-        that is not a dict, or inputs of the wrong shape, dtype or device; the grid kernel
-        also for NaN/Inf logits and invalid labels (the sorted kernel returns NaN instead,
-        see the module docstring).
-
-    Complexity: see the module docstring.
+    Returns a 0-dim tensor in the logits' dtype (float32 for half precision), 0 without
+    positives, whose backward gives the error-driven update of Algorithm 1.
     """
-    opts = _Options(delta, interpolate, step, sigmoid_k, stats, process_group)
-    return _apply(logits, targets, "ap", opts)
+    return _apply(logits, targets, "ap", delta, interpolate, step, sigmoid_k, kernel,
+                  max_positives, stats, process_group)
 
 
-def auc_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    delta: float = 1.0,
-    step: str = "linear",
-    sigmoid_k: float = 0.5,
-    stats: Optional[dict] = None,
-    process_group=None,
-) -> torch.Tensor:
-    """AUC-loss ``1 - AUC`` with the error-driven update (activation of Eq. 7).
-
-    ``L'_ij = f(s_j - s_i) / |N|`` with ``|N|`` the number of all negatives; value
-    ``sum_{i in P, j in N^} L'_ij / |P|``; gradients: positive ``i``: ``-sum_j L'_ij / |P|``,
-    negative ``j``: ``sum_i L'_ij / |P|``. Arguments, shapes, dtypes, errors and complexity as
-    :func:`ap_loss` (there is no interpolation for AUC).
-    """
-    opts = _Options(delta, False, step, sigmoid_k, stats, process_group)
-    return _apply(logits, targets, "auc", opts)
+def auc_loss(logits: torch.Tensor, targets: torch.Tensor, *, delta: float = 1.0,
+             step: str = "linear", sigmoid_k: float = 0.5, kernel: str = "auto",
+             max_positives: int = MAX_POSITIVES, stats: Optional[dict] = None,
+             process_group=None) -> torch.Tensor:
+    """AUC-loss ``1 - AUC`` with the error-driven update (Eq. 7): ``L'_ij = f(s_j - s_i) / |N|``
+    with ``|N|`` all negatives. Arguments and result as :func:`ap_loss` (no interpolation)."""
+    return _apply(logits, targets, "auc", delta, False, step, sigmoid_k, kernel, max_positives,
+                  stats, process_group)
 
 
-class _Options:
-    def __init__(self, delta, interpolate, step, sigmoid_k, stats, process_group):
-        check_ranking_options(delta=delta, step=step, sigmoid_k=sigmoid_k,
-                              interpolate=interpolate)
-        if stats is not None and not isinstance(stats, dict):
-            raise TypeError(f"stats must be a dict (filled by the loss) or None, got "
-                            f"{type(stats).__name__}")
-        self.delta = float(delta)
-        self.interpolate = interpolate
-        self.step = step
-        self.sigmoid_k = float(sigmoid_k)
-        self.stats = stats
-        self.process_group = process_group
-        self.state = None  # forward -> setup_context hand-over (one call)
-
-
-def _use_sorted(logits, opts):
-    if opts.step == "sigmoid":
-        return False
-    if opts.process_group is not None:
-        from .distributed import group_size
-
-        if group_size(opts.process_group) > 1:
-            return False
-    if _kernel != "auto":
-        return _kernel == "sorted"
-    return logits.device.type != "cpu" or torch.compiler.is_compiling()
-
-
-def _apply(logits, targets, kind, opts):
+def _apply(logits, targets, kind, delta, interpolate, step, sigmoid_k, kernel, max_positives,
+           stats, group):
+    check_ranking_options(delta=delta, step=step, sigmoid_k=sigmoid_k, interpolate=interpolate,
+                          kernel=kernel, max_positives=max_positives)
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict (filled by the loss) or None, got "
+                        f"{type(stats).__name__}")
     _check_static(logits, targets)
-    if _use_sorted(logits, opts):
-        return _apply_sorted(logits, targets, kind, opts)
-    targets = _validate(logits, targets)  # float labels come back as int8 codes
-    if torch.is_grad_enabled() and logits.requires_grad:
-        loss = _RankingLoss.apply(logits, targets, kind, opts)
-        n_pos, n_neg = opts.state["counts"]
-    else:  # no_grad / inference_mode / constant logits: the value only
-        loss, _, n_pos, n_neg = _forward(logits.detach(), targets.detach(), kind, opts, False)
-    _fill_stats(opts, n_pos, n_neg)
+    if kernel == "auto":  # the sigmoid step and ranking across processes: grid code only
+        kernel = "grid" if logits.device.type == "cpu" and not torch.compiler.is_compiling() \
+            else "sync_free"
+    sync_free = kernel == "sync_free" and step != "sigmoid" and dist.group_size(group) == 1
+    if not sync_free:
+        targets = validate_ranking_inputs(logits, targets)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    spec = (kind, step, float(delta), interpolate, float(sigmoid_k), sync_free,
+            min(max_positives, logits.numel()), need_grad)
+    loss, n_pos, n_neg = _RankingLoss.apply(logits, targets, spec, group)[:3]
+    if stats is not None:
+        stats.update(num_pos=_count_value(n_pos), num_neg_nontrivial=_count_value(n_neg))
     return loss
-
-
-def _fill_stats(opts, n_pos, n_neg):
-    if opts.stats is not None:
-        opts.stats.update(num_pos=_count_value(n_pos), num_neg_nontrivial=_count_value(n_neg))
 
 
 def _count_value(n):
     """A count as a Python int when that needs no device read, else a 0-dim int64 tensor."""
-    if not isinstance(n, torch.Tensor):
-        return int(n)
-    if n.device.type == "cpu" and not torch.compiler.is_compiling():
-        return int(n)
-    return n.to(torch.int64)
+    host = not isinstance(n, torch.Tensor) or (n.is_cpu and not torch.compiler.is_compiling())
+    return int(n) if host else n.to(torch.int64)
 
 
 class _RankingLoss(torch.autograd.Function):
+    """Outputs: loss, |P|, |N^|, then the tensors the backward needs (non-differentiable)."""
+
     @staticmethod
-    def forward(logits, targets, kind, opts):
-        loss, state, n_pos, n_neg = _forward(logits.detach(), targets.detach(), kind, opts, True)
-        state["counts"] = (n_pos, n_neg)
-        opts.state = state
-        return loss
+    def forward(logits, targets, spec, group):
+        return _forward(logits.detach(), targets.detach(), spec, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, _, _, opts = inputs
-        state, opts.state = opts.state, {"counts": opts.state["counts"]}
-        ctx.state = state
-        ctx.logits_dtype = logits.dtype
-        ctx.shape = logits.shape
-        ctx.save_for_backward(logits)
+        ctx.mark_non_differentiable(*(o for o in output[1:] if isinstance(o, torch.Tensor)))
+        ctx.set_materialize_grads(False)  # no zero gradients for the state outputs
+        ctx.save_for_backward(inputs[0], *output[3:])
+        ctx.spec = inputs[2]
 
     @staticmethod
-    def backward(ctx, grad_output):
-        _refuse_double_backward()
-        return _RankingLoss._backward_once(ctx, grad_output)
-
-    @staticmethod
-    @once_differentiable
-    def _backward_once(ctx, grad_output):
-        (logits,) = ctx.saved_tensors
-        grad = _backward(ctx.state, logits.detach(), grad_output)
-        ctx.state = None
-        return grad, None, None, None
+    def backward(ctx, grad_output, *_):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ap_loss/auc_loss support no double backward: create_graph=True (e.g. for a "
+                "gradient penalty) and torch.func.grad/jacrev would differentiate the "
+                "error-driven update, which has no derivative here. Use loss.backward() or "
+                "torch.autograd.grad without create_graph for the ranking loss.")
+        x, *state = ctx.saved_tensors
+        if not state:  # no positives
+            return torch.zeros_like(x), None, None, None
+        go, xf = grad_output.to(_F64), x.detach().reshape(-1).to(_compute_dtype(x.dtype))
+        if ctx.spec[1] == "sigmoid":
+            flat = _Sigmoid.evaluate(xf, ctx.spec[4], go, *state)
+        else:
+            flat = _Piecewise.evaluate(xf, ctx.spec[1] == "linear", go, *state)
+        return flat.view(x.shape).to(x.dtype), None, None, None
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        _refuse_vmap()
-
-
-def _refuse_double_backward():
-    if torch.is_grad_enabled():
         raise RuntimeError(
-            "ap_loss/auc_loss support no double backward: create_graph=True (e.g. for a "
-            "gradient penalty) and torch.func.grad/jacrev would differentiate the "
-            "error-driven update, which has no derivative here. Use loss.backward() or "
-            "torch.autograd.grad without create_graph for the ranking loss."
-        )
+            "ap_loss/auc_loss do not support torch.func.vmap: all entries are ranked together "
+            "(there is no per-sample rule). Call the loss once per sample in a Python loop, "
+            "or once on the whole batch.")
 
 
-def _refuse_vmap():
-    raise RuntimeError(
-        "ap_loss/auc_loss do not support torch.func.vmap: all entries are ranked together "
-        "(there is no per-sample rule). Call the loss once per sample in a Python loop, "
-        "or once on the whole batch."
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
 def validate_ranking_inputs(logits, targets):
     """Raise a ValueError naming the problem unless ``logits``/``targets`` are valid inputs of a
     ranking loss: same shape and device, floating logits without NaN/Inf
-    (:class:`NonFiniteLogitsError`, with their count), labels in {1, 0, -1}.
-
-    One pass over each tensor (min/max) and one host read in the valid case."""
-    _validate(logits, targets)
-
-
-def _validate(logits, targets):
-    """validate_ranking_inputs; returns the targets (float targets converted to int8)."""
+    (:class:`NonFiniteLogitsError`, with their count), labels in {1, 0, -1}. One host read.
+    Returns the targets (float labels as int8 codes)."""
     _check_static(logits, targets)
     if logits.numel() == 0:
         return targets
+    x, t = logits.detach(), targets.detach()
     try:
-        return _check_values(logits, targets)
+        vals = torch.stack(_value_range(x, t)).tolist()  # the one host read
     except RuntimeError as e:  # functorch-wrapped tensors have no storage to read
         raise RuntimeError(
             "ap_loss/auc_loss need concrete tensors: they rank all entries together and read "
@@ -388,6 +198,15 @@ def _validate(logits, targets):
             "supported (for vmap there is no per-sample rule: all entries are ranked together). "
             "Call the loss on ordinary tensors and use loss.backward() / torch.autograd.grad."
         ) from e
+    if not (math.isfinite(vals[0]) and math.isfinite(vals[1])):
+        raise NonFiniteLogitsError(f"{int((~torch.isfinite(x)).sum())} of {x.numel()} logits "
+                                   "are NaN or Inf")
+    if not (vals[2] >= -1 and vals[3] <= 1) or (len(vals) > 4 and vals[4] > 0):
+        invalid = (t != 0) & (t != 1) & (t != -1)
+        raise ValueError(f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
+                         f"{int(invalid.sum())} other labels, e.g. "
+                         f"{torch.unique(t[invalid])[:10].tolist()}")
+    return t.to(torch.int8) if t.is_floating_point() else t
 
 
 def _check_static(logits, targets):
@@ -396,10 +215,8 @@ def _check_static(logits, targets):
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.shape != targets.shape:
-        raise ValueError(
-            f"logits and targets must have the same shape, got {tuple(logits.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
+        raise ValueError(f"logits and targets must have the same shape, got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
     if targets.device != logits.device:
         raise ValueError(f"logits are on {logits.device} but targets on {targets.device}")
     if targets.dtype == torch.bool:
@@ -408,560 +225,375 @@ def _check_static(logits, targets):
         raise ValueError(f"targets must be an int or float tensor, got {targets.dtype}")
 
 
-def _check_values(logits, targets):
-    x = logits.detach()
-    t = targets.detach()
-    xmin, xmax = torch.aminmax(x)
-    tmin, tmax = torch.aminmax(t)
-    vals = [xmin.double(), xmax.double(), tmin.double(), tmax.double()]
-    code = t
+def _value_range(x, t):
+    """float64 [min, max] of the logits and of the labels, and the count of float labels that
+    are not integers (0-dim tensors; no host read)."""
+    vals = [*torch.aminmax(x), *torch.aminmax(t)]
+    if t.is_floating_point():  # inside [-1, 1], other labels do not survive the cast
+        vals.append(torch.count_nonzero(t.to(torch.int8) != t))
+    return [v.double() for v in vals]
+
+
+def _invalid(x, t):
+    """0-dim bool: NaN/Inf logits or invalid labels (no host read)."""
+    xmin, xmax, tmin, tmax, *frac = _value_range(x, t)
+    return ~(xmin.isfinite() & xmax.isfinite()) | (tmin < -1) | (tmax > 1) | (sum(frac) > 0)
+
+
+def _forward(logits, targets, spec, group):
+    """(loss, |P|, |N^|, *state for the backward)."""
+    kind, step, delta, interpolate, sigmoid_k, sync_free, bound, need_grad = spec
+    cd = _compute_dtype(logits.dtype)
+    out_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    device = logits.device
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    if logits.numel() == 0:
+        return torch.zeros((), dtype=out_dtype, device=device), zero, zero
+    x = logits.reshape(-1).to(cd)  # exact upcast of half precision
+    t = targets.reshape(-1)
+    bad = _invalid(x, t) if sync_free else None
     if t.is_floating_point():
-        # inside [-1, 1], labels other than -1, 0, 1 are those that do not survive the cast
-        code = t.to(torch.int8)
-        vals.append(torch.count_nonzero(code != t).double())
-    vals = torch.stack(vals).tolist()  # the one host read
-    if not (math.isfinite(vals[0]) and math.isfinite(vals[1])):
-        bad = int((~torch.isfinite(x)).sum())
-        raise NonFiniteLogitsError(f"{bad} of {x.numel()} logits are NaN or Inf")
-    out_of_range = not (vals[2] >= -1 and vals[3] <= 1)
-    if out_of_range or (len(vals) > 4 and vals[4] > 0):
-        invalid = (t != 0) & (t != 1) & (t != -1)
-        values = torch.unique(t[invalid])[:10].tolist()
-        raise ValueError(
-            f"targets must be 1 (positive), 0 (negative) or -1 (ignored); found "
-            f"{int(invalid.sum())} other labels, e.g. {values}"
-        )
-    return code
+        t = t.to(torch.int8)
+
+    if sync_free:
+        p, m = _positives_static(x, t, bound)
+        valid = torch.arange(bound, device=device) < m
+        if device.type == "cpu" and not torch.compiler.is_compiling() and int(m) > bound:
+            raise ValueError(
+                f"ap_loss/auc_loss kernel='sync_free': {int(m)} positives exceed its static "
+                f"bound max_positives={bound}; pass max_positives={int(m)} or more, use "
+                f"kernel='grid', or rank fewer images together (MODEL.CLS_LOSS.KERNEL, "
+                f"MODEL.CLS_LOSS.IMAGES_PER_RANKING_SET)")
+        bad = bad | (m > bound)
+    else:
+        pos_idx = torch.nonzero(t == 1).squeeze(1)
+        p, offset = dist.gather_positive_scores(x[pos_idx].double(), group)
+        m = p.numel()
+        if m == 0:
+            return torch.zeros((), dtype=out_dtype, device=device), 0, zero
+        valid = None
+    p, order = torch.sort(p, stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=device))
+    mine = None if sync_free else rank[offset : offset + pos_idx.numel()]
+    m_safe = m.clamp_min(1).double() if sync_free else float(m)
+
+    if step == "sigmoid":
+        kernel = _Sigmoid(p, sigmoid_k, x, t, delta)
+    else:
+        kernel = _Piecewise(p, valid, delta, step == "linear", cd)
+        if sync_free:
+            kernel.locate_sync_free(x, t, rank)
+        else:
+            kernel.locate_grid(x, t, pos_idx, mine)
+    b, n_neg = kernel.negative_sums()
+    b = dist.all_reduce_sum(b, group)
+    n_neg = dist.all_reduce_sum(n_neg, group)
+    keep = (lambda v: v) if valid is None else (lambda v: torch.where(valid, v, 0.0))
+    if kind == "ap":
+        a = (1.0 - kernel.f0) + kernel.positive_sums()
+        denom = keep(a + b) + (0.0 if valid is None else (~valid).double())
+        prec = keep(a / denom)
+        prec_interp = torch.cummax(prec, 0).values if interpolate else prec
+        scale = torch.where(prec < prec_interp, (1 - prec_interp) / (1 - prec), 1.0)
+        w = keep(scale / denom)
+        loss = keep(1 - prec_interp).sum() / m_safe
+        g_pos = -(1 - prec_interp) / m_safe
+    else:
+        n_all = kernel.n_all
+        if sync_free:
+            n_safe = n_all.clamp_min(1).double()
+            w = torch.where(valid & (n_all > 0), 1.0 / n_safe, 0.0)
+        else:
+            n_all = dist.all_reduce_count(int(n_all), group, device)
+            n_safe = max(n_all, 1)
+            w = torch.full_like(p, 1.0 / n_safe if n_all else 0.0)
+        b = w * keep(b)  # 0 without negatives
+        loss = b.sum() / m_safe
+        g_pos = -b / m_safe
+    if bad is not None:
+        loss = torch.where(bad, math.nan, loss)
+    loss = loss.to(out_dtype)
+    n_pos = m.long() if sync_free else torch.tensor(m)
+    if not need_grad:
+        return loss, n_pos, n_neg
+    if step == "sigmoid":
+        return (loss, n_pos, n_neg, kernel.idx, kernel.s, p, w / m_safe, pos_idx, g_pos[mine])
+    A, B, ref = kernel.coefficients(w / m_safe, g_pos, bad)
+    return loss, n_pos, n_neg, kernel.k, A, B, ref
 
 
-# ---------------------------------------------------------------------------------------------
-# Forward / backward
-# ---------------------------------------------------------------------------------------------
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _loss_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def _positives_static(x, t, bound):
+    """(positive scores in ``bound`` slots, +inf after the m-th; m as a 0-dim tensor)."""
+    slots = torch.zeros(bound + 1, dtype=_F64, device=x.device)  # the last: overflow
+    m = torch.zeros((), dtype=torch.int32, device=x.device)
+    for i in range(0, x.numel(), _CHUNK):
+        pos = t[i : i + _CHUNK] == 1
+        r = torch.cumsum(pos, 0, dtype=torch.int32) + m
+        slot = torch.where(pos, (r - 1).clamp_max(bound), bound)
+        slots.index_add_(0, slot, torch.where(pos, x[i : i + _CHUNK].double(), 0.0))
+        m = r[-1]
+    p = torch.where(torch.arange(bound, device=x.device) < m, slots[:-1], math.inf)
+    return p, m
 
 
-def _forward(logits, targets, kind, opts, need_grad):
-    """(loss in the loss dtype, state for the backward or None, |P|, |N^|)."""
-    from . import distributed as dist_utils
-
-    group = opts.process_group
-    cd = _compute_dtype(logits.dtype)
-    x = logits.reshape(-1)
-    if x.dtype != cd:
-        x = x.to(cd)  # exact upcast of half precision
-    t = targets.reshape(-1)
-    if t.is_floating_point():
-        t = t.to(torch.int8)  # validated: exactly -1, 0, 1
-    out_dtype = _loss_dtype(logits.dtype)
-
-    pos_idx = torch.nonzero(t == 1).squeeze(1)
-    p_all, offset = dist_utils.gather_positive_scores(x[pos_idx].double(), group)
-    m = p_all.numel()
-    state = {"m": 0, "pos_idx": pos_idx}
-    if m == 0:
-        return torch.zeros((), dtype=out_dtype, device=x.device), state, 0, 0
-    p, order = torch.sort(p_all, stable=True)
-    # the positives of this process in the sorted order
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(m, device=order.device)
-    mine = inverse[offset : offset + pos_idx.numel()]
-
-    if opts.step == "sigmoid":
-        kernel = _SigmoidStep(p, opts, x, t)
-    else:
-        kernel = _PiecewiseStep(p, opts, x, t, cd)
-    b, n_neg = kernel.negative_sums()
-    b = dist_utils.all_reduce_sum(b, group)
-    if opts.stats is not None:
-        n_neg = dist_utils.all_reduce_sum(n_neg, group)
-
-    if kind == "ap":
-        a = (1.0 - kernel.f0) + kernel.positive_sums()
-        denom = a + b
-        prec = a / denom
-        prec_interp = torch.cummax(prec, 0).values if opts.interpolate else prec
-        scale = torch.where(prec < prec_interp, (1 - prec_interp) / (1 - prec), torch.ones_like(prec))
-        w = scale / denom
-        loss = 1 - prec_interp.mean()
-        g_pos = -(1 - prec_interp) / m
-    else:  # auc
-        n_all_neg = dist_utils.all_reduce_count(int(kernel.num_all_negatives()), group, x.device)
-        if n_all_neg == 0:
-            w = torch.zeros_like(p)
-            loss = torch.zeros((), dtype=torch.float64, device=x.device)
-            g_pos = torch.zeros_like(p)
-        else:
-            w = torch.full_like(p, 1.0 / n_all_neg)
-            loss = b.sum() / (n_all_neg * m)
-            g_pos = -b / (n_all_neg * m)
-    loss = loss.to(out_dtype)
-    if not need_grad:
-        return loss, None, m, n_neg
-    state.update(m=m, kernel=kernel, coefficients=kernel.coefficients(w / m),
-                 g_pos=g_pos[mine])
-    return loss, state, m, n_neg
-
-
-def _backward(state, logits, grad_output):
-    cd = _compute_dtype(logits.dtype)
-    go = grad_output.to(torch.float64)
-    if state["m"] == 0:
-        return torch.zeros_like(logits)
-    flat = state["kernel"].evaluate(state["coefficients"], go)  # compute dtype, flat, x go
-    pos_idx = state["pos_idx"]
-    if pos_idx.numel():
-        flat.index_copy_(0, pos_idx, (state["g_pos"] * go).to(cd))
-    return flat.view(logits.shape).to(logits.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sorted kernel: no host synchronisation, fixed-size work
-# ---------------------------------------------------------------------------------------------
-def _apply_sorted(logits, targets, kind, opts):
-    # through the Function even without gradient: torch.func.vmap then raises its clear error
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _, n_pos, n_neg = _SortedRankingLoss.apply(logits, targets, kind, opts.delta,
-                                                     opts.interpolate, opts.step == "linear",
-                                                     need_grad)
-    _fill_stats(opts, n_pos, n_neg)
-    return loss
-
-
-class _SortedRankingLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(logits, targets, kind, delta, interpolate, linear, need_grad):
-        return _sorted_forward(logits.detach(), targets.detach(), kind, delta, interpolate,
-                               linear, need_grad)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, grad, n_pos, n_neg = output
-        ctx.mark_non_differentiable(*(o for o in (grad, n_pos, n_neg) if o is not None))
-        ctx.save_for_backward(grad)
-        ctx.logits_dtype = inputs[0].dtype
-
-    @staticmethod
-    def backward(ctx, grad_output, *_):
-        _refuse_double_backward()
-        (grad,) = ctx.saved_tensors
-        return ((grad * grad_output.to(grad.dtype)).to(ctx.logits_dtype),) + (None,) * 6
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        _refuse_vmap()
-
-
-def _exclusive_prefix(x):
-    """[0, x0, x0+x1, ...] (length len(x) + 1), in x's dtype."""
-    return torch.nn.functional.pad(torch.cumsum(x, 0), (1, 0))
-
-
-def _sorted_forward(logits, targets, kind, delta, interpolate, linear, need_grad):
-    """(loss, gradient in the compute dtype with the logits' shape or None, |P|, |N^|), the
-    counts as 0-dim int64 tensors; no host read. Linear/Heaviside steps.
-
-    Shapes: logits, targets (*) (any, same); n = logits.numel(). Positions below refer to the
-    ascending order of the scores; every array is of size n or n + 1 (prefix sums)."""
-    cd = _compute_dtype(logits.dtype)
-    out_dtype = _loss_dtype(logits.dtype)
-    f64, device = torch.float64, logits.device
-    if logits.numel() == 0:
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        grad = torch.zeros(logits.shape, dtype=cd, device=device) if need_grad else None
-        return torch.zeros((), dtype=out_dtype, device=device), grad, zero, zero
-    x = logits.reshape(-1).to(cd)  # exact upcast of half precision
-    t = targets.reshape(-1)
-    code = t.to(torch.int8)
-    # invalid values poison the result instead of a host read (module docstring)
-    bad = (~torch.isfinite(x)).any() | (t < -1).any() | (t > 1).any()
-    if t.is_floating_point():
-        bad = bad | (code != t).any()
-
-    v, perm = torch.sort(x)
-    label = code[perm]
-    pos, neg = label == 1, label == 0
-    vd = v.to(f64)
-    zero, ninf = 0.0, -math.inf  # where() fill values
-    count_pos = _exclusive_prefix(pos.to(f64))  # positives before each position
-    count_neg = _exclusive_prefix(neg.to(f64))
-    m = count_pos[-1]
-    m_safe = m.clamp_min(1)
-    # breakpoints of every position (used where it holds a positive), exact in the compute dtype
-    lower = _round_up(*_two_sum(vd, -delta), cd)
-    upper = _round_above(*_two_sum(vd, delta), cd) if linear else vd
-    # per position: the breakpoints of the last positive at or before it (non-decreasing)
-    upper_fill = torch.cummax(torch.where(pos, upper, ninf), 0).values
-    # queries per entry: #positives whose upper (lower) breakpoint it has passed, as positions
-    q_up = torch.searchsorted(upper_fill.to(cd), v, right=True, out_int32=True)
-    # queries per positive: the first positions at or above its breakpoints
-    hi = torch.searchsorted(v, upper.to(cd), out_int32=True)
-    del upper
-    if linear:
-        lower_fill = torch.cummax(torch.where(pos, lower, ninf), 0).values
-        q_low = torch.searchsorted(lower_fill.to(cd), v, right=True, out_int32=True)
-        del lower_fill
-        inside = count_pos[q_low] > count_pos[q_up]  # inside some positive's window
-        # clusters of overlapping windows; reference: the lower breakpoint of the first one
-        prev_upper = torch.nn.functional.pad(upper_fill[:-1], (1, 0), value=ninf)
-        start = pos & (lower >= prev_upper)
-        del prev_upper
-        ref_fill = torch.cummax(torch.where(start, lower, ninf), 0).values
-        ref = torch.where(inside, ref_fill[(q_low - 1).clamp_min(0)], zero)
-        local = torch.where(inside, vd - ref, zero)  # entry relative to its cluster
-        del ref
-        local_pos = torch.where(pos, vd - ref_fill, zero)  # positive relative to its cluster
-        del ref_fill
-        lo = torch.searchsorted(v, lower.to(cd), out_int32=True)
-    del upper_fill
-
-    def sums(counts, mask):
-        """sum over the entries of ``mask`` of f(s - p) for the positive p at each position."""
-        above = counts[-1] - counts[hi]
-        if not linear:
-            return above
-        e = _exclusive_prefix(torch.where(mask, local, zero))
-        n_win = counts[hi] - counts[lo]
-        s_win = (e[hi] - e[lo]) - local_pos * n_win
-        return above + s_win / (2 * delta) + 0.5 * n_win
-
-    b = sums(count_neg, neg)
-    if kind == "ap":
-        f0 = 0.5 if linear else 1.0
-        a = (1.0 - f0) + sums(count_pos, pos)
-        denom = torch.where(pos, a + b, 1.0)
-        prec = torch.where(pos, a / denom, zero)
-        prec_interp = torch.cummax(prec, 0).values if interpolate else prec
-        loss = torch.where(pos, 1 - prec_interp, zero).sum() / m_safe
-        scale = torch.where(prec < prec_interp, (1 - prec_interp) / (1 - prec), 1.0)
-        w = torch.where(pos, scale / denom, zero)
-        g_pos = -(1 - prec_interp) / m_safe
-    else:
-        n_all = count_neg[-1]
-        n_all_safe = n_all.clamp_min(1)
-        b = torch.where(pos & (n_all > 0), b, zero)
-        w = torch.where(pos, 1.0 / n_all_safe, zero)
-        loss = b.sum() / (n_all_safe * m_safe)
-        g_pos = -b / (n_all_safe * m_safe)
-    lowest = torch.where(pos, lower, math.inf).min()
-    del lower
-    n_neg = (neg & (vd >= lowest)).sum()
-    nan = torch.full((), math.nan, dtype=f64, device=device)
-    loss = torch.where(bad, nan, loss).to(out_dtype)
-    if not need_grad:
-        return loss, None, m.to(torch.int64), n_neg
-    # gradient of a negative: sum_i w_i f(s - p_i) / |P|, over the passed and the open windows
-    cum_w = _exclusive_prefix(w)
-    g = cum_w[q_up]
-    if linear:
-        cum_wp = _exclusive_prefix(w * local_pos)
-        w_open = cum_w[q_low] - g
-        win = 0.5 * w_open + (local * w_open - (cum_wp[q_low] - cum_wp[q_up])) / (2 * delta)
-        g = g + torch.where(inside, win.clamp_min(0), zero)
-    g = torch.where(neg, g / m_safe, torch.where(pos, g_pos, zero))
-    g = torch.where(bad, nan, g).to(cd)
-    grad = torch.empty_like(g).scatter_(0, perm, g).view(logits.shape)
-    return loss, grad, m.to(torch.int64), n_neg
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps
-# ---------------------------------------------------------------------------------------------
 def _two_sum(a, b):
     """(fl(a + b), exact error): a + b == s + e exactly (Knuth's TwoSum, float64)."""
     s = a + b
     bb = s - a
-    e = (a - (s - bb)) + (b - bb)
-    return s, e
+    return s, (a - (s - bb)) + (b - bb)
 
 
-def _round_up(r, e, dtype):
-    """Smallest value of ``dtype`` >= the exact ``r + e`` (float64 pair from _two_sum)."""
+def _round_up(r, e, dtype, strict=False):
+    """Smallest value of ``dtype`` >= (> if ``strict``) the exact ``r + e``, as float64."""
     c = r.to(dtype)
     up = torch.nextafter(c, torch.full_like(c, math.inf))
-    # c - r is exact (c is r rounded to dtype, or r itself)
-    return torch.where(c.double() - r < e, up, c).double()
-
-
-def _round_above(r, e, dtype):
-    """Smallest value of ``dtype`` > the exact ``r + e``."""
-    c = r.to(dtype)
-    up = torch.nextafter(c, torch.full_like(c, math.inf))
-    return torch.where(c.double() - r <= e, up, c).double()
+    d = c.double() - r  # exact
+    return torch.where(d <= e if strict else d < e, up, c).double()
 
 
 def _as_dtype(v, dtype):
     """The Python float ``v`` rounded to ``dtype`` (float32 or float64), on the host."""
-    if dtype == torch.float64:
-        return float(v)
-    try:
-        return struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        return math.inf
+    return float(torch.tensor(v, dtype=dtype))
 
 
 def _count(k, n):
-    """bincount(k, minlength=n) for 0 <= k < n, without bincount's min/max pass."""
+    """bincount(k, minlength=n) for 0 <= k < n without a host read."""
     ones = torch.ones(1, dtype=torch.int64, device=k.device).expand(k.numel())
     return torch.zeros(n, dtype=torch.int64, device=k.device).index_add_(0, k, ones)
 
 
 def _exclusive_cumsum(x):
-    """[0, x0, x0+x1, ...] (length len(x) + 1), float64 accumulation."""
-    out = torch.zeros(x.numel() + 1, dtype=torch.float64, device=x.device)
-    torch.cumsum(x.double(), 0, out=out[1:])
-    return out
+    """[0, x0, x0+x1, ...] (length len(x) + 1), float64."""
+    return torch.nn.functional.pad(torch.cumsum(x.double(), 0), (1, 0))
 
 
-class _SegmentIndex:
-    """Exact ``#{c <= q}`` (sorted breakpoints ``c`` in the queries' dtype) for many queries.
+class _Piecewise:
+    """Linear (Eq. 21) and Heaviside (Eq. 4) steps through the positives' breakpoints.
 
-    A uniform grid: the cell of a value is ``trunc(clamp((v - lo) * inv_w, 0, cells - 1))``,
-    computed with the same (monotone) float ops for breakpoints and queries. A query in a cell
-    without breakpoint takes the number of breakpoints in lower cells from a table; the others
-    are binary-searched (one ``nonzero``).
-    """
+    ``p``: the positives' scores, float64, ascending; with ``valid`` (sync-free) the slots
+    after the m-th hold +inf and are masked out. Segment ``k`` (0..2M) holds the entries with
+    ``k`` breakpoints ``<= s``; rows ``2M + 1`` (dummy: ignored entries) and ``2M + 2 + r``
+    (the positive of rank ``r``) follow in the coefficient tables."""
 
-    def __init__(self, c, lo, hi):
-        self.c = c
-        self.table = None
-        n = c.numel()
-        span = hi - lo
-        if not (math.isfinite(span) and span > 0):
-            return
-        cells = min(max(64, _GRID_CELLS_PER_BREAKPOINT * n), _GRID_MAX_CELLS)
-        inv_w = cells / span
-        # rounded to the query dtype once, so that every op below is an exact IEEE op there
-        lo_t, inv_t = _as_dtype(lo, c.dtype), _as_dtype(inv_w, c.dtype)
-        if not (math.isfinite(inv_t) and inv_t > 0):
-            return
-        self.lo, self.inv_w, self.cells = lo_t, inv_t, cells
-        cell_of_c = self._cells(c).long()
-        occupied = torch.bincount(cell_of_c, minlength=cells)
-        below = torch.zeros(cells, dtype=torch.int64, device=c.device)
-        torch.cumsum(occupied[:-1], 0, out=below[1:])
-        table = torch.where(occupied > 0, torch.full_like(below, -1), below)
-        self.table = table.to(torch.int32)
-
-    def _cells(self, v):
-        u = torch.sub(v, self.lo)
-        u.mul_(self.inv_w).clamp_(0, self.cells - 1)
-        return u.to(torch.int32)
-
-    def __call__(self, q):
-        """int32 segment index of each query (in chunks: small temporaries)."""
-        if self.table is None:
-            return torch.searchsorted(self.c, q, right=True, out_int32=True)
-        k = torch.empty(q.numel(), dtype=torch.int32, device=q.device)
-        for i in range(0, q.numel(), _CHUNK):
-            torch.index_select(self.table, 0, self._cells(q[i : i + _CHUNK]), out=k[i : i + _CHUNK])
-        amb = torch.nonzero(k < 0).squeeze(1)
-        if amb.numel():
-            k.index_copy_(0, amb, torch.searchsorted(self.c, q.index_select(0, amb), right=True,
-                                                     out_int32=True))
-        return k
-
-
-class _PiecewiseStep:
-    """Linear (Eq. 21) and Heaviside (Eq. 4) steps: every entry ranked through its segment."""
-
-    def __init__(self, p, opts, x, t, cd):
-        self.linear = opts.step == "linear"
-        self.f0 = 0.5 if self.linear else 1.0
-        self.delta = opts.delta
-        self.p, self.m, self.x, self.cd = p, p.numel(), x, cd
-        m, delta = self.m, opts.delta
-        # breakpoints: "passed" <=> x >= c (exact comparisons in the compute dtype)
-        # outward rounding of the exact p - delta, p + delta (float64 TwoSum, then the dtype)
-        lower = _round_up(*_two_sum(p, torch.full_like(p, -delta)), cd)
-        upper = (_round_above(*_two_sum(p, torch.full_like(p, delta)), cd) if self.linear
-                 else _round_up(p, torch.zeros_like(p), cd))
+    def __init__(self, p, valid, delta, linear, cd):
+        self.linear, self.f0, self.delta, self.cd = linear, 0.5 if linear else 1.0, delta, cd
+        self.valid, self.m = valid, p.numel()
+        pf = p if valid is None else torch.where(valid, p, 0.0)
+        lower = _round_up(*_two_sum(pf, torch.full_like(pf, -delta)), cd)
+        upper = _round_up(*_two_sum(pf, torch.full_like(pf, delta)), cd, True) if linear else pf
+        if valid is not None:
+            lower, upper = (torch.where(valid, v, math.inf) for v in (lower, upper))
+        m, dev = p.numel(), p.device
         c, border = torch.sort(torch.cat([lower, upper]), stable=True)
-        position = torch.empty_like(border)
-        position[border] = torch.arange(2 * m, device=p.device)
-        self.pos_lo, self.pos_hi = position[:m], position[m:]
-        self.c, self.border = c, border
-        nb = 2 * m
-        self.num_segments = nb + 1
-        self.dummy = nb + 1
-        # segment k >= 1 has left breakpoint c[k - 1]; open windows: +1 at lower, -1 at upper
-        ev = torch.cat([torch.ones(m, dtype=torch.int64, device=p.device),
-                        -torch.ones(m, dtype=torch.int64, device=p.device)])[border]
-        n_open = torch.cumsum(ev, 0)  # open windows in segment k + 1
-        self.open = torch.cat([n_open.new_zeros(1), n_open]) > 0  # per segment 0..nb
-        # clusters of overlapping windows: each starts at a lower breakpoint with 0 open before
-        start = (ev > 0) & (torch.cat([n_open.new_zeros(1), n_open[:-1]]) == 0)
-        # cluster reference of each breakpoint: c at the latest start (no boolean indexing:
-        # that would be a host synchronisation)
-        first = torch.where(start, torch.arange(nb, device=p.device), torch.zeros_like(border))
-        self.R_bp = c[torch.cummax(first, 0).values]
-        self.ref = torch.cat([torch.zeros(1, dtype=torch.float64, device=p.device), c])  # per seg
-        self.R_seg = torch.cat([torch.zeros(1, dtype=torch.float64, device=p.device), self.R_bp])
-        self.R_seg = torch.where(self.open, self.R_seg, torch.zeros_like(self.R_seg))
-        # cluster reference of each positive's window
-        self.R_pos = self.R_bp[self.pos_lo]
+        position = torch.empty_like(border).scatter_(0, border, torch.arange(2 * m, device=dev))
+        self.pos_lo, self.pos_hi = position[:m] + 1, position[m:] + 1  # segments after them
+        self.p, self.c, self.border = p, c, border
+        self.dummy = 2 * m + 1
+        # open windows per segment (+1 at a lower breakpoint, -1 at an upper one)
+        ev = torch.where(border < m, 1, -1)
+        n_open = torch.nn.functional.pad(torch.cumsum(ev, 0), (1, 0))
+        self.open = n_open > 0
+        # clusters of overlapping windows start at a lower breakpoint with none open before;
+        # the cluster's reference is that breakpoint (a local origin: sums never cancel)
+        start = (ev > 0) & (n_open[:-1] == 0)
+        first = torch.where(start, torch.arange(2 * m, device=dev), 0)
+        r_bp = c[torch.cummax(first, 0).values]
+        ref = torch.nn.functional.pad(c, (1, 0))
+        r_seg = torch.nn.functional.pad(r_bp, (1, 0))
+        finite = self.open & torch.isfinite(ref) & torch.isfinite(r_seg)
+        self.ref = torch.where(finite, ref, 0.0)  # segments past +inf hold no entry
+        self.r_seg = torch.where(finite, r_seg, 0.0)
+        self.r_pos = r_bp[position[:m]]
 
-        # one host read: the grid's range and the breakpoints' magnitude
-        lo_c, hi_c, self.scale = torch.stack([c[0], c[-1], c.abs().max()]).tolist()
-        # segment of every entry; non-negatives go to the dummy segment
-        c_cd = c.to(cd)
-        self.c_cd = c_cd
-        k = _SegmentIndex(c_cd, lo_c, hi_c)(x)
+    def locate_sync_free(self, x, t, rank):
+        """The row (int32) of every entry into ``self.k``, no host read: negatives by the
+        breakpoints (a grid, its ambiguous cells searched), positives to their own rows,
+        ignored entries to the dummy row. ``rank``: of each positive slot."""
+        self.x, c_cd, nb = x, self.c.to(self.cd), 2 * self.m
+        cells = min(max(64, _GRID_CELLS_PER_BREAKPOINT * nb), _GRID_MAX_CELLS, max(64, x.numel()))
+        lo = self.c[0]
+        hi = torch.where(torch.isfinite(self.c), self.c, lo).max()
+        lo = torch.where(torch.isfinite(lo), lo, 0.0)
+        inv = cells / (hi - lo)
+        inv = torch.where(torch.isfinite(inv), inv, 1.0).clamp(1e-30, 1e30).to(self.cd)
+        lo = lo.to(self.cd)
+        table = _grid_table(c_cd, lo, inv, cells)
+        rows = torch.cat([self.dummy + 1 + rank, rank.new_full((1,), self.dummy)]).int()
+        k = torch.empty(x.numel(), dtype=torch.int32, device=x.device)
+        before = torch.zeros((), dtype=torch.int32, device=x.device)
+        for i in range(0, x.numel(), _CHUNK):
+            xs, ts = x[i : i + _CHUNK], t[i : i + _CHUNK]
+            cell = _cells(xs, lo, inv, cells).nan_to_num_().to(torch.int32)
+            kk = table.index_select(0, cell)
+            amb = kk < 0
+            found = torch.searchsorted(c_cd, torch.where(amb, xs, -math.inf), right=True,
+                                       out_int32=True)
+            r = torch.cumsum(ts == 1, 0, dtype=torch.int32) + before
+            before = r[-1]
+            positive = rows.index_select(0, (r - 1).clamp(0, self.m))
+            k[i : i + _CHUNK] = torch.where(ts == 0, torch.where(amb, found, kk),
+                                            torch.where(ts == 1, positive, self.dummy))
+        self.k, self.direct = k, False
+
+    def locate_grid(self, x, t, pos_idx, mine):
+        """As :meth:`locate_sync_free`, with host reads: one sizes the grid and tells whether
+        raw sums are exact enough, one ``nonzero`` finds the ambiguous entries."""
+        self.x, c_cd, nb = x, self.c.to(self.cd), 2 * self.m
+        finite = torch.where(torch.isfinite(self.c), self.c, self.c[0])
+        lo, hi, scale = torch.stack([self.c[0], finite.max(), self.c.abs().max()]).tolist()
+        self.direct = scale <= 2.0**12 * self.delta
+        cells = min(max(64, _GRID_CELLS_PER_BREAKPOINT * nb), _GRID_MAX_CELLS)
+        inv = _as_dtype(cells / (hi - lo), self.cd) if hi > lo else 0.0
+        if math.isfinite(inv) and inv > 0:
+            lo = _as_dtype(lo, self.cd)
+            table = _grid_table(c_cd, lo, inv, cells)
+            k = torch.empty(x.numel(), dtype=torch.int32, device=x.device)
+            for i in range(0, x.numel(), _CHUNK):
+                torch.index_select(table, 0, _cells(x[i : i + _CHUNK], lo, inv, cells).int(),
+                                   out=k[i : i + _CHUNK])
+            amb = torch.nonzero(k < 0).squeeze(1)
+            if amb.numel():
+                k.index_copy_(0, amb, torch.searchsorted(c_cd, x.index_select(0, amb),
+                                                         right=True, out_int32=True))
+        else:  # all breakpoints equal, or a range the dtype cannot scale
+            k = torch.searchsorted(c_cd, x, right=True, out_int32=True)
         k.masked_fill_(t != 0, self.dummy)
+        k.index_copy_(0, pos_idx, (self.dummy + 1 + mine).int())
         self.k = k
 
-    # -- per-positive sums --------------------------------------------------------------------
-    def _sums(self, count, local_sum):
-        """sum_j f(q_j - p_i) for each positive from per-segment counts and sums of
-        (q - ref_k) (segments 0..nb)."""
-        lo, hi = self.pos_lo + 1, self.pos_hi + 1
+    def _ref_rows(self):
+        """ref per row of the tables (segments, dummy, positives)."""
+        return torch.nn.functional.pad(self.ref, (0, 1 + self.m))
+
+    def negative_sums(self):
+        """(b_i of each positive over this process's negatives, |N^| as a 0-dim tensor)."""
+        rows = 2 * self.m + 2 + self.m
+        count = _count(self.k, rows).double()
+        local = torch.zeros(rows, dtype=_F64, device=self.k.device)
+        if self.linear:
+            ref = self._ref_rows()
+            for i in range(0, self.k.numel(), _CHUNK):
+                ks = self.k[i : i + _CHUNK]
+                xs = self.x[i : i + _CHUNK].double()
+                local.index_add_(0, ks, xs if self.direct else xs - ref.index_select(0, ks))
+            if self.direct:
+                local = local - count * ref
+        self.count = count[: self.dummy]
+        self.n_all = self.count.sum().long()  # every negative (AUC's |N|)
+        return self._sums(self.count, local[: self.dummy]), self.count[1:].sum().long()
+
+    def positive_sums(self):
+        """sum_k f(p_k - p_i) over all positives k (self included)."""
+        k = torch.searchsorted(self.c.to(self.cd), self.p.to(self.cd), right=True)
+        if self.valid is not None:
+            k = torch.where(self.valid, k, self.dummy)
+        count = _count(k, self.dummy + 1).double()
+        local = torch.zeros(self.dummy + 1, dtype=_F64, device=k.device).index_add_(
+            0, k, torch.where(k < self.dummy, self.p - self.ref[k.clamp_max(self.dummy - 1)], 0.0))
+        return self._sums(count[:-1], local[:-1])
+
+    def _sums(self, count, local):
+        """sum_j f(q_j - p_i) for each positive i from per-segment counts and sums of
+        (q - ref_k)."""
+        lo, hi = self.pos_lo, self.pos_hi
         cc = _exclusive_cumsum(count)
         above = cc[-1] - cc[hi]
         if not self.linear:
             return above
-        # E_k = sum_j (q_j - R_c) over open segments (relative to the cluster reference)
-        e = torch.where(self.open, local_sum + count * (self.ref - self.R_seg),
-                        torch.zeros_like(local_sum))
+        e = torch.where(self.open, local + count * (self.ref - self.r_seg), 0.0)
         ce = _exclusive_cumsum(e)
         n_win = cc[hi] - cc[lo]
-        s_win = (ce[hi] - ce[lo]) - (self.p - self.R_pos) * n_win
+        s_win = (ce[hi] - ce[lo]) - (self.p - self.r_pos) * n_win
         return above + s_win / (2 * self.delta) + 0.5 * n_win
 
-    def negative_sums(self):
-        """(b_i for each positive over this process's negatives, |N^| (0-dim tensor))."""
-        nseg = self.num_segments + 1  # + dummy
-        count = _count(self.k, nseg).double()
-        self.count = count
-        if self.linear:
-            local = self._local_sums(nseg)
-        else:
-            local = torch.zeros_like(count)
-        b = self._sums(count[:-1], local[:-1])
-        n_neg = count[1:-1].sum()
-        return b, n_neg
-
-    def _local_sums(self, nseg):
-        """Per segment, sum of (x - ref_k) over its entries, float64 and exact to rounding."""
-        x, k = self.x, self.k
-        ref = torch.where(self.open, self.ref, torch.zeros_like(self.ref))
-        ref_d = torch.cat([ref, ref.new_zeros(1)])
-        # raw sums are exact enough when every open segment's values are small relative to
-        # delta (|x| <= 2**12 delta): then only the per-segment subtraction follows
-        direct = self.scale <= 2.0**12 * self.delta
-        out = torch.zeros(nseg, dtype=torch.float64, device=x.device)
-        for i in range(0, x.numel(), _CHUNK):
-            xs = x[i : i + _CHUNK].double()  # (the logits themselves when float64)
-            ks = k[i : i + _CHUNK]
-            if not direct:
-                xs = xs - ref_d.index_select(0, ks)  # never in place
-            out.index_add_(0, ks, xs)
-        if direct:
-            out -= self.count * ref_d
-        return out
-
-    def num_all_negatives(self):
-        return self.count[:-1].sum()
-
-    def positive_sums(self):
-        """sum_k f(p_k - p_i) over all positives k (self included)."""
-        q = self.p.to(self.cd)  # exact: the positives are values of the compute dtype
-        k = torch.searchsorted(self.c_cd, q, right=True)
-        nseg = self.num_segments
-        count = torch.bincount(k, minlength=nseg).double()
-        local = torch.bincount(k, weights=self.p - self.ref[k], minlength=nseg)
-        return self._sums(count, local)
-
-    # -- gradient ------------------------------------------------------------------------------
-    def coefficients(self, w):
-        """Per segment (and the dummy): A_k, B_k, ref_k with gradient A_k + B_k (x - ref_k)."""
-        m = self.m
+    def coefficients(self, w, g_pos, bad):
+        """Tables (A, B, ref) over the rows: the gradient of an entry in row k is
+        A_k + B_k (x - ref_k); positives' rows hold their gradient in A."""
+        keep = (lambda v: v) if self.valid is None else (lambda v: torch.where(self.valid, v, 0.0))
         zeros = torch.zeros_like(w)
-        # passed upper breakpoints: + w_i
-        U = _exclusive_cumsum(torch.cat([zeros, w])[self.border])
+        U = _exclusive_cumsum(torch.cat([zeros, w])[self.border])  # passed upper breakpoints
         if self.linear:
-            two_d = 2 * self.delta
             W = _exclusive_cumsum(torch.cat([w, -w])[self.border])
-            W = torch.where(self.open, W.clamp_min(0), torch.zeros_like(W))
-            wp = w * (self.p - self.R_pos)
+            W = torch.where(self.open, W.clamp_min(0), 0.0)
+            wp = keep(w * (self.p - self.r_pos))
             Q = _exclusive_cumsum(torch.cat([wp, -wp])[self.border])
-            O = W * (self.ref - self.R_seg) - Q  # sum_open w_i (ref_k - p_i)
-            A = U + 0.5 * W + O / two_d
+            A = U + 0.5 * W + (W * (self.ref - self.r_seg) - Q) / (2 * self.delta)
             A = torch.where(self.open, A.clamp_min(0), U)
-            B = W / two_d
+            B = W / (2 * self.delta)
         else:
             A, B = U, torch.zeros_like(U)
-        ref = torch.where(self.open, self.ref, torch.zeros_like(self.ref)) if self.linear \
-            else torch.zeros_like(self.ref)
-        pad = torch.zeros(1, dtype=torch.float64, device=w.device)
-        del m
-        return torch.cat([A, pad]), torch.cat([B, pad]), torch.cat([ref, pad])
+        pad = torch.zeros(1, dtype=_F64, device=w.device)
+        A = torch.cat([A, pad, keep(g_pos)])
+        if bad is not None:
+            A = torch.where(bad, math.nan, A)
+        return A, torch.cat([B, pad, torch.zeros_like(w)]), self._ref_rows()
 
-    def evaluate(self, coefficients, go):
-        A, B, ref = coefficients
-        cd, k, x = self.cd, self.k, self.x
-        A_t = (A * go).to(cd)
-        B_t, R_t = (B * go).to(cd), ref.to(cd)
+    @staticmethod
+    def evaluate(x, linear, go, k, A, B, ref):
+        cd = x.dtype
+        A_t, B_t, R_t = (A * go).to(cd), (B * go).to(cd), ref.to(cd)
         out = torch.empty(x.numel(), dtype=cd, device=x.device)
         for i in range(0, x.numel(), _CHUNK):  # chunks: temporaries stay small
             ks, o = k[i : i + _CHUNK], out[i : i + _CHUNK]
             torch.index_select(A_t, 0, ks, out=o)
-            if self.linear:
+            if linear:
                 d = R_t.index_select(0, ks)
-                torch.sub(x[i : i + _CHUNK], d, out=d)
-                o.addcmul_(B_t.index_select(0, ks), d)
+                o.addcmul_(B_t.index_select(0, ks), torch.sub(x[i : i + _CHUNK], d, out=d))
         return out
 
 
-class _SigmoidStep:
-    """f(x) = 1 / (1 + exp(-x / k)) (Eq. 54) over all negatives: no window, exact in bounded
-    chunks, float64. O(|P| * (|P| + |N|)) time; extra memory per chunk capped at
-    SIGMOID_CHUNK_BYTES.
-    """
+def _cells(v, lo, inv, cells):
+    """Uniform-grid cell of each value, as float (monotone in ``v``: the same ops for the
+    breakpoints and the entries, exact IEEE operations in their dtype)."""
+    return torch.sub(v, lo).mul_(inv).clamp_(0, cells - 1)
+
+
+def _grid_table(c, lo, inv, cells):
+    """int32 per cell: the breakpoints in lower cells, or -1 where the cell holds one (then
+    the entry's segment is searched)."""
+    occupied = _count(_cells(c, lo, inv, cells).long(), cells)
+    below = torch.nn.functional.pad(torch.cumsum(occupied[:-1], 0), (1, 0))
+    return torch.where(occupied > 0, -1, below).to(torch.int32)
+
+
+class _Sigmoid:
+    """f(x) = 1 / (1 + exp(-x / k)) (Eq. 54) over all negatives, in float64 chunks of at most
+    SIGMOID_CHUNK_BYTES: O(|P| (|P| + |N|)) time."""
 
     f0 = 0.5
 
-    def __init__(self, p, opts, x, t):
-        self.p, self.k = p, opts.sigmoid_k
-        self.x = x
-        self.rows = max(1, SIGMOID_CHUNK_BYTES // (3 * 8 * max(1, p.numel())))
-        neg = t == 0
-        self.n_all = neg.sum()
-        thr = p[0] - opts.delta
-        # N^ as float64 comparison (exact for every input dtype)
-        nontrivial = neg & (x.double() >= thr) if x.dtype != torch.float64 else neg & (x >= thr)
-        self.n_nontrivial = nontrivial.sum()
+    def __init__(self, p, k, x, t, delta):
+        self.p, self.k, neg = p, k, t == 0
+        self.n_all, self.n_nontrivial = neg.sum(), (neg & (x.double() >= p[0] - delta)).sum()
         self.idx = torch.nonzero(neg).squeeze(1)
         self.s = x.index_select(0, self.idx).double()
 
-    def _f(self, q):
-        return torch.sigmoid((q[:, None] - self.p[None, :]) / self.k)
-
-    def _acc(self, q):
-        out = torch.zeros_like(self.p)
-        for chunk in torch.split(q, self.rows):
-            out += self._f(chunk).sum(0)
-        return out
+    @staticmethod
+    def _acc(q, p, k, w=None):
+        """sum_j f(q_j - p_i) per positive i, or with ``w`` sum_i w_i f(q_j - p_i) per q_j."""
+        rows, total, parts = max(1, SIGMOID_CHUNK_BYTES // (3 * 8 * max(1, p.numel()))), 0, []
+        for c in torch.split(q, rows):
+            f = torch.sigmoid((c[:, None] - p[None, :]) / k)
+            if w is None:
+                total = total + f.sum(0)
+            else:
+                parts.append(f @ w)
+        if w is None:
+            return total + torch.zeros_like(p)
+        return torch.cat(parts) if parts else q
 
     def negative_sums(self):
-        return self._acc(self.s), self.n_nontrivial
+        return self._acc(self.s, self.p, self.k), self.n_nontrivial
 
     def positive_sums(self):
-        return self._acc(self.p)
+        return self._acc(self.p, self.p, self.k)
 
-    def num_all_negatives(self):
-        return self.n_all
-
-    def coefficients(self, w):
-        return w
-
-    def evaluate(self, w, go):
-        cd = self.x.dtype
-        flat = torch.zeros(self.x.numel(), dtype=cd, device=self.x.device)
-        if self.idx.numel():
-            g = torch.cat([self._f(chunk) @ w for chunk in torch.split(self.s, self.rows)])
-            flat.index_copy_(0, self.idx, (g * go).to(cd))
-        return flat
+    @staticmethod
+    def evaluate(x, k, go, idx, s, p, w, pos_idx, g_pos):
+        flat = torch.zeros(x.numel(), dtype=x.dtype, device=x.device)
+        flat.index_copy_(0, idx, (_Sigmoid._acc(s, p, k, w) * go).to(x.dtype))
+        return flat.index_copy_(0, pos_idx, (g_pos * go).to(x.dtype))
