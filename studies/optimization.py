@@ -48,7 +48,7 @@ RUN_FILE = "study_run.json"
 RESULT_FILE = "study_result.json"
 PROPOSAL_WEIGHTS_HINT = (
     "give a checkpoint of a RetinaNet trained with the same config, e.g. "
-    "output/main_job/model_final.pth written by `make main` (python -m studies.main_job; "
+    "output/main_job/<run>/model_final.pth written by `make main` (python -m studies.main_job; "
     "any run of the study's config works too), or use --negative-mode random"
 )
 
@@ -607,7 +607,7 @@ def build_parser():
         help="part b: the top-N anchors of a frozen RetinaNet (--proposal-weights; the paper's "
              "Fig. 8b) or N random background anchors (Table 8's random sampling)")
     add("--proposal-weights", default=None,
-        help="checkpoint of a RetinaNet of the same config, e.g. output/main_job/model_final.pth")
+        help="checkpoint of a RetinaNet of the same config, e.g. output/main_job/<run>/model_final.pth")
     add("--snapshot-proposals", default=None,
         help="the dashed lines: train AP-loss with this N first, then rerun every (method, N) from it")
     add("--snapshot-iters", type=int, default=None, help="iterations of the snapshot run (default: --iters)")
