@@ -437,8 +437,9 @@ class _NoMatch(Exception):
 
 
 def deepfool_detector(model, example: AttackExample, *, threshold: float, max_iter: int = 50,
-                      overshoot: float = 0.02) -> Dict:
-    """DeepFool on one image: ``rho``, ``r_norm``, ``x_norm``, ``success``, ``reason``, ..."""
+                      overshoot: float = 0.02, keep_perturbation: bool = False) -> Dict:
+    """DeepFool on one image: ``rho``, ``r_norm``, ``x_norm``, ``success``, ``reason``, ...
+    (``perturbation``, the (C, H, W) ``r``, if ``keep_perturbation``)."""
     check_attack_model(model, "deepfool")
     x0 = _hwc_to_tensor(example.test_image).to(next(model.parameters()).device)
     res = dict(image_id=example.image_id, objects=len(example.instances))
@@ -451,9 +452,12 @@ def deepfool_detector(model, example: AttackExample, *, threshold: float, max_it
     except _NoMatch:
         return dict(res, reason="no_matched_anchor", success=False, attacked=False)
     r_norm, x_norm = float(out["r"].double().norm()), float(x0.double().norm())
-    return dict(res, reason=out["reason"], attacked=out["reason"] != "already",
-                success=out["reason"] == "success", iterations=out["iterations"], f0=out["f0"],
-                f=out["f"], r_norm=r_norm, x_norm=x_norm, rho=r_norm / x_norm if x_norm else None)
+    res = dict(res, reason=out["reason"], attacked=out["reason"] != "already",
+               success=out["reason"] == "success", iterations=out["iterations"], f0=out["f0"],
+               f=out["f"], r_norm=r_norm, x_norm=x_norm, rho=r_norm / x_norm if x_norm else None)
+    if keep_perturbation:
+        res["perturbation"] = out["r"]
+    return res
 
 
 def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int] = None,
