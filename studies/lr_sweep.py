@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from .common import (
     check_loss_names, cls_loss_label, fmt_num, import_modules, last_bbox_metrics,
-    markdown_table, not_finite, number, progress, REPO, save_figure, study_argument_parser, subplots,
+    markdown_table, metrics_by_iteration, not_finite, number, progress, REPO, save_figure, study_argument_parser, subplots,
     timestamp, train_net_process, write_json, write_study_outputs
 )
 
@@ -21,23 +21,21 @@ STUDY = "lr_sweep"
 CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 DEFAULT_CONFIG = "configs/" + CONFIG_REL  # relative to the repository (recorded as written)
 METRICS = ("AP", "AP50", "AP75")
-#: Messages of a run stopped by NaN/Inf, with the iteration as group 1.
-DIVERGED_PATTERNS = (
-    re.compile(r"Training stopped at iteration (\d+): NaN or Inf"),
-    re.compile(r"Loss became infinite or NaN at iteration=(\d+)"),
-)
+#: Messages of a run stopped by NaN/Inf: Detectron2's (with the iteration), the ranking losses'.
+DIVERGED_PATTERNS = (re.compile(r"Loss became infinite or NaN at iteration=(\d+)"), re.compile(r"NonFiniteLogitsError"))
 
 
 def run_name(loss: str, lr: float, seed: int) -> str:
     return f"{loss}_lr{lr:g}_seed{seed}"
 
 
-def parse_divergence(log: str) -> Optional[int]:
-    """The iteration at which a run stopped on NaN/Inf, from its output; None if it did not."""
+def parse_divergence(log: str, last_logged: Optional[int] = None) -> Optional[int]:
+    """The iteration at which a run stopped on NaN/Inf, from its output (else the one after the
+    ``last_logged`` iteration of its metrics.json); None if it did not."""
     for pattern in DIVERGED_PATTERNS:
         m = pattern.search(log)
         if m:
-            return int(m.group(1))
+            return int(m.group(1)) if m.groups() else (-1 if last_logged is None else last_logged) + 1
     return None
 
 
@@ -74,8 +72,10 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
                                         imports=args.imports, num_gpus=args.num_gpus, env=env)
     metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
                for m, v in per_dataset.items() if m in METRICS}
+    logged = list(metrics_by_iteration(out / "metrics.json")[0]) if (out / "metrics.json").is_file() else []
     record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode,
-              **run_status(returncode, (out / "sweep_log.txt").read_text(errors="replace"), metrics)}
+              **run_status(returncode, (out / "sweep_log.txt").read_text(errors="replace"), metrics,
+                           logged[-1] if logged else None)}
     if record["status"] == "failed" and "reason" not in record:
         progress(STUDY, f"{out.name}: FAILED (exit {returncode}); see {out / 'sweep_log.txt'}"
                         f"\n{record['log_tail']}")
@@ -87,10 +87,10 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     return record
 
 
-def run_status(returncode: int, log: str, metrics: dict) -> dict:
+def run_status(returncode: int, log: str, metrics: dict, last_logged: Optional[int] = None) -> dict:
     """``ok`` with finite AP / AP50 / AP75, ``diverged`` with the iteration, ``failed`` with a
     ``reason`` (no detections: kept) or the ``log_tail`` (retried on the next call)."""
-    diverged_at = parse_divergence(log) if returncode != 0 else None
+    diverged_at = parse_divergence(log, last_logged) if returncode != 0 else None
     if diverged_at is not None:
         return {"status": "diverged", "diverged_at": diverged_at}
     if returncode != 0:

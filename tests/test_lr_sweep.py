@@ -34,7 +34,7 @@ FAKE = textwrap.dedent('''
         sys.exit(0)
     if lr > 1:
         (out / "last_checkpoint").write_text("model_0000004.pth")
-        print("FloatingPointError: Training stopped at iteration 7: NaN or Inf in the model's outputs")
+        print("FloatingPointError: Loss became infinite or NaN at iteration=7!")
         sys.exit(1)
     ap = {"ap": 40.0, "focal": 30.0}[loss] + 100 * lr + seed
     row = {"iteration": 9, "bbox/AP": ap, "bbox/AP50": ap + 20, "bbox/AP75": ap + 5}
@@ -120,6 +120,9 @@ def test_bad_arguments(capsys):
         assert msg in capsys.readouterr().err
     assert lr_sweep.parse_divergence("x\nLoss became infinite or NaN at iteration=12!\n") == 12
     assert lr_sweep.parse_divergence("all good") is None
+    # the ranking losses refuse NaN logits before Detectron2's check: the iteration after the last logged
+    assert lr_sweep.parse_divergence("ranking.NonFiniteLogitsError: 3 of 3 logits are NaN or Inf", 4) == 5
+    assert lr_sweep.parse_divergence("ranking.NonFiniteLogitsError: 3 of 3 logits are NaN or Inf") == 0
 
 
 @pytest.mark.slow
