@@ -2,7 +2,6 @@
 error-driven update does not.
 
 Details: docs/studies.md#studiesa2_example."""
-import json
 import math
 import os
 from typing import Dict, Optional, Sequence
@@ -11,15 +10,13 @@ import torch
 
 from ap_loss_d2.losses import ap_loss
 from ap_loss_d2.losses.alternatives import smoothed_ap
+from .common import save_figure, study_argument_parser, subplots, write_json
 
 #: The three samples (rows) and their labels (1 positive, 0 negative).
 FEATURES = ((0.0, 0.0), (1.0, 0.0), (-3.0, 1.0))
 LABELS = (0, 1, 1)
-#: Start used by default: theta_1 > theta_2 > 0, theta_1 large enough for Eq. 36. From a start
-#: with theta_1 much larger (e.g. (10, 5)) F is already within 2e-5 of 1/6 and the gradient
-#: ~1e-5: the same plateau, but nothing visible happens on a plot. (3, 1) also keeps the
-#: error-driven trajectory (lr 1) off exact score ties, where H(0) = 1 would count a tie as an
-#: error and the outcome would hinge on float rounding.
+#: theta_1 > theta_2 > 0, large enough for Eq. 36, small enough for a visible plateau, and the
+#: error-driven trajectory (lr 1) off exact score ties (why: docs/studies.md).
 DEFAULT_THETA0 = (3.0, 1.0)
 
 
@@ -33,17 +30,6 @@ def smoothed_ap_loss(theta: torch.Tensor, sigmoid_k: float = 1.0) -> torch.Tenso
     return 1.0 - smoothed_ap(f @ theta, t, sigmoid_k=sigmoid_k)
 
 
-def smoothed_ap_loss_eq35(theta1: float, theta2: float) -> float:
-    """Eq. 35 written out (a check of :func:`smoothed_ap_loss` with ``k = 1``)."""
-
-    def S(x):
-        return 1.0 / (1.0 + math.exp(-x))
-
-    a = S(-theta1) / (1 + S(-theta1) + S(theta2 - 4 * theta1))
-    b = S(3 * theta1 - theta2) / (1 + S(4 * theta1 - theta2) + S(3 * theta1 - theta2))
-    return 0.5 * (a + b)
-
-
 def exact_ap_loss(theta: torch.Tensor) -> float:
     """``1 - AP`` (Heaviside step, not interpolated) of the scores ``f . theta``, by ap_loss."""
     f, t = _data(theta.dtype)
@@ -51,8 +37,7 @@ def exact_ap_loss(theta: torch.Tensor) -> float:
 
 
 def exact_ap_loss_trajectory(thetas: torch.Tensor) -> torch.Tensor:
-    """``1 - AP`` (Heaviside, H(0) = 1, not interpolated) for each row of ``thetas`` (T, 2):
-    the same value as :func:`exact_ap_loss`, vectorised over a trajectory."""
+    """:func:`exact_ap_loss` (H(0) = 1) of each row of ``thetas`` (T, 2), vectorised."""
     f, t = _data(thetas.dtype)
     s = thetas @ f.T  # (T, 3)
     above = (s[:, None, :] >= s[:, :, None]).double()  # [T, i, k] = H(s_k - s_i)
@@ -63,104 +48,53 @@ def exact_ap_loss_trajectory(thetas: torch.Tensor) -> torch.Tensor:
     return 1 - (num / den)[:, pos].mean(1)
 
 
-def run_a2(
-    theta0: Sequence[float] = DEFAULT_THETA0,
-    *,
-    lr: float = 1.0,
-    gd_steps: int = 5000,
-    sigmoid_k: float = 1.0,
-    ed_lr: Optional[float] = None,
-    ed_step: str = "heaviside",
-    ed_delta: float = 1.0,
-    ed_max_steps: int = 10000,
-) -> Dict[str, dict]:
-    """Run both optimisers from ``theta0``.
-
-    Args:
-        theta0: start ``(theta_1, theta_2)``.
-        lr: step size of gradient descent on ``F`` (and of the error-driven update unless
-            ``ed_lr`` is given).
-        gd_steps: gradient-descent steps.
-        sigmoid_k: temperature of the sigmoid in ``F`` (the paper: 1).
-        ed_lr: step size of the error-driven update (default ``lr``).
-        ed_step: ``"heaviside"`` or ``"linear"`` step of :func:`ap_loss` for the update.
-        ed_delta: ``delta`` of the linear step.
-        ed_max_steps: cap on error-driven steps; it stops as soon as the exact AP-loss is 0.
-
-    Returns:
-        ``{"gradient_descent": {...}, "error_driven": {...}, "settings": {...}}``:
-        gradient descent holds ``theta`` (list of ``[theta_1, theta_2]``, ``gd_steps + 1`` rows,
-        the start first), ``F`` (smoothed AP-loss at each row), ``exact_ap_loss``,
-        ``final_F``, ``final_theta``, ``theta1_gt_theta2_every_step``; error-driven holds
-        ``theta``, ``exact_ap_loss``, ``surrogate_loss`` (the ap_loss value with ``ed_step``),
-        ``steps_to_zero`` (first step after which the exact AP-loss is 0, None if never),
-        ``final_theta``, ``final_exact_ap_loss``.
-    """
+def run_a2(theta0: Sequence[float] = DEFAULT_THETA0, *, lr: float = 1.0, gd_steps: int = 5000,
+           sigmoid_k: float = 1.0, ed_lr: Optional[float] = None, ed_step: str = "heaviside",
+           ed_delta: float = 1.0, ed_max_steps: int = 10000) -> Dict[str, dict]:
+    """Gradient descent on ``F`` (``gd_steps``, step ``lr``) and the error-driven update
+    (``ed_step`` of :func:`ap_loss`, step ``ed_lr`` or ``lr``, until the exact AP-loss is 0 or
+    ``ed_max_steps``) from ``theta0``: their trajectories (fields: docs/studies.md)."""
     if ed_step not in ("heaviside", "linear"):
         raise ValueError(f"ed_step must be 'heaviside' or 'linear', got {ed_step!r}")
     ed_lr = lr if ed_lr is None else ed_lr
     f, t = _data()
 
-    # (a) gradient descent on the smoothed AP-loss
-    theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
+    def descend(loss_fn, step_size, max_steps, record):
+        """Plain SGD on ``loss_fn(theta)`` from ``theta0``; ``record(theta, loss)`` per step,
+        True to stop. Returns the number of steps taken."""
+        theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
+        for step in range(max_steps + 1):
+            value = loss_fn(theta)
+            if record(theta.detach(), value) or step == max_steps:
+                return step
+            (grad,) = torch.autograd.grad(value, theta)
+            with torch.no_grad():
+                theta -= step_size * grad
+
     gd_theta, gd_f = [], []
-    for step in range(gd_steps + 1):
-        value = smoothed_ap_loss(theta, sigmoid_k)
-        gd_theta.append(theta.detach().tolist())
-        gd_f.append(float(value.detach()))
-        if step == gd_steps:
-            break
-        (grad,) = torch.autograd.grad(value, theta)
-        with torch.no_grad():
-            theta -= lr * grad
-    kept = all(a > b for a, b in gd_theta)
+    descend(lambda th: smoothed_ap_loss(th, sigmoid_k), lr, gd_steps,
+            lambda th, v: gd_theta.append(th.tolist()) or gd_f.append(float(v)))
     gd_exact = exact_ap_loss_trajectory(torch.tensor(gd_theta, dtype=torch.float64)).tolist()
-
-    # (b) the error-driven update: ap_loss's backward through s = f . theta, plain SGD
-    theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
+    # the error-driven update: ap_loss's backward through s = f . theta
     ed_theta, ed_exact, ed_surrogate = [], [], []
-    steps_to_zero = None
-    for step in range(ed_max_steps + 1):
-        ed_theta.append(theta.detach().tolist())
-        ed_exact.append(exact_ap_loss(theta))
-        loss = ap_loss(f @ theta, t, step=ed_step, delta=ed_delta, interpolate=False)
-        ed_surrogate.append(float(loss.detach()))
-        if ed_exact[-1] == 0.0:
-            steps_to_zero = step
-            break
-        if step == ed_max_steps:
-            break
-        (grad,) = torch.autograd.grad(loss, theta)
-        with torch.no_grad():
-            theta -= ed_lr * grad
 
+    def record_ed(th, v):
+        ed_theta.append(th.tolist())
+        ed_exact.append(exact_ap_loss(th))
+        ed_surrogate.append(float(v))
+        return ed_exact[-1] == 0.0
+
+    steps = descend(lambda th: ap_loss(f @ th, t, step=ed_step, delta=ed_delta, interpolate=False), ed_lr,
+                    ed_max_steps, record_ed)
     return {
-        "settings": dict(
-            theta0=list(map(float, theta0)),
-            lr=lr,
-            gd_steps=gd_steps,
-            sigmoid_k=sigmoid_k,
-            ed_lr=ed_lr,
-            ed_step=ed_step,
-            ed_delta=ed_delta,
-            ed_max_steps=ed_max_steps,
-        ),
-        "gradient_descent": dict(
-            theta=gd_theta,
-            F=gd_f,
-            exact_ap_loss=gd_exact,
-            final_F=gd_f[-1],
-            final_theta=gd_theta[-1],
-            theta1_gt_theta2_every_step=kept,
-        ),
-        "error_driven": dict(
-            theta=ed_theta,
-            exact_ap_loss=ed_exact,
-            surrogate_loss=ed_surrogate,
-            steps_to_zero=steps_to_zero,
-            final_theta=ed_theta[-1],
-            final_exact_ap_loss=ed_exact[-1],
-        ),
+        "settings": dict(theta0=list(map(float, theta0)), lr=lr, gd_steps=gd_steps, sigmoid_k=sigmoid_k,
+                         ed_lr=ed_lr, ed_step=ed_step, ed_delta=ed_delta, ed_max_steps=ed_max_steps),
+        "gradient_descent": dict(theta=gd_theta, F=gd_f, exact_ap_loss=gd_exact, final_F=gd_f[-1],
+                                 final_theta=gd_theta[-1],
+                                 theta1_gt_theta2_every_step=all(a > b for a, b in gd_theta)),
+        "error_driven": dict(theta=ed_theta, exact_ap_loss=ed_exact, surrogate_loss=ed_surrogate,
+                             steps_to_zero=steps if ed_exact[-1] == 0.0 else None, final_theta=ed_theta[-1],
+                             final_exact_ap_loss=ed_exact[-1]),
     }
 
 
@@ -168,66 +102,39 @@ def format_table(result: dict, rows: int = 8) -> str:
     """A small markdown table of both trajectories at a few steps."""
     gd, ed = result["gradient_descent"], result["error_driven"]
     n_gd = len(gd["F"]) - 1
-    steps = sorted(
-        {0, n_gd} | {min(n_gd, 10 ** e) for e in range(0, int(math.log10(max(n_gd, 1))) + 1)}
-    )
+    steps = sorted({0, n_gd} | {min(n_gd, 10 ** e) for e in range(0, int(math.log10(max(n_gd, 1))) + 1)})
     steps = steps[: rows - 1] + [n_gd] if len(steps) > rows else steps
-    lines = [
-        "Gradient descent on the smoothed AP-loss F (Eq. 35):", "",
-        "| step | theta_1 | theta_2 | F (smoothed) | 1 - AP (exact) |", "|---:|---:|---:|---:|---:|"
-    ]
-    for s in steps:
-        th = gd["theta"][s]
-        lines.append(
-            f"| {s} | {th[0]:.4f} | {th[1]:.4f} | {gd['F'][s]:.6f} | {gd['exact_ap_loss'][s]:.6f} |"
-        )
-    lines += [
-        "",
-        f"final F = {gd['final_F']:.6f} (1/6 = {1 / 6:.6f}), theta_1 > theta_2 at every step: "
-        f"{gd['theta1_gt_theta2_every_step']}",
-        "",
-        f"Error-driven update (step {result['settings']['ed_step']!r}):",
-        "",
-        "| step | theta_1 | theta_2 | 1 - AP (exact) |",
-        "|---:|---:|---:|---:|",
-    ]
-    for s, (th, v) in enumerate(zip(ed["theta"], ed["exact_ap_loss"])):
-        lines.append(f"| {s} | {th[0]:.4f} | {th[1]:.4f} | {v:.6f} |")
+    lines = ["Gradient descent on the smoothed AP-loss F (Eq. 35):", "",
+             "| step | theta_1 | theta_2 | F (smoothed) | 1 - AP (exact) |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {s} | {gd['theta'][s][0]:.4f} | {gd['theta'][s][1]:.4f} | {gd['F'][s]:.6f} | "
+              f"{gd['exact_ap_loss'][s]:.6f} |" for s in steps]
+    lines += ["", f"final F = {gd['final_F']:.6f} (1/6 = {1 / 6:.6f}), theta_1 > theta_2 at every step: "
+              f"{gd['theta1_gt_theta2_every_step']}", "",
+              f"Error-driven update (step {result['settings']['ed_step']!r}):", "",
+              "| step | theta_1 | theta_2 | 1 - AP (exact) |", "|---:|---:|---:|---:|"]
+    lines += [f"| {s} | {th[0]:.4f} | {th[1]:.4f} | {v:.6f} |"
+              for s, (th, v) in enumerate(zip(ed["theta"], ed["exact_ap_loss"]))]
     zero = ed["steps_to_zero"]
-    lines += [
-        "", f"AP-loss 0 reached after {zero} steps" if zero is not None else "AP-loss 0 not reached"
-    ]
+    lines += ["", f"AP-loss 0 reached after {zero} steps" if zero is not None else "AP-loss 0 not reached"]
     return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:
     """Both loss curves against the step (log scale on x), PNG at ``path``."""
-    from .common import pyplot
-
-    plt = pyplot()
     gd, ed = result["gradient_descent"], result["error_driven"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = subplots(figsize=(6.4, 4.0))
     x_gd = range(1, len(gd["F"]) + 1)
     ax.plot(x_gd, gd["F"], label="gradient descent: smoothed AP-loss F")
     ax.plot(x_gd, gd["exact_ap_loss"], "--", label="gradient descent: exact 1 - AP")
-    ax.step(
-        range(1, len(ed["exact_ap_loss"]) + 1), ed["exact_ap_loss"], where="post",
-        label="error-driven update: exact 1 - AP"
-    )
+    ax.step(range(1, len(ed["exact_ap_loss"]) + 1), ed["exact_ap_loss"], where="post",
+            label="error-driven update: exact 1 - AP")
     ax.axhline(1 / 6, color="gray", lw=0.8, ls=":", label="1/6")
-    ax.set_xscale("log")
-    ax.set_xlabel("step + 1")
-    ax.set_ylabel("loss")
-    ax.set_title("Appendix A2: linear model, 3 separable samples")
+    ax.set(xscale="log", xlabel="step + 1", ylabel="loss", title="Appendix A2: linear model, 3 separable samples")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv=None):
-    from .common import study_argument_parser
-
     parser = study_argument_parser("a2_example", __doc__.split("\n")[0], opts=False)
     parser.add_argument("--theta0", type=float, nargs=2, default=list(DEFAULT_THETA0))
     parser.add_argument("--lr", type=float, default=1.0)
@@ -240,14 +147,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    result = run_a2(
-        args.theta0, lr=args.lr, gd_steps=args.gd_steps, sigmoid_k=args.sigmoid_k, ed_lr=args.ed_lr,
-        ed_step=args.ed_step
-    )
+    result = run_a2(args.theta0, lr=args.lr, gd_steps=args.gd_steps, sigmoid_k=args.sigmoid_k, ed_lr=args.ed_lr,
+                    ed_step=args.ed_step)
     print(format_table(result))
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "a2_example.json"), "w") as fh:
-        json.dump(result, fh)
+    write_json(os.path.join(args.output_dir, "a2_example.json"), result)
     png = os.path.join(args.output_dir, "a2_example.png")
     plot(result, png)
     print(f"wrote {png} and a2_example.json")

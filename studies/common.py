@@ -1,14 +1,5 @@
-"""Helpers shared by the studies: runs (config + checkpoint) to models, dataset subsets, tables.
-
-A *run* is given on the command line as ``CONFIG:WEIGHTS[:LABEL]`` (a yacs ``.yaml`` config,
-a checkpoint, an optional label) or as a training output folder ``RUN_DIR[:LABEL]`` (its
-``config.yaml`` and its last checkpoint, as written by ``train_net.py``). The label defaults to
-the registry's label of ``MODEL.CLS_LOSS.NAME`` ("AP-loss", "Focal loss", ...).
-
-Every study writes ``<name>.json`` with ``"study": "<name>"`` at the top, a markdown table
-``<name>.md`` and, where useful, PNG figures listed under ``"figures"`` (paths relative to the
-JSON's folder); :mod:`studies.report` collects them.
-"""
+"""Helpers shared by the studies: runs to models, training processes, dataset subsets, tables,
+the shared argument parser. Conventions (run specs, outputs): docs/studies.md."""
 import argparse
 import json
 import logging
@@ -30,7 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def default_config(relpath: str) -> str:
-    """``REPO/configs/<relpath>``."""
     return str(REPO / "configs" / relpath)
 
 
@@ -53,9 +43,19 @@ def train_net_command(imports: Sequence[str] = ()) -> List[str]:
     return [sys.executable, "-c", _IMPORT_THEN_TRAIN, str(REPO / "train_net.py"), *imports, "--"]
 
 
+def train_net_process(run_dir, config, opts: Sequence[str], *, log: str, imports: Sequence[str] = (),
+                      num_gpus: int = 1, train_net=None, env=None, echo: bool = False):
+    """Train (or resume) one run in a new ``train_net.py`` process (``train_net``: another script
+    with Detectron2's arguments) into ``run_dir``, its output appended to ``run_dir/log``;
+    returns ``(command, exit code)``."""
+    cmd = [*(train_net_command(imports) if train_net is None else [sys.executable, str(train_net)]),
+           *(["--num-gpus", str(num_gpus)] if num_gpus > 1 else []), "--config-file", str(config),
+           "--resume", *opts, "OUTPUT_DIR", str(Path(run_dir).resolve())]
+    return cmd, run_logged(cmd, Path(run_dir) / log, env=env, echo=echo)
+
+
 def run_logged(cmd: Sequence[str], log_path, env=None, echo: bool = False) -> int:
-    """Run ``cmd`` (a training process) with its output appended to ``log_path`` after a ``$ cmd``
-    line, and echoed with ``echo``; an interrupt stops the process too. Returns its exit code."""
+    """Run ``cmd`` with its output appended to ``log_path`` (and echoed); returns its exit code."""
     import subprocess
 
     with open(log_path, "a") as log:
@@ -95,21 +95,17 @@ def check_loss_names(names: Sequence[str], imports: Sequence[str] = (), error=Sy
     unknown = [n for n in names if n not in known]
     if unknown:
         imported = f" (imported: {', '.join(imports)})" if imports else ""
-        raise error(
-            f"--losses {' '.join(unknown)}: not a registered classification loss{imported}; "
-            f"registered: {', '.join(known)}. A loss that your own module registers needs "
-            "--import MODULE, which this command and its training processes import first"
-        )
+        raise error(f"--losses {' '.join(unknown)}: not a registered classification loss{imported}; "
+                    f"registered: {', '.join(known)}. A loss that your own module registers needs "
+                    "--import MODULE, which this command and its training processes import first")
 
 
 def scale_iter(value: int, max_iter: int, iters: int) -> int:
-    """An iteration count of a ``max_iter`` schedule (a step, ``WARMUP_ITERS``) at ``iters``."""
     return int(round(value * iters / max_iter))
 
 
 def scaled_schedule(steps: Sequence[int], max_iter: int, iters: int) -> Tuple[int, ...]:
-    """``SOLVER.STEPS`` of a ``max_iter`` schedule rescaled to ``iters``, kept strictly
-    increasing and inside ``(0, iters)`` (what Detectron2's multi-step scheduler accepts)."""
+    """``SOLVER.STEPS`` rescaled to ``iters``, strictly increasing inside ``(0, iters)``."""
     out: List[int] = []
     for s in steps:
         s = scale_iter(s, max_iter, iters)
@@ -119,45 +115,32 @@ def scaled_schedule(steps: Sequence[int], max_iter: int, iters: int) -> Tuple[in
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(Path(path).read_text())
 
 
 def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json",
                        error=SystemExit) -> bool:
-    """Resume by fingerprint: ``run_dir/run_file`` remembers the settings of a run folder.
-
-    Writes them when absent (returns False: a new run); returns True when they are the same
-    (the run may be resumed or skipped); refuses other settings with ``error`` (a command
-    line's ``SystemExit``, a library's ``RuntimeError``) naming the folder.
-    """
-    run_dir = Path(run_dir)
+    """``run_dir/run_file`` remembers a run folder's settings: False (written) for a new run,
+    True for the same settings (resume or skip), ``error`` naming the folder for others."""
+    run_dir, settings = Path(run_dir), to_jsonable(settings)
     path = run_dir / run_file
-    settings = to_jsonable(settings)
     if path.exists():
         previous = read_json(path)
         if previous != settings:
-            raise error(
-                f"{run_dir} holds a run with other settings:\n  {previous}\nnow:\n  {settings}\n"
-                "use another --output-dir or delete that directory"
-            )
+            raise error(f"{run_dir} holds a run with other settings:\n  {previous}\nnow:\n  {settings}\n"
+                        "use another --output-dir or delete that directory")
         return True
     write_json(path, settings)
     return False
 
 
 def progress(study: str, msg: str) -> None:
-    """One progress line on stderr, ``[study] msg``."""
     print(f"[{study}] {msg}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Runs
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class RunSpec:
-    """One model to study: a config file, a checkpoint ("" = the config's MODEL.WEIGHTS) and an
-    optional label."""
+    """A config file, a checkpoint ("" = the config's MODEL.WEIGHTS) and an optional label."""
 
     config: str
     weights: str = ""
@@ -180,11 +163,7 @@ def _last_checkpoint(run_dir: Path) -> str:
 
 
 def parse_run_spec(text: str) -> RunSpec:
-    """``CONFIG:WEIGHTS[:LABEL]`` or ``RUN_DIR[:LABEL]`` -> :class:`RunSpec`.
-
-    ``WEIGHTS`` may be empty (``CONFIG:``, ``CONFIG::LABEL``): the config's ``MODEL.WEIGHTS``
-    is used. A ``RUN_DIR`` is a training output folder with ``config.yaml`` and checkpoints.
-    """
+    """``CONFIG:WEIGHTS[:LABEL]`` (WEIGHTS may be empty) or ``RUN_DIR[:LABEL]`` -> RunSpec."""
     parts = text.split(":")
     if os.path.isdir(parts[0]):
         if len(parts) > 2:
@@ -196,9 +175,7 @@ def parse_run_spec(text: str) -> RunSpec:
         label = parts[1] if len(parts) == 2 and parts[1] else None
         return RunSpec(str(config), _last_checkpoint(run_dir), label)
     if len(parts) not in (2, 3):
-        raise ValueError(
-            f"run {text!r}: expected CONFIG:WEIGHTS[:LABEL] (WEIGHTS may be empty) or RUN_DIR"
-        )
+        raise ValueError(f"run {text!r}: expected CONFIG:WEIGHTS[:LABEL] (WEIGHTS may be empty) or RUN_DIR")
     config, weights = parts[0], parts[1]
     label = parts[2] if len(parts) == 3 and parts[2] else None
     if not os.path.isfile(config):
@@ -210,13 +187,10 @@ def parse_run_spec(text: str) -> RunSpec:
 
 
 def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None):
-    """ap_loss_d2's yacs config of ``config_file`` with ``opts`` (``KEY VALUE`` ...) merged,
-    validated and frozen. ``device`` overrides ``MODEL.DEVICE``."""
+    """The validated, frozen yacs config of ``config_file`` with ``opts`` and ``device``."""
     if not str(config_file).endswith((".yaml", ".yml")):
-        raise ValueError(
-            f"{config_file}: the studies take yacs (.yaml) configs; for a LazyConfig run use "
-            "the config.yaml that train_net.py wrote into its output folder"
-        )
+        raise ValueError(f"{config_file}: the studies take yacs (.yaml) configs; for a LazyConfig run use "
+                         "the config.yaml that train_net.py wrote into its output folder")
     from ap_loss_d2.engine import get_ap_loss_cfg, validate_cfg
 
     cfg = get_ap_loss_cfg()
@@ -230,8 +204,7 @@ def load_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] =
 
 
 def cls_loss_label(name: str) -> str:
-    """The registry's label of the loss ``name`` (``MODEL.CLS_LOSS.NAME``), ``name`` itself when
-    no loss of that name is registered."""
+    """The registry's label of the loss ``name``, else ``name``."""
     from ap_loss_d2.losses import registry
 
     return registry.cls_loss_label(name) if name in registry.cls_loss_names() else name
@@ -239,57 +212,32 @@ def cls_loss_label(name: str) -> str:
 
 def loss_label(cfg) -> str:
     """The label of the classification loss of ``cfg`` (or the meta-architecture)."""
-    name = cfg.MODEL.get("CLS_LOSS", {}).get("NAME", None) if hasattr(cfg, "MODEL") else None
-    if name is None:
-        return str(cfg.MODEL.META_ARCHITECTURE)
-    return cls_loss_label(name)
+    name = cfg.MODEL.get("CLS_LOSS", {}).get("NAME", None)
+    return str(cfg.MODEL.META_ARCHITECTURE) if name is None else cls_loss_label(name)
 
 
 def build_model_for_run(cfg, weights: str):
-    """Detectron2's ``build_model(cfg)`` in eval mode with ``weights`` (or ``cfg.MODEL.WEIGHTS``)
-    loaded by ``DetectionCheckpointer``; random initialisation when both are empty."""
+    """``build_model(cfg)`` in eval mode with ``weights`` (or ``cfg.MODEL.WEIGHTS``) loaded."""
     from ap_loss_d2.engine import SafeDetectionCheckpointer as DetectionCheckpointer
     from detectron2.modeling import build_model
 
     model = build_model(cfg)
-    weights = weights or cfg.MODEL.WEIGHTS
-    if weights:
-        DetectionCheckpointer(model).load(weights)
+    if weights or cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(weights or cfg.MODEL.WEIGHTS)
     else:
         logger.warning("No weights given: the model keeps its random initialisation")
-    model.eval()
-    return model
-
-
-def resolve_run(spec: RunSpec, opts: Sequence[str] = (), device: Optional[str] = None):
-    """``(cfg, label)`` of a :class:`RunSpec`."""
-    cfg = load_cfg(spec.config, opts, device)
-    return cfg, spec.label or loss_label(cfg)
+    return model.eval()
 
 
 def unique_labels(labels: Iterable[str]) -> List[str]:
-    """Make labels unique by appending `` (2)``, `` (3)``... to repeats."""
+    """The labels with `` (2)``, `` (3)``... appended to repeats."""
     seen, out = {}, []
     for lab in labels:
-        n = seen.get(lab, 0) + 1
-        seen[lab] = n
-        out.append(lab if n == 1 else f"{lab} ({n})")
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab} ({seen[lab]})")
     return out
 
 
-def save_checkpoint(model, path) -> str:
-    """Save ``model``'s weights with ``DetectionCheckpointer`` as ``path`` (a ``.pth``)."""
-    from ap_loss_d2.engine import SafeDetectionCheckpointer as DetectionCheckpointer
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    DetectionCheckpointer(model, save_dir=str(path.parent)).save(path.stem)
-    return str(path.parent / (path.stem + ".pth"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Dataset subsets (evaluate on the first N images with the dataset's own evaluator)
-# ---------------------------------------------------------------------------------------------
 def _reregister(name, loader, metadata):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -301,14 +249,9 @@ def _reregister(name, loader, metadata):
 
 
 def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str:
-    """Name of a registered dataset holding the first ``max_images`` images of ``dataset_name``
-    (``dataset_name`` itself when ``max_images`` is None or not smaller than the dataset).
-
-    The subset keeps the metadata of the original, with the evaluator's ground truth restricted
-    to the same images: for ``evaluator_type == "coco"`` a filtered copy of ``json_file`` in
-    ``workdir``; for ``"pascal_voc"`` a folder in ``workdir`` with a link to the original
-    ``Annotations`` and its own ``ImageSets/Main/<split>.txt``.
-    """
+    """A registered dataset of the first ``max_images`` images of ``dataset_name`` (itself when
+    None or not smaller) whose evaluator's ground truth (coco json / VOC image set, in
+    ``workdir``) holds the same images."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     if max_images is None:
@@ -326,7 +269,6 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
     workdir = Path(workdir) / name
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "coco":
-        # (DatasetCatalog.get above generated an embedded synthetic dataset if needed)
         with open(meta["json_file"]) as f:
             raw = json.load(f)
         ids = {d["image_id"] for d in subset}
@@ -341,49 +283,31 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
         link = voc / "Annotations"
         if not link.exists():
             os.symlink(os.path.abspath(os.path.join(meta["dirname"], "Annotations")), link)
-        (voc / "ImageSets" / "Main" / f"{meta['split']}.txt").write_text(
-            "".join(f"{d['image_id']}\n" for d in subset)
-        )
+        (voc / "ImageSets" / "Main" / f"{meta['split']}.txt").write_text("".join(f"{d['image_id']}\n" for d in subset))
         meta["dirname"] = str(voc)
     else:
-        raise NotImplementedError(
-            f"Cannot take a subset of {dataset_name!r} (evaluator_type={kind!r}); "
-            "supported: coco, pascal_voc"
-        )
+        raise NotImplementedError(f"Cannot take a subset of {dataset_name!r} (evaluator_type={kind!r}); "
+                                  "supported: coco, pascal_voc")
     _reregister(name, lambda: subset, meta)
     return name
 
 
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
 def fmt_num(x, digits: int = 1) -> str:
     """``x`` with ``digits`` decimals; "-" for None/NaN; integers as integers."""
-    if x is None:
-        return "-"
     if isinstance(x, (bool, np.bool_)):
         return str(bool(x))
     if isinstance(x, (int, np.integer)):
         return str(int(x))
-    x = float(x)
-    if math.isnan(x):
-        return "-"
-    return f"{x:.{digits}f}"
+    return "-" if x is None or math.isnan(float(x)) else f"{float(x):.{digits}f}"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence],
                    align: Optional[str] = None) -> str:
-    """A GitHub markdown table. ``align``: one of "l"/"r"/"c" per column (default: first column
-    left, the others right)."""
-    if align is None:
-        align = "l" + "r" * (len(headers) - 1)
+    """A GitHub markdown table; ``align``: "l"/"r"/"c" per column (default "lrr...")."""
+    align = align or "l" + "r" * (len(headers) - 1)
     marks = {"l": ":---", "r": "---:", "c": ":---:"}
-    esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
-             "| " + " | ".join(marks[a] for a in align) + " |"]
-    for r in rows:
-        lines.append("| " + " | ".join(esc(v) for v in r) + " |")
-    return "\n".join(lines)
+    line = lambda cells: "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in cells) + " |"  # noqa: E731
+    return "\n".join([line(headers), "| " + " | ".join(marks[a] for a in align) + " |", *map(line, rows)])
 
 
 def to_jsonable(obj):
@@ -406,8 +330,7 @@ def to_jsonable(obj):
 
 
 def write_json(path, obj) -> None:
-    """Write ``obj`` as strict JSON (NaN/Inf -> null) atomically: a temporary file renamed over
-    ``path``, so an interrupted write never leaves a partial file."""
+    """Write ``obj`` as strict JSON (NaN/Inf -> null) atomically (a temporary file renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -425,43 +348,45 @@ def pyplot():
     return plt
 
 
+def subplots(*args, **kwargs):
+    """``(figure, axes)`` of ``pyplot().subplots``."""
+    return pyplot().subplots(*args, **kwargs)
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def read_metrics_json(path) -> Tuple[List[dict], int]:
-    """Entries of a Detectron2 ``metrics.json`` (one JSON object a line) and the number of
-    unreadable lines skipped (e.g. a line cut by an interrupted run)."""
+    """Entries of a Detectron2 ``metrics.json`` and the number of unreadable lines skipped."""
     entries, skipped = [], 0
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if isinstance(entry, dict):
-                entries.append(entry)
-            else:
-                skipped += 1
+    for line in filter(str.strip, Path(path).read_text(errors="replace").splitlines()):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            skipped += 1
     return entries, skipped
 
 
 def not_finite(values: dict, keys: Sequence[str]) -> List[str]:
-    """The ``keys`` whose value in ``values`` is missing, not a number, NaN or infinite (an
-    evaluation of a model that detects nothing logs AP NaN)."""
+    """The ``keys`` whose value in ``values`` is missing, not a number, NaN or infinite."""
     return [k for k in keys if not isinstance(values.get(k), (int, float))
             or not math.isfinite(values[k])]
 
 
 def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> dict:
-    """The last logged COCO-style bbox metrics of a ``metrics.json``:
-    ``{dataset prefix ("" for single-dataset keys): {metric: value, "iteration": it}}``
-    (``{}`` when the file is missing or logged no evaluation). ``metrics=None``: every
-    ``bbox/*`` key (``AP``, ``AP50``, ..., ``AP-<class>``)."""
+    """The last logged ``bbox/<metric>`` values of a ``metrics.json`` (``metrics=None``: all) as
+    ``{dataset prefix ("" for one dataset): {metric: value, "iteration": it}}``."""
     out: dict = {}
     path = Path(path)
     if not path.is_file():
@@ -479,21 +404,13 @@ def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> 
     return out
 
 
-#: A yacs config key (``SOLVER.MAX_ITER``, ``SEED``): where the trailing overrides start.
 CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*")
-
-
-#: The form of ``--run`` of the studies that take checkpoints (:func:`parse_run_spec`).
 RUN_SPEC = "CONFIG:WEIGHTS[:LABEL] or RUN_DIR[:LABEL]"
 
 
 class StudyArgumentParser(argparse.ArgumentParser):
-    """``argparse`` with Detectron2's trailing config overrides (``opts``, ``argparse.REMAINDER``).
-
-    The overrides start at ``--`` or at the first config key (:data:`CONFIG_KEY`) that is not the
-    value of a one-value option, so they may follow a multi-value option
-    (``--seeds 0 1 SOLVER.MAX_ITER 10``), which argparse alone would feed them to.
-    """
+    """``argparse`` with trailing ``KEY VALUE`` overrides (``opts``) that start at ``--`` or at
+    the first config key that is not a one-value option's value, e.g. after ``--seeds 0 1``."""
 
     def _split_overrides(self, argv: List[str]) -> Tuple[List[str], List[str]]:
         one_value = {s for a in self._actions if a.option_strings and a.nargs is None
@@ -524,8 +441,7 @@ class StudyArgumentParser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written; an option's default after its help unless the help names
-    one or the default is None / False."""
+    """An option's default after its help, unless the help names one or it is None / False."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -538,15 +454,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def study_argument_parser(study: str, description: str, *, config: Optional[str] = None,
                           num_gpus: bool = False, runs: Optional[str] = None, opts: bool = True):
-    """The argument parser of every study command (``python -m studies.<study>``).
-
-    Options are spelled out in full (no abbreviations). Every command gets ``--output-dir``
-    (default ``output/<study>``); ``config``: a
-    ``--config-file`` whose help names that default; ``num_gpus``: ``--num-gpus``, processes per
-    launched training run; ``runs``: the checkpoint studies' ``--run`` (repeatable, ``runs`` is its
-    form, e.g. :data:`RUN_SPEC`), ``--dataset``, ``--device`` (read by :func:`prepare_runs`); ``opts``: trailing ``KEY VALUE``
-    config overrides, after any option or after ``--`` (:class:`StudyArgumentParser`).
-    """
+    """The parser of ``python -m studies.<study>``: ``--output-dir``, and on request
+    ``--config-file`` (its default named), ``--num-gpus``, ``--run``/``--dataset``/``--device``
+    (the checkpoint studies, :func:`prepare_runs`) and trailing overrides."""
     p = StudyArgumentParser(prog=f"python -m studies.{study}", description=description,
                             formatter_class=_HelpFormatter, allow_abbrev=False)
     p.add_argument("--output-dir", default=f"output/{study}", help="folder of the outputs")
@@ -569,23 +479,19 @@ def study_argument_parser(study: str, description: str, *, config: Optional[str]
 
 
 def prepare_runs(args):
-    """Shared set-up of the checkpoint studies from the arguments of
-    ``study_argument_parser(..., runs=True)``.
-
-    Returns ``(output dir, run specs, [(cfg, weights)], labels, dataset name)``.
-    """
+    """``(output dir, run specs, [(cfg, label)], labels, dataset name)`` of ``--run`` ..."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = [parse_run_spec(r) for r in args.run]
-    resolved = [resolve_run(s, args.opts, args.device) for s in specs]
+    resolved = [(cfg, s.label or loss_label(cfg)) for s in specs
+                for cfg in [load_cfg(s.config, args.opts, args.device)]]
     labels = unique_labels([lab for _, lab in resolved])
     dataset = args.dataset or resolved[0][0].DATASETS.TEST[0]
     return out, specs, resolved, labels, dataset
 
 
 def metrics_by_iteration(path) -> Tuple[dict, int]:
-    """``metrics.json`` as ``({iteration: merged entries}, unreadable lines skipped)``; a later
-    line for the same iteration wins (e.g. after a resumed run)."""
+    """``metrics.json`` as ``({iteration: merged entries}, lines skipped)``; later lines win."""
     entries, skipped = read_metrics_json(path)
     by_iter: dict = {}
     for entry in entries:
@@ -596,9 +502,24 @@ def metrics_by_iteration(path) -> Tuple[dict, int]:
     return dict(sorted(by_iter.items())), skipped
 
 
-def write_study_outputs(out: Path, name: str, study: str, report: dict, md_lines, table: str):
-    """Write ``<name>.json`` and ``<name>.md`` into ``out``, print the table and say so."""
-    write_json(out / f"{name}.json", report)
-    (out / f"{name}.md").write_text("\n".join(md_lines) + "\n")
-    print(table, flush=True)
-    progress(study, f"wrote {out / (name + '.json')}, {out / (name + '.md')}")
+def write_study_outputs(out: Path, study: str, report: dict, md_lines, table: Optional[str] = None):
+    """Write ``<study>.json`` and ``<study>.md``, print ``table`` (default: the markdown), say so."""
+    write_json(out / f"{study}.json", report)
+    (out / f"{study}.md").write_text("\n".join(md_lines) + "\n")
+    print("\n".join(md_lines) if table is None else table, flush=True)
+    progress(study, f"wrote {out / (study + '.json')}, {out / (study + '.md')}")
+
+
+def number(kind, low=None):
+    """An argparse type: a ``kind`` number > 0, or >= ``low``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value) or not (value > 0 if low is None else value >= low):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {'> 0' if low is None else f'>= {low}'}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {'> 0' if low is None else f'>= {low}'}"
+    return parse

@@ -5,11 +5,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from .common import (
-    cls_loss_label, markdown_table, metrics_by_iteration, progress, pyplot, study_argument_parser,
-    timestamp, unique_labels, write_json
+    cls_loss_label, markdown_table, metrics_by_iteration, progress, pyplot, save_figure,
+    study_argument_parser, subplots, timestamp, unique_labels, write_study_outputs
 )
 
 STUDY = "cost"
@@ -18,64 +18,38 @@ METRIC_KEYS = ("cls_loss/time", "time", "cls_loss/num_neg_nontrivial", "cls_loss
 
 
 def fmt_value(v) -> str:
-    """Table format: integral values as integers, >= 100 with 1 decimal, else 4 decimals."""
+    """Integral values as integers, >= 100 with 1 decimal, else 4 decimals."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     v = float(v)
-    if v.is_integer():
-        return str(int(v))
-    if abs(v) >= 100:
-        return f"{v:.1f}"
-    return f"{v:.4f}"
-
-
-def series(metrics: Dict[int, dict], key: str):
-    """``(iterations, values)`` of ``key`` (iterations where it was logged)."""
-    its = [it for it, e in metrics.items() if isinstance(e.get(key), (int, float))]
-    return its, [float(metrics[it][key]) for it in its]
-
-
-def summarize_series(its: List[int], vals: List[float]) -> Optional[dict]:
-    if not vals:
-        return None
-    return dict(n=len(vals), first_iter=its[0], last_iter=its[-1], start=vals[0], end=vals[-1],
-                mean=sum(vals) / len(vals), min=min(vals), max=max(vals))
+    return str(int(v)) if v.is_integer() else f"{v:.1f}" if abs(v) >= 100 else f"{v:.4f}"
 
 
 def _label_for(metrics_path: Path, label: Optional[str]) -> str:
-    if label:
-        return label
+    """``label``, else the loss label of the run's config.yaml, else the folder's name."""
+    import yaml
+
     cfg = metrics_path.parent / "config.yaml"
-    if cfg.is_file():
-        import yaml
-
-        try:
-            data = yaml.safe_load(cfg.read_text()) or {}
-        except yaml.YAMLError:
-            data = {}
-        name = ((data.get("MODEL") or {}).get("CLS_LOSS") or {}).get("NAME")
-        if name:
-            return cls_loss_label(name)
-    return metrics_path.parent.name
-
-
-def _split_label(text: str):
-    path, sep, label = text.partition(":")
-    return path, (label or None)
+    try:
+        data = (yaml.safe_load(cfg.read_text()) or {}) if not label and cfg.is_file() else {}
+    except yaml.YAMLError:
+        data = {}
+    name = ((data.get("MODEL") or {}).get("CLS_LOSS") or {}).get("NAME")
+    return label or (cls_loss_label(name) if name else metrics_path.parent.name)
 
 
 def analyse_run(metrics_path: Path, label: str) -> dict:
     metrics, skipped = metrics_by_iteration(metrics_path)
-    run = {"label": label, "metrics": str(metrics_path), "skipped_lines": skipped, "series": {},
-           "summary": {}}
+    run = {"label": label, "metrics": str(metrics_path), "skipped_lines": skipped, "series": {}, "summary": {}}
     for key in METRIC_KEYS:
-        its, vals = series(metrics, key)
+        its = [it for it, e in metrics.items() if isinstance(e.get(key), (int, float))]
+        vals = [float(metrics[it][key]) for it in its]
         if vals:
             run["series"][key] = {"iterations": its, "values": vals}
-            run["summary"][key] = summarize_series(its, vals)
+            run["summary"][key] = dict(n=len(vals), first_iter=its[0], last_iter=its[-1], start=vals[0],
+                                       end=vals[-1], mean=sum(vals) / len(vals), min=min(vals), max=max(vals))
     lt, it = run["summary"].get("cls_loss/time"), run["summary"].get("time")
-    run["loss_share_of_iteration"] = (lt["mean"] / it["mean"]
-                                      if lt and it and it["mean"] > 0 else None)
+    run["loss_share_of_iteration"] = lt["mean"] / it["mean"] if lt and it and it["mean"] > 0 else None
     return run
 
 
@@ -93,21 +67,15 @@ def training_table(runs) -> str:
 
 
 def benchmark_tables(bench: dict) -> Dict[str, dict]:
-    """{"<device>, <A> anchors, <P> positives": {"images": [...], "memory_mb": {loss: [...]},
-    "time_s": {loss: [...]}}} from a benchmark.json (rows without an anchor count, from older
-    benchmarks, group without it)."""
+    """``{"<device>, <A> anchors, <P> positives": {"images", "memory_mb": {loss: [...]},
+    "time_s": {loss: [...]}, "extrapolated": {loss: [...]}}}`` of a benchmark.json."""
     groups: Dict[str, dict] = {}
     losses = bench.get("losses") or []
-    rows = sorted(bench["results"],
-                  key=lambda r: (r["device"], r.get("anchors", 0), r["positives"], r["images"]))
-    for row in rows:
+    for row in sorted(bench["results"], key=lambda r: (r["device"], r.get("anchors", 0), r["positives"], r["images"])):
         anchors = f"{row['anchors']} anchors, " if "anchors" in row else ""
-        key = f"{row['device']}, {anchors}{row['positives']} positives"
-        g = groups.setdefault(key, {"device": row["device"], "positives": row["positives"],
-                                    "anchors": row.get("anchors"),
-                                    "images": [], "memory_mb": {n: [] for n in losses},
-                                    "time_s": {n: [] for n in losses},
-                                    "extrapolated": {n: [] for n in losses}})
+        g = groups.setdefault(f"{row['device']}, {anchors}{row['positives']} positives", dict(
+            device=row["device"], positives=row["positives"], anchors=row.get("anchors"), images=[],
+            **{field: {n: [] for n in losses} for field in ("memory_mb", "time_s", "extrapolated")}))
         g["images"].append(row["images"])
         for n in losses:
             e = row["losses"].get(n, {})
@@ -117,106 +85,67 @@ def benchmark_tables(bench: dict) -> Dict[str, dict]:
     return groups
 
 
-def benchmark_markdown(groups, losses, field, title, fmt):
-    """One markdown table per (device, anchors, positives) group: batch size x loss (``field``);
-    ``losses``: ``{name: label}``."""
+def benchmark_markdown(groups, losses, field, title, scale):
+    """One table per group: batch size x loss (``losses``: ``{name: label}``); * = extrapolated."""
     parts = []
     for key, g in groups.items():
-        extrap = g.get("extrapolated", {}) if field == "time_s" else {}
-
         def cell(n, i):
-            flags = extrap.get(n) or []
-            return fmt(g[field][n][i]) + ("*" if i < len(flags) and flags[i] else "")
+            v, extrap = g[field][n][i], field == "time_s" and g["extrapolated"][n][i]
+            return ("-" if v is None else f"{v * scale:.2f}") + ("*" if extrap else "")
 
         rows = [[g["images"][i]] + [cell(n, i) for n in losses] for i in range(len(g["images"]))]
-        parts += [f"**{title}, {key}**", "",
-                  markdown_table(["batch size"] + list(losses.values()),
-                                 rows), ""]
+        parts += [f"**{title}, {key}**", "", markdown_table(["batch size"] + list(losses.values()), rows), ""]
     return "\n".join(parts)
-
-
-def fmt_mb(v):
-    return "-" if v is None else f"{v:.2f}"
-
-
-def fmt_ms(v):
-    return "-" if v is None else f"{v * 1e3:.2f}"
-
-
-def _line_style(n_points: int) -> dict:
-    """A line, with a marker when it has one point (a line alone would draw nothing)."""
-    return {"marker": "o", "ms": 4} if n_points == 1 else {}
 
 
 def training_figure(runs):
     """Fig. 10 measured during training: loss and iteration time; non-trivial negative and
     positive anchor x class entries."""
-    plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (a, b) = subplots(1, 2, figsize=(11, 4))
+    colors = pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
     for k, run in enumerate(runs):
-        c = colors[k % len(colors)]
-        s = run["series"]
-        for ax, key, ls, what in ((a, "cls_loss/time", "-", "loss"),
-                                  (a, "time", "--", "iteration"),
+        for ax, key, ls, what in ((a, "cls_loss/time", "-", "loss"), (a, "time", "--", "iteration"),
                                   (b, "cls_loss/num_neg_nontrivial", "-", "non-trivial negatives"),
                                   (b, "cls_loss/num_pos", ":", "positives")):
-            if key in s:
-                its = s[key]["iterations"]
-                ax.plot(its, s[key]["values"], ls, color=c, label=f"{run['label']}: {what}",
-                        **_line_style(len(its)))
-    a.set_xlabel("iteration")
-    a.set_ylabel("time (s)")
+            if key in run["series"]:
+                its = run["series"][key]["iterations"]
+                ax.plot(its, run["series"][key]["values"], ls, color=colors[k % len(colors)],
+                        label=f"{run['label']}: {what}", **({"marker": "o", "ms": 4} if len(its) == 1 else {}))
+    a.set(xlabel="iteration", ylabel="time (s)")
     a.set_title("Measured during training: loss and iteration time (Fig. 10)", fontsize=9)
-    b.set_xlabel("iteration")
-    b.set_ylabel("anchor × class entries per batch")
-    b.set_title("Measured during training: non-trivial negative entries |N^|, positive entries |P|",
-                fontsize=9)
+    b.set(xlabel="iteration", ylabel="anchor × class entries per batch")
+    b.set_title("Measured during training: non-trivial negative entries |N^|, positive entries |P|", fontsize=9)
     for ax in (a, b):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     if b.get_lines() and all(min(line.get_ydata()) > 0 for line in b.get_lines()):
         b.set_yscale("log")
-    fig.tight_layout()
     return fig
 
 
-def plot_training(runs, path):
-    fig = training_figure(runs)
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-
-
 def plot_benchmark(groups, losses, path):
-    plt = pyplot()
-    n = len(groups)
-    fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 8), squeeze=False)
+    fig, axes = subplots(2, len(groups), figsize=(5.5 * len(groups), 8), squeeze=False)
     for j, (key, g) in enumerate(groups.items()):
         for row, field, ylabel, scale in ((0, "memory_mb", "extra peak memory (MB)", 1.0),
                                           (1, "time_s", "forward + backward time (ms)", 1e3)):
             ax = axes[row][j]
             for name in losses:
                 pts = [(x, y * scale) for x, y in zip(g["images"], g[field][name]) if y is not None]
-                extrap = row == 1 and any(g.get("extrapolated", {}).get(name, []))
+                extrap = row == 1 and any(g["extrapolated"][name])
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if extrap else "-o",
-                            ms=3, label=losses[name]
-                            + (" (extrapolated)" if extrap else ""))
-            ax.set_xticks(g["images"])
-            ax.set_xlabel("batch size (images)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(("Memory (Fig. 9)" if row == 0 else "Time (Fig. 11)")
-                         + f", synthetic logits: {key}", fontsize=9)
+                    ax.plot(*zip(*pts), "--o" if extrap else "-o", ms=3,
+                            label=losses[name] + (" (extrapolated)" if extrap else ""))
+            ax.set(xticks=g["images"], xlabel="batch size (images)", ylabel=ylabel)
+            ax.set_title(("Memory (Fig. 9)" if row == 0 else "Time (Fig. 11)") + f", synthetic logits: {key}",
+                         fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def parse_args(argv=None):
-    p = study_argument_parser(STUDY, __doc__, opts=False)
+    p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], opts=False)
     p.add_argument("--run-dir", action="append", default=[], metavar="RUN_DIR[:LABEL]",
                    help="training output folder with metrics.json (repeatable)")
     p.add_argument("--metrics", action="append", default=[], metavar="FILE[:LABEL]",
@@ -232,13 +161,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    inputs = []
-    for text in args.run_dir:
-        d, label = _split_label(text)
-        inputs.append((Path(d) / "metrics.json", label))
-    for text in args.metrics:
-        f, label = _split_label(text)
-        inputs.append((Path(f), label))
+    inputs = [(Path(path) / name, label or None) for texts, name in ((args.run_dir, "metrics.json"), (args.metrics, ""))
+              for path, _, label in (t.partition(":") for t in texts)]
     for f, _ in inputs:
         if not f.is_file():
             raise SystemExit(f"{f} does not exist")
@@ -253,7 +177,7 @@ def main(argv=None):
                             "MODEL.CLS_LOSS.DIAGNOSTICS True to measure the loss time")
         report["runs"].append(run)
     if report["runs"]:
-        plot_training(report["runs"], out / "cost_training.png")
+        save_figure(training_figure(report["runs"]), out / "cost_training.png", dpi=110)
         report["figures"].append("cost_training.png")
         md += ["## Measured during training (Fig. 10)", "",
                "Per-iteration loss time (forward), iteration time, non-trivial negatives and "
@@ -285,15 +209,12 @@ def main(argv=None):
                + ("; ".join(f"{a} = {n}" for a, n in anchors_are.items()) or "see benchmark.json")
                + ".", "",
                "Extra peak memory of one forward + backward of the loss (MB).", "",
-               benchmark_markdown(groups, losses, "memory_mb", "Extra memory (MB)", fmt_mb),
+               benchmark_markdown(groups, losses, "memory_mb", "Extra memory (MB)", 1.0),
                "## Synthetic logits: time cost of the losses (Fig. 11)", "",
-               benchmark_markdown(groups, losses, "time_s", "Forward + backward time (ms)", fmt_ms),
+               benchmark_markdown(groups, losses, "time_s", "Forward + backward time (ms)", 1e3),
                "\\* extrapolated from a subset of the positives (see benchmark.json).", "",
                "![loss benchmark](cost_benchmark.png)", ""]
-    write_json(out / "cost.json", report)
-    (out / "cost.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md), flush=True)
-    progress(STUDY, f"wrote {out / 'cost.json'}, {out / 'cost.md'}")
+    write_study_outputs(out, STUDY, report, md)
     return report
 
 

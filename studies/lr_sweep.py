@@ -5,55 +5,46 @@ import json
 import math
 import os
 import re
+import queue
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
 
 from .common import (
-    check_loss_names, cls_loss_label, default_config, fmt_num, import_modules, last_bbox_metrics,
-    markdown_table, not_finite, progress, REPO, run_logged, study_argument_parser, timestamp,
-    train_net_command, write_json
+    check_loss_names, cls_loss_label, fmt_num, import_modules, last_bbox_metrics,
+    markdown_table, metrics_by_iteration, not_finite, number, progress, REPO, save_figure, study_argument_parser, subplots,
+    timestamp, train_net_process, write_json, write_study_outputs
 )
 
 STUDY = "lr_sweep"
 CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 DEFAULT_CONFIG = "configs/" + CONFIG_REL  # relative to the repository (recorded as written)
 METRICS = ("AP", "AP50", "AP75")
-#: Messages of a run stopped by NaN/Inf, with the iteration as group 1.
-DIVERGED_PATTERNS = (
-    re.compile(r"Training stopped at iteration (\d+): NaN or Inf"),
-    re.compile(r"Loss became infinite or NaN at iteration=(\d+)"),
-)
+#: Messages of a run stopped by NaN/Inf: Detectron2's (with the iteration), the ranking losses'.
+DIVERGED_PATTERNS = (re.compile(r"Loss became infinite or NaN at iteration=(\d+)"), re.compile(r"NonFiniteLogitsError"))
 
 
 def run_name(loss: str, lr: float, seed: int) -> str:
     return f"{loss}_lr{lr:g}_seed{seed}"
 
 
-def parse_divergence(log: str) -> Optional[int]:
-    """The iteration at which a run stopped on NaN/Inf, from its output; None if it did not."""
+def parse_divergence(log: str, last_logged: Optional[int] = None) -> Optional[int]:
+    """The iteration at which a run stopped on NaN/Inf, from its output (else the one after the
+    ``last_logged`` iteration of its metrics.json); None if it did not."""
     for pattern in DIVERGED_PATTERNS:
         m = pattern.search(log)
         if m:
-            return int(m.group(1))
+            return int(m.group(1)) if m.groups() else (-1 if last_logged is None else last_logged) + 1
     return None
 
 
-def _settings(args, loss, lr, seed) -> dict:
-    return {"config": args.config_file, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
-
-
 def config_path(config: str) -> str:
-    """``config`` as given, or relative to the repository (the default); a clear error when
-    neither exists."""
+    """``config`` as given, or relative to the repository (the default)."""
     if os.path.isfile(config):
         return config
-    if (REPO / config).is_file():
+    if (REPO / config).is_file() or config == DEFAULT_CONFIG:
         return str(REPO / config)
-    if config == DEFAULT_CONFIG:
-        return default_config(CONFIG_REL)  # says where the configs are expected
     raise SystemExit(f"[{STUDY}] --config-file {config}: no such file")
 
 
@@ -61,57 +52,45 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     """Train (or resume, or skip) one run; returns its record."""
     out = Path(args.output_dir) / run_name(loss, lr, seed)
     done = out / "sweep_run.json"
-    settings = _settings(args, loss, lr, seed)
+    settings = {"config": args.config_file, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
     if done.is_file():
         record = json.loads(done.read_text())
         if record.get("settings") != settings:
-            raise SystemExit(
-                f"[{STUDY}] {out} holds a run with other settings ({record.get('settings')}); "
-                "use another --output-dir"
-            )
+            raise SystemExit(f"[{STUDY}] {out} holds a run with other settings ({record.get('settings')}); "
+                             "use another --output-dir")
         progress(STUDY, f"{out.name}: finished earlier ({record['status']})")
         return record
     out.mkdir(parents=True, exist_ok=True)
-    resume = (out / "last_checkpoint").is_file()
-    cmd = [*train_net_command(args.imports), "--config-file", config_path(args.config_file)]
-    if resume:
-        cmd.append("--resume")
-    if args.num_gpus > 1:
-        cmd += ["--num-gpus", str(args.num_gpus)]
-    # DIAGNOSTICS: cls_loss/time in metrics.json, which the cost study plots (Fig. 10)
-    cmd += ["MODEL.CLS_LOSS.DIAGNOSTICS", "True", "MODEL.CLS_LOSS.NAME", loss,
-            "SOLVER.BASE_LR", repr(float(lr)), "SEED", str(seed), *args.opts,
-            "OUTPUT_DIR", str(out.resolve())]
     env = dict(os.environ)
     if args.devices:
         env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
-    progress(STUDY, f"{out.name}: {'resuming' if resume else 'training'}")
-    returncode = run_logged(cmd, out / "sweep_log.txt", env=env)
-    text = (out / "sweep_log.txt").read_text(errors="replace")
-    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode}
+    progress(STUDY, f"{out.name}: {'resuming' if (out / 'last_checkpoint').is_file() else 'training'}")
+    # DIAGNOSTICS: cls_loss/time in metrics.json, which the cost study plots (Fig. 10)
+    opts = ["MODEL.CLS_LOSS.DIAGNOSTICS", "True", "MODEL.CLS_LOSS.NAME", loss, "SOLVER.BASE_LR", repr(float(lr)),
+            "SEED", str(seed), *args.opts]
+    cmd, returncode = train_net_process(out, config_path(args.config_file), opts, log="sweep_log.txt",
+                                        imports=args.imports, num_gpus=args.num_gpus, env=env)
     metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
                for m, v in per_dataset.items() if m in METRICS}
-    record.update(run_status(returncode, text, metrics))
+    logged = list(metrics_by_iteration(out / "metrics.json")[0]) if (out / "metrics.json").is_file() else []
+    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode,
+              **run_status(returncode, (out / "sweep_log.txt").read_text(errors="replace"), metrics,
+                           logged[-1] if logged else None)}
     if record["status"] == "failed" and "reason" not in record:
         progress(STUDY, f"{out.name}: FAILED (exit {returncode}); see {out / 'sweep_log.txt'}"
                         f"\n{record['log_tail']}")
         return record  # not marked finished: retried next time
     write_json(done, record)
-    if record["status"] == "ok":
-        progress(STUDY, f"{out.name}: ok, AP {record['AP']:.2f}")
-    elif record["status"] == "diverged":
-        progress(STUDY, f"{out.name}: diverged at iteration {record['diverged_at']}")
-    else:
-        progress(STUDY, f"{out.name}: FAILED, {record['reason']}")
+    progress(STUDY, f"{out.name}: " + (f"ok, AP {record['AP']:.2f}" if record["status"] == "ok" else
+                                       f"diverged at iteration {record['diverged_at']}" if record["status"] == "diverged"
+                                       else f"FAILED, {record['reason']}"))
     return record
 
 
-def run_status(returncode: int, log: str, metrics: dict) -> dict:
-    """The status of a finished training process from its exit code, output and last bbox
-    ``metrics``: ``ok`` with AP / AP50 / AP75 (all finite); ``diverged`` with the iteration
-    (NaN/Inf); ``failed`` with a ``reason`` when it trained but evaluated to no detections (NaN
-    or missing AP: kept, not retried), else with the ``log_tail`` (retried on the next call)."""
-    diverged_at = parse_divergence(log) if returncode != 0 else None
+def run_status(returncode: int, log: str, metrics: dict, last_logged: Optional[int] = None) -> dict:
+    """``ok`` with finite AP / AP50 / AP75, ``diverged`` with the iteration, ``failed`` with a
+    ``reason`` (no detections: kept) or the ``log_tail`` (retried on the next call)."""
+    diverged_at = parse_divergence(log, last_logged) if returncode != 0 else None
     if diverged_at is not None:
         return {"status": "diverged", "diverged_at": diverged_at}
     if returncode != 0:
@@ -131,31 +110,23 @@ def _stats(values: List[float]) -> dict:
 
 
 def _is_ok(record: dict) -> bool:
-    """Status ok with finite AP / AP50 / AP75 (a record read back from JSON has NaN as null)."""
     return record["status"] == "ok" and not not_finite(record, METRICS)
 
 
 def summarize(records: List[dict], losses, lrs) -> dict:
-    """Per loss and LR: seeds run, ok, diverged, failed, stats of AP/AP50/AP75 over ok runs; and
-    each loss's best LR (highest mean AP among LRs without divergence, else among all)."""
+    """Per loss and LR: seeds run, ok, diverged, failed, AP stats over ok runs; each loss's best
+    LR (highest mean AP among LRs without divergence or failure, else among all)."""
     table = {}
     for loss in losses:
         table[loss] = {}
         for lr in lrs:
-            rs = [r for r in records if r["settings"]["loss"] == loss
-                  and math.isclose(r["settings"]["lr"], lr)]
+            rs = [r for r in records if r["settings"]["loss"] == loss and math.isclose(r["settings"]["lr"], lr)]
             ok = [r for r in rs if _is_ok(r)]
-            cell = {
-                "seeds": sorted(r["settings"]["seed"] for r in rs),
-                "ok": len(ok),
-                "diverged": sorted([r["settings"]["seed"], r["diverged_at"]]
-                                   for r in rs if r["status"] == "diverged"),
-                "failed": sorted(r["settings"]["seed"] for r in rs
-                                 if not _is_ok(r) and r["status"] != "diverged"),
-            }
-            for m in METRICS:
-                cell[m] = _stats([r[m] for r in ok])
-            table[loss][f"{lr:g}"] = cell
+            table[loss][f"{lr:g}"] = {
+                "seeds": sorted(r["settings"]["seed"] for r in rs), "ok": len(ok),
+                "diverged": sorted([r["settings"]["seed"], r["diverged_at"]] for r in rs if r["status"] == "diverged"),
+                "failed": sorted(r["settings"]["seed"] for r in rs if not _is_ok(r) and r["status"] != "diverged"),
+                **{m: _stats([r[m] for r in ok]) for m in METRICS}}
     best = {}
     for loss in losses:
         cells = [(lr, c) for lr, c in table[loss].items() if c["ok"]]
@@ -169,9 +140,7 @@ def summarize(records: List[dict], losses, lrs) -> dict:
 
 
 def _fmt_range(s, digits=1):
-    if s["mean"] is None:
-        return "-"
-    return f"{fmt_num(s['mean'], digits)} [{fmt_num(s['min'], digits)}, {fmt_num(s['max'], digits)}]"
+    return "-" if s["mean"] is None else f"{fmt_num(s['mean'], digits)} [{fmt_num(s['min'], digits)}, {fmt_num(s['max'], digits)}]"
 
 
 def render(summary: dict, args, labels) -> List[str]:
@@ -187,11 +156,9 @@ def render(summary: dict, args, labels) -> List[str]:
                 div += f" (failed: seeds {c['failed']})"
             rows.append([labels.get(loss, loss), mark(lr), f"{c['ok']}/{len(c['seeds'])}",
                          *(mark(_fmt_range(c[m])) for m in METRICS), div])
-    readme = []
-    for loss, b in summary["best"].items():
-        readme.append([f"{labels.get(loss, loss)}, best LR {b['lr']:g}"
-                       + ("" if b["stable"] else " (every LR has a diverged or failed seed)"),
-                       *(_fmt_range(b[m]) for m in METRICS)])
+    readme = [[f"{labels.get(loss, loss)}, best LR {b['lr']:g}"
+               + ("" if b["stable"] else " (every LR has a diverged or failed seed)"), *(_fmt_range(b[m]) for m in METRICS)]
+              for loss, b in summary["best"].items()]
     seeds = ", ".join(str(s) for s in args.seeds)
     opts = " ".join(args.opts) or "none"
     return [
@@ -208,68 +175,46 @@ def render(summary: dict, args, labels) -> List[str]:
 
 
 def plot(summary: dict, path: Path, labels) -> bool:
-    from .common import pyplot
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    drawn = False
+    fig, ax = subplots(figsize=(5, 3.5))
     for loss, cells in summary["table"].items():
-        pts = [(float(lr), c["AP"]) for lr, c in cells.items() if c["AP"]["mean"] is not None]
-        if not pts:
-            continue
-        pts.sort()
-        x = [p[0] for p in pts]
-        y = [p[1]["mean"] for p in pts]
-        err = [[p[1]["mean"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["mean"] for p in pts]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=labels.get(loss, loss))
-        drawn = True
-    ax.set_xscale("log")
-    ax.set_xlabel("base learning rate")
-    ax.set_ylabel("AP (mean, range over seeds)")
+        pts = sorted((float(lr), c["AP"]) for lr, c in cells.items() if c["AP"]["mean"] is not None)
+        err = [[s["mean"] - s["min"] for _, s in pts], [s["max"] - s["mean"] for _, s in pts]]
+        if pts:
+            ax.errorbar([x for x, _ in pts], [s["mean"] for _, s in pts], yerr=err, marker="o", capsize=3,
+                        label=labels.get(loss, loss))
+    ax.set(xscale="log", xlabel="base learning rate", ylabel="AP (mean, range over seeds)")
     ax.grid(alpha=0.3)
+    drawn = bool(ax.get_lines())
     if drawn:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return drawn
 
 
 def expected_results(summary: dict, args, previous: Optional[Path] = None) -> dict:
-    """What studies.main_job prints as the spread to expect: per loss, its best LR's
-    stats; the ``fresh_runs`` (APs of fresh ``make main`` runs, added by hand) of ``previous``
-    are kept when it measured the same config."""
-    kept = {}
-    if previous is not None and previous.is_file():
-        old = json.loads(previous.read_text())
-        if old.get("config") == args.config_file and "fresh_runs" in old:
-            kept = {"fresh_runs": old["fresh_runs"]}
-    return {
-        "generated": timestamp(),
-        "command": "python -m studies.lr_sweep " + " ".join(sys.argv[1:]),
-        "config": args.config_file,
-        "overrides": list(args.opts),
-        "seeds": list(args.seeds),
-        "losses": {loss: {"lr": b["lr"], **{m: b[m] for m in METRICS}}
-                   for loss, b in summary["best"].items()},
-        **kept,
-    }
+    """The best LRs' stats that studies.main_job prints; ``previous``'s hand-added
+    ``fresh_runs`` kept when it measured the same config."""
+    old = json.loads(previous.read_text()) if previous is not None and previous.is_file() else {}
+    kept = {"fresh_runs": old["fresh_runs"]} if old.get("config") == args.config_file and "fresh_runs" in old else {}
+    return {"generated": timestamp(), "command": "python -m studies.lr_sweep " + " ".join(sys.argv[1:]),
+            "config": args.config_file, "overrides": list(args.opts), "seeds": list(args.seeds),
+            "losses": {loss: {"lr": b["lr"], **{m: b[m] for m in METRICS}} for loss, b in summary["best"].items()},
+            **kept}
 
 
 def parse_args(argv=None):
-    p = study_argument_parser(STUDY, __doc__, config=DEFAULT_CONFIG + " (the main job's)",
+    p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], config=DEFAULT_CONFIG + " (the main job's)",
                               num_gpus=True)
-    p.add_argument("--losses", nargs="+", default=["ap", "focal"])
-    p.add_argument("--lrs", nargs="+", type=float, default=[0.005, 0.01, 0.02])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--num-parallel", type=int, default=1, help="runs trained at the same time")
-    p.add_argument("--devices", nargs="*", default=[],
-                   help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
-    p.add_argument("--expected-results", default=None, metavar="FILE",
-                   help="also write the best-LR summary read by studies.main_job")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="a module to import in the sweep and in every training process first, "
-                        "e.g. one that registers a loss named in --losses (repeatable)")
+    add = p.add_argument
+    add("--losses", nargs="+", default=["ap", "focal"])
+    add("--lrs", nargs="+", type=number(float), default=[0.005, 0.01, 0.02])
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    add("--num-parallel", type=number(int), default=1, help="runs trained at the same time")
+    add("--devices", nargs="*", default=[], help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
+    add("--expected-results", default=None, metavar="FILE", help="also write the best-LR summary read by studies.main_job")
+    add("--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="a module to import in the sweep and in every training process first, e.g. one that registers a "
+             "loss named in --losses (repeatable)")
     args = p.parse_args(argv)
     args.config_file = args.config_file or DEFAULT_CONFIG
     if args.imports and args.num_gpus > 1:
@@ -280,10 +225,6 @@ def parse_args(argv=None):
     for key in ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR", "SEED", "OUTPUT_DIR"):
         if key in args.opts[::2]:
             p.error(f"{key} is set by the sweep per run; use --losses/--lrs/--seeds/--output-dir")
-    if args.num_parallel < 1:
-        p.error("--num-parallel must be >= 1")
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
-        p.error(f"--lrs must be finite numbers > 0, got {args.lrs}")
     return args
 
 
@@ -294,19 +235,16 @@ def main(argv=None):
     jobs = [(loss, lr, seed) for loss in args.losses for lr in args.lrs for seed in args.seeds]
     progress(STUDY, f"{len(jobs)} runs ({len(args.losses)} losses x {len(args.lrs)} LRs x "
                     f"{len(args.seeds)} seeds), {args.num_parallel} at a time, into {out}")
-    slots = threading.Semaphore(args.num_parallel)
-    free = list(range(args.num_parallel))
-    lock = threading.Lock()
+    free = queue.Queue()  # the slots (--devices entries) of the runs in flight
+    for slot in range(args.num_parallel):
+        free.put(slot)
 
     def task(job):
-        with slots:
-            with lock:
-                slot = free.pop(0)
-            try:
-                return run_one(args, *job, slot=slot)
-            finally:
-                with lock:
-                    free.append(slot)
+        slot = free.get()
+        try:
+            return run_one(args, *job, slot=slot)
+        finally:
+            free.put(slot)
 
     with ThreadPoolExecutor(max_workers=args.num_parallel) as pool:
         records = list(pool.map(task, jobs))
@@ -317,14 +255,10 @@ def main(argv=None):
     report = {"study": STUDY, "generated": timestamp(), "config": args.config_file,
               "overrides": list(args.opts), "losses": args.losses, "lrs": args.lrs,
               "seeds": args.seeds, **summary, "runs": records, "figures": figures}
-    write_json(out / "lr_sweep.json", report)
-    (out / "lr_sweep.md").write_text("\n".join(md) + "\n")
     if args.expected_results:
-        write_json(Path(args.expected_results),
-                   expected_results(summary, args, Path(args.expected_results)))
+        write_json(Path(args.expected_results), expected_results(summary, args, Path(args.expected_results)))
         progress(STUDY, f"wrote {args.expected_results}")
-    print("\n".join(md), flush=True)
-    progress(STUDY, f"wrote {out / 'lr_sweep.md'}, {out / 'lr_sweep.json'}")
+    write_study_outputs(out, STUDY, report, md)
     failed = [r for r in records if r["status"] == "failed"]
     retried = [r for r in failed if "reason" not in r]
     if failed:

@@ -17,30 +17,22 @@ _SWEPT = ("MODEL.CLS_LOSS.NAME", "SOLVER.BASE_LR")
 
 
 def _same_file(a, b) -> bool:
-    pa, pb = Path(a), Path(b)
-    pa = pa if pa.is_absolute() else REPO / pa
-    pb = pb if pb.is_absolute() else REPO / pb
-    return pa.resolve() == pb.resolve()
+    return (REPO / a).resolve() == (REPO / b).resolve()  # REPO / an absolute path is that path
 
 
 def _relevant(opts):
-    pairs = list(zip(opts[::2], opts[1::2]))
-    return [(k, v) for k, v in pairs if k not in NEUTRAL_KEYS + _SWEPT]
+    return [(k, v) for k, v in zip(opts[::2], opts[1::2]) if k not in NEUTRAL_KEYS + _SWEPT]
 
 
 def expected_spread(config_file, opts, results=None, expected_file=EXPECTED):
-    """Lines saying what the LR sweep measured for this run's loss and LR (mean and range over
-    seeds), and where ``results`` (this run's metrics) falls; [] when the file has no
-    measurement of this setting."""
+    """What the LR sweep measured for this run's loss and LR and where ``results`` falls; [] when
+    ``expected_file`` has no measurement of this setting."""
     if not Path(expected_file).is_file():
         return []
     data = json.loads(Path(expected_file).read_text())
-    if not _same_file(data["config"], config_file) or _relevant(opts) != _relevant(
-        list(data.get("overrides", []))
-    ):
+    if not _same_file(data["config"], config_file) or _relevant(opts) != _relevant(list(data.get("overrides", []))):
         return []
-    cfg = load_cfg(str(config_file), [x for k, v in zip(opts[::2], opts[1::2])
-                                      if k in _SWEPT for x in (k, v)])
+    cfg = load_cfg(str(config_file), [x for k, v in zip(opts[::2], opts[1::2]) if k in _SWEPT for x in (k, v)])
     loss, lr = cfg.MODEL.CLS_LOSS.NAME, cfg.SOLVER.BASE_LR
     entry = data["losses"].get(loss)
     if entry is None:
@@ -55,24 +47,18 @@ def expected_spread(config_file, opts, results=None, expected_file=EXPECTED):
                  f"{m} {entry[m]['mean']:.1f} [{entry[m]['min']:.1f}, {entry[m]['max']:.1f}]"
                  for m in ("AP", "AP50", "AP75") if m in entry)]
     if results and "AP" in results:
-        lines.append(verdict(results["AP"], entry["AP"], len(data.get("seeds", [])),
-                             data.get("fresh_runs")))
+        lines.append(verdict(results["AP"], entry["AP"], len(data.get("seeds", [])), data.get("fresh_runs")))
     return lines
 
 
 def _off(value: float, lo: float, hi: float) -> str:
     """``"inside"``, or how far ``value`` is above / below ``[lo, hi]``."""
-    if value > hi:
-        return f"{value - hi:.1f} above"
-    if value < lo:
-        return f"{lo - value:.1f} below"
-    return "inside"
+    return f"{value - hi:.1f} above" if value > hi else f"{lo - value:.1f} below" if value < lo else "inside"
 
 
 def verdict(ap: float, sweep: dict, num_seeds: int, fresh_runs=None) -> str:
-    """Where this run's ``ap`` lands: against the sweep's ``[min, max]`` over ``num_seeds`` seeds
-    and, when ``fresh_runs`` (``{"AP": [...], "how": ...}``: fresh ``make main`` runs) are
-    given, against the spread to expect, that range widened to the fresh runs' APs."""
+    """Where this run's ``ap`` lands against the sweep's ``[min, max]`` and, with ``fresh_runs``
+    (APs of fresh ``make main`` runs), against that range widened to them."""
     lo, hi = sweep["min"], sweep["max"]
     where = _off(ap, lo, hi)
     line = f"[main_job] this run's AP {ap:.1f} is {where} the sweep's range [{lo:.1f}, {hi:.1f}]"
@@ -93,20 +79,15 @@ def verdict(ap: float, sweep: dict, num_seeds: int, fresh_runs=None) -> str:
 
 
 def bbox_results(results) -> dict:
-    """The ``bbox`` metrics of ``train_net.main``'s return value (``{"bbox": ...}`` for one test
-    set, ``{dataset: {"bbox": ...}}`` for several: the first)."""
+    """The ``bbox`` metrics of ``train_net.main``'s results (of the first test set)."""
     if not results:
         return {}
-    if "bbox" not in results:
-        results = next(iter(results.values()))
-    return dict(results.get("bbox", {}))
+    return dict((results if "bbox" in results else next(iter(results.values()))).get("bbox", {}))
 
 
 def format_results(results: dict, dataset: str) -> str:
     keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    lines = [f"\n[main_job] COCO bbox metrics on {dataset}",
-             "| " + " | ".join(keys) + " |",
-             "|" + "---|" * len(keys),
+    lines = [f"\n[main_job] COCO bbox metrics on {dataset}", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
              "| " + " | ".join(f"{results.get(k, float('nan')):.2f}" for k in keys) + " |"]
     per_class = {k: v for k, v in results.items() if k.startswith("AP-")}
     if per_class:
@@ -115,8 +96,7 @@ def format_results(results: dict, dataset: str) -> str:
 
 
 def build_parser():
-    return study_argument_parser("main_job", __doc__.splitlines()[0],
-                                 config=f"configs/{CONFIG_REL}")
+    return study_argument_parser("main_job", __doc__.splitlines()[0], config=f"configs/{CONFIG_REL}")
 
 
 def main(argv=None):
@@ -134,10 +114,8 @@ def main(argv=None):
     train_args = default_argument_parser().parse_args(["--config-file", config_file, *opts])
     print("[main_job] train_net " + " ".join(["--config-file", config_file, *opts]), flush=True)
     start = time.time()
-    raw = train_net.main(train_args)
+    results = bbox_results(train_net.main(train_args))
     wall = time.time() - start
-
-    results = bbox_results(raw)
     if not results:
         raise SystemExit(f"[main_job] the run in {out} evaluated nothing (DATASETS.TEST empty?)")
     dataset = load_cfg(config_file, opts).DATASETS.TEST[0]

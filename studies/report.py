@@ -3,7 +3,7 @@
 Details: docs/studies.md#studiesreport."""
 import json
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import List
 
@@ -21,60 +21,42 @@ DETECTOR_NAMES = {"APLossRetinaNet": "RetinaNet", "RetinaNet": "RetinaNet",
                   "GeneralizedRCNN": "Faster R-CNN"}
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        progress(STUDY, f"cannot parse {path}: {e}")
-        return {}
-
-
 def collect_run(run_dir: Path) -> List[dict]:
     """Table-2 rows of one run folder (one per evaluated dataset; one with no numbers if none)."""
-    cfg = _read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    import yaml
+
+    cfg = {}
+    if (run_dir / "config.yaml").is_file():
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            progress(STUDY, f"cannot parse {run_dir / 'config.yaml'}: {e}")
     model = cfg.get("MODEL") or {}
     loss = (model.get("CLS_LOSS") or {}).get("NAME")
     arch = model.get("META_ARCHITECTURE", "?")
     tests = list((cfg.get("DATASETS") or {}).get("TEST") or [])
     label = cls_loss_label(loss) if loss else run_dir.name
-    metrics = last_bbox_metrics(run_dir / "metrics.json", METRICS)
-    if not metrics:
-        metrics = {"": {}}
-    rows = []
-    for prefix, values in metrics.items():
-        dataset = prefix or (tests[0] if tests else "?")
-        rows.append({"run_dir": str(run_dir), "label": label, "cls_loss": loss,
-                     "detector": DETECTOR_NAMES.get(arch, arch), "dataset": dataset,
-                     "iteration": values.get("iteration"), "status": run_status(values),
-                     **{m: values.get(m) for m in METRICS}})
-    return rows
+    return [{"run_dir": str(run_dir), "label": label, "cls_loss": loss, "detector": DETECTOR_NAMES.get(arch, arch),
+             "dataset": prefix or (tests[0] if tests else "?"), "iteration": values.get("iteration"),
+             "status": run_status(values), **{m: values.get(m) for m in METRICS}}
+            for prefix, values in (last_bbox_metrics(run_dir / "metrics.json", METRICS) or {"": {}}).items()]
 
 
 def run_status(values: dict) -> str:
     """``ok`` (AP, AP50, AP75 finite), ``no evaluation`` (none logged) or ``failed: ...`` (an
     evaluation with NaN AP: no detections)."""
+    bad = not_finite(values, METRICS)
     if not any(m in values for m in METRICS):
         return "no evaluation"
-    bad = not_finite(values, METRICS)
-    if bad:
-        return f"failed: no detections ({', '.join(bad)} NaN or missing)"
-    return "ok"
+    return f"failed: no detections ({', '.join(bad)} NaN or missing)" if bad else "ok"
 
 
 def find_studies(folder: Path, max_depth: int = 3) -> List[Path]:
     """Study JSON files (:data:`STUDY_FILES`) in ``folder`` and up to ``max_depth`` levels below."""
-    found = []
-    base_depth = len(folder.resolve().parts)
+    found, base_depth = [], len(folder.resolve().parts)
     for root, dirs, files in os.walk(folder):
-        depth = len(Path(root).resolve().parts) - base_depth
-        if depth >= max_depth:
-            dirs[:] = []
-        dirs.sort()
-        for name in sorted(files):
-            if name in STUDY_FILES:
-                found.append(Path(root) / name)
+        dirs[:] = [] if len(Path(root).resolve().parts) - base_depth >= max_depth else sorted(dirs)
+        found += [Path(root) / name for name in sorted(files) if name in STUDY_FILES]
     return found
 
 
@@ -86,11 +68,7 @@ def _ordered_labels(labels):
 def table2(rows, digits) -> str:
     """Rows: losses; column groups: (detector, dataset), each with AP, AP50, AP75."""
     groups = list(OrderedDict.fromkeys((r["detector"], r["dataset"]) for r in rows))
-    # disambiguate rows sharing a label within a group
-    seen = {}
-    for r in rows:
-        key = (r["label"], r["detector"], r["dataset"])
-        seen[key] = seen.get(key, 0) + 1
+    seen = Counter((r["label"], r["detector"], r["dataset"]) for r in rows)  # rows sharing a label
     for r in rows:
         dup = seen[(r["label"], r["detector"], r["dataset"])] > 1
         r["row"] = f"{r['label']} ({Path(r['run_dir']).name})" if dup else r["label"]
@@ -100,32 +78,23 @@ def table2(rows, digits) -> str:
     for name in row_names:
         cells = [name]
         for det, ds in groups:
-            match = [r for r in rows
-                     if r["row"] == name and (r["detector"], r["dataset"]) == (det, ds)]
-            for m in METRICS:
-                if match and match[0]["status"].startswith("failed"):
-                    cells.append("failed")
-                else:
-                    cells.append(fmt_num(match[0][m], digits) if match else "-")
+            match = [r for r in rows if r["row"] == name and (r["detector"], r["dataset"]) == (det, ds)]
+            failed = match and match[0]["status"].startswith("failed")
+            cells += ["failed" if failed else fmt_num(match[0][m], digits) if match else "-" for m in METRICS]
         table.append(cells)
     return markdown_table(headers, table)
 
 
 def details_table(rows, digits, rel) -> str:
-    body = [[r["label"], r["detector"], r["dataset"], fmt_num(r["iteration"]),
-             *(fmt_num(r[m], digits) for m in METRICS), r["status"], f"`{rel(r['run_dir'])}`"]
-            for r in rows]
-    return markdown_table(["Training Loss", "detector", "test set", "iteration", *METRICS,
-                           "status", "run folder"], body, align="lllrrrrll")
+    body = [[r["label"], r["detector"], r["dataset"], fmt_num(r["iteration"]), *(fmt_num(r[m], digits) for m in METRICS),
+             r["status"], f"`{rel(r['run_dir'])}`"] for r in rows]
+    return markdown_table(["Training Loss", "detector", "test set", "iteration", *METRICS, "status", "run folder"],
+                          body, align="lllrrrrll")
 
 
 def _figures(data, json_path: Path, rel):
-    lines = []
-    for fig in data.get("figures", []):
-        p = json_path.parent / fig
-        if p.is_file():
-            lines.append(f"![{fig}]({rel(p)})")
-    return lines
+    return [f"![{fig}]({rel(json_path.parent / fig)})" for fig in data.get("figures", [])
+            if (json_path.parent / fig).is_file()]
 
 
 def _render_study(data, json_path: Path, digits, rel) -> List[str]:
@@ -135,15 +104,12 @@ def _render_study(data, json_path: Path, digits, rel) -> List[str]:
         from .robustness import build_table
 
         title = f"### Robustness (Table 3): {data.get('metric', 'AP50')} on `{data.get('dataset')}`"
-        if data.get("max_images"):
-            title += f" (first {data['max_images']} images)"
-        return [title, "", build_table(data, digits=digits), "", src, "",
-                *_figures(data, json_path, rel), ""]
+        title += f" (first {data['max_images']} images)" if data.get("max_images") else ""
+        return [title, "", build_table(data, digits=digits), "", src, "", *_figures(data, json_path, rel), ""]
     if kind == "score_distribution":
         from .score_distribution import build_table
 
-        return [f"### Score distribution (Fig. 7) on `{data.get('dataset')}` "
-                f"({data.get('images')} images)", "",
+        return [f"### Score distribution (Fig. 7) on `{data.get('dataset')}` ({data.get('images')} images)", "",
                 "Mean score of the ground-truth class per IoU bin; anchors with score >= "
                 f"{data.get('high_score')} at IoU < {data.get('low_iou')}.", "",
                 build_table(data), "", src, "", *_figures(data, json_path, rel), ""]
@@ -155,31 +121,22 @@ def _render_study(data, json_path: Path, digits, rel) -> List[str]:
             out += [cost.training_table(data["runs"]), ""]
         b = data.get("benchmark")
         if b:
-            out += [cost.benchmark_markdown(b["groups"], b["losses"], "memory_mb",
-                                            "Extra memory (MB)", cost.fmt_mb),
-                    cost.benchmark_markdown(b["groups"], b["losses"], "time_s",
-                                            "Forward + backward time (ms)", cost.fmt_ms)]
-            if any(any(f) for g in b["groups"].values()
-                   for f in g.get("extrapolated", {}).values()):
+            out += [cost.benchmark_markdown(b["groups"], b["losses"], "memory_mb", "Extra memory (MB)", 1.0),
+                    cost.benchmark_markdown(b["groups"], b["losses"], "time_s", "Forward + backward time (ms)", 1e3)]
+            if any(any(f) for g in b["groups"].values() for f in g["extrapolated"].values()):
                 out += ["\\* extrapolated from a subset of the positives.", ""]
         return out + [src, "", *_figures(data, json_path, rel), ""]
     return []
 
 
 def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results") -> str:
-    base = output.parent.resolve()
-
     def rel(p):
-        return os.path.relpath(Path(p).resolve(), base)
+        return os.path.relpath(Path(p).resolve(), output.parent.resolve())
 
     md = [f"# {title}", "", f"Generated {timestamp()} by `python -m studies.report`.",
           "", "## Detection accuracy (Table 2)", ""]
-    if rows:
-        md += [table2(rows, digits), "", "Last evaluation logged in each run's metrics.json "
-               "(bbox AP over IoU 0.50:0.95, AP50, AP75; %).", "",
-               details_table(rows, digits, rel), ""]
-    else:
-        md += ["No runs.", ""]
+    md += [table2(rows, digits), "", "Last evaluation logged in each run's metrics.json (bbox AP over IoU "
+           "0.50:0.95, AP50, AP75; %).", "", details_table(rows, digits, rel), ""] if rows else ["No runs.", ""]
     by_kind = OrderedDict((k, []) for k in ("robustness", "score_distribution", "cost"))
     for path, data in studies:
         by_kind.setdefault(data.get("study"), []).append((path, data))
@@ -195,7 +152,7 @@ def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results
 
 
 def parse_args(argv=None):
-    p = study_argument_parser(STUDY, __doc__, opts=False)
+    p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], opts=False)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train_net.py output folders")
     p.add_argument("--studies", nargs="*", default=[], metavar="DIR",
                    help="more folders with study outputs (robustness.json, ...)")
@@ -208,8 +165,7 @@ def main(argv=None):
     args = parse_args(argv)
     output = Path(args.output_dir) / "report.md"
     rows, study_paths = [], []
-    for d in args.run_dirs:
-        d = Path(d)
+    for d in map(Path, args.run_dirs):
         if not d.is_dir():
             raise SystemExit(f"{d} is not a folder")
         r = collect_run(d)
@@ -220,17 +176,15 @@ def main(argv=None):
         study_paths += find_studies(Path(d))
     studies, seen = [], set()
     for p in study_paths:
-        key = p.resolve()
-        if key in seen:
+        if p.resolve() in seen:
             continue
-        seen.add(key)
+        seen.add(p.resolve())
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             progress(STUDY, f"skipping {p}: {e}")
             continue
-        if isinstance(data, dict) and data.get("study") in ("robustness", "score_distribution",
-                                                               "cost"):
+        if isinstance(data, dict) and data.get("study") in ("robustness", "score_distribution", "cost"):
             studies.append((p, data))
             progress(STUDY, f"found {data['study']} study {p}")
     text = render_report(rows, studies, output, args.digits, args.title)

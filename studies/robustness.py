@@ -1,41 +1,507 @@
-"""Robustness to local perturbations (the paper's Sec. 4.2.2 "Robustness", Table 3).
+"""Robustness to local perturbations (the paper's Sec. 4.2.2 "Robustness", Table 3): the image
+perturbations, the white-box attacks (Advs-Patch, DeepFool) and the study.
 
-Details: docs/studies.md#studiesrobustness."""
-import argparse
+Details: docs/studies.md#studiesrobustness. A perturbation is ``f(image, boxes, rng, stats=None)
+-> image`` (HxWxC uint8, (B, 4) XYXY boxes, a numpy Generator, a dict of counts or None)."""
+import contextlib
+import math
 import zlib
 from collections import Counter
-from typing import Callable
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
 from ap_loss_d2.data.mapper import BoxAwareDatasetMapper, annotation_boxes
 from ap_loss_d2.evaluation import build_evaluator
-from . import attacks
-from .perturbations import NOISE_VARIANCE, PERTURBATIONS
+from ap_loss_d2.losses.registry import ClsLoss
 from .common import (
-    RUN_SPEC, build_model_for_run, dataset_subset, fmt_num, markdown_table, prepare_runs, progress,
-    pyplot, study_argument_parser, timestamp, write_study_outputs
+    RUN_SPEC, build_model_for_run, dataset_subset, fmt_num, markdown_table, number, prepare_runs,
+    progress, pyplot, save_figure, study_argument_parser, subplots, timestamp, write_study_outputs
 )
 
+NOISE_VARIANCE = 0.01
+
+
+def _round(v: float) -> int:
+    return int(np.floor(v + 0.5))  # half up, unlike Python's round()
+
+
+def center_patch_region(box, height: int, width: int):
+    """Integer pixel region ``(x0, y0, x1, y1)`` (end exclusive) of the centre patch of ``box``:
+    half the box's width and height (rounded half up, at least 1 pixel), centred on the box
+    centre, clipped to the image. None if it falls outside the image."""
+    bx0, by0, bx1, by1 = (float(v) for v in box)
+    pw = max(1, _round((bx1 - bx0) / 2))
+    ph = max(1, _round((by1 - by0) / 2))
+    x0 = _round((bx0 + bx1) / 2 - pw / 2)
+    y0 = _round((by0 + by1) / 2 - ph / 2)
+    x0c, y0c = max(x0, 0), max(y0, 0)
+    x1c, y1c = min(x0 + pw, width), min(y0 + ph, height)
+    if x1c <= x0c or y1c <= y0c:
+        return None
+    return x0c, y0c, x1c, y1c
+
+
+def check_image_boxes(image, boxes):
+    """``(image, boxes)`` as an HxWxC uint8 array and (B, 4) float64 XYXY boxes; ValueError
+    naming the image's dtype and shape otherwise."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"expected an HxWxC uint8 image, got {image.dtype} {image.shape}")
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return image, boxes
+
+
+def count(stats, key, n=1):
+    """``stats[key] += n`` (from 0) when ``stats`` is a dict; nothing when it is None."""
+    if stats is not None:
+        stats[key] = stats.get(key, 0) + n
+
+
+def _regions(boxes, height, width):
+    regions = (center_patch_region(b, height, width) for b in np.asarray(boxes).reshape(-1, 4))
+    return [r for r in regions if r is not None]
+
+
+def replace_patches(image, boxes, stats, content):
+    """``image`` with the centre patch of every box replaced by ``content(image, x0, y0, x1, y1)``."""
+    image, boxes = check_image_boxes(image, boxes)
+    out = image.copy()
+    for x0, y0, x1, y1 in _regions(boxes, *image.shape[:2]):
+        out[y0:y1, x0:x1] = content(image, x0, y0, x1, y1)
+        count(stats, "patches")
+    return out
+
+
+def black_patch(image, boxes, rng=None, stats=None):
+    """Zero the centre patch (half width, half height) of every box."""
+    return replace_patches(image, boxes, stats, lambda im, x0, y0, x1, y1: 0)
+
+
+FLIP_MODES = ("left_right", "top_bottom", "both")
+
+
+def flip_patch(image, boxes, rng, stats=None):
+    """Replace the centre patch of every box by itself flipped left/right, top/bottom or both
+    (uniformly at random per box; the mode counts go to ``stats["flip_<mode>"]``)."""
+    def flipped(im, x0, y0, x1, y1):
+        mode = FLIP_MODES[int(rng.integers(len(FLIP_MODES)))]
+        count(stats, f"flip_{mode}")
+        return im[y0:y1, x0:x1][::1 if mode == "left_right" else -1, ::1 if mode == "top_bottom" else -1]
+
+    return replace_patches(image, boxes, stats, flipped)
+
+
+def box_mask(boxes, height: int, width: int) -> np.ndarray:
+    """Boolean HxW mask of the pixels touched by any box (box ``[x0, x1]`` covers the columns
+    ``floor(x0) .. ceil(x1) - 1``)."""
+    mask = np.zeros((height, width), dtype=bool)
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+        c1, r1 = min(int(np.ceil(x1)), width), min(int(np.ceil(y1)), height)
+        if c1 > c0 and r1 > r0:
+            mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def _window_sums(mask: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    """Sum of ``mask`` over every ph x pw window; entry (y, x) is the window at top-left (y, x)."""
+    s = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    s[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    return s[ph:, pw:] - s[:-ph, pw:] - s[ph:, :-pw] + s[:-ph, :-pw]
+
+
+def random_patch(image, boxes, rng, stats=None):
+    """Replace the centre patch of every box by a same-size region outside every box, uniformly
+    chosen (else the least-overlapping one, counted as ``random_patch_fallbacks``)."""
+    mask = box_mask(boxes, *np.asarray(image).shape[:2])
+
+    def elsewhere(im, x0, y0, x1, y1):
+        sums = _window_sums(mask, y1 - y0, x1 - x0)
+        ys, xs = np.nonzero(sums == sums.min())
+        k = int(rng.integers(len(ys)))
+        if sums.min() > 0:
+            count(stats, "random_patch_fallbacks")
+        return im[ys[k]:ys[k] + y1 - y0, xs[k]:xs[k] + x1 - x0]
+
+    return replace_patches(image, boxes, stats, elsewhere)
+
+
+def gaussian_noise(image, boxes=None, rng=None, stats=None, variance: float = NOISE_VARIANCE):
+    """Add N(0, ``variance``) noise to ``image / 255``, then back to uint8 (round, clip)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if rng is None:
+        rng = np.random.default_rng()
+    x = image.astype(np.float64) / 255.0 + rng.normal(0.0, np.sqrt(variance), size=image.shape)
+    count(stats, "noised_images")
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def original(image, boxes=None, rng=None, stats=None):
+    """No perturbation (the image itself)."""
+    return np.asarray(image)
+
+
+#: name -> function, in the paper's column order.
+PERTURBATIONS: Dict[str, Callable] = {
+    "original": original, "black_patch": black_patch, "random_patch": random_patch,
+    "flip_patch": flip_patch, "gaussian_noise": gaussian_noise
+}
+
+
+def check_attack_model(model_or_class, attack: str):
+    """Raise a ValueError unless ``model_or_class`` is a Detectron2 RetinaNet (or subclass)."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    if not issubclass(cls, RetinaNet):
+        raise ValueError(f"{attack}: attacks the anchor classification scores of a RetinaNet "
+                         f"(MODEL.META_ARCHITECTURE RetinaNet, APLossRetinaNet or a subclass); got "
+                         f"{cls.__name__}. Faster R-CNN is not supported: leave {attack} out of "
+                         "--perturbations for this run")
+
+
+def check_threshold(t: float):
+    if not (isinstance(t, (int, float)) and 0.0 < float(t) < 1.0):
+        raise ValueError(f"score threshold {t!r}: the attacks need 0 < t < 1 (the anchors' score logit is "
+                         "compared with logit(t)); set --deepfool-score-thresh or MODEL.RETINANET.SCORE_THRESH_TEST")
+
+
+@contextlib.contextmanager
+def frozen_params(model):
+    """Parameters without ``requires_grad`` inside (gradients w.r.t. the input only)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def score_logits(model, logits: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` of the test-time scores ``p`` of ``(..., K)`` head logits: the logits
+    themselves for sigmoid scoring; for a loss with its own ``scores`` (``ce_ohem``)
+    the logit of those scores (clamped to [1e-12, 1 - 1e-7])."""
+    loss = getattr(model, "cls_loss", None)
+    if loss is None or type(loss).scores is ClsLoss.scores:  # per-class sigmoids
+        return logits
+    p = loss.scores(logits).clamp(1e-12, 1 - 1e-7)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def _batch_inputs(model, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``model.preprocess_image`` of each image, zero-padded to one batch (differentiable)."""
+    tensors = [model.preprocess_image([{"image": im}]).tensor for im in images]
+    if len(tensors) == 1:
+        return tensors[0]
+    h = max(t.shape[-2] for t in tensors)
+    w = max(t.shape[-1] for t in tensors)
+    return torch.cat([F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2])) for t in tensors])
+
+
+def matched_score_logits(model, images: Sequence[torch.Tensor], gt_instances: Sequence[Instances]):
+    """Per image, the score logit (:func:`score_logits`) of every anchor the model's matcher
+    assigns to a ``gt_instances`` object, at its class; differentiable w.r.t. ``images``
+    ((C, H, W) float, the model's input format)."""
+    check_attack_model(model, "attack")
+    features = model.backbone(_batch_inputs(model, images))
+    features = [features[f] for f in model.head_in_features]
+    logits, _ = model.head(features)
+    k = model.num_classes
+    logits = torch.cat([permute_to_N_HWA_K(x, k) for x in logits], dim=1)  # (N, R, K)
+    anchors = model.anchor_generator(features)
+    gt_labels, _ = model.label_anchors(anchors, [g.to(logits.device) for g in gt_instances])
+    out = []
+    for i, labels in enumerate(gt_labels):
+        pos = (labels >= 0) & (labels < k)
+        idx = torch.nonzero(pos).squeeze(1)
+        out.append(score_logits(model, logits[i, idx, labels[idx]]))
+    return out
+
+
+class AttackExample:
+    """A record with its decoded image, all its boxes (crowd included), the test size and
+    ``Instances`` of the non-crowd objects in test coordinates."""
+
+    def __init__(self, record, image, boxes, size, instances, test_image):
+        self.record, self.image, self.boxes = record, image, boxes
+        self.size, self.instances, self.test_image = size, instances, test_image
+        self.image_id = record.get("image_id")
+
+
+def _test_transform(cfg, image):
+    augs = T.AugmentationList(utils.build_augmentation(cfg, is_train=False))
+    aug_input = T.AugInput(image)
+    tfm = augs(aug_input)
+    for t in tfm.transforms:
+        if not isinstance(t, (T.ResizeTransform, T.NoOpTransform)):
+            raise ValueError(f"the attacks support test-time augmentations that only resize; got {type(t).__name__}")
+    return tfm, aug_input.image
+
+
+def load_examples(cfg, dataset_name: str, max_images: Optional[int] = None) -> List[AttackExample]:
+    """The first ``max_images`` records of ``dataset_name`` (all when None), test-time resized."""
+    out = []
+    for rec in DatasetCatalog.get(dataset_name)[:max_images]:
+        image = utils.read_image(rec["file_name"], format=cfg.INPUT.FORMAT)
+        utils.check_image_size(rec, image)
+        tfm, test_image = _test_transform(cfg, image)
+        annos = [a for a in rec.get("annotations", []) if a.get("iscrowd", 0) == 0]
+        gt = annotation_boxes({"annotations": annos}) if annos else np.zeros((0, 4))
+        inst = Instances(test_image.shape[:2])
+        inst.gt_boxes = Boxes(torch.as_tensor(tfm.apply_box(gt), dtype=torch.float32).reshape(-1, 4))
+        inst.gt_classes = torch.as_tensor([a["category_id"] for a in annos], dtype=torch.int64)
+        out.append(AttackExample(rec, image, annotation_boxes(rec, include_crowd=True),
+                                 test_image.shape[:2], inst, test_image))
+    return out
+
+
+def _hwc_to_tensor(image) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))).float()
+
+
+def resize_patch(patch: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(C, S, S) float patch resized to (C, height, width): bilinear, antialiased."""
+    if tuple(patch.shape[1:]) == (height, width):
+        return patch
+    return F.interpolate(patch[None], size=(height, width), mode="bilinear",
+                         align_corners=False, antialias=True)[0]
+
+
+def paste_patch_tensor(image: torch.Tensor, boxes, patch: torch.Tensor) -> torch.Tensor:
+    """``image`` (C, H, W) float with ``patch`` (C, S, S, pixel units) resized into the centre
+    region of every box (XYXY, image coordinates); differentiable w.r.t. ``patch``."""
+    out = image.clone()
+    h, w = image.shape[1:]
+    for x0, y0, x1, y1 in _regions(boxes, h, w):
+        out[:, y0:y1, x0:x1] = resize_patch(patch, y1 - y0, x1 - x0)
+    return out
+
+
+class AdversarialPatch:
+    """The test-time perturbation of a trained (S, S, C) uint8 patch (``cfg.INPUT.FORMAT``):
+    resized into each box's centre region as in training, rounded."""
+
+    def __init__(self, patch):
+        patch = np.asarray(patch)
+        if patch.dtype != np.uint8 or patch.ndim != 3:
+            raise ValueError(f"patch: expected an SxSxC uint8 array, got {patch.dtype} {patch.shape}")
+        self.patch = patch
+        self._tensor = _hwc_to_tensor(patch)
+
+    def __call__(self, image, boxes, rng=None, stats=None):
+        return replace_patches(image, boxes, stats, lambda im, x0, y0, x1, y1: resize_patch(
+            self._tensor, y1 - y0, x1 - x0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def _patch_terms(model, examples, patch):
+    images = [
+        resize_patch(paste_patch_tensor(_hwc_to_tensor(ex.image).to(patch.device), ex.boxes, patch),
+                     *ex.size)
+        for ex in examples
+    ]
+    return F.softplus(torch.cat(matched_score_logits(model, images, [ex.instances for ex in examples])))
+
+
+def patch_objective(model, examples: Sequence[AttackExample], patch: torch.Tensor) -> torch.Tensor:
+    """Mean ``softplus`` of the matched anchors' score logits with ``patch`` ((C, S, S), 0..255)
+    pasted into every box of ``examples``: what :func:`train_adversarial_patch` minimises."""
+    terms = _patch_terms(model, examples, patch)
+    if terms.numel() == 0:
+        return patch.sum() * 0.0
+    return terms.mean()
+
+
+def _check_positive(name, value, kind=int):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or (kind is int and int(value) != value):
+        raise ValueError(f"{name}={value!r}: expected a positive {kind.__name__}")
+
+
+def train_adversarial_patch(model, examples: Sequence[AttackExample], *, steps: int = 100,
+                            lr: float = 0.02, batch_size: int = 8, size: int = 32, seed: int = 0,
+                            log: Optional[Callable[[str], None]] = None) -> Dict:
+    """One universal patch trained by Adam against ``model`` on ``examples`` (docs/studies.md):
+    ``patch`` ((S, S, C) uint8), ``objective`` per step, ``initial_objective`` /
+    ``final_objective`` on all ``examples``, and the settings."""
+    check_attack_model(model, "advs_patch")
+    for name, value, kind in (("steps", steps, int), ("lr", lr, float),
+                              ("batch_size", batch_size, int), ("size", size, int)):
+        _check_positive(f"advs_patch {name}", value, kind)
+    if not examples:
+        raise ValueError("advs_patch: no training images")
+    gen = torch.Generator().manual_seed(int(seed))
+    param = torch.rand((examples[0].image.shape[2], size, size), generator=gen)
+    param = param.to(next(model.parameters()).device).requires_grad_()
+    opt = torch.optim.Adam([param], lr=lr)
+    history, order, was_training = [], [], model.training
+    model.eval()
+
+    def full_objective(patch01):
+        with torch.no_grad():
+            terms = torch.cat([_patch_terms(model, examples[i:i + batch_size], patch01 * 255.0)
+                               for i in range(0, len(examples), batch_size)])
+        return float(terms.mean()) if terms.numel() else 0.0
+
+    with frozen_params(model):
+        initial = full_objective(param.detach().mul(255).round().div(255))
+        for step in range(int(steps)):
+            if len(order) < batch_size:
+                order += torch.randperm(len(examples), generator=gen).tolist()
+            idx, order = order[:batch_size], order[batch_size:]
+            loss = patch_objective(model, [examples[i] for i in idx], param * 255.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                param.clamp_(0.0, 1.0)
+            history.append(float(loss.detach()))
+            if log is not None and (step % max(1, steps // 10) == 0 or step == steps - 1):
+                log(f"advs_patch step {step + 1}/{steps}: objective {history[-1]:.4f}")
+        quantised = param.detach().mul(255).round().clamp(0, 255)
+        final = full_objective(quantised / 255.0)
+    model.train(was_training)
+    patch = quantised.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return dict(patch=patch, objective=history, initial_objective=initial, final_objective=final,
+                steps=int(steps), lr=float(lr), batch_size=int(batch_size), size=int(size),
+                seed=int(seed), images=len(examples))
+
+
+def patch_to_rgb_uint8(patch, image_format: str) -> np.ndarray:
+    """The patch ((S, S, C) uint8 in ``image_format``) as RGB uint8, for saving as PNG."""
+    return np.asarray(utils.convert_image_to_rgb(patch, image_format)).astype(np.uint8)
+
+
+def deepfool_binary(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
+                    max_iter: int = 50, overshoot: float = 0.02, step_eps: float = 1e-4) -> Dict:
+    """Binary DeepFool (Algorithm 1 with the authors' ``step_eps`` and overshoot) driving the
+    scalar ``f`` below 0 from ``x0``: ``r``, ``success``, ``iterations``, ``f0``, ``f``,
+    ``first_step`` and ``reason`` (success, already, max_iter, zero_gradient, non_finite)."""
+    _check_positive("deepfool max_iter", max_iter, int)
+    if not (isinstance(overshoot, (int, float)) and overshoot >= 0):
+        raise ValueError(f"deepfool overshoot={overshoot!r}: expected a number >= 0")
+    if not (isinstance(step_eps, (int, float)) and step_eps >= 0):
+        raise ValueError(f"deepfool step_eps={step_eps!r}: expected a number >= 0")
+    x0 = x0.detach()
+    r_tot, first_step, f0, it, reason = torch.zeros_like(x0), None, None, 0, "max_iter"
+    while True:
+        x = (x0 + (1.0 + overshoot) * r_tot).requires_grad_(True)
+        with torch.enable_grad():
+            fx = f(x)
+            value = float(fx.detach())
+            f0 = value if f0 is None else f0
+            if not math.isfinite(value) or value < 0 or it >= max_iter:
+                reason = "non_finite" if not math.isfinite(value) else "max_iter" if value >= 0 else \
+                    "success" if it > 0 else "already"
+                break
+            (grad,) = torch.autograd.grad(fx, x)
+        gg = float((grad.double() ** 2).sum())
+        if gg == 0.0 or not math.isfinite(gg):
+            reason = "zero_gradient" if gg == 0.0 else "non_finite"
+            break
+        r_i = (-(value / math.sqrt(gg) + step_eps) / math.sqrt(gg)) * grad.detach()
+        first_step = r_i.clone() if first_step is None else first_step
+        r_tot, it = r_tot + r_i, it + 1
+    return dict(r=(x.detach() - x0), success=reason in ("success", "already"), iterations=it,
+                f0=f0, f=float(fx.detach()), first_step=first_step, reason=reason)
+
+
+def detector_margin(model, instances: Instances, threshold: float):
+    """``f(x) = max_a g_a(x) - logit(threshold)`` over the anchors matched to ``instances``, a
+    function of the model input ``x`` ((C, H, W) float) raising ``_NoMatch`` without any."""
+    check_threshold(threshold)
+    c = math.log(threshold) - math.log1p(-threshold)
+
+    def f(x):
+        g = matched_score_logits(model, [x], [instances])[0]
+        if g.numel() == 0:
+            raise _NoMatch()
+        return g.max() - c
+
+    return f
+
+
+class _NoMatch(Exception):
+    """No anchor is matched to an object of the image."""
+
+
+def deepfool_detector(model, example: AttackExample, *, threshold: float, max_iter: int = 50,
+                      overshoot: float = 0.02, keep_perturbation: bool = False) -> Dict:
+    """DeepFool on one image: ``rho``, ``r_norm``, ``x_norm``, ``success``, ``reason``, ...
+    (``perturbation``, the (C, H, W) ``r``, if ``keep_perturbation``)."""
+    check_attack_model(model, "deepfool")
+    x0 = _hwc_to_tensor(example.test_image).to(next(model.parameters()).device)
+    res = dict(image_id=example.image_id, objects=len(example.instances))
+    if len(example.instances) == 0:
+        return dict(res, reason="no_objects", success=False, attacked=False)
+    f = detector_margin(model, example.instances, threshold)
+    try:
+        with frozen_params(model):
+            out = deepfool_binary(f, x0, max_iter=max_iter, overshoot=overshoot)
+    except _NoMatch:
+        return dict(res, reason="no_matched_anchor", success=False, attacked=False)
+    r_norm, x_norm = float(out["r"].double().norm()), float(x0.double().norm())
+    res = dict(res, reason=out["reason"], attacked=out["reason"] != "already",
+               success=out["reason"] == "success", iterations=out["iterations"], f0=out["f0"],
+               f=out["f"], r_norm=r_norm, x_norm=x_norm, rho=r_norm / x_norm if x_norm else None)
+    if keep_perturbation:
+        res["perturbation"] = out["r"]
+    return res
+
+
+def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int] = None,
+                     threshold: Optional[float] = None, max_iter: int = 50,
+                     overshoot: float = 0.02, scale: float = 1000.0,
+                     log: Optional[Callable[[str], None]] = None) -> Dict:
+    """DeepFool on the first ``max_images`` images of ``dataset_name``: per-image results, ``rho``
+    (mean ``||r|| / ||x||`` over the successes), ``rho * scale``, the success rate and counts."""
+    check_attack_model(model, "deepfool")
+    _check_positive("deepfool scale", scale, float)
+    threshold = model.test_score_thresh if threshold is None else threshold
+    check_threshold(threshold)
+    examples = load_examples(cfg, dataset_name, max_images)
+    was_training, per_image = model.training, []
+    model.eval()
+    for i, ex in enumerate(examples):
+        per_image.append(deepfool_detector(model, ex, threshold=threshold, max_iter=max_iter, overshoot=overshoot))
+        if log is not None:
+            r = per_image[-1]
+            log(f"deepfool image {i + 1}/{len(examples)}: {r['reason']}"
+                + (f", {r['iterations']} steps, rho {r['rho']:.3g}" if r.get("attacked") else ""))
+    model.train(was_training)
+    attacked = [r for r in per_image if r.get("attacked")]
+    succ = [r for r in attacked if r["success"]]
+    rho = float(np.mean([r["rho"] for r in succ])) if succ else None
+    return dict(
+        rho=rho, rho_scaled=None if rho is None else rho * scale, scale=scale,
+        rho_median=float(np.median([r["rho"] for r in succ])) if succ else None,
+        success_rate=len(succ) / len(attacked) if attacked else None, images=len(per_image),
+        attacked=len(attacked), succeeded=len(succ), already_undetected=sum(r["reason"] == "already" for r in per_image),
+        no_objects=sum(r["reason"] in ("no_objects", "no_matched_anchor") for r in per_image),
+        mean_iterations=float(np.mean([r["iterations"] for r in succ])) if succ else None,
+        threshold=float(threshold), max_iter=int(max_iter), overshoot=float(overshoot), per_image=per_image)
+
+
 STUDY = "robustness"
-
-
-#: name -> Table 3 column header.
+#: Every column of Table 3 (the choices of ``--perturbations``) -> its header, in the paper's order.
 PERTURBATION_NAMES = {
     "original": "Original", "black_patch": "Black Patch", "random_patch": "Random Patch",
-    "flip_patch": "Flip Patch", "gaussian_noise": "Gaussian Noise", "advs_patch": "Advs-Patch",
+    "flip_patch": "Flip Patch", "advs_patch": "Advs-Patch", "gaussian_noise": "Gaussian Noise",
     "deepfool": "DeepFool"
 }
-#: The white-box attacks (per model; RetinaNet only).
-ATTACKS = ("advs_patch", "deepfool")
-#: Every column of Table 3, in the paper's order (the choices of ``--perturbations``).
-COLUMNS = ("original", "black_patch", "random_patch", "flip_patch", "advs_patch",
-           "gaussian_noise", "deepfool")
+COLUMNS = tuple(PERTURBATION_NAMES)
+ATTACKS = ("advs_patch", "deepfool")  # white-box, per model; RetinaNet only
 
 
 def image_seed(seed: int, image_id) -> int:
@@ -47,12 +513,8 @@ def image_seed(seed: int, image_id) -> int:
     return int(seed) + iid
 
 
-# ---------------------------------------------------------------------------------------------
-# Mapper
-# ---------------------------------------------------------------------------------------------
 class PerturbTransform(T.Transform):
-    """Applies a perturbation function to the image; coordinates and segmentation unchanged.
-    Per-image statistics of the perturbation are collected in ``stats``."""
+    """A perturbation function on the image (its counts in ``stats``); coordinates unchanged."""
 
     def __init__(self, fn, boxes, seed):
         super().__init__()
@@ -85,15 +547,9 @@ class PerturbAugmentation(T.Augmentation):
 
 
 class PerturbedDatasetMapper(BoxAwareDatasetMapper):
-    """Detectron2's test ``DatasetMapper(cfg, is_train=False)`` whose first augmentation applies
-    ``perturbation`` (a key of :data:`PERTURBATIONS`, or ``"advs_patch"`` with ``fn`` an
-    :class:`~studies.attacks.AdversarialPatch`) to the decoded image, with the
-    record's annotation boxes (all of them, XYXY, through ``AugInput.boxes``) and
-    ``np.random.default_rng(seed + image_id)`` (``AugInput.image_seed``). ``fn``, when given,
-    replaces the perturbation's function.
-
-    Returned dicts also carry ``"perturbation": {"name", "image_id", <per-image stats>}``.
-    """
+    """Detectron2's test mapper whose first augmentation applies ``perturbation`` (or ``fn``, e.g.
+    an :class:`AdversarialPatch`) with the record's boxes and the image's seed; returned dicts
+    carry ``"perturbation": {"name", "image_id", <per-image stats>}``."""
 
     include_crowd = True
 
@@ -105,12 +561,10 @@ class PerturbedDatasetMapper(BoxAwareDatasetMapper):
             valid = ", ".join(list(PERTURBATIONS) + ["advs_patch (with fn)"])
             raise ValueError(f"Unknown perturbation {perturbation!r}; valid: {valid}")
         super().__init__(cfg, is_train=False)
-        self.perturbation = perturbation
-        self.seed = seed
-        # Perturb the decoded image first, then run Detectron2's test-time augmentations.
-        self.augmentations = T.AugmentationList(
-            [PerturbAugmentation(fn or PERTURBATIONS[perturbation]), self.augmentations]
-        )
+        self.perturbation, self.seed = perturbation, seed
+        # the decoded image perturbed first, then Detectron2's test-time augmentations
+        self.augmentations = T.AugmentationList([PerturbAugmentation(fn or PERTURBATIONS[perturbation]),
+                                                 self.augmentations])
 
     def aug_input(self, dataset_dict, image, sem_seg):
         aug_input = super().aug_input(dataset_dict, image, sem_seg)
@@ -120,9 +574,7 @@ class PerturbedDatasetMapper(BoxAwareDatasetMapper):
     def __call__(self, dataset_dict):
         out, transforms = self.map_with_transforms(dataset_dict)
         stats = next(t.stats for t in transforms.transforms if isinstance(t, PerturbTransform))
-        out["perturbation"] = dict(
-            name=self.perturbation, image_id=dataset_dict["image_id"], **stats
-        )
+        out["perturbation"] = dict(name=self.perturbation, image_id=dataset_dict["image_id"], **stats)
         return out
 
 
@@ -145,57 +597,37 @@ class PerturbationStats(DatasetEvaluator):
         return {"perturbation_stats": dict(images=len(items), **dict(sorted(total.items())))}
 
 
-# ---------------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------------
 def evaluate_run(cfg, model, dataset_name, perturbation, seed, output_folder, fn=None):
-    """Evaluator results of ``model`` on ``dataset_name`` perturbed by ``perturbation`` (its
-    function replaced by ``fn`` if given, e.g. an ``AdversarialPatch``):
-    ``(results, perturbation_stats)`` with ``results`` the dataset evaluator's dict."""
-    mapper = PerturbedDatasetMapper(cfg, perturbation, seed, fn=fn)
-    loader = build_detection_test_loader(
-        DatasetCatalog.get(dataset_name), mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
-    )
-    evaluator = DatasetEvaluators(
-        [build_evaluator(cfg, dataset_name, str(output_folder)), PerturbationStats()]
-    )
+    """``(evaluator results, perturbation stats)`` of ``model`` on the perturbed dataset."""
+    loader = build_detection_test_loader(DatasetCatalog.get(dataset_name), num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                         mapper=PerturbedDatasetMapper(cfg, perturbation, seed, fn=fn))
+    evaluator = DatasetEvaluators([build_evaluator(cfg, dataset_name, str(output_folder)), PerturbationStats()])
     results = dict(inference_on_dataset(model, loader, evaluator))
-    stats = results.pop("perturbation_stats", {})
-    return results, stats
+    return results, results.pop("perturbation_stats", {})
 
 
 def _metric(results, key):
-    bbox = results.get("bbox") if isinstance(results, dict) else None
-    if not bbox or key not in bbox:
-        return None
-    return float(bbox[key])
+    bbox = (results.get("bbox") if isinstance(results, dict) else None) or {}
+    return float(bbox[key]) if key in bbox else None
 
 
 def plot_examples(dataset_name, perturbations, seed, path, fns=None, image_format="RGB"):
-    """One figure: every image perturbation of the first image of ``dataset_name`` (boxes
-    drawn); ``fns`` maps a name to its function where it is not in :data:`PERTURBATIONS`
-    (``advs_patch``); names without a function (``deepfool``) are left out. ``image_format``:
-    the format the functions expect (the patch's channel order)."""
+    """Every image perturbation (``fns``: extra name -> function) of the first image of
+    ``dataset_name``, boxes drawn, in one figure."""
     fns = dict(PERTURBATIONS, **(fns or {}))
     perturbations = [p for p in perturbations if p in fns]
     record = DatasetCatalog.get(dataset_name)[0]
-    image = read_image(record["file_name"], format=image_format)
+    image = utils.read_image(record["file_name"], format=image_format)
     boxes = annotation_boxes(record, include_crowd=True)
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(perturbations), figsize=(2.6 * len(perturbations), 3.0),
-                             squeeze=False)
+    fig, axes = subplots(1, len(perturbations), figsize=(2.6 * len(perturbations), 3.0), squeeze=False)
     for ax, name in zip(axes[0], perturbations):
-        img = fns[name](image, boxes, np.random.default_rng(
-            image_seed(seed, record["image_id"])), None)
-        ax.imshow(convert_image_to_rgb(img, image_format))
+        img = fns[name](image, boxes, np.random.default_rng(image_seed(seed, record["image_id"])), None)
+        ax.imshow(utils.convert_image_to_rgb(img, image_format))
         for x0, y0, x1, y1 in boxes:
-            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6,
-                                       color="yellow"))
+            ax.add_patch(pyplot().Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6, color="yellow"))
         ax.set_title(PERTURBATION_NAMES[name], fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _cell(run, metric, pert, digits):
@@ -225,105 +657,63 @@ def build_table(report, metric=None, digits=1):
 DEEPFOOL_SCALE = 1000.0
 
 
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-def _non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a float") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
-    return value
-
-
 def parse_args(argv=None):
-    p = study_argument_parser(STUDY, __doc__, runs=RUN_SPEC)
-    p.add_argument("--max-images", type=int, default=None,
-                   help="evaluate on the first N images only (ground truth restricted too)")
-    p.add_argument("--perturbations", nargs="+", choices=list(COLUMNS), default=list(COLUMNS),
-                   help="Table 3 columns (default: all, in the paper's order); advs_patch and "
-                        "deepfool need RetinaNet runs")
-    p.add_argument("--seed", type=int, default=0, help="per-image seed is seed + image id")
-    p.add_argument("--digits", type=int, default=1, help="decimals in the markdown table")
-    p.add_argument("--no-plot", action="store_true", help="skip robustness.png")
-    g = p.add_argument_group("Advs-Patch (one universal patch per run, trained white-box)")
-    g.add_argument("--patch-dataset", default=None,
-                   help="training images of the patch (default: the run's DATASETS.TRAIN[0])")
-    g.add_argument("--patch-images", type=_positive(int), default=64,
-                   help="the first N images of --patch-dataset")
-    g.add_argument("--patch-steps", type=_positive(int), default=100, help="Adam steps")
-    g.add_argument("--patch-lr", type=_positive(float), default=0.03,
-                   help="Adam step size on pixel values in [0, 1]")
-    g.add_argument("--patch-batch", type=_positive(int), default=8, help="images per step")
-    g.add_argument("--patch-size", type=_positive(int), default=32,
-                   help="side of the square patch in pixels before resizing")
-    g.add_argument("--patch-seed", type=int, default=0, help="initial patch and image order")
-    g = p.add_argument_group("DeepFool (minimal L2 perturbation per test image)")
-    g.add_argument("--deepfool-images", type=_positive(int), default=None,
-                   help="attack the first N evaluated images (default: all)")
-    g.add_argument("--deepfool-max-iter", type=_positive(int), default=50,
-                   help="DeepFool steps per image before it counts as failed")
-    g.add_argument("--deepfool-overshoot", type=_non_negative_float, default=0.02,
-                   help="DeepFool's overshoot")
-    g.add_argument("--deepfool-score-thresh", type=float, default=None,
-                   help="score an anchor must fall below (default: the run's "
-                        "MODEL.RETINANET.SCORE_THRESH_TEST)")
-    g.add_argument("--deepfool-scale", type=_positive(float), default=DEEPFOOL_SCALE,
-                   help="factor on rho in the table")
+    p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], runs=RUN_SPEC)
+    add = p.add_argument
+    add("--max-images", type=int, default=None, help="evaluate on the first N images only (ground truth too)")
+    add("--perturbations", nargs="+", choices=list(COLUMNS), default=list(COLUMNS),
+        help="Table 3 columns (default: all); advs_patch and deepfool need RetinaNet runs")
+    add("--seed", type=int, default=0, help="per-image seed is seed + image id")
+    add("--digits", type=int, default=1, help="decimals in the markdown table")
+    add("--no-plot", action="store_true", help="skip robustness.png")
+    add = p.add_argument_group("Advs-Patch (one universal patch per run, trained white-box)").add_argument
+    add("--patch-dataset", default=None, help="training images of the patch (default: the run's DATASETS.TRAIN[0])")
+    add("--patch-images", type=number(int), default=64, help="the first N images of --patch-dataset")
+    add("--patch-steps", type=number(int), default=100, help="Adam steps")
+    add("--patch-lr", type=number(float), default=0.03, help="Adam step size on pixel values in [0, 1]")
+    add("--patch-batch", type=number(int), default=8, help="images per step")
+    add("--patch-size", type=number(int), default=32, help="side of the square patch in pixels")
+    add("--patch-seed", type=int, default=0, help="initial patch and image order")
+    add = p.add_argument_group("DeepFool (minimal L2 perturbation per test image)").add_argument
+    add("--deepfool-images", type=number(int), default=None, help="the first N evaluated images (default: all)")
+    add("--deepfool-max-iter", type=number(int), default=50, help="steps per image before it counts as failed")
+    add("--deepfool-overshoot", type=number(float, low=0), default=0.02, help="DeepFool's overshoot")
+    add("--deepfool-score-thresh", type=float, default=None,
+        help="score an anchor must fall below (default: the run's MODEL.RETINANET.SCORE_THRESH_TEST)")
+    add("--deepfool-scale", type=number(float), default=DEEPFOOL_SCALE, help="factor on rho in the table")
     return p.parse_args(argv)
 
 
 def check_attacks(args, resolved):
     """Fail before any work when an attack is asked of a run it does not support."""
-    from detectron2.modeling import META_ARCH_REGISTRY
-
     for pert in ATTACKS:
         if pert not in args.perturbations:
             continue
         for cfg, label in resolved:
             try:
-                attacks.check_attack_model(
-                    META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), pert)
+                check_attack_model(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), pert)
             except ValueError as e:
                 raise ValueError(f"run {label!r}: {e}") from None
             if pert == "deepfool":
                 t = args.deepfool_score_thresh
-                attacks.check_threshold(cfg.MODEL.RETINANET.SCORE_THRESH_TEST if t is None else t)
-
-
-def _save_png(array, path):
-    from PIL import Image
-
-    Image.fromarray(array).save(path)
+                check_threshold(cfg.MODEL.RETINANET.SCORE_THRESH_TEST if t is None else t)
 
 
 def run_advs_patch(args, cfg, model, run_index, out):
     """Train the run's patch, save it as PNG; ``(AdversarialPatch, summary dict)``."""
     dataset = args.patch_dataset or cfg.DATASETS.TRAIN[0]
-    examples = attacks.load_examples(cfg, dataset, args.patch_images)
-    res = attacks.train_adversarial_patch(
-        model, examples, steps=args.patch_steps, lr=args.patch_lr, batch_size=args.patch_batch,
+    res = train_adversarial_patch(
+        model, load_examples(cfg, dataset, args.patch_images), steps=args.patch_steps, lr=args.patch_lr, batch_size=args.patch_batch,
         size=args.patch_size, seed=args.patch_seed, log=lambda m: progress(STUDY, "    " + m))
     name = f"advs_patch_run{run_index}.png"
-    _save_png(attacks.patch_to_rgb_uint8(res["patch"], cfg.INPUT.FORMAT), out / name)
+    from PIL import Image
+
+    Image.fromarray(patch_to_rgb_uint8(res["patch"], cfg.INPUT.FORMAT)).save(out / name)
     summary = {k: v for k, v in res.items() if k != "patch"}
     summary.update(dataset=dataset, file=name, image_format=cfg.INPUT.FORMAT,
                    objective_definition="mean softplus(score logit) of the matched anchors "
                                         "at their object's class (minimised)")
-    return attacks.AdversarialPatch(res["patch"]), summary
+    return AdversarialPatch(res["patch"]), summary
 
 
 def main(argv=None):
@@ -367,7 +757,7 @@ def main(argv=None):
             k += 1
             progress(STUDY, f"({k}/{n_total}) {label}: {PERTURBATION_NAMES[pert]} on {eval_name}")
             if pert == "deepfool":
-                run["deepfool"] = attacks.deepfool_dataset(
+                run["deepfool"] = deepfool_dataset(
                     cfg, model, eval_name, max_images=args.deepfool_images,
                     threshold=args.deepfool_score_thresh, max_iter=args.deepfool_max_iter,
                     overshoot=args.deepfool_overshoot, scale=args.deepfool_scale,
@@ -435,7 +825,7 @@ def main(argv=None):
                        for r in report["runs"] if "deepfool" in r)]
     if report["figures"]:
         md += ["", "![perturbation examples](robustness.png)"]
-    write_study_outputs(out, "robustness", STUDY, report, md, table)
+    write_study_outputs(out, STUDY, report, md, table)
     return report
 
 

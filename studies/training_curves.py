@@ -7,8 +7,8 @@ from pathlib import Path
 from ap_loss_d2.data import register_datasets
 
 from .common import (
-    dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress,
-    pyplot, study_argument_parser, timestamp, unique_labels, write_json
+    build_model_for_run, dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress,
+    read_json, save_figure, study_argument_parser, subplots, timestamp, unique_labels, write_json, write_study_outputs
 )
 
 STUDY = "training_curves"
@@ -17,8 +17,8 @@ _CKPT = re.compile(r"^model_(\d+|final)\.pth$")
 
 
 def checkpoint_iteration(path) -> int:
-    """Iterations trained when ``path`` was saved: its stored ``iteration`` + 1, or (older files
-    without it) the number in ``model_XXXXXXX.pth`` + 1."""
+    """Iterations trained when ``path`` was saved: its stored ``iteration`` (else the number in
+    ``model_XXXXXXX.pth``) + 1."""
     import torch
 
     data = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -31,8 +31,7 @@ def checkpoint_iteration(path) -> int:
 
 
 def list_checkpoints(run_dir) -> list:
-    """``[(iteration, path)]`` of a run's checkpoints, by iteration; when two files hold the same
-    iteration (``model_final.pth`` and a periodic one) the final one is kept."""
+    """``[(iteration, path)]`` of a run's checkpoints; ``model_final.pth`` wins a tie."""
     found = {}
     for path in sorted(Path(run_dir).glob("model_*.pth")):
         if not _CKPT.match(path.name):
@@ -46,13 +45,10 @@ def list_checkpoints(run_dir) -> list:
 
 
 def evaluate_checkpoint(cfg, weights) -> dict:
-    """``{"AP": .., "AP50": .., "AP75": ..}`` of ``weights`` on ``cfg.DATASETS.TEST[0]`` via
-    :meth:`Trainer.test` (Detectron2's ``inference_on_dataset`` with ap_loss_d2's evaluator)."""
+    """``{"AP": .., "AP50": .., "AP75": ..}`` of ``weights`` on ``cfg.DATASETS.TEST[0]`` (Trainer.test)."""
     from ap_loss_d2.engine import Trainer
-    from .common import build_model_for_run
 
-    model = build_model_for_run(cfg, weights)
-    results = Trainer.test(cfg, model)
+    results = Trainer.test(cfg, build_model_for_run(cfg, weights))
     if cfg.DATASETS.TEST[0] in results:
         results = results[cfg.DATASETS.TEST[0]]
     bbox = results.get("bbox", {})
@@ -66,26 +62,20 @@ def group_points(runs) -> list:
     """Runs with the same label -> ``[{"label", "num_runs", "points": [{"iteration", "AP", "AP_min",
     "AP_max", ...}]}]``: per iteration saved by all of the label's runs, the mean, min and max of
     each metric over the runs that have it (a checkpoint without detections counts as 0)."""
-    order, by_label = [], {}
+    by_label = {}
     for run in runs:
-        if run["label"] not in by_label:
-            order.append(run["label"])
-            by_label[run["label"]] = []
-        by_label[run["label"]].append(run)
+        by_label.setdefault(run["label"], []).append(run)
     groups = []
-    for label in order:
-        members = by_label[label]
+    for label, members in by_label.items():
         common = set.intersection(*[{q["iteration"] for q in r["points"]} for r in members])
         points = []
         for it in sorted(common):
-            point = {"iteration": it}
+            at_it = [next(q for q in r["points"] if q["iteration"] == it) for r in members]
+            points.append({"iteration": it})
             for m in METRICS:
-                vals = [next(q for q in r["points"] if q["iteration"] == it) for r in members]
-                vals = [0.0 if q.get("note") else q.get(m) for q in vals]
-                vals = [v for v in vals if v is not None]
+                vals = [v for v in (0.0 if q.get("note") else q.get(m) for q in at_it) if v is not None]
                 if vals:
-                    point.update({m: sum(vals) / len(vals), m + "_min": min(vals), m + "_max": max(vals)})
-            points.append(point)
+                    points[-1].update({m: sum(vals) / len(vals), m + "_min": min(vals), m + "_max": max(vals)})
         groups.append({"label": label, "num_runs": len(members), "points": points})
     return groups
 
@@ -99,11 +89,6 @@ def _parse_run(text):
     return Path(text), None
 
 
-def _fingerprint(path):
-    st = Path(path).stat()
-    return f"{st.st_size}:{int(st.st_mtime_ns)}"
-
-
 def _config_hash(cfg):
     """Hash of the evaluation config (without OUTPUT_DIR): a changed override re-evaluates."""
     import hashlib
@@ -115,8 +100,7 @@ def _config_hash(cfg):
 
 
 def parse_args(argv=None):
-    p = study_argument_parser(STUDY, __doc__, config="each run's config.yaml",
-                              runs="RUN_DIR[:LABEL]")
+    p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], config="each run's config.yaml", runs="RUN_DIR[:LABEL]")
     p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
     p.add_argument("--group", action="store_true",
                    help="runs with the same LABEL are seeds of one setting: mean and [min, max]")
@@ -125,25 +109,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-
     register_datasets()
-
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = out / f"{STUDY}.json"
-    cache = {}
-    if cache_path.is_file():
-        import json
-
-        for run in json.loads(cache_path.read_text()).get("runs", []):
-            for point in run.get("points", []):
-                cache[(point["checkpoint"], point.get("fingerprint"), point.get("dataset"), point.get("config"))] = point
-
+    cache = {(q["checkpoint"], q.get("fingerprint"), q.get("dataset"), q.get("config")): q
+             for run in (read_json(cache_path).get("runs", []) if cache_path.is_file() else [])
+             for q in run.get("points", [])}
     runs = []
-    for text in args.run:
-        run_dir, label = _parse_run(text)
-        config = args.config_file or str(run_dir / "config.yaml")
-        cfg = load_cfg(config, args.opts, args.device)
+    for run_dir, label in map(_parse_run, args.run):
+        cfg = load_cfg(args.config_file or str(run_dir / "config.yaml"), args.opts, args.device)
         runs.append((run_dir, label or loss_label(cfg), cfg))
     labels = [lab for _, lab, _ in runs]
     labels = labels if args.group else unique_labels(labels)
@@ -161,7 +136,7 @@ def main(argv=None):
         config_hash = _config_hash(cfg)
         points = []
         for it, ckpt in list_checkpoints(run_dir):
-            key = (ckpt, _fingerprint(ckpt), dataset, config_hash)
+            key = (ckpt, f"{Path(ckpt).stat().st_size}:{Path(ckpt).stat().st_mtime_ns}", dataset, config_hash)
             if key in cache:
                 progress(STUDY, f"{label}: iteration {it} already evaluated ({ckpt})")
                 point = cache[key]
@@ -177,8 +152,7 @@ def main(argv=None):
         report_runs.append({"label": label, "run_dir": str(run_dir), "points": points})
 
     groups = group_points(report_runs) if args.group else None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     for metric, ax in zip(("AP", "AP50"), axes):
         if groups is None:
             for run in report_runs:
@@ -192,38 +166,25 @@ def main(argv=None):
                                 label=f"{group['label']} (mean of {group['num_runs']})")
                 ax.fill_between(its, [q[metric + "_min"] for q in pts], [q[metric + "_max"] for q in pts],
                                 color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(f"{metric} vs. training iteration")
+        ax.set(xlabel="iteration", ylabel=f"{metric} (%)", title=f"{metric} vs. training iteration")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     png = out / f"{STUDY}.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, dpi=100)
 
     if groups is None:
         rows = [[run["label"], q["iteration"]] + (["no detections"] * len(METRICS) if q.get("note") else [fmt_num(q.get(m)) for m in METRICS])
                 for run in report_runs for q in run["points"]]
         table = markdown_table(["run", "iteration"] + list(METRICS), rows)
     else:
-        def cell(q, m):
-            if q.get(m) is None:
-                return "no detections"
-            return f"{fmt_num(q[m])} [{fmt_num(q[m + '_min'])}, {fmt_num(q[m + '_max'])}]"
-
-        rows = [[g["label"], g["num_runs"], q["iteration"]] + [cell(q, m) for m in METRICS]
-                for g in groups for q in g["points"]]
+        rows = [[g["label"], g["num_runs"], q["iteration"]]
+                + ["no detections" if q.get(m) is None else f"{fmt_num(q[m])} [{fmt_num(q[m + '_min'])}, "
+                   f"{fmt_num(q[m + '_max'])}]" for m in METRICS] for g in groups for q in g["points"]]
         table = markdown_table(["runs", "n", "iteration"] + [f"{m} mean [min, max]" for m in METRICS], rows)
-    report = {"study": STUDY, "created": timestamp(), "runs": report_runs, "complete": True,
-              "figures": [png.name]}
-    if groups is not None:
-        report["groups"] = groups
-    write_json(cache_path, report)
+    report = {"study": STUDY, "created": timestamp(), "runs": report_runs, "complete": True, "figures": [png.name],
+              **({} if groups is None else {"groups": groups})}
     md = ["# Fig. 6: AP against training iteration", "", table, "", f"![training curves]({png.name})"]
-    (out / f"{STUDY}.md").write_text("\n".join(md) + "\n")
-    print(table, flush=True)
-    progress(STUDY, f"wrote {cache_path}, {out / (STUDY + '.md')}, {png}")
+    write_study_outputs(out, STUDY, report, md, table)
     return report
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from ap_loss_d2.data import register_datasets
 
 from .common import (
-    RUN_SPEC, build_model_for_run, markdown_table, prepare_runs, progress,
-    pyplot, study_argument_parser, timestamp, write_json
+    RUN_SPEC, build_model_for_run, markdown_table, number, prepare_runs, progress, save_figure,
+    study_argument_parser, subplots, timestamp, write_study_outputs
 )
 
 STUDY = "visualize"
@@ -39,29 +39,22 @@ def _draw(image, instances, metadata):
 
 def _figure(rows, labels, titles_per_row, path):
     """rows: [[image per model]]; one subplot per (row, model), column titles = labels."""
-    plt = pyplot()
-    n_rows, n_cols = len(rows), len(labels)
     h, w = rows[0][0].shape[:2]
     scale = 4.0 / max(h, w)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * w * scale + 0.5, n_rows * h * scale + 0.6), squeeze=False)
+    fig, axes = subplots(len(rows), len(labels), squeeze=False,
+                         figsize=(len(labels) * w * scale + 0.5, len(rows) * h * scale + 0.6))
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
-            ax = axes[r][c]
-            ax.imshow(img)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(labels[c])
+            axes[r][c].imshow(img)
+            axes[r][c].set(xticks=[], yticks=[], title=labels[c] if r == 0 else "")
             if c == 0:
-                ax.set_ylabel(titles_per_row[r], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+                axes[r][c].set_ylabel(titles_per_row[r], fontsize=8)
+    save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv=None):
-    p = study_argument_parser(STUDY, __doc__, runs=RUN_SPEC)
-    p.add_argument("--num-images", type=int, default=4)
+    p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], runs=RUN_SPEC)
+    p.add_argument("--num-images", type=number(int), default=4)
     p.add_argument("--score-thresh", type=float, default=0.3)
     return p.parse_args(argv)
 
@@ -71,12 +64,8 @@ def main(argv=None):
     try:
         import cv2  # noqa: F401  (Detectron2's Visualizer needs OpenCV)
     except ImportError:
-        raise ImportError(
-            "studies.visualize draws with Detectron2's Visualizer, which needs OpenCV: "
-            "pip install opencv-python-headless"
-        ) from None
-    if args.num_images < 1:
-        raise ValueError(f"--num-images={args.num_images} must be >= 1")
+        raise ImportError("studies.visualize draws with Detectron2's Visualizer, which needs OpenCV: "
+                          "pip install opencv-python-headless") from None
     if not 0 <= args.score_thresh <= 1:
         raise ValueError(f"--score-thresh={args.score_thresh} must be in [0, 1]")
 
@@ -122,12 +111,9 @@ def main(argv=None):
     report = {"study": STUDY, "created": timestamp(), "dataset": dataset, "score_thresh": args.score_thresh,
               "runs": [{"label": lab, "config": s.config, "weights": s.weights} for lab, s in zip(labels, specs)],
               "images": records, "figures": figures}
-    write_json(out / f"{STUDY}.json", report)
     md = [f"# Fig. 5 / 12: detections on {dataset} (score >= {args.score_thresh})", "", table, ""]
     md += [f"![{t}]({f})" for t, f in zip(row_titles, figures)]
-    (out / f"{STUDY}.md").write_text("\n".join(md) + "\n")
-    print(table, flush=True)
-    progress(STUDY, f"wrote {out / (STUDY + '.json')}, {out / (STUDY + '.md')}, {len(figures)} PNGs")
+    write_study_outputs(out, STUDY, report, md, table)
     return report
 
 

@@ -1,6 +1,7 @@
 """Appendix A2: gradient descent on the smoothed AP-loss stalls at 1/6, the error-driven update
 reaches AP-loss 0 in finitely many steps (studies.a2_example)."""
 import json
+import math
 
 import pytest
 import torch
@@ -11,8 +12,18 @@ from studies.a2_example import (
     main,
     run_a2,
     smoothed_ap_loss,
-    smoothed_ap_loss_eq35,
 )
+
+
+def smoothed_ap_loss_eq35(theta1: float, theta2: float) -> float:
+    """The oracle: Eq. 35 of the paper written out (k = 1)."""
+
+    def S(x):
+        return 1.0 / (1.0 + math.exp(-x))
+
+    a = S(-theta1) / (1 + S(-theta1) + S(theta2 - 4 * theta1))
+    b = S(3 * theta1 - theta2) / (1 + S(4 * theta1 - theta2) + S(3 * theta1 - theta2))
+    return 0.5 * (a + b)
 
 
 @pytest.mark.parametrize("theta", [(3.0, 1.0), (10.0, 5.0), (0.1, 1.0), (-1.0, 2.0), (0.0, 0.0)])

@@ -1,4 +1,4 @@
-"""Table 3's white-box attacks (studies.attacks): DeepFool against analytic oracles
+"""Table 3's white-box attacks (studies.robustness): DeepFool against analytic oracles
 and on a small real RetinaNet, the adversarial patch's pasting, training and options, and the
 robustness study's Advs-Patch / DeepFool columns end to end (CPU, tiny)."""
 import json
@@ -19,10 +19,9 @@ from PIL import Image  # noqa: E402
 
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.evaluation import build_evaluator  # noqa: E402
-from studies import attacks as A  # noqa: E402
-from studies import perturbations as pt  # noqa: E402
 from studies import robustness as rb  # noqa: E402
-from studies.common import build_model_for_run, load_cfg, save_checkpoint  # noqa: E402
+from studies.common import build_model_for_run, load_cfg  # noqa: E402
+from tests.test_robustness import save_checkpoint  # noqa: E402
 
 try:  # Detectron2 main
     from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
@@ -55,7 +54,7 @@ def _linear(seed=0, shape=(3, 5, 4)):
 
 def test_deepfool_first_step_on_a_linear_f_is_minus_f_w_over_norm_w_squared():
     w, x0, f = _linear()
-    out = A.deepfool_binary(f, x0, max_iter=10, overshoot=0.02, step_eps=0.0)
+    out = rb.deepfool_binary(f, x0, max_iter=10, overshoot=0.02, step_eps=0.0)
     expected = -1.0 * w / float((w ** 2).sum())  # -f(x0) w / ||w||^2 with f(x0) = 1
     torch.testing.assert_close(out["first_step"], expected, rtol=1e-12, atol=1e-14)
     # one step reaches the hyperplane; the overshoot crosses it: f = -0.02 f(x0)
@@ -68,7 +67,7 @@ def test_deepfool_first_step_on_a_linear_f_is_minus_f_w_over_norm_w_squared():
 
 def test_deepfool_step_eps_lengthens_each_step_as_the_authors_code():
     w, x0, f = _linear(1)
-    out = A.deepfool_binary(f, x0, max_iter=10, overshoot=0.0, step_eps=1e-4)
+    out = rb.deepfool_binary(f, x0, max_iter=10, overshoot=0.0, step_eps=1e-4)
     n = float(w.norm())
     torch.testing.assert_close(out["first_step"], -(1.0 / n + 1e-4) * w / n, rtol=1e-12,
                                atol=1e-14)
@@ -79,13 +78,13 @@ def test_deepfool_nonlinear_f_iterates_to_the_boundary_and_stops_at_the_budget()
     # f(x) = ||x||^2 - 1 from ||x0|| = 2: the minimal perturbation is x0 (1/||x0|| - 1)
     x0 = torch.tensor([1.2, -1.6], dtype=torch.float64)
     f = lambda x: (x ** 2).sum() - 1.0  # noqa: E731
-    out = A.deepfool_binary(f, x0, max_iter=50, overshoot=0.0, step_eps=1e-9)
+    out = rb.deepfool_binary(f, x0, max_iter=50, overshoot=0.0, step_eps=1e-9)
     assert out["success"] and out["iterations"] > 1
     torch.testing.assert_close(out["r"], x0 * (1 / 2.0 - 1), rtol=1e-6, atol=1e-6)
-    short = A.deepfool_binary(f, x0, max_iter=1, overshoot=0.0, step_eps=0.0)
+    short = rb.deepfool_binary(f, x0, max_iter=1, overshoot=0.0, step_eps=0.0)
     assert not short["success"] and short["reason"] == "max_iter" and short["iterations"] == 1
     # already on the other side: no perturbation
-    inside = A.deepfool_binary(f, x0 / 4, max_iter=5)
+    inside = rb.deepfool_binary(f, x0 / 4, max_iter=5)
     assert inside["reason"] == "already" and inside["iterations"] == 0
     assert float(inside["r"].abs().max()) == 0.0
 
@@ -97,7 +96,7 @@ def test_deepfool_nonlinear_f_iterates_to_the_boundary_and_stops_at_the_budget()
 def test_deepfool_bad_options(kwargs, match):
     w, x0, f = _linear()
     with pytest.raises(ValueError, match=match):
-        A.deepfool_binary(f, x0, **kwargs)
+        rb.deepfool_binary(f, x0, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,10 +109,10 @@ def _image(h=60, w=80, seed=0):
 def test_adversarial_patch_is_pasted_exactly_into_center_patch_region():
     img = _image()
     boxes = np.array([[10, 20, 30, 60], [40, 4, 76, 24], [70, 50, 95, 70]], dtype=np.float64)
-    regions = [pt.center_patch_region(b, 60, 80) for b in boxes]
+    regions = [rb.center_patch_region(b, 60, 80) for b in boxes]
     assert regions == [(15, 30, 25, 50), (49, 9, 67, 19), (76, 55, 80, 60)]  # last one clipped
     # a constant patch resizes to the same constant: the regions hold exactly it
-    flat = A.AdversarialPatch(np.full((8, 8, 3), (200, 0, 17), np.uint8))
+    flat = rb.AdversarialPatch(np.full((8, 8, 3), (200, 0, 17), np.uint8))
     stats = {}
     out = flat(img, boxes, None, stats)
     inside = np.zeros((60, 80), bool)
@@ -125,7 +124,7 @@ def test_adversarial_patch_is_pasted_exactly_into_center_patch_region():
     np.testing.assert_array_equal(img, _image())  # input untouched
     # a patch of the region's own size is copied pixel for pixel
     patch = _image(20, 10, seed=3)
-    out = A.AdversarialPatch(patch)(img, boxes[:1])
+    out = rb.AdversarialPatch(patch)(img, boxes[:1])
     np.testing.assert_array_equal(out[30:50, 15:25], patch)
 
 
@@ -135,8 +134,8 @@ def test_paste_patch_tensor_matches_the_uint8_paste_and_is_differentiable():
     # float32 as AdversarialPatch (same arithmetic, same rounding at .5)
     patch = torch.as_tensor(_image(16, 16, seed=5).transpose(2, 0, 1)).float().requires_grad_()
     x = torch.as_tensor(img.transpose(2, 0, 1)).float()
-    pasted = A.paste_patch_tensor(x, boxes, patch)
-    ref = A.AdversarialPatch(_image(16, 16, seed=5))(img, boxes)
+    pasted = rb.paste_patch_tensor(x, boxes, patch)
+    ref = rb.AdversarialPatch(_image(16, 16, seed=5))(img, boxes)
     np.testing.assert_array_equal(
         pasted.detach().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy(), ref)
     (grad,) = torch.autograd.grad(pasted.sum(), patch)
@@ -146,7 +145,7 @@ def test_paste_patch_tensor_matches_the_uint8_paste_and_is_differentiable():
 
 def test_adversarial_patch_rejects_a_non_uint8_patch():
     with pytest.raises(ValueError, match="uint8"):
-        A.AdversarialPatch(np.zeros((4, 4, 3), np.float32))
+        rb.AdversarialPatch(np.zeros((4, 4, 3), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +167,7 @@ def tiny_model(tiny_data):
 
 def _oracle_matched_logits(model, x, instances):
     """The matched anchors' GT-class logits through Detectron2's own preprocessing and
-    permute_to_N_HWA_K (an independent path from attacks.matched_score_logits)."""
+    permute_to_N_HWA_K (an independent path from robustness.matched_score_logits)."""
     images = model.preprocess_image([{"image": x}])
     feats = model.backbone(images.tensor)
     feats = [feats[f] for f in model.head_in_features]
@@ -181,11 +180,11 @@ def _oracle_matched_logits(model, x, instances):
 
 def test_matched_score_logits_equal_detectron2s_layout(tiny_data, tiny_model):
     cfg, model = tiny_model
-    ex = A.load_examples(cfg, f"{PREFIX}_val")
+    ex = rb.load_examples(cfg, f"{PREFIX}_val")
     assert len(ex) == 2 and ex[0].size == (96, 96)
     xs = [torch.as_tensor(e.test_image.transpose(2, 0, 1)).float() for e in ex]
     with torch.no_grad():
-        got = A.matched_score_logits(model, xs, [e.instances for e in ex])  # batched
+        got = rb.matched_score_logits(model, xs, [e.instances for e in ex])  # batched
         for x, e, g in zip(xs, ex, got):
             assert g.numel() > 0
             torch.testing.assert_close(g, _oracle_matched_logits(model, x, e.instances))
@@ -194,13 +193,13 @@ def test_matched_score_logits_equal_detectron2s_layout(tiny_data, tiny_model):
 @pytest.mark.slow  # DeepFool iterations (~20 backward passes) on a random-init RetinaNet
 def test_deepfool_removes_every_matched_detection_of_a_real_model(tiny_data, tiny_model):
     cfg, model = tiny_model
-    ex = A.load_examples(cfg, f"{PREFIX}_val", 1)[0]
+    ex = rb.load_examples(cfg, f"{PREFIX}_val", 1)[0]
     c = math.log(THRESH / (1 - THRESH))
     x0 = torch.as_tensor(ex.test_image.transpose(2, 0, 1)).float()
     with torch.no_grad():
         before = _oracle_matched_logits(model, x0, ex.instances)
     assert before.max() > c  # detected before the attack
-    res = A.deepfool_detector(model, ex, threshold=THRESH, max_iter=50, keep_perturbation=True)
+    res = rb.deepfool_detector(model, ex, threshold=THRESH, max_iter=50, keep_perturbation=True)
     assert res["attacked"] and res["success"] and res["reason"] == "success"
     assert res["f0"] == pytest.approx(float(before.max()) - c, abs=1e-4)
     r = res.pop("perturbation")
@@ -216,37 +215,37 @@ def test_deepfool_removes_every_matched_detection_of_a_real_model(tiny_data, tin
 def test_attacks_reject_unsupported_models_and_thresholds(tiny_data, tiny_model):
     cfg, model = tiny_model
     with pytest.raises(ValueError, match="Faster R-CNN is not supported"):
-        A.check_attack_model(GeneralizedRCNN, "deepfool")
+        rb.check_attack_model(GeneralizedRCNN, "deepfool")
     with pytest.raises(ValueError, match="RetinaNet"):
-        A.deepfool_dataset(cfg, torch.nn.Linear(2, 2), f"{PREFIX}_val")
+        rb.deepfool_dataset(cfg, torch.nn.Linear(2, 2), f"{PREFIX}_val")
     with pytest.raises(ValueError, match="0 < t < 1"):  # the config's threshold is 0.0
-        A.deepfool_dataset(cfg, model, f"{PREFIX}_val")
-    ex = A.load_examples(cfg, f"{PREFIX}_train", 2)
+        rb.deepfool_dataset(cfg, model, f"{PREFIX}_val")
+    ex = rb.load_examples(cfg, f"{PREFIX}_train", 2)
     for kwargs, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"),
                           (dict(batch_size=0), "batch_size"), (dict(size=0), "size")):
         with pytest.raises(ValueError, match=match):
-            A.train_adversarial_patch(model, ex, **kwargs)
+            rb.train_adversarial_patch(model, ex, **kwargs)
     with pytest.raises(ValueError, match="no training images"):
-        A.train_adversarial_patch(model, [], steps=1)
+        rb.train_adversarial_patch(model, [], steps=1)
 
 
 @pytest.mark.slow  # trains a patch (a few Adam steps) three times
 def test_patch_training_lowers_its_objective_and_is_seeded(tiny_data, tiny_model):
     cfg, model = tiny_model
-    ex = A.load_examples(cfg, f"{PREFIX}_train")
+    ex = rb.load_examples(cfg, f"{PREFIX}_train")
     before = [p.detach().clone() for p in model.parameters()]
     kw = dict(steps=6, lr=0.05, batch_size=2, size=8)
-    a = A.train_adversarial_patch(model, ex, seed=1, **kw)
+    a = rb.train_adversarial_patch(model, ex, seed=1, **kw)
     assert a["patch"].shape == (8, 8, 3) and a["patch"].dtype == np.uint8
     assert a["final_objective"] < a["initial_objective"]
     # the reported objective is the objective of the returned (quantised) patch
     with torch.no_grad():
-        obj = A.patch_objective(model, ex, torch.as_tensor(a["patch"].transpose(2, 0, 1)).float())
+        obj = rb.patch_objective(model, ex, torch.as_tensor(a["patch"].transpose(2, 0, 1)).float())
     assert float(obj) == pytest.approx(a["final_objective"], rel=1e-5)
-    b = A.train_adversarial_patch(model, ex, seed=1, **kw)
+    b = rb.train_adversarial_patch(model, ex, seed=1, **kw)
     np.testing.assert_array_equal(a["patch"], b["patch"])
     assert a["objective"] == b["objective"]
-    c = A.train_adversarial_patch(model, ex, seed=2, **kw)
+    c = rb.train_adversarial_patch(model, ex, seed=2, **kw)
     assert not np.array_equal(a["patch"], c["patch"])
     for p, q in zip(model.parameters(), before):  # the model is not trained
         assert torch.equal(p, q)
@@ -292,7 +291,7 @@ def test_cli_attack_columns_end_to_end(tiny_data, tiny_model, tmp_path):
     name = f"{PREFIX}_val"
     loader = build_detection_test_loader(
         DatasetCatalog.get(name),
-        mapper=rb.PerturbedDatasetMapper(cfg, "advs_patch", 0, fn=A.AdversarialPatch(patch)))
+        mapper=rb.PerturbedDatasetMapper(cfg, "advs_patch", 0, fn=rb.AdversarialPatch(patch)))
     res = inference_on_dataset(build_model_for_run(cfg, ckpt), loader,
                                build_evaluator(cfg, name, str(tmp_path / "adv")))
     assert run["AP50"]["advs_patch"] == pytest.approx(res["bbox"]["AP50"], abs=1e-9)
@@ -331,7 +330,7 @@ def test_mapper_pastes_the_patch_before_the_test_resize(tiny_data):
     record = DatasetCatalog.get(f"{PREFIX}_val")[0]
     with pytest.raises(ValueError, match="needs fn"):
         rb.PerturbedDatasetMapper(cfg, "advs_patch")
-    fn = A.AdversarialPatch(_image(8, 8, seed=9))
+    fn = rb.AdversarialPatch(_image(8, 8, seed=9))
     adv = rb.PerturbedDatasetMapper(cfg, "advs_patch", fn=fn)(record)
     plain = rb.PerturbedDatasetMapper(cfg, "original")(record)["image"].permute(1, 2, 0).numpy()
     boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)

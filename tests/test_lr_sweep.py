@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from studies import lr_sweep
+from studies import common, lr_sweep
 from studies.common import cls_loss_label as L
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ FAKE = textwrap.dedent('''
         sys.exit(0)
     if lr > 1:
         (out / "last_checkpoint").write_text("model_0000004.pth")
-        print("FloatingPointError: Training stopped at iteration 7: NaN or Inf in the model's outputs")
+        print("FloatingPointError: Loss became infinite or NaN at iteration=7!")
         sys.exit(1)
     ap = {"ap": 40.0, "focal": 30.0}[loss] + 100 * lr + seed
     row = {"iteration": 9, "bbox/AP": ap, "bbox/AP50": ap + 20, "bbox/AP75": ap + 5}
@@ -47,7 +47,7 @@ FAKE = textwrap.dedent('''
 def fake_train(tmp_path, monkeypatch):
     script = tmp_path / "fake_train_net.py"
     script.write_text(FAKE)
-    monkeypatch.setattr(lr_sweep, "train_net_command", lambda imports=(): [sys.executable, str(script)])
+    monkeypatch.setattr(common, "train_net_command", lambda imports=(): [sys.executable, str(script)])
     monkeypatch.setattr(lr_sweep, "check_loss_names", lambda *a, **k: None)  # the fake's "broken", "empty"
     return script
 
@@ -111,14 +111,18 @@ def test_failed_runs_are_retried_and_interrupted_runs_resume(tmp_path, fake_trai
     assert "--resume" in calls[-1] or "--resume" in calls[-2]
 
 
-def test_bad_arguments():
+def test_bad_arguments(capsys):
     for argv, msg in ([["SOLVER.BASE_LR", "0.1"], "SOLVER.BASE_LR is set by the sweep"],
-                      [["--lrs", "0"], "--lrs must be finite numbers > 0"],
+                      [["--lrs", "0"], "must be a finite number > 0"], [["--lrs", "inf"], "must be a finite number"],
                       [["MODEL.DEVICE"], "KEY VALUE pairs"]):
         with pytest.raises(SystemExit):
             lr_sweep.parse_args(argv)
+        assert msg in capsys.readouterr().err
     assert lr_sweep.parse_divergence("x\nLoss became infinite or NaN at iteration=12!\n") == 12
     assert lr_sweep.parse_divergence("all good") is None
+    # the ranking losses refuse NaN logits before Detectron2's check: the iteration after the last logged
+    assert lr_sweep.parse_divergence("ranking.NonFiniteLogitsError: 3 of 3 logits are NaN or Inf", 4) == 5
+    assert lr_sweep.parse_divergence("ranking.NonFiniteLogitsError: 3 of 3 logits are NaN or Inf") == 0
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Robustness study (Table 3): perturbation functions and an end-to-end CLI run (CPU, small)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +14,19 @@ from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.evaluation import build_evaluator  # noqa: E402
-from studies import perturbations as pt  # noqa: E402
 from studies import robustness as rb  # noqa: E402
-from studies.common import (  # noqa: E402
-    build_model_for_run,
-    dataset_subset,
-    load_cfg,
-    save_checkpoint,
-)
+from studies.common import build_model_for_run, dataset_subset, load_cfg  # noqa: E402
+
+
+def save_checkpoint(model, path) -> str:
+    """``model``'s weights saved by the project's checkpointer as ``path`` (a ``.pth``)."""
+    from ap_loss_d2.engine import SafeDetectionCheckpointer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    SafeDetectionCheckpointer(model, save_dir=str(path.parent)).save(path.stem)
+    return str(path.parent / (path.stem + ".pth"))
+
 
 QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 TINY = SyntheticShapesSpec(seed=11, image_size=64, num_train=2, num_val=3, min_objects=2,
@@ -42,16 +48,16 @@ def _image(h=60, w=80, seed=0):
 # ---------------------------------------------------------------------------------------------
 def test_center_patch_region_is_half_box_at_centre():
     # box 20 x 40 centred at (20, 40): patch 10 x 20 centred there
-    assert pt.center_patch_region([10, 20, 30, 60], 100, 100) == (15, 30, 25, 50)
+    assert rb.center_patch_region([10, 20, 30, 60], 100, 100) == (15, 30, 25, 50)
     # clipped at the border, at least one pixel
-    assert pt.center_patch_region([0, 0, 1, 1], 10, 10) == (0, 0, 1, 1)
-    assert pt.center_patch_region([-20, -20, -10, -10], 10, 10) is None
+    assert rb.center_patch_region([0, 0, 1, 1], 10, 10) == (0, 0, 1, 1)
+    assert rb.center_patch_region([-20, -20, -10, -10], 10, 10) is None
 
 
 def test_black_patch_zeros_exactly_the_centre_half_box():
     img = _image()
     boxes = np.array([[10, 20, 30, 60], [40, 4, 76, 24]], dtype=np.float32)
-    out = pt.black_patch(img, boxes, np.random.default_rng(0))
+    out = rb.black_patch(img, boxes, np.random.default_rng(0))
     expected = img.copy()
     expected[30:50, 15:25] = 0  # box 1: 20x40 -> 10x20 at centre (20, 40)
     expected[9:19, 49:67] = 0  # box 2: 36x20 -> 18x10 at centre (58, 14)
@@ -65,20 +71,20 @@ def test_flip_patch_equals_a_flip_of_the_original_patch_and_is_seeded():
     seen = set()
     for seed in range(12):
         stats = {}
-        out = pt.flip_patch(img, box, np.random.default_rng(seed), stats)
+        out = rb.flip_patch(img, box, np.random.default_rng(seed), stats)
         patch = img[30:50, 15:25]
         flips = {"left_right": patch[:, ::-1], "top_bottom": patch[::-1, :],
                  "both": patch[::-1, ::-1]}
-        mode = [m for m in pt.FLIP_MODES if stats.get(f"flip_{m}")]
+        mode = [m for m in rb.FLIP_MODES if stats.get(f"flip_{m}")]
         assert len(mode) == 1 and stats["patches"] == 1
         np.testing.assert_array_equal(out[30:50, 15:25], flips[mode[0]])
         outside = np.ones(img.shape[:2], bool)
         outside[30:50, 15:25] = False
         np.testing.assert_array_equal(out[outside], img[outside])
         np.testing.assert_array_equal(
-            out, pt.flip_patch(img, box, np.random.default_rng(seed)))  # reproducible
+            out, rb.flip_patch(img, box, np.random.default_rng(seed)))  # reproducible
         seen.add(mode[0])
-    assert seen == set(pt.FLIP_MODES)
+    assert seen == set(rb.FLIP_MODES)
 
 
 def test_random_patch_content_comes_from_outside_every_box():
@@ -87,10 +93,10 @@ def test_random_patch_content_comes_from_outside_every_box():
     idx = np.arange(h * w, dtype=np.int64).reshape(h, w)
     img = np.stack([idx % 256, idx // 256, np.full_like(idx, 7)], -1).astype(np.uint8)
     boxes = np.array([[10, 20, 30, 60], [40, 4, 76, 24]], dtype=np.float64)
-    mask = pt.box_mask(boxes, h, w)
+    mask = rb.box_mask(boxes, h, w)
     for seed in range(5):
         stats = {}
-        out = pt.random_patch(img, boxes, np.random.default_rng(seed), stats)
+        out = rb.random_patch(img, boxes, np.random.default_rng(seed), stats)
         assert stats == {"patches": 2}
         changed = np.any(out != img, axis=-1)
         regions = [(15, 30, 25, 50), (49, 9, 67, 19)]
@@ -105,28 +111,28 @@ def test_random_patch_content_comes_from_outside_every_box():
             # ... that overlaps no box
             assert not mask[sy:sy + y1 - y0, sx:sx + x1 - x0].any()
         assert not changed[~allowed].any()
-        np.testing.assert_array_equal(out, pt.random_patch(img, boxes, np.random.default_rng(seed)))
+        np.testing.assert_array_equal(out, rb.random_patch(img, boxes, np.random.default_rng(seed)))
 
 
 def test_random_patch_falls_back_to_least_overlap_and_counts_it():
     img = _image(20, 20)
     boxes = np.array([[0, 0, 20, 12], [0, 12, 16, 20]])  # free: x 16..20, y 12..20 only
     stats = {}
-    out = pt.random_patch(img, boxes, np.random.default_rng(0), stats)
+    out = rb.random_patch(img, boxes, np.random.default_rng(0), stats)
     assert stats["random_patch_fallbacks"] == 2 and stats["patches"] == 2
     assert out.shape == img.shape
 
 
 def test_gaussian_noise_statistics_and_seeding():
     img = np.full((400, 500, 3), 128, np.uint8)
-    out = pt.gaussian_noise(img, np.zeros((0, 4)), np.random.default_rng(3))
+    out = rb.gaussian_noise(img, np.zeros((0, 4)), np.random.default_rng(3))
     d = out.astype(np.float64) / 255 - img.astype(np.float64) / 255
     assert abs(d.mean()) < 2e-3
     assert abs(d.var() - 0.01) < 5e-4
-    np.testing.assert_array_equal(out, pt.gaussian_noise(img, None, np.random.default_rng(3)))
-    assert not np.array_equal(out, pt.gaussian_noise(img, None, np.random.default_rng(4)))
+    np.testing.assert_array_equal(out, rb.gaussian_noise(img, None, np.random.default_rng(3)))
+    assert not np.array_equal(out, rb.gaussian_noise(img, None, np.random.default_rng(4)))
     # clipping: saturated pixels stay in range
-    white = pt.gaussian_noise(np.full((50, 50, 3), 255, np.uint8), None, np.random.default_rng(0))
+    white = rb.gaussian_noise(np.full((50, 50, 3), 255, np.uint8), None, np.random.default_rng(0))
     assert white.dtype == np.uint8 and white.max() == 255 and white.min() < 255
 
 
@@ -164,7 +170,7 @@ def test_mapper_perturbs_before_resize(tiny_data):
     boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
                       for a in record["annotations"]])
     np.testing.assert_array_equal(black["image"].permute(1, 2, 0).numpy(),
-                                  pt.black_patch(img, boxes))
+                                  rb.black_patch(img, boxes))
     # seeded per image: identical on a second call, differs with another seed
     a = rb.PerturbedDatasetMapper(cfg, "gaussian_noise", seed=1)(record)["image"]
     b = rb.PerturbedDatasetMapper(cfg, "gaussian_noise", seed=1)(record)["image"]
@@ -191,7 +197,7 @@ class _OracleModel(torch.nn.Module):
             boxes, scores, classes = [], [], []
             for a in rec["annotations"]:
                 box = BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                x0, y0, x1, y1 = pt.center_patch_region(box, h, w)
+                x0, y0, x1, y1 = rb.center_patch_region(box, h, w)
                 black = bool((inp["image"][:, y0:y1, x0:x1] == 0).all())
                 boxes.append(box)
                 scores.append(0.05 if black else 0.9)

@@ -10,7 +10,8 @@ import torch  # noqa: E402
 
 from ap_loss_d2.data import SyntheticShapesSpec, register_synthetic_shapes  # noqa: E402
 from studies import score_distribution as sd  # noqa: E402
-from studies.common import build_model_for_run, cls_loss_label, load_cfg, save_checkpoint  # noqa: E402
+from studies.common import build_model_for_run, cls_loss_label, load_cfg  # noqa: E402
+from tests.test_robustness import save_checkpoint  # noqa: E402
 
 QUICK_CONFIG = "configs/quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 TINY = SyntheticShapesSpec(seed=12, image_size=64, num_train=2, num_val=3, min_objects=2,
@@ -22,16 +23,21 @@ ANCHORS_PER_IMAGE = (12 * 12 + 6 * 6 + 3 * 3) * 6
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
+def tiny_ckpts(tmp_path_factory):
+    """``{loss: checkpoint}``: the same weights saved from an "ap" and a "ce_ohem" model (the
+    checkpointer refuses weights of a loss that scores otherwise)."""
     register_synthetic_shapes(TINY, root=tmp_path_factory.mktemp("score_ds"), prefix=PREFIX)
-    cfg = load_cfg(QUICK_CONFIG, OPTS)
-    torch.manual_seed(0)
-    model = build_model_for_run(cfg, "")
-    # spread the scores over (0, 1): a random-init RetinaNet predicts ~0.01 everywhere
-    with torch.no_grad():
-        model.head.cls_score.bias.zero_()
-        model.head.cls_score.weight.mul_(50.0)
-    return save_checkpoint(model, tmp_path_factory.mktemp("score_ckpt") / "tiny.pth")
+    out = {}
+    for loss in ("ap", "ce_ohem"):
+        cfg = load_cfg(QUICK_CONFIG, OPTS + ["MODEL.CLS_LOSS.NAME", loss])
+        torch.manual_seed(0)
+        model = build_model_for_run(cfg, "")
+        # spread the scores over (0, 1): a random-init RetinaNet predicts ~0.01 everywhere
+        with torch.no_grad():
+            model.head.cls_score.bias.zero_()
+            model.head.cls_score.weight.mul_(50.0)
+        out[loss] = save_checkpoint(model, tmp_path_factory.mktemp("score_ckpt") / f"tiny_{loss}.pth")
+    return out
 
 
 def _recompute_bins(pairs, high_score):
@@ -49,10 +55,9 @@ def _recompute_bins(pairs, high_score):
 
 @pytest.mark.slow  # runs the study end to end
 @pytest.mark.parametrize("loss", ["ap", "ce_ohem"])
-def test_json_bins_equal_recomputed_from_npz(tiny_ckpt, tmp_path, loss):
+def test_json_bins_equal_recomputed_from_npz(tiny_ckpts, tmp_path, loss):
     out = tmp_path / "sd"
-    # the checkpoint was saved from an "ap" model: reading it as CE+OHEM (softmax) is on purpose
-    ckpt = tiny_ckpt
+    ckpt = tiny_ckpts[loss]
     report = sd.main(["--run", f"{QUICK_CONFIG}:{ckpt}", "--dataset", f"{PREFIX}_val",
                       "--max-images", "3", "--zero-iou-samples", "40", "--output-dir", str(out),
                       *OPTS, "MODEL.CLS_LOSS.NAME", loss])
@@ -106,9 +111,9 @@ def test_json_bins_equal_recomputed_from_npz(tiny_ckpt, tmp_path, loss):
         assert (out / fig).is_file()
 
 
-def test_softmax_scores_use_a_zero_background_logit(tiny_ckpt):
+def test_softmax_scores_use_a_zero_background_logit(tiny_ckpts):
     cfg = load_cfg(QUICK_CONFIG, OPTS)
-    model = build_model_for_run(cfg, tiny_ckpt)
+    model = build_model_for_run(cfg, tiny_ckpts["ap"])
     from detectron2.data import DatasetCatalog, DatasetMapper
 
     inputs = DatasetMapper(cfg, is_train=False)(DatasetCatalog.get(f"{PREFIX}_val")[0])

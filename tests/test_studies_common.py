@@ -95,16 +95,13 @@ def test_odd_overrides_are_refused(capsys):
 
 
 def test_studies_share_helpers_through_public_names():
-    """No study module imports another's private name, and the attacks do not import the
-    robustness study that uses them (their shared helpers live in studies/perturbations.py)."""
+    """No study module imports another's private name."""
     import ast
     from pathlib import Path
 
-    private, circle = [], []
+    private = []
     for path in sorted(Path(common.__file__).parent.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("ap_loss_d2")):
                 private += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
-                if path.name == "attacks.py" and "robustness" in (node.module or ""):
-                    circle.append(node.lineno)
-    assert private == [] and circle == []
+    assert private == []
