@@ -87,18 +87,18 @@ def _run(args, tmp_path, timeout=900):
 @pytest.mark.slow  # trains and evaluates in subprocesses
 def test_study_commands_at_their_smallest_setting(synth_dataset_dir, tmp_path):
     """docs/ssd.md's commands: train_net.py with the config, the LR sweep over the four losses
-    (two LRs, seed 0), Fig. 6b's curves from the runs' checkpoints with --group."""
+    (seed 0), Fig. 6b's curves from the runs' checkpoints with --group."""
     out = _run(["train_net.py", "--config-file", CONFIG, *SMALLEST, "OUTPUT_DIR", str(tmp_path / "one")], tmp_path)
     assert "copypaste: Task: bbox" in out and (tmp_path / "one" / "model_final.pth").is_file()
 
     sweep = tmp_path / "sweep"
     _run(["-m", "ap_loss_d2.studies.lr_sweep", "--config-file", CONFIG, "--output-dir", str(sweep),
-          "--losses", *LOSSES, "--lrs", "0.01", "0.02", "--seeds", "0", *SMALLEST, "SOLVER.CHECKPOINT_PERIOD", "1"],
+          "--losses", *LOSSES, "--lrs", "0.01", "--seeds", "0", *SMALLEST, "SOLVER.CHECKPOINT_PERIOD", "1"],
          tmp_path, timeout=1800)
     report = json.loads((sweep / "lr_sweep.json").read_text())
     runs = report["runs"]
-    assert sorted((r["settings"]["loss"], r["settings"]["lr"]) for r in runs) == sorted(
-        (loss, lr) for loss in LOSSES for lr in (0.01, 0.02))
+    assert sorted(r["settings"]["loss"] for r in runs) == sorted(LOSSES)
+    assert all(r["status"] == "ok" for r in runs), [(r["settings"], r["status"]) for r in runs]
     assert (sweep / "lr_sweep.md").is_file()
 
     fig = tmp_path / "fig6b"
