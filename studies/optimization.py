@@ -467,25 +467,18 @@ def report_fig8b(results: Dict[str, Dict[int, dict]], output_dir: Path, *, negat
     write_json(output_dir / "fig8b.json", data)
     first = next(iter(methods.values()))
     if proposals:
-        lines = ["# Fig. 8b: final AP-loss vs proposals per image", "",
-                 "Valid samples of each image: the top-N anchors by the objectness of a frozen, "
-                 "pre-trained RetinaNet (regression off: the proposals are anchors) united with the "
-                 "positive anchors; the other anchors are ignored. Final AP-loss of the training "
-                 "batch over the valid samples (in parentheses: with all negatives). Header: N (mean "
-                 "background anchors among the valid samples per image)."]
         w = settings["proposal_weights"]
-        lines += ["", f"Proposer: `{w['path']}` (sha256 {w['sha256'][:12]})."] if w else []
+        lines = ["# Fig. 8b: final AP-loss vs proposals per image", "",
+                 "Valid samples: the top-N anchors of a frozen RetinaNet and the positives (docs/studies.md)."
+                 + (f" Proposer: `{w['path']}` (sha256 {w['sha256'][:12]})." if w else "")]
     else:
         lines = ["# Fig. 8b (random mode): final AP-loss vs background anchors kept per image", "",
-                 "RANDOM negatives (not the paper's Fig. 8b, which uses RPN proposals): N background "
-                 "anchors per image drawn at random every iteration. Final AP-loss of the training "
-                 "batch, ranked with the negatives the loss sees (in parentheses: with all negatives). "
-                 "The mean number of background anchors kept per image is in the header."]
+                 "RANDOM negatives (not the paper's Fig. 8b, which uses RPN proposals): N per image (docs/studies.md)."]
+    lines[-1] += (" Final AP-loss of the training batch (in parentheses: with all negatives); header: N (mean "
+                  "background anchors kept per image).")
     if snapshot is not None:
-        lines += ["", f"Rows \"from snapshot\" (dashed in the plot): initialised from `{snapshot['run']}`, "
-                      f"trained from the default initialisation with `{snapshot['method']}` and N = "
-                      f"{negatives_label(snapshot['num_negatives'])} for {snapshot['iters']} iterations "
-                      f"(its final AP-loss: {fmt_loss(snapshot.get('final_ap_loss'))})."]
+        lines += ["", f"Rows \"from snapshot\" (dashed): initialised from `{snapshot['run']}` (final AP-loss "
+                      f"{fmt_loss(snapshot.get('final_ap_loss'))})."]
     count = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
     lines += ["", "| method | " + " | ".join(f"{lv} ({count(d['neg_anchors_per_image'])})" for lv, d in first.items())
               + " |", "|---|" + "---:|" * len(first)]

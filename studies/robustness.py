@@ -732,15 +732,13 @@ def main(argv=None):
         "figures": []
     }
     if "advs_patch" in args.perturbations:
-        report["advs_patch"] = dict(
-            dataset=args.patch_dataset, images=args.patch_images, steps=args.patch_steps,
-            lr=args.patch_lr, batch_size=args.patch_batch, size=args.patch_size,
-            seed=args.patch_seed)
+        report["advs_patch"] = dict(dataset=args.patch_dataset, images=args.patch_images, steps=args.patch_steps,
+                                    lr=args.patch_lr, batch_size=args.patch_batch, size=args.patch_size,
+                                    seed=args.patch_seed)
     if "deepfool" in args.perturbations:
         report["deepfool"] = dict(
-            images=args.deepfool_images, max_iter=args.deepfool_max_iter,
-            overshoot=args.deepfool_overshoot, score_thresh=args.deepfool_score_thresh,
-            scale=args.deepfool_scale,
+            images=args.deepfool_images, max_iter=args.deepfool_max_iter, overshoot=args.deepfool_overshoot,
+            score_thresh=args.deepfool_score_thresh, scale=args.deepfool_scale,
             definition="rho = mean over images attacked successfully of ||r||_2 / ||x||_2 "
                        "(x: test-resized input, pixel units); binary DeepFool on "
                        "max over matched anchors of score logit - logit(threshold)")
@@ -800,29 +798,13 @@ def main(argv=None):
     if any(fallbacks.values()):
         md.append(f"Random patch fallbacks (no box-free region): {fallbacks}")
     if "advs_patch" in args.perturbations:
-        a = report["advs_patch"]
-        md += ["", f"Advs-Patch: one {a['size']}x{a['size']} patch per run, {a['steps']} Adam "
-                   f"steps (step size {a['lr']:g}, {a['batch_size']} images per step, seed "
-                   f"{a['seed']}) on the first {a['images']} images of the patch dataset, "
-                   "minimising the mean softplus of the matched anchors' score logits at their "
-                   "object's class; pasted resized into the centre half-box of every object. "
-                   "Objective on the training images, initial -> final patch: " + "; ".join(
-                       f"{r['label']} {r['advs_patch']['initial_objective']:.4f} -> "
-                       f"{r['advs_patch']['final_objective']:.4f} (`{r['advs_patch']['file']}`)"
-                       for r in report["runs"] if "advs_patch" in r)]
+        md += ["", "Advs-Patch objective (docs/studies.md), initial -> final patch: " + "; ".join(
+            f"{r['label']} {r['advs_patch']['initial_objective']:.4f} -> {r['advs_patch']['final_objective']:.4f} "
+            f"(`{r['advs_patch']['file']}`)" for r in report["runs"] if "advs_patch" in r)]
     if "deepfool" in args.perturbations:
-        d = report["deepfool"]
-        md += ["", f"DeepFool: rho = mean ||r||_2 / ||x||_2 over the images attacked "
-                   f"successfully, times {d['scale']:g} (larger = more robust); binary DeepFool "
-                   f"(overshoot {d['overshoot']:g}, at most {d['max_iter']} steps) on the max "
-                   "over the anchors matched to the objects of the score logit at the object's "
-                   "class minus logit(score threshold). Per run: " + "; ".join(
-                       f"{r['label']} succeeded {r['deepfool']['succeeded']}/"
-                       f"{r['deepfool']['attacked']} attacked images ("
-                       f"{r['deepfool']['already_undetected']} already below the threshold "
-                       f"{r['deepfool']['threshold']:g}, {r['deepfool']['no_objects']} without "
-                       f"matched objects, of {r['deepfool']['images']})"
-                       for r in report["runs"] if "deepfool" in r)]
+        md += ["", f"DeepFool rho x {report['deepfool']['scale']:g} (docs/studies.md); succeeded/attacked: " + "; ".join(
+            f"{r['label']} {r['deepfool']['succeeded']}/{r['deepfool']['attacked']} of {r['deepfool']['images']}"
+            for r in report["runs"] if "deepfool" in r)]
     if report["figures"]:
         md += ["", "![perturbation examples](robustness.png)"]
     write_study_outputs(out, STUDY, report, md, table)

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from .common import (
-    check_run_settings, cls_loss_label, default_config, fmt_num, markdown_table, metrics_by_iteration,
-    number, read_json, save_figure, scaled_schedule, study_argument_parser, subplots, to_jsonable,
+    build_model_for_run, check_run_settings, cls_loss_label, default_config, fmt_num, load_cfg, markdown_table,
+    metrics_by_iteration, number, read_json, save_figure, scaled_schedule, study_argument_parser, subplots, to_jsonable,
     train_net_process, write_json
 )
 
@@ -38,15 +38,6 @@ def build_parser():
     return parser
 
 
-def _merged_cfg(config_file, opts):
-    from ap_loss_d2.engine import get_ap_loss_cfg
-
-    cfg = get_ap_loss_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 def run_overrides(base_cfg, loss, size, iters):
     """The study's overrides of one run (the user's overrides are appended after them)."""
     opts = ["MODEL.CLS_LOSS.NAME", loss, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(size),
@@ -60,16 +51,10 @@ def run_overrides(base_cfg, loss, size, iters):
 
 def evaluate(settings, run_dir):
     """Evaluate ``run_dir/model_final.pth`` with the project's evaluator; returns its output."""
-    from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, validate_cfg
+    from ap_loss_d2.engine import Trainer
 
-    cfg = _merged_cfg(settings["config"], settings["overrides"])
-    cfg.OUTPUT_DIR = str(run_dir)
-    cfg.MODEL.WEIGHTS = str(Path(run_dir) / "model_final.pth")
-    validate_cfg(cfg)
-    cfg.freeze()
-    model = Trainer.build_model(cfg)
-    SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
-    return Trainer.test(cfg, model)
+    cfg = load_cfg(settings["config"], [*settings["overrides"], "OUTPUT_DIR", str(run_dir)])
+    return Trainer.test(cfg, build_model_for_run(cfg, str(Path(run_dir) / "model_final.pth")))
 
 
 def mean_sampled_rois(run_dir):
@@ -145,7 +130,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     _log_detectron2(output_dir / "eval_log.txt", args.verbose)
-    base = _merged_cfg(config, opts)
+    base = load_cfg(config, opts)
     meta = {"config": config, "iters": args.iters if args.iters is not None else base.SOLVER.MAX_ITER,
             "sizes": sizes, "losses": losses, "positive_fraction": POSITIVE_FRACTION, "overrides": opts,
             "test_datasets": list(base.DATASETS.TEST)}
