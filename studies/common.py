@@ -286,6 +286,13 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
     return name
 
 
+def bbox_results(results) -> dict:
+    """The ``bbox`` metrics of Detectron2's test results (of the first test set)."""
+    if not results:
+        return {}
+    return dict((results if "bbox" in results else next(iter(results.values()))).get("bbox", {}))
+
+
 def fmt_num(x, digits: int = 1) -> str:
     """``x`` with ``digits`` decimals; "-" for None/NaN; integers as integers."""
     if isinstance(x, (bool, np.bool_)):
@@ -298,9 +305,11 @@ def fmt_num(x, digits: int = 1) -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence],
                    align: Optional[str] = None) -> str:
     """A GitHub markdown table; ``align``: "l"/"r"/"c" per column (default "lrr...")."""
+    def line(cells):
+        return "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in cells) + " |"
+
     align = align or "l" + "r" * (len(headers) - 1)
     marks = {"l": ":---", "r": "---:", "c": ":---:"}
-    line = lambda cells: "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in cells) + " |"  # noqa: E731
     return "\n".join([line(headers), "| " + " | ".join(marks[a] for a in align) + " |", *map(line, rows)])
 
 
@@ -508,7 +517,8 @@ def number(kind, low=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
         if not math.isfinite(value) or not (value > 0 if low is None else value >= low):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {'> 0' if low is None else f'>= {low}'}")
+            bound = "> 0" if low is None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {bound}")
         return value
 
     parse.__name__ = f"{kind.__name__} {'> 0' if low is None else f'>= {low}'}"

@@ -522,7 +522,8 @@ def run_study(output_dir, *, config_file=DEFAULT_CONFIG, methods=DEFAULT_METHODS
         snapshot = dict(method=SNAPSHOT_METHOD, num_negatives=snap_n, iters=snap_iters,
                         run=f"snapshot_{run_name(SNAPSHOT_METHOD, snap_n, negative_mode)}_{snap_iters}it")
     elif snapshot_iters is not None or snapshot_negatives is not None:
-        raise ValueError("--snapshot-iters / --snapshot-negatives need --snapshot-proposals (the N of the snapshot run)")
+        raise ValueError("--snapshot-iters / --snapshot-negatives need --snapshot-proposals "
+                         "(the N of the snapshot run)")
     if negative_mode == "proposals" and (any(n >= 0 for n in levels) or (snapshot or {}).get("num_negatives", -1) >= 0):
         if not proposal_weights:
             raise ValueError(f"--negative-mode proposals needs --proposal-weights: {PROPOSAL_WEIGHTS_HINT}")

@@ -311,7 +311,8 @@ def patch_objective(model, examples: Sequence[AttackExample], patch: torch.Tenso
 
 
 def _check_positive(name, value, kind=int):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or (kind is int and int(value) != value):
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
+            or (kind is int and int(value) != value)):
         raise ValueError(f"{name}={value!r}: expected a positive {kind.__name__}")
 
 
@@ -466,7 +467,8 @@ def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int]
         rho=rho, rho_scaled=None if rho is None else rho * scale, scale=scale,
         rho_median=float(np.median([r["rho"] for r in succ])) if succ else None,
         success_rate=len(succ) / len(attacked) if attacked else None, images=len(per_image),
-        attacked=len(attacked), succeeded=len(succ), already_undetected=sum(r["reason"] == "already" for r in per_image),
+        attacked=len(attacked), succeeded=len(succ),
+        already_undetected=sum(r["reason"] == "already" for r in per_image),
         no_objects=sum(r["reason"] in ("no_objects", "no_matched_anchor") for r in per_image),
         mean_iterations=float(np.mean([r["iterations"] for r in succ])) if succ else None,
         threshold=float(threshold), max_iter=int(max_iter), overshoot=float(overshoot), per_image=per_image)
@@ -677,7 +679,8 @@ def run_advs_patch(args, cfg, model, run_index, out):
     """Train the run's patch, save it as PNG; ``(AdversarialPatch, summary dict)``."""
     dataset = args.patch_dataset or cfg.DATASETS.TRAIN[0]
     res = train_adversarial_patch(
-        model, load_examples(cfg, dataset, args.patch_images), steps=args.patch_steps, lr=args.patch_lr, batch_size=args.patch_batch,
+        model, load_examples(cfg, dataset, args.patch_images), steps=args.patch_steps, lr=args.patch_lr,
+        batch_size=args.patch_batch,
         size=args.patch_size, seed=args.patch_seed, log=lambda m: progress(STUDY, "    " + m))
     name = f"advs_patch_run{run_index}.png"
     from PIL import Image
@@ -776,7 +779,8 @@ def main(argv=None):
             f"{r['label']} {r['advs_patch']['initial_objective']:.4f} -> {r['advs_patch']['final_objective']:.4f} "
             f"(`{r['advs_patch']['file']}`)" for r in report["runs"] if "advs_patch" in r)]
     if "deepfool" in args.perturbations:
-        md += ["", f"DeepFool rho x {report['deepfool']['scale']:g} (docs/studies.md); succeeded/attacked: " + "; ".join(
+        scale = report["deepfool"]["scale"]
+        md += ["", f"DeepFool rho x {scale:g} (docs/studies.md); succeeded/attacked: " + "; ".join(
             f"{r['label']} {r['deepfool']['succeeded']}/{r['deepfool']['attacked']} of {r['deepfool']['images']}"
             for r in report["runs"] if "deepfool" in r)]
     if report["figures"]:

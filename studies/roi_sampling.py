@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from .common import (
-    build_model_for_run, check_run_settings, cls_loss_label, default_config, fmt_num, load_cfg, markdown_table,
-    metrics_by_iteration, number, read_json, save_figure, scaled_schedule, study_argument_parser, subplots, to_jsonable,
-    train_net_process, write_json
+    bbox_results, build_model_for_run, check_run_settings, cls_loss_label, default_config, fmt_num, load_cfg,
+    markdown_table, metrics_by_iteration, number, read_json, save_figure, scaled_schedule, study_argument_parser,
+    subplots, to_jsonable, train_net_process, write_json
 )
 
 CONFIG_REL = "FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
@@ -94,7 +94,8 @@ def write_report(output_dir, records, meta):
     (output_dir / f"{REPORT}.md").write_text("\n".join(lines))
     fig, ax = subplots(figsize=(6, 4))
     for loss in losses:
-        points = sorted((r["batch_size_per_image"], r["AP"]) for r in records if r["loss"] == loss and r["AP"] is not None)
+        points = sorted((r["batch_size_per_image"], r["AP"]) for r in records
+                        if r["loss"] == loss and r["AP"] is not None)
         if points:
             ax.plot(*zip(*points), marker="o", label=cls_loss_label(loss))
     ax.set(xticks=sorted(sizes), xlabel="number of RoI samples per image", ylabel="AP",
@@ -168,7 +169,7 @@ def main(argv=None):
         # pycocotools prints its tables: kept in the evaluation log unless --verbose
         with open(output_dir / "eval_log.txt", "a") as f, contextlib.redirect_stdout(sys.stdout if args.verbose else f):
             results = evaluate(settings, run_dir)
-        bbox = (results if "bbox" in results else results[meta["test_datasets"][0]])["bbox"]
+        bbox = bbox_results(results)
         record = to_jsonable({"loss": loss, "batch_size_per_image": size, **{k: float(bbox[k]) for k in METRICS},
                               "mean_sampled_rois_per_image": mean_sampled_rois(run_dir),
                               "output_dir": str(run_dir), "results": results})
