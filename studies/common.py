@@ -36,8 +36,7 @@ _IMPORT_THEN_TRAIN = (
 
 
 def train_net_command(imports: Sequence[str] = ()) -> List[str]:
-    """The command that runs ``train_net.py`` in a new process (``--num-gpus`` etc. appended by
-    the caller), importing the modules ``imports`` first (e.g. one that registers a loss)."""
+    """The command that runs ``train_net.py`` in a new process, importing ``imports`` first."""
     if not imports:
         return [sys.executable, str(REPO / "train_net.py")]
     return [sys.executable, "-c", _IMPORT_THEN_TRAIN, str(REPO / "train_net.py"), *imports, "--"]
@@ -45,9 +44,7 @@ def train_net_command(imports: Sequence[str] = ()) -> List[str]:
 
 def train_net_process(run_dir, config, opts: Sequence[str], *, log: str, imports: Sequence[str] = (),
                       num_gpus: int = 1, train_net=None, env=None, echo: bool = False):
-    """Train (or resume) one run in a new ``train_net.py`` process (``train_net``: another script
-    with Detectron2's arguments) into ``run_dir``, its output appended to ``run_dir/log``;
-    returns ``(command, exit code)``."""
+    """Train (or resume) one run in a new process into ``run_dir``, output appended to ``run_dir/log``."""
     cmd = [*(train_net_command(imports) if train_net is None else [sys.executable, str(train_net)]),
            *(["--num-gpus", str(num_gpus)] if num_gpus > 1 else []), "--config-file", str(config),
            "--resume", *opts, "OUTPUT_DIR", str(Path(run_dir).resolve())]
@@ -120,8 +117,7 @@ def read_json(path):
 
 def check_run_settings(run_dir, settings: dict, run_file: str = "study_run.json",
                        error=SystemExit) -> bool:
-    """``run_dir/run_file`` remembers a run folder's settings: False (written) for a new run,
-    True for the same settings (resume or skip), ``error`` naming the folder for others."""
+    """False (settings written) for a new run folder, True for the same settings, ``error`` for others."""
     run_dir, settings = Path(run_dir), to_jsonable(settings)
     path = run_dir / run_file
     if path.exists():
@@ -249,9 +245,7 @@ def _reregister(name, loader, metadata):
 
 
 def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str:
-    """A registered dataset of the first ``max_images`` images of ``dataset_name`` (itself when
-    None or not smaller) whose evaluator's ground truth (coco json / VOC image set, in
-    ``workdir``) holds the same images."""
+    """A registered dataset of the first ``max_images`` images of ``dataset_name``, its ground truth too."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     if max_images is None:
@@ -292,6 +286,13 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
     return name
 
 
+def bbox_results(results) -> dict:
+    """The ``bbox`` metrics of Detectron2's test results (of the first test set)."""
+    if not results:
+        return {}
+    return dict((results if "bbox" in results else next(iter(results.values()))).get("bbox", {}))
+
+
 def fmt_num(x, digits: int = 1) -> str:
     """``x`` with ``digits`` decimals; "-" for None/NaN; integers as integers."""
     if isinstance(x, (bool, np.bool_)):
@@ -304,9 +305,11 @@ def fmt_num(x, digits: int = 1) -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence],
                    align: Optional[str] = None) -> str:
     """A GitHub markdown table; ``align``: "l"/"r"/"c" per column (default "lrr...")."""
+    def line(cells):
+        return "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in cells) + " |"
+
     align = align or "l" + "r" * (len(headers) - 1)
     marks = {"l": ":---", "r": "---:", "c": ":---:"}
-    line = lambda cells: "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in cells) + " |"  # noqa: E731
     return "\n".join([line(headers), "| " + " | ".join(marks[a] for a in align) + " |", *map(line, rows)])
 
 
@@ -385,8 +388,7 @@ def not_finite(values: dict, keys: Sequence[str]) -> List[str]:
 
 
 def last_bbox_metrics(path, metrics: Sequence[str] = ("AP", "AP50", "AP75")) -> dict:
-    """The last logged ``bbox/<metric>`` values of a ``metrics.json`` (``metrics=None``: all) as
-    ``{dataset prefix ("" for one dataset): {metric: value, "iteration": it}}``."""
+    """The last logged ``bbox/<metric>`` values of a ``metrics.json`` per dataset prefix."""
     out: dict = {}
     path = Path(path)
     if not path.is_file():
@@ -409,8 +411,7 @@ RUN_SPEC = "CONFIG:WEIGHTS[:LABEL] or RUN_DIR[:LABEL]"
 
 
 class StudyArgumentParser(argparse.ArgumentParser):
-    """``argparse`` with trailing ``KEY VALUE`` overrides (``opts``) that start at ``--`` or at
-    the first config key that is not a one-value option's value, e.g. after ``--seeds 0 1``."""
+    """``argparse`` with trailing ``KEY VALUE`` config overrides (``opts``), from ``--`` or the first key."""
 
     def _split_overrides(self, argv: List[str]) -> Tuple[List[str], List[str]]:
         one_value = {s for a in self._actions if a.option_strings and a.nargs is None
@@ -454,9 +455,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def study_argument_parser(study: str, description: str, *, config: Optional[str] = None,
                           num_gpus: bool = False, runs: Optional[str] = None, opts: bool = True):
-    """The parser of ``python -m studies.<study>``: ``--output-dir``, and on request
-    ``--config-file`` (its default named), ``--num-gpus``, ``--run``/``--dataset``/``--device``
-    (the checkpoint studies, :func:`prepare_runs`) and trailing overrides."""
+    """The parser of ``python -m studies.<study>`` with the options the study asks for."""
     p = StudyArgumentParser(prog=f"python -m studies.{study}", description=description,
                             formatter_class=_HelpFormatter, allow_abbrev=False)
     p.add_argument("--output-dir", default=f"output/{study}", help="folder of the outputs")
@@ -518,7 +517,8 @@ def number(kind, low=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
         if not math.isfinite(value) or not (value > 0 if low is None else value >= low):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {'> 0' if low is None else f'>= {low}'}")
+            bound = "> 0" if low is None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {bound}")
         return value
 
     parse.__name__ = f"{kind.__name__} {'> 0' if low is None else f'>= {low}'}"

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .common import (
-    check_loss_names, cls_loss_label, fmt_num, import_modules, last_bbox_metrics,
-    markdown_table, metrics_by_iteration, not_finite, number, progress, REPO, save_figure, study_argument_parser, subplots,
+    check_loss_names, cls_loss_label, fmt_num, import_modules, last_bbox_metrics, markdown_table,
+    metrics_by_iteration, not_finite, number, progress, REPO, save_figure, study_argument_parser, subplots,
     timestamp, train_net_process, write_json, write_study_outputs
 )
 
@@ -81,8 +81,9 @@ def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
                         f"\n{record['log_tail']}")
         return record  # not marked finished: retried next time
     write_json(done, record)
-    progress(STUDY, f"{out.name}: " + (f"ok, AP {record['AP']:.2f}" if record["status"] == "ok" else
-                                       f"diverged at iteration {record['diverged_at']}" if record["status"] == "diverged"
+    status = record["status"]
+    progress(STUDY, f"{out.name}: " + (f"ok, AP {record['AP']:.2f}" if status == "ok" else
+                                       f"diverged at iteration {record['diverged_at']}" if status == "diverged"
                                        else f"FAILED, {record['reason']}"))
     return record
 
@@ -140,7 +141,8 @@ def summarize(records: List[dict], losses, lrs) -> dict:
 
 
 def _fmt_range(s, digits=1):
-    return "-" if s["mean"] is None else f"{fmt_num(s['mean'], digits)} [{fmt_num(s['min'], digits)}, {fmt_num(s['max'], digits)}]"
+    lo, hi = fmt_num(s["min"], digits), fmt_num(s["max"], digits)
+    return "-" if s["mean"] is None else f"{fmt_num(s['mean'], digits)} [{lo}, {hi}]"
 
 
 def render(summary: dict, args, labels) -> List[str]:
@@ -157,7 +159,8 @@ def render(summary: dict, args, labels) -> List[str]:
             rows.append([labels.get(loss, loss), mark(lr), f"{c['ok']}/{len(c['seeds'])}",
                          *(mark(_fmt_range(c[m])) for m in METRICS), div])
     readme = [[f"{labels.get(loss, loss)}, best LR {b['lr']:g}"
-               + ("" if b["stable"] else " (every LR has a diverged or failed seed)"), *(_fmt_range(b[m]) for m in METRICS)]
+               + ("" if b["stable"] else " (every LR has a diverged or failed seed)"),
+               *(_fmt_range(b[m]) for m in METRICS)]
               for loss, b in summary["best"].items()]
     seeds = ", ".join(str(s) for s in args.seeds)
     opts = " ".join(args.opts) or "none"
@@ -211,7 +214,8 @@ def parse_args(argv=None):
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
     add("--num-parallel", type=number(int), default=1, help="runs trained at the same time")
     add("--devices", nargs="*", default=[], help="CUDA_VISIBLE_DEVICES values given to the parallel runs, round-robin")
-    add("--expected-results", default=None, metavar="FILE", help="also write the best-LR summary read by studies.main_job")
+    add("--expected-results", default=None, metavar="FILE",
+        help="also write the best-LR summary read by studies.main_job")
     add("--import", dest="imports", action="append", default=[], metavar="MODULE",
         help="a module to import in the sweep and in every training process first, e.g. one that registers a "
              "loss named in --losses (repeatable)")

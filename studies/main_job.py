@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from .common import REPO, default_config, load_cfg, study_argument_parser
+from .common import REPO, bbox_results, default_config, load_cfg, study_argument_parser
 
 CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 CONFIG = REPO / "configs" / CONFIG_REL
@@ -76,13 +76,6 @@ def verdict(ap: float, sweep: dict, num_seeds: int, fresh_runs=None) -> str:
     if wide == "inside":
         return line + f"; seeds understate the run-to-run spread: it is inside the spread to expect {spread}"
     return line + f" and {wide} the spread to expect {spread}"
-
-
-def bbox_results(results) -> dict:
-    """The ``bbox`` metrics of ``train_net.main``'s results (of the first test set)."""
-    if not results:
-        return {}
-    return dict((results if "bbox" in results else next(iter(results.values()))).get("bbox", {}))
 
 
 def format_results(results: dict, dataset: str) -> str:

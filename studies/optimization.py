@@ -81,8 +81,7 @@ def _checkpoint_state(path):
 
 
 def load_proposer(cfg, weights):
-    """The frozen proposer of the "proposals" mode: a ``RetinaNet`` of ``cfg`` with ``weights``
-    loaded strictly (ValueError listing the differences), eval mode, no gradients."""
+    """The frozen RetinaNet proposer of the "proposals" mode, ``weights`` loaded strictly."""
     if not weights:
         raise ValueError("OPTIMIZATION_STUDY.NEGATIVE_MODE 'proposals' needs proposal weights "
                          f"(OPTIMIZATION_STUDY.PROPOSAL_WEIGHTS / --proposal-weights): {PROPOSAL_WEIGHTS_HINT}")
@@ -110,11 +109,7 @@ def load_proposer(cfg, weights):
 
 @META_ARCH_REGISTRY.register()
 class OptimizationStudyRetinaNet(APLossRetinaNet):
-    """``APLossRetinaNet`` whose loss sees, per image, only the positives and the top
-    ``num_negatives`` anchors of a frozen ``proposer`` ("proposals") or ``num_negatives`` random
-    background anchors ("random"); -1 keeps all. The proposer is a plain attribute (outside the
-    optimizer and the checkpoints). Keeps the last batch in ``last_batch`` for
-    :class:`ExactAPLossHook`."""
+    """``APLossRetinaNet`` whose loss sees only the positives and N selected negatives (docs/studies.md)."""
 
     @configurable
     def __init__(self, *, num_negatives: int = -1, negative_mode: str = "proposals",
@@ -202,9 +197,7 @@ class OptimizationStudyRetinaNet(APLossRetinaNet):
 
 
 class ExactAPLossHook(HookBase):
-    """Every ``period`` iterations and at the last one: the exact AP-loss (Heaviside, not
-    interpolated) of the batch just trained on, as ``optim_study/*`` scalars; nothing for a
-    batch without positives."""
+    """Every ``period`` iterations: the exact AP-loss of the batch just trained on (``optim_study/*``)."""
 
     def __init__(self, period: int):
         self.period = int(period)
@@ -230,8 +223,7 @@ class ExactAPLossHook(HookBase):
 
 
 class StudyTrainer(Trainer):
-    """The project's Trainer without evaluation, with :class:`ExactAPLossHook` and the writers
-    (console, ``metrics.json``) every ``OPTIMIZATION_STUDY.RECORD_PERIOD`` iterations."""
+    """The project's Trainer without evaluation, with :class:`ExactAPLossHook` and its writers."""
 
     def build_hooks(self):
         period = self.cfg.OPTIMIZATION_STUDY.RECORD_PERIOD
@@ -271,8 +263,7 @@ def parse_negatives(values: Sequence, negative_mode: str = "random") -> List[int
 def build_run_cfg(config_file, method, num_negatives, iters, output_dir, *, negative_mode="proposals",
                   proposal_weights="", init_weights="", record_period=5, checkpoint_period=100,
                   seed=0, opts=()):
-    """The frozen config of one run: ``config_file``, the study's settings (schedule scaled to
-    ``iters``, box regression and evaluation off), ``opts``, then ``init_weights`` if given."""
+    """The frozen config of one run: ``config_file``, the study's settings, ``opts``, ``init_weights``."""
     cfg = get_ap_loss_cfg()
     cfg.OPTIMIZATION_STUDY = CN()  # the study model's and trainer's keys
     cfg.OPTIMIZATION_STUDY.NUM_NEGATIVES = -1
@@ -316,9 +307,7 @@ def _final(values, fraction):
 def run_one(config_file, method, num_negatives, iters, run_dir, *, negative_mode="proposals",
             proposal_weights=None, init_weights=None, record_period=5, checkpoint_period=100, seed=0,
             opts=(), final_fraction=0.2, keep_checkpoints=False, keep_final=False):
-    """Train one (method, N) run from ``init_weights`` (else the config's), resuming an
-    interrupted one, or load it when finished; returns ``study_result.json``'s dict.
-    ``keep_final``: keep ``model_final.pth`` (the snapshot)."""
+    """Train, resume or load one (method, N) run; returns ``study_result.json``'s dict."""
     run_dir, num_negatives = Path(run_dir), int(num_negatives)
     uses_proposals = negative_mode == "proposals" and num_negatives >= 0
     settings = dict(
@@ -447,8 +436,7 @@ def _level_data(method, n, r, negative_mode, from_snapshot):
 
 def report_fig8b(results: Dict[str, Dict[int, dict]], output_dir: Path, *, negative_mode: str = "random",
                  from_snapshot: Optional[Dict[str, Dict[int, dict]]] = None, snapshot: Optional[dict] = None):
-    """fig8b.json / .md / .png from ``{method: {N: result}}`` and optionally the runs
-    ``from_snapshot`` (same shape) initialised from ``snapshot``; fields: docs/studies.md."""
+    """fig8b.json / .md / .png from ``{method: {N: result}}`` (and the snapshot runs); docs/studies.md."""
     proposals = negative_mode == "proposals"
 
     def table(res, snap):
@@ -467,25 +455,18 @@ def report_fig8b(results: Dict[str, Dict[int, dict]], output_dir: Path, *, negat
     write_json(output_dir / "fig8b.json", data)
     first = next(iter(methods.values()))
     if proposals:
-        lines = ["# Fig. 8b: final AP-loss vs proposals per image", "",
-                 "Valid samples of each image: the top-N anchors by the objectness of a frozen, "
-                 "pre-trained RetinaNet (regression off: the proposals are anchors) united with the "
-                 "positive anchors; the other anchors are ignored. Final AP-loss of the training "
-                 "batch over the valid samples (in parentheses: with all negatives). Header: N (mean "
-                 "background anchors among the valid samples per image)."]
         w = settings["proposal_weights"]
-        lines += ["", f"Proposer: `{w['path']}` (sha256 {w['sha256'][:12]})."] if w else []
+        lines = ["# Fig. 8b: final AP-loss vs proposals per image", "",
+                 "Valid samples: the top-N anchors of a frozen RetinaNet and the positives (docs/studies.md)."
+                 + (f" Proposer: `{w['path']}` (sha256 {w['sha256'][:12]})." if w else "")]
     else:
         lines = ["# Fig. 8b (random mode): final AP-loss vs background anchors kept per image", "",
-                 "RANDOM negatives (not the paper's Fig. 8b, which uses RPN proposals): N background "
-                 "anchors per image drawn at random every iteration. Final AP-loss of the training "
-                 "batch, ranked with the negatives the loss sees (in parentheses: with all negatives). "
-                 "The mean number of background anchors kept per image is in the header."]
+                 "RANDOM negatives (not the paper's Fig. 8b, which uses RPN proposals): N per image (docs/studies.md)."]
+    lines[-1] += (" Final AP-loss of the training batch (in parentheses: with all negatives); header: N (mean "
+                  "background anchors kept per image).")
     if snapshot is not None:
-        lines += ["", f"Rows \"from snapshot\" (dashed in the plot): initialised from `{snapshot['run']}`, "
-                      f"trained from the default initialisation with `{snapshot['method']}` and N = "
-                      f"{negatives_label(snapshot['num_negatives'])} for {snapshot['iters']} iterations "
-                      f"(its final AP-loss: {fmt_loss(snapshot.get('final_ap_loss'))})."]
+        lines += ["", f"Rows \"from snapshot\" (dashed): initialised from `{snapshot['run']}` (final AP-loss "
+                      f"{fmt_loss(snapshot.get('final_ap_loss'))})."]
     count = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
     lines += ["", "| method | " + " | ".join(f"{lv} ({count(d['neg_anchors_per_image'])})" for lv, d in first.items())
               + " |", "|---|" + "---:|" * len(first)]
@@ -512,9 +493,7 @@ def run_study(output_dir, *, config_file=DEFAULT_CONFIG, methods=DEFAULT_METHODS
               snapshot_proposals=None, snapshot_iters=None, snapshot_negatives=None, iters=200,
               record_period=5, checkpoint_period=100, seed=0, opts=(), final_fraction=0.2,
               keep_checkpoints=False):
-    """Run parts ``a`` and/or ``b`` (every method, every N of ``negatives``; with
-    ``snapshot_proposals`` also the runs from a snapshot) and write their reports. Returns
-    ``{"a": ..., "b": ...}``, the data of ``fig8a.json`` / ``fig8b.json``."""
+    """Run parts ``a`` and/or ``b`` and write their reports; returns ``{"a": ..., "b": ...}``."""
     output_dir = Path(output_dir)
     for m in methods:
         if m not in cls_loss_names("retinanet"):
@@ -543,7 +522,8 @@ def run_study(output_dir, *, config_file=DEFAULT_CONFIG, methods=DEFAULT_METHODS
         snapshot = dict(method=SNAPSHOT_METHOD, num_negatives=snap_n, iters=snap_iters,
                         run=f"snapshot_{run_name(SNAPSHOT_METHOD, snap_n, negative_mode)}_{snap_iters}it")
     elif snapshot_iters is not None or snapshot_negatives is not None:
-        raise ValueError("--snapshot-iters / --snapshot-negatives need --snapshot-proposals (the N of the snapshot run)")
+        raise ValueError("--snapshot-iters / --snapshot-negatives need --snapshot-proposals "
+                         "(the N of the snapshot run)")
     if negative_mode == "proposals" and (any(n >= 0 for n in levels) or (snapshot or {}).get("num_negatives", -1) >= 0):
         if not proposal_weights:
             raise ValueError(f"--negative-mode proposals needs --proposal-weights: {PROPOSAL_WEIGHTS_HINT}")

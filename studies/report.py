@@ -86,7 +86,8 @@ def table2(rows, digits) -> str:
 
 
 def details_table(rows, digits, rel) -> str:
-    body = [[r["label"], r["detector"], r["dataset"], fmt_num(r["iteration"]), *(fmt_num(r[m], digits) for m in METRICS),
+    body = [[r["label"], r["detector"], r["dataset"], fmt_num(r["iteration"]),
+             *(fmt_num(r[m], digits) for m in METRICS),
              r["status"], f"`{rel(r['run_dir'])}`"] for r in rows]
     return markdown_table(["Training Loss", "detector", "test set", "iteration", *METRICS, "status", "run folder"],
                           body, align="lllrrrrll")

@@ -37,9 +37,7 @@ def _round(v: float) -> int:
 
 
 def center_patch_region(box, height: int, width: int):
-    """Integer pixel region ``(x0, y0, x1, y1)`` (end exclusive) of the centre patch of ``box``:
-    half the box's width and height (rounded half up, at least 1 pixel), centred on the box
-    centre, clipped to the image. None if it falls outside the image."""
+    """Pixel region (x0, y0, x1, y1), end exclusive, of the half-size centre patch of ``box``; None if outside."""
     bx0, by0, bx1, by1 = (float(v) for v in box)
     pw = max(1, _round((bx1 - bx0) / 2))
     ph = max(1, _round((by1 - by0) / 2))
@@ -53,8 +51,7 @@ def center_patch_region(box, height: int, width: int):
 
 
 def check_image_boxes(image, boxes):
-    """``(image, boxes)`` as an HxWxC uint8 array and (B, 4) float64 XYXY boxes; ValueError
-    naming the image's dtype and shape otherwise."""
+    """``(image, boxes)`` as HxWxC uint8 and (B, 4) float64 XYXY; ValueError naming a wrong dtype/shape."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"expected an HxWxC uint8 image, got {image.dtype} {image.shape}")
@@ -92,8 +89,7 @@ FLIP_MODES = ("left_right", "top_bottom", "both")
 
 
 def flip_patch(image, boxes, rng, stats=None):
-    """Replace the centre patch of every box by itself flipped left/right, top/bottom or both
-    (uniformly at random per box; the mode counts go to ``stats["flip_<mode>"]``)."""
+    """Flip the centre patch of every box (random mode per box, counted in ``stats["flip_<mode>"]``)."""
     def flipped(im, x0, y0, x1, y1):
         mode = FLIP_MODES[int(rng.integers(len(FLIP_MODES)))]
         count(stats, f"flip_{mode}")
@@ -103,8 +99,7 @@ def flip_patch(image, boxes, rng, stats=None):
 
 
 def box_mask(boxes, height: int, width: int) -> np.ndarray:
-    """Boolean HxW mask of the pixels touched by any box (box ``[x0, x1]`` covers the columns
-    ``floor(x0) .. ceil(x1) - 1``)."""
+    """Boolean HxW mask of the pixels any box touches (columns ``floor(x0) .. ceil(x1) - 1``)."""
     mask = np.zeros((height, width), dtype=bool)
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
@@ -122,8 +117,7 @@ def _window_sums(mask: np.ndarray, ph: int, pw: int) -> np.ndarray:
 
 
 def random_patch(image, boxes, rng, stats=None):
-    """Replace the centre patch of every box by a same-size region outside every box, uniformly
-    chosen (else the least-overlapping one, counted as ``random_patch_fallbacks``)."""
+    """Replace each box's centre patch by a random same-size box-free region (see docs/studies.md)."""
     mask = box_mask(boxes, *np.asarray(image).shape[:2])
 
     def elsewhere(im, x0, y0, x1, y1):
@@ -191,9 +185,7 @@ def frozen_params(model):
 
 
 def score_logits(model, logits: torch.Tensor) -> torch.Tensor:
-    """``log(p / (1 - p))`` of the test-time scores ``p`` of ``(..., K)`` head logits: the logits
-    themselves for sigmoid scoring; for a loss with its own ``scores`` (``ce_ohem``)
-    the logit of those scores (clamped to [1e-12, 1 - 1e-7])."""
+    """Logit of the test-time scores of ``(..., K)`` head logits (a loss's own ``scores``, e.g. ce_ohem)."""
     loss = getattr(model, "cls_loss", None)
     if loss is None or type(loss).scores is ClsLoss.scores:  # per-class sigmoids
         return logits
@@ -212,9 +204,7 @@ def _batch_inputs(model, images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def matched_score_logits(model, images: Sequence[torch.Tensor], gt_instances: Sequence[Instances]):
-    """Per image, the score logit (:func:`score_logits`) of every anchor the model's matcher
-    assigns to a ``gt_instances`` object, at its class; differentiable w.r.t. ``images``
-    ((C, H, W) float, the model's input format)."""
+    """Per image, the score logits of the anchors matched to ``gt_instances`` at their class."""
     check_attack_model(model, "attack")
     features = model.backbone(_batch_inputs(model, images))
     features = [features[f] for f in model.head_in_features]
@@ -232,8 +222,7 @@ def matched_score_logits(model, images: Sequence[torch.Tensor], gt_instances: Se
 
 
 class AttackExample:
-    """A record with its decoded image, all its boxes (crowd included), the test size and
-    ``Instances`` of the non-crowd objects in test coordinates."""
+    """A record, its image and boxes, the test size and its non-crowd ``Instances`` in test coordinates."""
 
     def __init__(self, record, image, boxes, size, instances, test_image):
         self.record, self.image, self.boxes = record, image, boxes
@@ -281,8 +270,7 @@ def resize_patch(patch: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def paste_patch_tensor(image: torch.Tensor, boxes, patch: torch.Tensor) -> torch.Tensor:
-    """``image`` (C, H, W) float with ``patch`` (C, S, S, pixel units) resized into the centre
-    region of every box (XYXY, image coordinates); differentiable w.r.t. ``patch``."""
+    """``image`` (C, H, W) with ``patch`` resized into every box's centre region; differentiable."""
     out = image.clone()
     h, w = image.shape[1:]
     for x0, y0, x1, y1 in _regions(boxes, h, w):
@@ -291,8 +279,7 @@ def paste_patch_tensor(image: torch.Tensor, boxes, patch: torch.Tensor) -> torch
 
 
 class AdversarialPatch:
-    """The test-time perturbation of a trained (S, S, C) uint8 patch (``cfg.INPUT.FORMAT``):
-    resized into each box's centre region as in training, rounded."""
+    """The test-time perturbation of a trained (S, S, C) uint8 patch, pasted as in training."""
 
     def __init__(self, patch):
         patch = np.asarray(patch)
@@ -316,8 +303,7 @@ def _patch_terms(model, examples, patch):
 
 
 def patch_objective(model, examples: Sequence[AttackExample], patch: torch.Tensor) -> torch.Tensor:
-    """Mean ``softplus`` of the matched anchors' score logits with ``patch`` ((C, S, S), 0..255)
-    pasted into every box of ``examples``: what :func:`train_adversarial_patch` minimises."""
+    """Mean softplus of the matched anchors' score logits with ``patch`` pasted: the patch objective."""
     terms = _patch_terms(model, examples, patch)
     if terms.numel() == 0:
         return patch.sum() * 0.0
@@ -325,16 +311,15 @@ def patch_objective(model, examples: Sequence[AttackExample], patch: torch.Tenso
 
 
 def _check_positive(name, value, kind=int):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or (kind is int and int(value) != value):
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
+            or (kind is int and int(value) != value)):
         raise ValueError(f"{name}={value!r}: expected a positive {kind.__name__}")
 
 
 def train_adversarial_patch(model, examples: Sequence[AttackExample], *, steps: int = 100,
                             lr: float = 0.02, batch_size: int = 8, size: int = 32, seed: int = 0,
                             log: Optional[Callable[[str], None]] = None) -> Dict:
-    """One universal patch trained by Adam against ``model`` on ``examples`` (docs/studies.md):
-    ``patch`` ((S, S, C) uint8), ``objective`` per step, ``initial_objective`` /
-    ``final_objective`` on all ``examples``, and the settings."""
+    """One universal patch trained by Adam against ``model`` on ``examples`` (docs/studies.md)."""
     check_attack_model(model, "advs_patch")
     for name, value, kind in (("steps", steps, int), ("lr", lr, float),
                               ("batch_size", batch_size, int), ("size", size, int)):
@@ -385,9 +370,7 @@ def patch_to_rgb_uint8(patch, image_format: str) -> np.ndarray:
 
 def deepfool_binary(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
                     max_iter: int = 50, overshoot: float = 0.02, step_eps: float = 1e-4) -> Dict:
-    """Binary DeepFool (Algorithm 1 with the authors' ``step_eps`` and overshoot) driving the
-    scalar ``f`` below 0 from ``x0``: ``r``, ``success``, ``iterations``, ``f0``, ``f``,
-    ``first_step`` and ``reason`` (success, already, max_iter, zero_gradient, non_finite)."""
+    """Binary DeepFool driving the scalar ``f`` below 0 from ``x0``; fields: docs/studies.md."""
     _check_positive("deepfool max_iter", max_iter, int)
     if not (isinstance(overshoot, (int, float)) and overshoot >= 0):
         raise ValueError(f"deepfool overshoot={overshoot!r}: expected a number >= 0")
@@ -418,8 +401,7 @@ def deepfool_binary(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
 
 
 def detector_margin(model, instances: Instances, threshold: float):
-    """``f(x) = max_a g_a(x) - logit(threshold)`` over the anchors matched to ``instances``, a
-    function of the model input ``x`` ((C, H, W) float) raising ``_NoMatch`` without any."""
+    """``f(x) = max_a g_a(x) - logit(threshold)`` over the matched anchors; ``_NoMatch`` without any."""
     check_threshold(threshold)
     c = math.log(threshold) - math.log1p(-threshold)
 
@@ -438,8 +420,7 @@ class _NoMatch(Exception):
 
 def deepfool_detector(model, example: AttackExample, *, threshold: float, max_iter: int = 50,
                       overshoot: float = 0.02, keep_perturbation: bool = False) -> Dict:
-    """DeepFool on one image: ``rho``, ``r_norm``, ``x_norm``, ``success``, ``reason``, ...
-    (``perturbation``, the (C, H, W) ``r``, if ``keep_perturbation``)."""
+    """DeepFool on one image: ``rho``, ``r_norm``, ``x_norm``, ``success``, ``reason``, ..."""
     check_attack_model(model, "deepfool")
     x0 = _hwc_to_tensor(example.test_image).to(next(model.parameters()).device)
     res = dict(image_id=example.image_id, objects=len(example.instances))
@@ -464,8 +445,7 @@ def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int]
                      threshold: Optional[float] = None, max_iter: int = 50,
                      overshoot: float = 0.02, scale: float = 1000.0,
                      log: Optional[Callable[[str], None]] = None) -> Dict:
-    """DeepFool on the first ``max_images`` images of ``dataset_name``: per-image results, ``rho``
-    (mean ``||r|| / ||x||`` over the successes), ``rho * scale``, the success rate and counts."""
+    """DeepFool on the first ``max_images`` images: per-image results, ``rho``, ``rho * scale``, counts."""
     check_attack_model(model, "deepfool")
     _check_positive("deepfool scale", scale, float)
     threshold = model.test_score_thresh if threshold is None else threshold
@@ -487,7 +467,8 @@ def deepfool_dataset(cfg, model, dataset_name: str, *, max_images: Optional[int]
         rho=rho, rho_scaled=None if rho is None else rho * scale, scale=scale,
         rho_median=float(np.median([r["rho"] for r in succ])) if succ else None,
         success_rate=len(succ) / len(attacked) if attacked else None, images=len(per_image),
-        attacked=len(attacked), succeeded=len(succ), already_undetected=sum(r["reason"] == "already" for r in per_image),
+        attacked=len(attacked), succeeded=len(succ),
+        already_undetected=sum(r["reason"] == "already" for r in per_image),
         no_objects=sum(r["reason"] in ("no_objects", "no_matched_anchor") for r in per_image),
         mean_iterations=float(np.mean([r["iterations"] for r in succ])) if succ else None,
         threshold=float(threshold), max_iter=int(max_iter), overshoot=float(overshoot), per_image=per_image)
@@ -534,8 +515,7 @@ class PerturbTransform(T.Transform):
 
 
 class PerturbAugmentation(T.Augmentation):
-    """A :class:`PerturbTransform` of ``fn`` from the ``AugInput``'s ``boxes`` and
-    ``image_seed`` (no per-image state on the augmentation)."""
+    """A :class:`PerturbTransform` of ``fn`` from the input's ``boxes`` and ``image_seed``."""
 
     def __init__(self, fn):
         super().__init__()
@@ -547,9 +527,7 @@ class PerturbAugmentation(T.Augmentation):
 
 
 class PerturbedDatasetMapper(BoxAwareDatasetMapper):
-    """Detectron2's test mapper whose first augmentation applies ``perturbation`` (or ``fn``, e.g.
-    an :class:`AdversarialPatch`) with the record's boxes and the image's seed; returned dicts
-    carry ``"perturbation": {"name", "image_id", <per-image stats>}``."""
+    """Detectron2's test mapper perturbing each image first (``perturbation`` or ``fn``); docs/studies.md."""
 
     include_crowd = True
 
@@ -612,8 +590,7 @@ def _metric(results, key):
 
 
 def plot_examples(dataset_name, perturbations, seed, path, fns=None, image_format="RGB"):
-    """Every image perturbation (``fns``: extra name -> function) of the first image of
-    ``dataset_name``, boxes drawn, in one figure."""
+    """Every perturbation (``fns``: extra ones) of the first image of ``dataset_name`` in one figure."""
     fns = dict(PERTURBATIONS, **(fns or {}))
     perturbations = [p for p in perturbations if p in fns]
     record = DatasetCatalog.get(dataset_name)[0]
@@ -645,8 +622,7 @@ def column_header(pert, report=None):
 
 
 def build_table(report, metric=None, digits=1):
-    """Table 3 as markdown: one row per run, one column per perturbation (``metric``; the
-    DeepFool column: its scaled mean rho, with one more decimal)."""
+    """Table 3 as markdown: one row per run, one column per perturbation (DeepFool: scaled mean rho)."""
     metric = metric or report["metric"]
     perts = report["perturbations"]
     rows = [[run["label"]] + [_cell(run, metric, p, digits) for p in perts]
@@ -703,7 +679,8 @@ def run_advs_patch(args, cfg, model, run_index, out):
     """Train the run's patch, save it as PNG; ``(AdversarialPatch, summary dict)``."""
     dataset = args.patch_dataset or cfg.DATASETS.TRAIN[0]
     res = train_adversarial_patch(
-        model, load_examples(cfg, dataset, args.patch_images), steps=args.patch_steps, lr=args.patch_lr, batch_size=args.patch_batch,
+        model, load_examples(cfg, dataset, args.patch_images), steps=args.patch_steps, lr=args.patch_lr,
+        batch_size=args.patch_batch,
         size=args.patch_size, seed=args.patch_seed, log=lambda m: progress(STUDY, "    " + m))
     name = f"advs_patch_run{run_index}.png"
     from PIL import Image
@@ -732,15 +709,13 @@ def main(argv=None):
         "figures": []
     }
     if "advs_patch" in args.perturbations:
-        report["advs_patch"] = dict(
-            dataset=args.patch_dataset, images=args.patch_images, steps=args.patch_steps,
-            lr=args.patch_lr, batch_size=args.patch_batch, size=args.patch_size,
-            seed=args.patch_seed)
+        report["advs_patch"] = dict(dataset=args.patch_dataset, images=args.patch_images, steps=args.patch_steps,
+                                    lr=args.patch_lr, batch_size=args.patch_batch, size=args.patch_size,
+                                    seed=args.patch_seed)
     if "deepfool" in args.perturbations:
         report["deepfool"] = dict(
-            images=args.deepfool_images, max_iter=args.deepfool_max_iter,
-            overshoot=args.deepfool_overshoot, score_thresh=args.deepfool_score_thresh,
-            scale=args.deepfool_scale,
+            images=args.deepfool_images, max_iter=args.deepfool_max_iter, overshoot=args.deepfool_overshoot,
+            score_thresh=args.deepfool_score_thresh, scale=args.deepfool_scale,
             definition="rho = mean over images attacked successfully of ||r||_2 / ||x||_2 "
                        "(x: test-resized input, pixel units); binary DeepFool on "
                        "max over matched anchors of score logit - logit(threshold)")
@@ -800,29 +775,14 @@ def main(argv=None):
     if any(fallbacks.values()):
         md.append(f"Random patch fallbacks (no box-free region): {fallbacks}")
     if "advs_patch" in args.perturbations:
-        a = report["advs_patch"]
-        md += ["", f"Advs-Patch: one {a['size']}x{a['size']} patch per run, {a['steps']} Adam "
-                   f"steps (step size {a['lr']:g}, {a['batch_size']} images per step, seed "
-                   f"{a['seed']}) on the first {a['images']} images of the patch dataset, "
-                   "minimising the mean softplus of the matched anchors' score logits at their "
-                   "object's class; pasted resized into the centre half-box of every object. "
-                   "Objective on the training images, initial -> final patch: " + "; ".join(
-                       f"{r['label']} {r['advs_patch']['initial_objective']:.4f} -> "
-                       f"{r['advs_patch']['final_objective']:.4f} (`{r['advs_patch']['file']}`)"
-                       for r in report["runs"] if "advs_patch" in r)]
+        md += ["", "Advs-Patch objective (docs/studies.md), initial -> final patch: " + "; ".join(
+            f"{r['label']} {r['advs_patch']['initial_objective']:.4f} -> {r['advs_patch']['final_objective']:.4f} "
+            f"(`{r['advs_patch']['file']}`)" for r in report["runs"] if "advs_patch" in r)]
     if "deepfool" in args.perturbations:
-        d = report["deepfool"]
-        md += ["", f"DeepFool: rho = mean ||r||_2 / ||x||_2 over the images attacked "
-                   f"successfully, times {d['scale']:g} (larger = more robust); binary DeepFool "
-                   f"(overshoot {d['overshoot']:g}, at most {d['max_iter']} steps) on the max "
-                   "over the anchors matched to the objects of the score logit at the object's "
-                   "class minus logit(score threshold). Per run: " + "; ".join(
-                       f"{r['label']} succeeded {r['deepfool']['succeeded']}/"
-                       f"{r['deepfool']['attacked']} attacked images ("
-                       f"{r['deepfool']['already_undetected']} already below the threshold "
-                       f"{r['deepfool']['threshold']:g}, {r['deepfool']['no_objects']} without "
-                       f"matched objects, of {r['deepfool']['images']})"
-                       for r in report["runs"] if "deepfool" in r)]
+        scale = report["deepfool"]["scale"]
+        md += ["", f"DeepFool rho x {scale:g} (docs/studies.md); succeeded/attacked: " + "; ".join(
+            f"{r['label']} {r['deepfool']['succeeded']}/{r['deepfool']['attacked']} of {r['deepfool']['images']}"
+            for r in report["runs"] if "deepfool" in r)]
     if report["figures"]:
         md += ["", "![perturbation examples](robustness.png)"]
     write_study_outputs(out, STUDY, report, md, table)

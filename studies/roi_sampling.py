@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from .common import (
-    check_run_settings, cls_loss_label, default_config, fmt_num, markdown_table, metrics_by_iteration,
-    number, read_json, save_figure, scaled_schedule, study_argument_parser, subplots, to_jsonable,
-    train_net_process, write_json
+    bbox_results, build_model_for_run, check_run_settings, cls_loss_label, default_config, fmt_num, load_cfg,
+    markdown_table, metrics_by_iteration, number, read_json, save_figure, scaled_schedule, study_argument_parser,
+    subplots, to_jsonable, train_net_process, write_json
 )
 
 CONFIG_REL = "FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
@@ -38,15 +38,6 @@ def build_parser():
     return parser
 
 
-def _merged_cfg(config_file, opts):
-    from ap_loss_d2.engine import get_ap_loss_cfg
-
-    cfg = get_ap_loss_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 def run_overrides(base_cfg, loss, size, iters):
     """The study's overrides of one run (the user's overrides are appended after them)."""
     opts = ["MODEL.CLS_LOSS.NAME", loss, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", str(size),
@@ -60,16 +51,10 @@ def run_overrides(base_cfg, loss, size, iters):
 
 def evaluate(settings, run_dir):
     """Evaluate ``run_dir/model_final.pth`` with the project's evaluator; returns its output."""
-    from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, validate_cfg
+    from ap_loss_d2.engine import Trainer
 
-    cfg = _merged_cfg(settings["config"], settings["overrides"])
-    cfg.OUTPUT_DIR = str(run_dir)
-    cfg.MODEL.WEIGHTS = str(Path(run_dir) / "model_final.pth")
-    validate_cfg(cfg)
-    cfg.freeze()
-    model = Trainer.build_model(cfg)
-    SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
-    return Trainer.test(cfg, model)
+    cfg = load_cfg(settings["config"], [*settings["overrides"], "OUTPUT_DIR", str(run_dir)])
+    return Trainer.test(cfg, build_model_for_run(cfg, str(Path(run_dir) / "model_final.pth")))
 
 
 def mean_sampled_rois(run_dir):
@@ -109,7 +94,8 @@ def write_report(output_dir, records, meta):
     (output_dir / f"{REPORT}.md").write_text("\n".join(lines))
     fig, ax = subplots(figsize=(6, 4))
     for loss in losses:
-        points = sorted((r["batch_size_per_image"], r["AP"]) for r in records if r["loss"] == loss and r["AP"] is not None)
+        points = sorted((r["batch_size_per_image"], r["AP"]) for r in records
+                        if r["loss"] == loss and r["AP"] is not None)
         if points:
             ax.plot(*zip(*points), marker="o", label=cls_loss_label(loss))
     ax.set(xticks=sorted(sizes), xlabel="number of RoI samples per image", ylabel="AP",
@@ -145,7 +131,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     _log_detectron2(output_dir / "eval_log.txt", args.verbose)
-    base = _merged_cfg(config, opts)
+    base = load_cfg(config, opts)
     meta = {"config": config, "iters": args.iters if args.iters is not None else base.SOLVER.MAX_ITER,
             "sizes": sizes, "losses": losses, "positive_fraction": POSITIVE_FRACTION, "overrides": opts,
             "test_datasets": list(base.DATASETS.TEST)}
@@ -183,7 +169,7 @@ def main(argv=None):
         # pycocotools prints its tables: kept in the evaluation log unless --verbose
         with open(output_dir / "eval_log.txt", "a") as f, contextlib.redirect_stdout(sys.stdout if args.verbose else f):
             results = evaluate(settings, run_dir)
-        bbox = (results if "bbox" in results else results[meta["test_datasets"][0]])["bbox"]
+        bbox = bbox_results(results)
         record = to_jsonable({"loss": loss, "batch_size_per_image": size, **{k: float(bbox[k]) for k in METRICS},
                               "mean_sampled_rois_per_image": mean_sampled_rois(run_dir),
                               "output_dir": str(run_dir), "results": results})

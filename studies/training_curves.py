@@ -7,7 +7,7 @@ from pathlib import Path
 from ap_loss_d2.data import register_datasets
 
 from .common import (
-    build_model_for_run, dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress,
+    bbox_results, build_model_for_run, dataset_subset, fmt_num, load_cfg, loss_label, markdown_table, progress,
     read_json, save_figure, study_argument_parser, subplots, timestamp, unique_labels, write_json, write_study_outputs
 )
 
@@ -48,10 +48,7 @@ def evaluate_checkpoint(cfg, weights) -> dict:
     """``{"AP": .., "AP50": .., "AP75": ..}`` of ``weights`` on ``cfg.DATASETS.TEST[0]`` (Trainer.test)."""
     from ap_loss_d2.engine import Trainer
 
-    results = Trainer.test(cfg, build_model_for_run(cfg, weights))
-    if cfg.DATASETS.TEST[0] in results:
-        results = results[cfg.DATASETS.TEST[0]]
-    bbox = results.get("bbox", {})
+    bbox = bbox_results(Trainer.test(cfg, build_model_for_run(cfg, weights)))
     point = {m: bbox.get(m) for m in METRICS}
     if not bbox:  # Detectron2's evaluators return nothing without a single detection
         point["note"] = "no detections above the test score threshold"
@@ -131,7 +128,8 @@ def main(argv=None):
         cfg = cfg.clone()
         cfg.defrost()
         cfg.DATASETS.TEST = (dataset,)
-        cfg.OUTPUT_DIR = str(out / "_eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}_{len(report_runs)}" if args.group else label))
+        name = f"{label}_{len(report_runs)}" if args.group else label
+        cfg.OUTPUT_DIR = str(out / "_eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
         cfg.freeze()
         config_hash = _config_hash(cfg)
         points = []
@@ -173,7 +171,8 @@ def main(argv=None):
     save_figure(fig, png, dpi=100)
 
     if groups is None:
-        rows = [[run["label"], q["iteration"]] + (["no detections"] * len(METRICS) if q.get("note") else [fmt_num(q.get(m)) for m in METRICS])
+        rows = [[run["label"], q["iteration"]]
+                + (["no detections"] * len(METRICS) if q.get("note") else [fmt_num(q.get(m)) for m in METRICS])
                 for run in report_runs for q in run["points"]]
         table = markdown_table(["run", "iteration"] + list(METRICS), rows)
     else:

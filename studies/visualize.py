@@ -74,7 +74,8 @@ def main(argv=None):
 
     out, specs, resolved, labels, dataset = prepare_runs(args)
     if dataset not in DatasetCatalog.list():
-        raise KeyError(f"--dataset {dataset!r} is not registered; registered: {', '.join(sorted(DatasetCatalog.list()))}")
+        raise KeyError(f"--dataset {dataset!r} is not registered; "
+                       f"registered: {', '.join(sorted(DatasetCatalog.list()))}")
     dicts = DatasetCatalog.get(dataset)[: args.num_images]
     metadata = MetadataCatalog.get(dataset)
     num_classes = len(metadata.get("thing_classes", []))
@@ -84,7 +85,8 @@ def main(argv=None):
     for m, ((cfg, _), spec, label) in enumerate(zip(resolved, specs, labels)):
         progress(STUDY, f"{label}: {len(dicts)} images of {dataset}")
         model = build_model_for_run(cfg, spec.weights)
-        k = cfg.MODEL.RETINANET.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet") else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        retina = cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet")
+        k = cfg.MODEL.RETINANET.NUM_CLASSES if retina else cfg.MODEL.ROI_HEADS.NUM_CLASSES
         if num_classes and k != num_classes:
             raise ValueError(f"run {label!r} predicts {k} classes but {dataset!r} has {num_classes}")
         for i, d in enumerate(dicts):
@@ -92,7 +94,8 @@ def main(argv=None):
             drawn[i][m] = _draw(image, instances, metadata)
             records[i]["detections"][label] = [
                 {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "class": int(c)}
-                for b, s, c in zip(instances.pred_boxes.tensor.tolist(), instances.scores.tolist(), instances.pred_classes.tolist())
+                for b, s, c in zip(instances.pred_boxes.tensor.tolist(), instances.scores.tolist(),
+                                   instances.pred_classes.tolist())
             ]
 
     row_titles = [Path(r["file_name"]).name for r in records]
