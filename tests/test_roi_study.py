@@ -120,6 +120,7 @@ def _same(reported, evaluated):
     return reported == evaluated
 
 
+@pytest.mark.slow  # trains the study's runs in processes
 def test_report_files(study, capsys):
     out, records = study
     assert [(r["loss"], r["batch_size_per_image"]) for r in records] == [
