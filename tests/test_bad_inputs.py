@@ -24,6 +24,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tests.bad_input import message  # noqa: E402
 from ap_loss_d2 import ap_loss  # noqa: E402
 from ap_loss_d2.data import SyntheticShapesSpec, load_validated_coco_json, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, get_ap_loss_cfg, launch  # noqa: E402
@@ -521,12 +522,6 @@ SLOW_ROWS = [
 ]
 
 
-def _message(call, tmp_path):
-    try:
-        out = call(tmp_path)
-    except Exception as e:  # noqa: BLE001 -- the message is what is tested
-        return f"{type(e).__name__}: {e}"
-    return out if isinstance(out, str) else f"returned {out!r}"
 
 
 @pytest.mark.parametrize(
@@ -534,7 +529,7 @@ def _message(call, tmp_path):
     [pytest.param(*r, id=r[0]) for r in ROWS] + [pytest.param(*r, id=r[0], marks=pytest.mark.slow) for r in SLOW_ROWS],
 )
 def test_bad_input(case, call, pattern, tmp_path):
-    text = _message(call, tmp_path)
+    text = message(call, tmp_path)
     assert re.search(pattern, text, re.S), f"{case}: {pattern!r} not found in:\n{text}"
     assert "weights_only=False" not in text and "weights_only` set to `False" not in text
 

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from tests.bad_input import message  # noqa: E402
 from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, get_ap_loss_cfg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,16 +159,10 @@ ALLOWED = [
 ]
 
 
-def _message(call, tmp_path):
-    try:
-        out = call(tmp_path)
-    except Exception as e:  # noqa: BLE001 -- the message is what is tested
-        return f"{type(e).__name__}: {e}"
-    return out if isinstance(out, str) else f"returned {out!r}"
 
 
 @pytest.mark.parametrize("case,call,pattern", [pytest.param(*r, id=r[0]) for r in ROWS + ALLOWED])
 def test_bad_input(case, call, pattern, tmp_path, synth_dataset_dir):
-    text = _message(call, tmp_path)
+    text = message(call, tmp_path)
     assert re.search(pattern, text, re.S), f"{case}: {pattern!r} not found in:\n{text}"
     assert "weights_only=False" not in text

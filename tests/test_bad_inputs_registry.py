@@ -12,6 +12,7 @@ pytest.importorskip("detectron2")
 
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 
+from tests.bad_input import message  # noqa: E402
 from ap_loss_d2.losses.registry import CLS_LOSS_REGISTRY, ClsLoss, cls_loss_names, registry_table  # noqa: E402
 
 LAZY = str(Path(__file__).resolve().parents[1] / "tests/configs/tiny_synth_retinanet_lazy.py")
@@ -64,17 +65,11 @@ ROWS = [
 ]
 
 
-def _message(call, tmp_path):
-    try:
-        out = call(tmp_path)
-    except Exception as e:  # noqa: BLE001 -- the message is what is tested
-        return f"{type(e).__name__}: {e}"
-    return out if isinstance(out, str) else f"returned {out!r}"
 
 
 @pytest.mark.parametrize("case,call,pattern", [pytest.param(*r, id=r[0]) for r in ROWS])
 def test_bad_input(case, call, pattern, tmp_path):
     names = cls_loss_names()
-    text = _message(call, tmp_path)
+    text = message(call, tmp_path)
     assert re.search(pattern, text, re.S), f"{case}: {text}"
     assert cls_loss_names() == names  # the built-in losses are left as they were
