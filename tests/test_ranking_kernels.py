@@ -11,6 +11,7 @@ import torch
 
 from ap_loss_d2.losses.ranking import NonFiniteLogitsError, ap_loss, auc_loss, check_ranking_options
 from tests.ap_oracle import ap_oracle, auc_oracle
+from tests.params import slow_except
 
 FNS = {"ap": (ap_loss, ap_oracle), "auc": (auc_loss, auc_oracle)}
 PIECEWISE = ("linear", "heaviside")
@@ -56,8 +57,8 @@ def _compiled_matches_oracle(kind, step, backend):
     assert int(n_pos) == info["num_pos"] and int(n_neg) == info["num_neg_nontrivial"]
 
 
-@pytest.mark.parametrize("step", PIECEWISE)
-@pytest.mark.parametrize("kind", ["ap", "auc"])
+@pytest.mark.parametrize("step", slow_except(PIECEWISE, fast=("linear",)))
+@pytest.mark.parametrize("kind", slow_except(["ap", "auc"], fast=("ap",)))
 def test_compile_fullgraph_aot_eager_matches_oracle(kind, step):
     _compiled_matches_oracle(kind, step, "aot_eager")
 
