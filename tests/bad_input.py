@@ -1,4 +1,5 @@
 """The message that a bad-input row checks (``tests/test_bad_inputs*.py``): ``(id, call, pattern)``."""
+import logging
 
 
 def message(call, tmp_path) -> str:
@@ -9,3 +10,26 @@ def message(call, tmp_path) -> str:
     except Exception as e:  # noqa: BLE001 -- the message is what is tested
         return f"{type(e).__name__}: {e}"
     return out if isinstance(out, str) else f"returned {out!r}"
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def captured_warnings(fn, *loggers):
+    """Run fn(); return its warnings (from ``loggers``) joined, then ``result=<fn's result>``."""
+    handler = _Capture()
+    loggers = [logging.getLogger(n) for n in loggers or ("fvcore", "ap_loss_d2", "detectron2")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        result = fn()
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    return "\n".join(handler.lines) + f"\nresult={result}"

@@ -8,7 +8,6 @@ one line in ROWS (or SLOW_ROWS for the ones that build a trainer).
 """
 import argparse
 import json
-import logging
 import os
 import pickle
 import re
@@ -24,7 +23,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.bad_input import message  # noqa: E402
+from tests.bad_input import captured_warnings, message  # noqa: E402
 from ap_loss_d2 import ap_loss  # noqa: E402
 from ap_loss_d2.data import SyntheticShapesSpec, load_validated_coco_json, register_synthetic_shapes  # noqa: E402
 from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, get_ap_loss_cfg, launch  # noqa: E402
@@ -61,29 +60,6 @@ def _cfg(tmp, *opts, config=YAML):
     cfg.merge_from_file(config)
     cfg.merge_from_list(["OUTPUT_DIR", str(tmp / "out"), "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
     return cfg
-
-
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-def captured_warnings(fn, *loggers):
-    """Run fn(); return its warnings (from ``loggers``) joined, then ``result=<fn's result>``."""
-    handler = _Capture()
-    loggers = [logging.getLogger(n) for n in loggers or ("fvcore", "ap_loss_d2", "detectron2")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        result = fn()
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    return "\n".join(handler.lines) + f"\nresult={result}"
 
 
 def _tiny_model():

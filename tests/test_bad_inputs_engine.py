@@ -2,7 +2,6 @@
 ``(id, call, pattern)``; ``call(tmp_path)`` raises (the text is ``"<ExceptionType>: <message>"``) or returns text
 (with the warnings it logged); ``pattern`` must match it (``re.S``)."""
 import argparse
-import logging
 import os
 import pickle
 import re
@@ -13,7 +12,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from tests.bad_input import message  # noqa: E402
+from tests.bad_input import captured_warnings, message  # noqa: E402
 from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, get_ap_loss_cfg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,27 +55,6 @@ def _cfg(*opts):
     return cfg
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-def _warnings_of(fn):
-    handler, loggers = _Capture(), [logging.getLogger(n) for n in ("fvcore", "ap_loss_d2", "detectron2")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        result = fn()
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    return "\n".join(handler.lines) + f"\nresult={result}"
-
-
 _MODELS = {}
 
 
@@ -93,7 +71,7 @@ def trained_with(train_loss, eval_loss):
     def call(tmp):
         SafeDetectionCheckpointer(_model(train_loss), str(tmp)).save("m")
         model = _model(eval_loss)
-        return _warnings_of(lambda: (SafeDetectionCheckpointer(model).load(str(tmp / "m.pth")), "loaded")[1])
+        return captured_warnings(lambda: (SafeDetectionCheckpointer(model).load(str(tmp / "m.pth")), "loaded")[1])
 
     return call
 
@@ -102,7 +80,7 @@ def unconverted_weights(tmp):
     """torchvision-style VGG names (an unconverted file) as the weights of a RetinaNet."""
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3), "features.0.bias": torch.zeros(64)}, tmp / "vgg16.pth")
     model = _model("ap")
-    return _warnings_of(lambda: (SafeDetectionCheckpointer(model).load(str(tmp / "vgg16.pth")), "loaded")[1])
+    return captured_warnings(lambda: (SafeDetectionCheckpointer(model).load(str(tmp / "vgg16.pth")), "loaded")[1])
 
 
 class _System:
