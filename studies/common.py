@@ -301,16 +301,6 @@ def unique_labels(labels: Iterable[str]) -> List[str]:
     return out
 
 
-def _reregister(name, loader, metadata):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
-
-
 def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str:
     """A registered dataset of the first ``max_images`` images of ``dataset_name``, its ground truth too."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -322,11 +312,13 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
         return dataset_name
     if max_images < 1:
         raise ValueError(f"max_images={max_images} must be >= 1")
+    name = f"{dataset_name}__first{max_images}"
+    if name in DatasetCatalog.list():  # the same records, registered by an earlier call
+        return name
     subset = dicts[:max_images]
     meta = MetadataCatalog.get(dataset_name).as_dict()
     meta.pop("name", None)
     kind = meta.get("evaluator_type")
-    name = f"{dataset_name}__first{max_images}"
     workdir = Path(workdir) / name
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "coco":
@@ -349,7 +341,8 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
     else:
         raise NotImplementedError(f"Cannot take a subset of {dataset_name!r} (evaluator_type={kind!r}); "
                                   "supported: coco, pascal_voc")
-    _reregister(name, lambda: subset, meta)
+    DatasetCatalog.register(name, lambda: subset)
+    MetadataCatalog.get(name).set(**meta)
     return name
 
 

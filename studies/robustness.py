@@ -672,13 +672,10 @@ def main(argv=None):
         "figures": []
     }
     if "advs_patch" in args.perturbations:
-        report["advs_patch"] = dict(dataset=args.patch_dataset, images=args.patch_images, steps=args.patch_steps,
-                                    lr=args.patch_lr, batch_size=args.patch_batch, size=args.patch_size,
-                                    seed=args.patch_seed)
+        report["advs_patch"] = {k[6:]: v for k, v in vars(args).items() if k.startswith("patch_")}
     if "deepfool" in args.perturbations:
         report["deepfool"] = dict(
-            images=args.deepfool_images, max_iter=args.deepfool_max_iter, overshoot=args.deepfool_overshoot,
-            score_thresh=args.deepfool_score_thresh, scale=args.deepfool_scale,
+            {k[9:]: v for k, v in vars(args).items() if k.startswith("deepfool_")},
             definition="rho = mean over images attacked successfully of ||r||_2 / ||x||_2 "
                        "(x: test-resized input, pixel units); binary DeepFool on "
                        "max over matched anchors of score logit - logit(threshold)")
