@@ -72,6 +72,73 @@ def run_logged(cmd: Sequence[str], log_path, env=None, echo: bool = False) -> in
                 proc.wait()
 
 
+BBOX_METRICS = ("AP", "AP50", "AP75")
+#: Messages of a run stopped by NaN/Inf: Detectron2's (with the iteration), the ranking losses'.
+DIVERGED_PATTERNS = (re.compile(r"Loss became infinite or NaN at iteration=(\d+)"), re.compile(r"NonFiniteLogitsError"))
+
+
+def parse_divergence(log: str, last_logged: Optional[int] = None) -> Optional[int]:
+    """The iteration at which a run stopped on NaN/Inf, from its output (else the one after the
+    ``last_logged`` iteration of its metrics.json); None if it did not."""
+    for pattern in DIVERGED_PATTERNS:
+        m = pattern.search(log)
+        if m:
+            return int(m.group(1)) if m.groups() else (-1 if last_logged is None else last_logged) + 1
+    return None
+
+
+def run_status(returncode: int, log: str, metrics: dict, last_logged: Optional[int] = None) -> dict:
+    """``ok`` with finite AP / AP50 / AP75, ``diverged`` with the iteration, ``failed`` with a
+    ``reason`` (no detections: kept) or the ``log_tail`` (retried on the next call)."""
+    diverged_at = parse_divergence(log, last_logged) if returncode != 0 else None
+    if diverged_at is not None:
+        return {"status": "diverged", "diverged_at": diverged_at}
+    if returncode != 0:
+        return {"status": "failed", "log_tail": "\n".join(log.splitlines()[-15:])}
+    bad = not_finite(metrics, BBOX_METRICS)
+    if bad:
+        return {"status": "failed", "reason": f"no detections: {', '.join(bad)} "
+                                              f"{'is' if len(bad) == 1 else 'are'} NaN or missing"}
+    return {"status": "ok", **{m: metrics[m] for m in BBOX_METRICS}}
+
+
+def sweep_run(study: str, out: Path, config, opts: Sequence[str], settings: dict, *, imports: Sequence[str] = (),
+              num_gpus: int = 1, train_net=None, env=None) -> dict:
+    """Train (or resume, or skip when finished) one run of a study's set into ``out`` with
+    train_net.py, which evaluates it at the end; its record: ``settings``, ``status`` (:func:`run_status`),
+    AP / AP50 / AP75 and ``bbox`` (every metric of the first test set). Finished runs are
+    recorded in ``out/sweep_run.json``; a run failed for another reason than no detections is not."""
+    done = out / "sweep_run.json"
+    settings = to_jsonable(settings)
+    if done.is_file():
+        record = read_json(done)
+        if record.get("settings") != settings:
+            raise SystemExit(f"[{study}] {out} holds a run with other settings ({record.get('settings')}); "
+                             "use another --output-dir")
+        progress(study, f"{out.name}: finished earlier ({record['status']})")
+        return record
+    out.mkdir(parents=True, exist_ok=True)
+    last = out / "last_checkpoint"
+    progress(study, f"{out.name}: " + (f"resuming from {last.read_text().strip()}" if last.is_file() else "training"))
+    cmd, returncode = train_net_process(out, config, opts, log="sweep_log.txt", imports=imports,
+                                        num_gpus=num_gpus, train_net=train_net, env=env)
+    bbox = next(iter(last_bbox_metrics(out / "metrics.json", None).values()), {})
+    bbox.pop("iteration", None)
+    logged = list(metrics_by_iteration(out / "metrics.json")[0]) if (out / "metrics.json").is_file() else []
+    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode,
+              **run_status(returncode, (out / "sweep_log.txt").read_text(errors="replace"), bbox,
+                           logged[-1] if logged else None), "bbox": bbox}
+    if record["status"] == "failed" and "reason" not in record:
+        progress(study, f"{out.name}: FAILED (exit {returncode}); see {out / 'sweep_log.txt'}\n{record['log_tail']}")
+        return record  # not marked finished: retried next time
+    write_json(done, record)
+    status = record["status"]
+    progress(study, f"{out.name}: " + (f"ok, AP {record['AP']:.2f}" if status == "ok" else
+                                       f"diverged at iteration {record['diverged_at']}" if status == "diverged"
+                                       else f"FAILED, {record['reason']}"))
+    return record
+
+
 def import_modules(names: Sequence[str], error=SystemExit) -> None:
     """Import the modules ``names`` (``--import``); a clear ``error`` naming the one that fails."""
     import importlib
@@ -234,16 +301,6 @@ def unique_labels(labels: Iterable[str]) -> List[str]:
     return out
 
 
-def _reregister(name, loader, metadata):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
-
-
 def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str:
     """A registered dataset of the first ``max_images`` images of ``dataset_name``, its ground truth too."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -255,11 +312,13 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
         return dataset_name
     if max_images < 1:
         raise ValueError(f"max_images={max_images} must be >= 1")
+    name = f"{dataset_name}__first{max_images}"
+    if name in DatasetCatalog.list():  # the same records, registered by an earlier call
+        return name
     subset = dicts[:max_images]
     meta = MetadataCatalog.get(dataset_name).as_dict()
     meta.pop("name", None)
     kind = meta.get("evaluator_type")
-    name = f"{dataset_name}__first{max_images}"
     workdir = Path(workdir) / name
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "coco":
@@ -282,7 +341,8 @@ def dataset_subset(dataset_name: str, max_images: Optional[int], workdir) -> str
     else:
         raise NotImplementedError(f"Cannot take a subset of {dataset_name!r} (evaluator_type={kind!r}); "
                                   "supported: coco, pascal_voc")
-    _reregister(name, lambda: subset, meta)
+    DatasetCatalog.register(name, lambda: subset)
+    MetadataCatalog.get(name).set(**meta)
     return name
 
 

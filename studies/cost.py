@@ -1,11 +1,10 @@
 """Time and memory cost of the losses (the paper's Sec. 4.3: Fig. 10, Fig. 9 and Fig. 11).
 
 Details: docs/studies.md#studiescost."""
-import json
 import math
-import os
+import shutil
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 from .common import (
     cls_loss_label, markdown_table, metrics_by_iteration, progress, pyplot, save_figure,
@@ -66,38 +65,6 @@ def training_table(runs) -> str:
                            "min", "max"], rows)
 
 
-def benchmark_tables(bench: dict) -> Dict[str, dict]:
-    """``{"<device>, <A> anchors, <P> positives": {"images", "memory_mb": {loss: [...]},
-    "time_s": {loss: [...]}, "extrapolated": {loss: [...]}}}`` of a benchmark.json."""
-    groups: Dict[str, dict] = {}
-    losses = bench.get("losses") or []
-    for row in sorted(bench["results"], key=lambda r: (r["device"], r.get("anchors", 0), r["positives"], r["images"])):
-        anchors = f"{row['anchors']} anchors, " if "anchors" in row else ""
-        g = groups.setdefault(f"{row['device']}, {anchors}{row['positives']} positives", dict(
-            device=row["device"], positives=row["positives"], anchors=row.get("anchors"), images=[],
-            **{field: {n: [] for n in losses} for field in ("memory_mb", "time_s", "extrapolated")}))
-        g["images"].append(row["images"])
-        for n in losses:
-            e = row["losses"].get(n, {})
-            g["memory_mb"][n].append(e.get("extra_peak_mb"))
-            g["time_s"][n].append(e.get("time_s"))
-            g["extrapolated"][n].append(bool(e.get("extrapolated", False)))
-    return groups
-
-
-def benchmark_markdown(groups, losses, field, title, scale):
-    """One table per group: batch size x loss (``losses``: ``{name: label}``); * = extrapolated."""
-    parts = []
-    for key, g in groups.items():
-        def cell(n, i):
-            v, extrap = g[field][n][i], field == "time_s" and g["extrapolated"][n][i]
-            return ("-" if v is None else f"{v * scale:.2f}") + ("*" if extrap else "")
-
-        rows = [[g["images"][i]] + [cell(n, i) for n in losses] for i in range(len(g["images"]))]
-        parts += [f"**{title}, {key}**", "", markdown_table(["batch size"] + list(losses.values()), rows), ""]
-    return "\n".join(parts)
-
-
 def training_figure(runs):
     """Fig. 10 measured during training: loss and iteration time; non-trivial negative and
     positive anchor x class entries."""
@@ -124,33 +91,14 @@ def training_figure(runs):
     return fig
 
 
-def plot_benchmark(groups, losses, path):
-    fig, axes = subplots(2, len(groups), figsize=(5.5 * len(groups), 8), squeeze=False)
-    for j, (key, g) in enumerate(groups.items()):
-        for row, field, ylabel, scale in ((0, "memory_mb", "extra peak memory (MB)", 1.0),
-                                          (1, "time_s", "forward + backward time (ms)", 1e3)):
-            ax = axes[row][j]
-            for name in losses:
-                pts = [(x, y * scale) for x, y in zip(g["images"], g[field][name]) if y is not None]
-                extrap = row == 1 and any(g["extrapolated"][name])
-                if pts:
-                    ax.plot(*zip(*pts), "--o" if extrap else "-o", ms=3,
-                            label=losses[name] + (" (extrapolated)" if extrap else ""))
-            ax.set(xticks=g["images"], xlabel="batch size (images)", ylabel=ylabel)
-            ax.set_title(("Memory (Fig. 9)" if row == 0 else "Time (Fig. 11)") + f", synthetic logits: {key}",
-                         fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    save_figure(fig, path, dpi=110)
-
-
 def parse_args(argv=None):
     p = study_argument_parser(STUDY, __doc__.split("\n\n")[0], opts=False)
     p.add_argument("--run-dir", action="append", default=[], metavar="RUN_DIR[:LABEL]",
                    help="training output folder with metrics.json (repeatable)")
     p.add_argument("--metrics", action="append", default=[], metavar="FILE[:LABEL]",
                    help="a metrics.json file (repeatable)")
-    p.add_argument("--benchmark", default=None, help="benchmark.json of tools.benchmark")
+    p.add_argument("--benchmark", default=None, metavar="DIR",
+                   help="output folder of python -m tools.benchmark (its benchmark.txt and benchmark.png)")
     args = p.parse_args(argv)
     if not (args.run_dir or args.metrics or args.benchmark):
         p.error("give at least one of --run-dir, --metrics, --benchmark")
@@ -190,30 +138,19 @@ def main(argv=None):
             md += ["Mean loss time / mean iteration time: "
                    + ", ".join(f"{lab} {s:.3f}" for lab, s in shares), ""]
         md += ["![training cost](cost_training.png)", ""]
-    if args.benchmark:
-        progress(STUDY, f"reading {args.benchmark}")
-        bench = json.loads(Path(args.benchmark).read_text())
-        groups = benchmark_tables(bench)
-        labels = bench.get("labels") or {}
-        losses = {n: labels.get(n, n) for n in bench.get("losses") or []}
-        report["benchmark"] = {"path": os.path.abspath(args.benchmark),
-                               "config": bench.get("config"),
-                               "memory_method": bench.get("memory_method"),
-                               "losses": losses, "groups": groups}
-        plot_benchmark(groups, losses, out / "cost_benchmark.png")
+    if args.benchmark:  # the benchmark's own table and figure (Fig. 9 and 11)
+        bench = Path(args.benchmark)
+        missing = [f for f in ("benchmark.txt", "benchmark.png") if not (bench / f).is_file()]
+        if missing:
+            raise SystemExit(f"--benchmark {bench}: no {' or '.join(missing)}; give the --output-dir of "
+                             "python -m tools.benchmark")
+        shutil.copy(bench / "benchmark.png", out / "cost_benchmark.png")
+        report["benchmark"] = str(bench.resolve())
         report["figures"].append("cost_benchmark.png")
-        anchors_are = (bench.get("config") or {}).get("anchors_are") or {}
-        md += ["## Synthetic logits: memory cost of the losses (Fig. 9)", "",
-               "N(0, 1) logits with random positives (the early-training regime), not a training "
-               f"run; from `{args.benchmark}`. Anchors per image: "
-               + ("; ".join(f"{a} = {n}" for a, n in anchors_are.items()) or "see benchmark.json")
-               + ".", "",
-               "Extra peak memory of one forward + backward of the loss (MB).", "",
-               benchmark_markdown(groups, losses, "memory_mb", "Extra memory (MB)", 1.0),
-               "## Synthetic logits: time cost of the losses (Fig. 11)", "",
-               benchmark_markdown(groups, losses, "time_s", "Forward + backward time (ms)", 1e3),
-               "\\* extrapolated from a subset of the positives (see benchmark.json).", "",
-               "![loss benchmark](cost_benchmark.png)", ""]
+        md += ["## Synthetic logits: memory and time cost of the losses (Fig. 9 and 11)", "",
+               f"From `python -m tools.benchmark` in `{bench}`: N(0, 1) logits with random positives (the "
+               "early-training regime), not a training run.", "", "```", (bench / "benchmark.txt").read_text().rstrip(),
+               "```", "", "![loss benchmark](cost_benchmark.png)", ""]
     write_study_outputs(out, STUDY, report, md)
     return report
 

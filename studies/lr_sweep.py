@@ -4,7 +4,6 @@ Details: docs/studies.md#studieslr_sweep."""
 import json
 import math
 import os
-import re
 import queue
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,31 +11,19 @@ from pathlib import Path
 from typing import List, Optional
 
 from .common import (
-    check_loss_names, cls_loss_label, fmt_num, import_modules, last_bbox_metrics, markdown_table,
-    metrics_by_iteration, not_finite, number, progress, REPO, save_figure, study_argument_parser, subplots,
-    timestamp, train_net_process, write_json, write_study_outputs
+    BBOX_METRICS, check_loss_names, cls_loss_label, fmt_num, import_modules, markdown_table, not_finite, number,
+    progress, REPO, save_figure, study_argument_parser, subplots, sweep_run, timestamp, write_json,
+    write_study_outputs
 )
 
 STUDY = "lr_sweep"
 CONFIG_REL = "quick/retinanet_R_18_FPN_1000it_synth_ap.yaml"
 DEFAULT_CONFIG = "configs/" + CONFIG_REL  # relative to the repository (recorded as written)
-METRICS = ("AP", "AP50", "AP75")
-#: Messages of a run stopped by NaN/Inf: Detectron2's (with the iteration), the ranking losses'.
-DIVERGED_PATTERNS = (re.compile(r"Loss became infinite or NaN at iteration=(\d+)"), re.compile(r"NonFiniteLogitsError"))
+METRICS = BBOX_METRICS
 
 
 def run_name(loss: str, lr: float, seed: int) -> str:
     return f"{loss}_lr{lr:g}_seed{seed}"
-
-
-def parse_divergence(log: str, last_logged: Optional[int] = None) -> Optional[int]:
-    """The iteration at which a run stopped on NaN/Inf, from its output (else the one after the
-    ``last_logged`` iteration of its metrics.json); None if it did not."""
-    for pattern in DIVERGED_PATTERNS:
-        m = pattern.search(log)
-        if m:
-            return int(m.group(1)) if m.groups() else (-1 if last_logged is None else last_logged) + 1
-    return None
 
 
 def config_path(config: str) -> str:
@@ -50,58 +37,15 @@ def config_path(config: str) -> str:
 
 def run_one(args, loss: str, lr: float, seed: int, slot: int) -> dict:
     """Train (or resume, or skip) one run; returns its record."""
-    out = Path(args.output_dir) / run_name(loss, lr, seed)
-    done = out / "sweep_run.json"
-    settings = {"config": args.config_file, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
-    if done.is_file():
-        record = json.loads(done.read_text())
-        if record.get("settings") != settings:
-            raise SystemExit(f"[{STUDY}] {out} holds a run with other settings ({record.get('settings')}); "
-                             "use another --output-dir")
-        progress(STUDY, f"{out.name}: finished earlier ({record['status']})")
-        return record
-    out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.devices:
         env["CUDA_VISIBLE_DEVICES"] = str(args.devices[slot % len(args.devices)])
-    progress(STUDY, f"{out.name}: {'resuming' if (out / 'last_checkpoint').is_file() else 'training'}")
+    settings = {"config": args.config_file, "loss": loss, "lr": lr, "seed": seed, "opts": list(args.opts)}
     # DIAGNOSTICS: cls_loss/time in metrics.json, which the cost study plots (Fig. 10)
     opts = ["MODEL.CLS_LOSS.DIAGNOSTICS", "True", "MODEL.CLS_LOSS.NAME", loss, "SOLVER.BASE_LR", repr(float(lr)),
             "SEED", str(seed), *args.opts]
-    cmd, returncode = train_net_process(out, config_path(args.config_file), opts, log="sweep_log.txt",
-                                        imports=args.imports, num_gpus=args.num_gpus, env=env)
-    metrics = {m: v for per_dataset in last_bbox_metrics(out / "metrics.json", METRICS).values()
-               for m, v in per_dataset.items() if m in METRICS}
-    logged = list(metrics_by_iteration(out / "metrics.json")[0]) if (out / "metrics.json").is_file() else []
-    record = {"settings": settings, "run_dir": str(out), "command": cmd, "returncode": returncode,
-              **run_status(returncode, (out / "sweep_log.txt").read_text(errors="replace"), metrics,
-                           logged[-1] if logged else None)}
-    if record["status"] == "failed" and "reason" not in record:
-        progress(STUDY, f"{out.name}: FAILED (exit {returncode}); see {out / 'sweep_log.txt'}"
-                        f"\n{record['log_tail']}")
-        return record  # not marked finished: retried next time
-    write_json(done, record)
-    status = record["status"]
-    progress(STUDY, f"{out.name}: " + (f"ok, AP {record['AP']:.2f}" if status == "ok" else
-                                       f"diverged at iteration {record['diverged_at']}" if status == "diverged"
-                                       else f"FAILED, {record['reason']}"))
-    return record
-
-
-def run_status(returncode: int, log: str, metrics: dict, last_logged: Optional[int] = None) -> dict:
-    """``ok`` with finite AP / AP50 / AP75, ``diverged`` with the iteration, ``failed`` with a
-    ``reason`` (no detections: kept) or the ``log_tail`` (retried on the next call)."""
-    diverged_at = parse_divergence(log, last_logged) if returncode != 0 else None
-    if diverged_at is not None:
-        return {"status": "diverged", "diverged_at": diverged_at}
-    if returncode != 0:
-        return {"status": "failed", "log_tail": "\n".join(log.splitlines()[-15:])}
-    bad = not_finite(metrics, METRICS)
-    if bad:
-        return {"status": "failed",
-                "reason": f"no detections: {', '.join(bad)} "
-                          f"{'is' if len(bad) == 1 else 'are'} NaN or missing"}
-    return {"status": "ok", **{m: metrics[m] for m in METRICS}}
+    return sweep_run(STUDY, Path(args.output_dir) / run_name(loss, lr, seed), config_path(args.config_file), opts,
+                     settings, imports=args.imports, num_gpus=args.num_gpus, env=env)
 
 
 def _stats(values: List[float]) -> dict:

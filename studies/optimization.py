@@ -6,7 +6,6 @@ import hashlib
 import logging
 import math
 import os
-import pickle
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -21,7 +20,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, get_event_storage
 from detectron2.utils.logger import setup_logger
 
-from ap_loss_d2.engine import Trainer, get_ap_loss_cfg, validate_cfg
+from ap_loss_d2.engine import SafeDetectionCheckpointer, Trainer, get_ap_loss_cfg, validate_cfg
 from ap_loss_d2.losses import ap_loss
 from ap_loss_d2.losses.ranking_sets import ranking_targets
 from ap_loss_d2.losses.registry import cls_loss_names
@@ -62,31 +61,20 @@ def file_fingerprint(path) -> dict:
     return dict(path=str(path.resolve()), size=path.stat().st_size, sha256=h.hexdigest())
 
 
-def _checkpoint_state(path):
-    """The ``model`` state dict of a ``.pth`` checkpoint, read with ``weights_only=True``."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"proposal weights {str(path)!r}: no such file; {PROPOSAL_WEIGHTS_HINT}")
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise ValueError(f"proposal weights {str(path)!r} cannot be read as a PyTorch checkpoint "
-                         f"({type(e).__name__}: {e}); {PROPOSAL_WEIGHTS_HINT}") from e
-    state = data.get("model", data) if isinstance(data, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"proposal weights {str(path)!r} hold no model state dict (expected a "
-                         f"Detectron2 checkpoint with a 'model' entry); {PROPOSAL_WEIGHTS_HINT}")
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def load_proposer(cfg, weights):
     """The frozen RetinaNet proposer of the "proposals" mode, ``weights`` loaded strictly."""
     if not weights:
         raise ValueError("OPTIMIZATION_STUDY.NEGATIVE_MODE 'proposals' needs proposal weights "
                          f"(OPTIMIZATION_STUDY.PROPOSAL_WEIGHTS / --proposal-weights): {PROPOSAL_WEIGHTS_HINT}")
-    state = _checkpoint_state(weights)
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"proposal weights {str(weights)!r}: no such file; {PROPOSAL_WEIGHTS_HINT}")
     proposer = RetinaNet(cfg)
+    try:  # weights only, named errors for an empty, foreign or NaN file
+        state = SafeDetectionCheckpointer(proposer).read(str(weights))["model"]
+    except ValueError as e:
+        raise ValueError(f"proposal weights: {e}; {PROPOSAL_WEIGHTS_HINT}") from e
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
     own = proposer.state_dict()
     missing = sorted(set(own) - set(state))
     shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -102,7 +90,7 @@ def load_proposer(cfg, weights):
             + (f" missing {len(missing)} tensors: {few(missing)};" if missing else "")
             + (f" {len(shapes)} of other shapes: {few(shapes)};" if shapes else "")
             + f" {PROPOSAL_WEIGHTS_HINT}")
-    proposer.load_state_dict({k: state[k] for k in own}, strict=True)
+    proposer.load_state_dict({k: torch.as_tensor(state[k]) for k in own}, strict=True)
     proposer.to(cfg.MODEL.DEVICE).eval().requires_grad_(False)
     return proposer
 

@@ -3,6 +3,7 @@
 Details: docs/studies.md#studiesreport."""
 import json
 import os
+import re
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import List
@@ -93,41 +94,15 @@ def details_table(rows, digits, rel) -> str:
                           body, align="lllrrrrll")
 
 
-def _figures(data, json_path: Path, rel):
-    return [f"![{fig}]({rel(json_path.parent / fig)})" for fig in data.get("figures", [])
-            if (json_path.parent / fig).is_file()]
-
-
-def _render_study(data, json_path: Path, digits, rel) -> List[str]:
-    kind = data.get("study")
-    src = f"Source: [`{rel(json_path)}`]({rel(json_path)})"
-    if kind == "robustness":
-        from .robustness import build_table
-
-        title = f"### Robustness (Table 3): {data.get('metric', 'AP50')} on `{data.get('dataset')}`"
-        title += f" (first {data['max_images']} images)" if data.get("max_images") else ""
-        return [title, "", build_table(data, digits=digits), "", src, "", *_figures(data, json_path, rel), ""]
-    if kind == "score_distribution":
-        from .score_distribution import build_table
-
-        return [f"### Score distribution (Fig. 7) on `{data.get('dataset')}` ({data.get('images')} images)", "",
-                "Mean score of the ground-truth class per IoU bin; anchors with score >= "
-                f"{data.get('high_score')} at IoU < {data.get('low_iou')}.", "",
-                build_table(data), "", src, "", *_figures(data, json_path, rel), ""]
-    if kind == "cost":
-        from . import cost
-
-        out = ["### Time and memory cost (Fig. 10, 9, 11)", ""]
-        if data.get("runs"):
-            out += [cost.training_table(data["runs"]), ""]
-        b = data.get("benchmark")
-        if b:
-            out += [cost.benchmark_markdown(b["groups"], b["losses"], "memory_mb", "Extra memory (MB)", 1.0),
-                    cost.benchmark_markdown(b["groups"], b["losses"], "time_s", "Forward + backward time (ms)", 1e3)]
-            if any(any(f) for g in b["groups"].values() for f in g["extrapolated"].values()):
-                out += ["\\* extrapolated from a subset of the positives.", ""]
-        return out + [src, "", *_figures(data, json_path, rel), ""]
-    return []
+def study_page(json_path: Path, rel) -> List[str]:
+    """The study's own page (``<study>.md`` beside its JSON), its headings one level down and its
+    pictures linked relative to the report."""
+    page = json_path.with_suffix(".md")
+    if not page.is_file():
+        return [f"`{rel(page)}` is missing: rerun the study to write it.", ""]
+    text = re.sub(r"^(#+) ", r"#\1 ", page.read_text(), flags=re.M)
+    text = re.sub(r"\]\(([^)/:]+\.png)\)", lambda m: f"]({rel(json_path.parent / m.group(1))})", text)
+    return [text.rstrip(), "", f"Source: [`{rel(json_path)}`]({rel(json_path)})", ""]
 
 
 def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results") -> str:
@@ -147,8 +122,8 @@ def render_report(rows, studies, output: Path, digits=1, title="AP-loss: results
         if not items:
             continue
         md += [headings.get(kind, f"## {kind}"), ""]
-        for path, data in items:
-            md += _render_study(data, path, digits, rel)
+        for path, _ in items:
+            md += study_page(path, rel)
     return "\n".join(md).rstrip() + "\n"
 
 

@@ -494,40 +494,9 @@ def image_seed(seed: int, image_id) -> int:
     return int(seed) + iid
 
 
-class PerturbTransform(T.Transform):
-    """A perturbation function on the image (its counts in ``stats``); coordinates unchanged."""
-
-    def __init__(self, fn, boxes, seed):
-        super().__init__()
-        self.fn, self.boxes, self.seed, self.stats = fn, boxes, seed, {}
-
-    def apply_image(self, img):
-        return self.fn(img, self.boxes, np.random.default_rng(self.seed), self.stats)
-
-    def apply_coords(self, coords):
-        return coords
-
-    def apply_segmentation(self, segmentation):
-        return segmentation
-
-    def inverse(self):
-        return T.NoOpTransform()
-
-
-class PerturbAugmentation(T.Augmentation):
-    """A :class:`PerturbTransform` of ``fn`` from the input's ``boxes`` and ``image_seed``."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def get_transform(self, image, boxes, image_seed):
-        boxes = np.zeros((0, 4)) if boxes is None else boxes
-        return PerturbTransform(self.fn, boxes, image_seed)
-
-
 class PerturbedDatasetMapper(BoxAwareDatasetMapper):
-    """Detectron2's test mapper perturbing each image first (``perturbation`` or ``fn``); docs/studies.md."""
+    """Detectron2's test mapper perturbing each decoded image first (``perturbation`` or ``fn``),
+    then its test-time augmentations; the counts in the output's ``"perturbation"``; docs/studies.md."""
 
     include_crowd = True
 
@@ -539,21 +508,15 @@ class PerturbedDatasetMapper(BoxAwareDatasetMapper):
             valid = ", ".join(list(PERTURBATIONS) + ["advs_patch (with fn)"])
             raise ValueError(f"Unknown perturbation {perturbation!r}; valid: {valid}")
         super().__init__(cfg, is_train=False)
-        self.perturbation, self.seed = perturbation, seed
-        # the decoded image perturbed first, then Detectron2's test-time augmentations
-        self.augmentations = T.AugmentationList([PerturbAugmentation(fn or PERTURBATIONS[perturbation]),
-                                                 self.augmentations])
+        self.perturbation, self.seed, self.fn = perturbation, seed, fn or PERTURBATIONS[perturbation]
 
     def aug_input(self, dataset_dict, image, sem_seg):
         aug_input = super().aug_input(dataset_dict, image, sem_seg)
-        aug_input.image_seed = image_seed(self.seed, dataset_dict["image_id"])
+        boxes = np.zeros((0, 4)) if aug_input.boxes is None else aug_input.boxes
+        stats = dataset_dict["perturbation"] = dict(name=self.perturbation, image_id=dataset_dict["image_id"])
+        rng = np.random.default_rng(image_seed(self.seed, dataset_dict["image_id"]))
+        aug_input.image = self.fn(image, boxes, rng, stats)
         return aug_input
-
-    def __call__(self, dataset_dict):
-        out, transforms = self.map_with_transforms(dataset_dict)
-        stats = next(t.stats for t in transforms.transforms if isinstance(t, PerturbTransform))
-        out["perturbation"] = dict(name=self.perturbation, image_id=dataset_dict["image_id"], **stats)
-        return out
 
 
 class PerturbationStats(DatasetEvaluator):
@@ -709,13 +672,10 @@ def main(argv=None):
         "figures": []
     }
     if "advs_patch" in args.perturbations:
-        report["advs_patch"] = dict(dataset=args.patch_dataset, images=args.patch_images, steps=args.patch_steps,
-                                    lr=args.patch_lr, batch_size=args.patch_batch, size=args.patch_size,
-                                    seed=args.patch_seed)
+        report["advs_patch"] = {k[6:]: v for k, v in vars(args).items() if k.startswith("patch_")}
     if "deepfool" in args.perturbations:
         report["deepfool"] = dict(
-            images=args.deepfool_images, max_iter=args.deepfool_max_iter, overshoot=args.deepfool_overshoot,
-            score_thresh=args.deepfool_score_thresh, scale=args.deepfool_scale,
+            {k[9:]: v for k, v in vars(args).items() if k.startswith("deepfool_")},
             definition="rho = mean over images attacked successfully of ||r||_2 / ||x||_2 "
                        "(x: test-resized input, pixel units); binary DeepFool on "
                        "max over matched anchors of score logit - logit(threshold)")

@@ -2,21 +2,16 @@
 AP-loss) trained for several numbers of sampled RoIs per image.
 
 Details: docs/studies.md#studiesroi_sampling."""
-import contextlib
-import logging
-import sys
-import time
 from pathlib import Path
 
 from .common import (
-    bbox_results, build_model_for_run, check_run_settings, cls_loss_label, default_config, fmt_num, load_cfg,
-    markdown_table, metrics_by_iteration, number, read_json, save_figure, scaled_schedule, study_argument_parser,
-    subplots, to_jsonable, train_net_process, write_json
+    BBOX_METRICS, cls_loss_label, default_config, fmt_num, load_cfg, markdown_table, metrics_by_iteration, number,
+    progress, save_figure, scaled_schedule, study_argument_parser, subplots, sweep_run, write_json
 )
 
 CONFIG_REL = "FasterRCNN/faster_rcnn_R_18_FPN_600it_synth_ce.yaml"
 POSITIVE_FRACTION = 1.0
-METRICS = ("AP", "AP50", "AP75")
+METRICS = BBOX_METRICS
 REPORT = "roi_sampling_study"
 
 
@@ -34,7 +29,6 @@ def build_parser():
         help="SOLVER.MAX_ITER of each run, SOLVER.STEPS scaled to match (default: the config's)")
     add("--train-net", default=None,
         help="another training script taking Detectron2's default_argument_parser arguments")
-    add("--verbose", action="store_true", help="also print the training and evaluation logs")
     return parser
 
 
@@ -47,14 +41,6 @@ def run_overrides(base_cfg, loss, size, iters):
         steps = scaled_schedule(base_cfg.SOLVER.STEPS, base_cfg.SOLVER.MAX_ITER, iters)
         opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", repr(steps)]
     return opts
-
-
-def evaluate(settings, run_dir):
-    """Evaluate ``run_dir/model_final.pth`` with the project's evaluator; returns its output."""
-    from ap_loss_d2.engine import Trainer
-
-    cfg = load_cfg(settings["config"], [*settings["overrides"], "OUTPUT_DIR", str(run_dir)])
-    return Trainer.test(cfg, build_model_for_run(cfg, str(Path(run_dir) / "model_final.pth")))
 
 
 def mean_sampled_rois(run_dir):
@@ -106,81 +92,30 @@ def write_report(output_dir, records, meta):
     save_figure(fig, output_dir / f"{REPORT}.png")
 
 
-def _log_detectron2(path, verbose):
-    """Send Detectron2's logs of the evaluations to ``path`` (and to the console if verbose)."""
-    d2 = logging.getLogger("detectron2")
-    d2.setLevel(logging.INFO)
-    path = str(Path(path).resolve())
-    if not any(getattr(h, "baseFilename", None) == path for h in d2.handlers):
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s"))
-        d2.addHandler(handler)
-    if verbose and not any(type(h) is logging.StreamHandler for h in d2.handlers):
-        d2.addHandler(logging.StreamHandler(sys.stdout))
-
-
-def _say(msg):
-    print(f"[roi_sampling_study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     opts = list(args.opts)
     sizes, losses = sorted(set(args.sizes)), list(dict.fromkeys(args.losses))
     config = str(Path(args.config_file or default_config(CONFIG_REL)).resolve())
     output_dir = Path(args.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _log_detectron2(output_dir / "eval_log.txt", args.verbose)
     base = load_cfg(config, opts)
     meta = {"config": config, "iters": args.iters if args.iters is not None else base.SOLVER.MAX_ITER,
             "sizes": sizes, "losses": losses, "positive_fraction": POSITIVE_FRACTION, "overrides": opts,
             "test_datasets": list(base.DATASETS.TEST)}
     if not meta["test_datasets"]:
         raise SystemExit("the config has no DATASETS.TEST to evaluate on")
+    output_dir.mkdir(parents=True, exist_ok=True)
     runs = [(loss, size) for size in sizes for loss in losses]
-    records, start = [], time.perf_counter()
+    records = []
     for i, (loss, size) in enumerate(runs, 1):
-        tag, run_dir = f"[{i}/{len(runs)}] {loss} rois={size}", output_dir / f"{loss}_rois{size}"
-        run_dir.mkdir(exist_ok=True)
-        settings = {"config": config, "overrides": run_overrides(base, loss, size, args.iters) + opts}
-        check_run_settings(run_dir, settings)
-        eval_file = run_dir / "study_eval.json"
-        if eval_file.exists():
-            records.append(read_json(eval_file))
-            _say(f"{tag}: done before, AP={fmt_num(records[-1]['AP'], 2)}")
-            continue
-        final = run_dir / "model_final.pth"
-        if not final.exists():
-            last = run_dir / "last_checkpoint"
-            _say(f"{tag}: training" + (f" (resuming from {last.read_text().strip()})" if last.exists() else "")
-                 + f", log: {run_dir / 'log.txt'}")
-            t0 = time.perf_counter()
-            _, code = train_net_process(  # evaluated once, below
-                run_dir, config, [*settings["overrides"], "DATASETS.TEST", "()"], log="train_stdout.log",
-                num_gpus=args.num_gpus, train_net=args.train_net, echo=args.verbose)
-            log = run_dir / "train_stdout.log"
-            if code != 0:
-                raise RuntimeError(f"training failed (exit code {code}); last lines of {log}:\n"
-                                   + "\n".join(log.read_text().splitlines()[-30:]))
-            if not final.exists():
-                raise RuntimeError(f"training ended without writing {final}; see {log}")
-            _say(f"{tag}: trained in {time.perf_counter() - t0:.0f}s")
-        _say(f"{tag}: evaluating on {', '.join(meta['test_datasets'])}")
-        # pycocotools prints its tables: kept in the evaluation log unless --verbose
-        with open(output_dir / "eval_log.txt", "a") as f, contextlib.redirect_stdout(sys.stdout if args.verbose else f):
-            results = evaluate(settings, run_dir)
-        bbox = bbox_results(results)
-        record = to_jsonable({"loss": loss, "batch_size_per_image": size, **{k: float(bbox[k]) for k in METRICS},
-                              "mean_sampled_rois_per_image": mean_sampled_rois(run_dir),
-                              "output_dir": str(run_dir), "results": results})
-        write_json(eval_file, record)
-        records.append(record)
+        overrides = run_overrides(base, loss, size, args.iters) + opts
+        progress(REPORT, f"[{i}/{len(runs)}] {loss} rois={size}")
+        r = sweep_run(REPORT, output_dir / f"{loss}_rois{size}", config, overrides,
+                      {"config": config, "overrides": overrides}, num_gpus=args.num_gpus, train_net=args.train_net)
+        records.append({**r, "loss": loss, "batch_size_per_image": size, **{m: r.get(m) for m in METRICS},
+                        "mean_sampled_rois_per_image": mean_sampled_rois(r["run_dir"])})
         write_report(output_dir, records, meta)
-        _say(f"{tag}: " + " ".join(f"{m}={fmt_num(record[m], 2)}" for m in METRICS)
-             + f" ({time.perf_counter() - start:.0f}s elapsed)")
-    write_report(output_dir, records, meta)
-    _say(f"table: {output_dir / (REPORT + '.md')}")
-    _say(f"plot:  {output_dir / (REPORT + '.png')}")
+    progress(REPORT, f"table: {output_dir / (REPORT + '.md')}, plot: {output_dir / (REPORT + '.png')}")
     print(table14(records, sizes, losses), flush=True)
     return records
 

@@ -22,36 +22,26 @@ BIN_EDGES = np.linspace(0.0, 1.0, 11)
 PAIR_KEYS = ("iou", "score", "max_score", "match_label", "weight", "image_index")
 
 
-def score_mode_of(cfg) -> str:
-    """"softmax" for ``ce_ohem`` models (zero background logit), else "sigmoid"."""
-    return "softmax" if cfg.MODEL.CLS_LOSS.NAME == "ce_ohem" else "sigmoid"
-
-
 @torch.no_grad()
-def image_scores(model, inputs, score_mode: str):
-    """``(anchors Boxes (R, 4), probs (R, K))`` of one mapped input dict."""
+def image_scores(model, inputs):
+    """``(anchors Boxes (R, 4), scores (R, K))`` of one mapped input dict: the scores the model
+    detects with (its loss's ``scores``: sigmoids, or ``ce_ohem``'s softmax)."""
     images = model.preprocess_image([inputs])
     feats = model.backbone(images.tensor)
     feats = [feats[f] for f in model.head_in_features]
     anchors = Boxes.cat(model.anchor_generator(feats))
     logits, _ = model.head(feats)
     logits = torch.cat([permute_to_N_HWA_K(x, model.num_classes) for x in logits], dim=1)[0].float()
-    if score_mode == "softmax":
-        z = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
-        probs = torch.softmax(z, dim=1)[:, 1:]
-    else:
-        probs = torch.sigmoid(logits)
-    return anchors, probs
+    return anchors, model.cls_loss.scores(logits)
 
 
-def collect_pairs(model, cfg, dicts, zero_iou_samples=200, seed=0, score_mode="sigmoid",
-                  high_score=0.5, log_every=10):
+def collect_pairs(model, cfg, dicts, zero_iou_samples=200, seed=0, high_score=0.5, log_every=10):
     """``(pairs, totals)`` of ``model`` on ``dicts`` (docs/studies.md): equal-length arrays of
     :data:`PAIR_KEYS`, and exact counts over all anchors."""
-    for attr in ("anchor_generator", "head", "head_in_features", "anchor_matcher", "preprocess_image", "backbone"):
+    for attr in ("anchor_generator", "head", "head_in_features", "anchor_matcher", "cls_loss", "backbone"):
         if not hasattr(model, attr):
             raise TypeError(f"{type(model).__name__} has no {attr!r}: the score distribution supports "
-                            "RetinaNet-style dense detectors only")
+                            "ap_loss_d2's RetinaNet (APLossRetinaNet) only")
     mapper = DatasetMapper(cfg, is_train=True, augmentations=build_augmentation(cfg, False))
     device = next(model.parameters()).device
     acc = {k: [] for k in PAIR_KEYS}
@@ -64,7 +54,7 @@ def collect_pairs(model, cfg, dicts, zero_iou_samples=200, seed=0, score_mode="s
         if len(gt) == 0:
             totals["images_without_gt"] += 1
             continue
-        anchors, probs = image_scores(model, inputs, score_mode)
+        anchors, probs = image_scores(model, inputs)
         gt_classes = gt.gt_classes.to(device)
         iou = pairwise_iou(gt.gt_boxes.to(device), anchors)  # (G, R)
         matched, labels = model.anchor_matcher(iou)
@@ -189,8 +179,6 @@ def parse_args(argv=None):
     p.add_argument("--high-score", type=float, default=0.5, help="'high score' threshold")
     p.add_argument("--low-iou", type=float, default=0.4,
                    help="'low IoU' threshold (RetinaNet's background threshold)")
-    p.add_argument("--score", choices=["auto", "sigmoid", "softmax"], default="auto",
-                   help="auto: softmax with zero background logit for ce_ohem, else sigmoid")
     p.add_argument("--max-plot-points", type=int, default=50000)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -207,10 +195,9 @@ def main(argv=None):
               "seed": args.seed, "bin_edges": BIN_EDGES.tolist(), "runs": [], "figures": []}
     runs_data = []
     for k, (spec, (cfg, _), label) in enumerate(zip(specs, resolved, labels)):
-        mode = score_mode_of(cfg) if args.score == "auto" else args.score
-        progress(STUDY, f"({k + 1}/{len(specs)}) {label}: {len(dicts)} images of {dataset}, {mode} scores")
+        progress(STUDY, f"({k + 1}/{len(specs)}) {label}: {len(dicts)} images of {dataset}")
         model = build_model_for_run(cfg, spec.weights)
-        pairs, totals = collect_pairs(model, cfg, dicts, args.zero_iou_samples, args.seed, mode, args.high_score)
+        pairs, totals = collect_pairs(model, cfg, dicts, args.zero_iou_samples, args.seed, args.high_score)
         summary = summarize(pairs, totals, args.high_score, args.low_iou)
         slug = _slug(label)
         np.savez_compressed(out / f"score_{slug}.npz", **pairs)
@@ -218,7 +205,7 @@ def main(argv=None):
         report["figures"].append(f"score_{slug}.png")
         report["runs"].append({
             "label": label, "config": spec.config, "weights": spec.weights or cfg.MODEL.WEIGHTS,
-            "cls_loss": cfg.MODEL.CLS_LOSS.NAME, "score_mode": mode, "pairs": f"score_{slug}.npz",
+            "cls_loss": cfg.MODEL.CLS_LOSS.NAME, "pairs": f"score_{slug}.npz",
             "figure": f"score_{slug}.png", "totals": totals, "summary": summary,
         })
         runs_data.append((label, pairs, summary))

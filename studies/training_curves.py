@@ -149,19 +149,16 @@ def main(argv=None):
             write_json(cache_path, {"study": STUDY, "runs": partial, "complete": False})
         report_runs.append({"label": label, "run_dir": str(run_dir), "points": points})
 
-    groups = group_points(report_runs) if args.group else None
+    groups = group_points(report_runs)  # without --group the labels are unique: one run per group
     fig, axes = subplots(1, 2, figsize=(10, 4))
     for metric, ax in zip(("AP", "AP50"), axes):
-        if groups is None:
-            for run in report_runs:
-                pts = [(q["iteration"], q[metric]) for q in run["points"] if q.get(metric) is not None]
-                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=run["label"])
-        else:
-            for group in groups:
-                pts = [q for q in group["points"] if q.get(metric) is not None]
-                its = [q["iteration"] for q in pts]
-                line, = ax.plot(its, [q[metric] for q in pts], marker="o",
-                                label=f"{group['label']} (mean of {group['num_runs']})")
+        for group in groups:
+            pts = [q for q in group["points"] if q.get(metric) is not None]
+            its = [q["iteration"] for q in pts]
+            n = group["num_runs"]
+            line, = ax.plot(its, [q[metric] for q in pts], marker="o",
+                            label=group["label"] + (f" (mean of {n})" if n > 1 else ""))
+            if n > 1:
                 ax.fill_between(its, [q[metric + "_min"] for q in pts], [q[metric + "_max"] for q in pts],
                                 color=line.get_color(), alpha=0.2)
         ax.set(xlabel="iteration", ylabel=f"{metric} (%)", title=f"{metric} vs. training iteration")
@@ -170,18 +167,16 @@ def main(argv=None):
     png = out / f"{STUDY}.png"
     save_figure(fig, png, dpi=100)
 
-    if groups is None:
-        rows = [[run["label"], q["iteration"]]
-                + (["no detections"] * len(METRICS) if q.get("note") else [fmt_num(q.get(m)) for m in METRICS])
-                for run in report_runs for q in run["points"]]
-        table = markdown_table(["run", "iteration"] + list(METRICS), rows)
-    else:
-        rows = [[g["label"], g["num_runs"], q["iteration"]]
-                + ["no detections" if q.get(m) is None else f"{fmt_num(q[m])} [{fmt_num(q[m + '_min'])}, "
-                   f"{fmt_num(q[m + '_max'])}]" for m in METRICS] for g in groups for q in g["points"]]
-        table = markdown_table(["runs", "n", "iteration"] + [f"{m} mean [min, max]" for m in METRICS], rows)
+    def cell(q, m, n):
+        if q.get(m) is None:
+            return "no detections"
+        return fmt_num(q[m]) + (f" [{fmt_num(q[m + '_min'])}, {fmt_num(q[m + '_max'])}]" if n > 1 else "")
+
+    rows = [[g["label"], g["num_runs"], q["iteration"]] + [cell(q, m, g["num_runs"]) for m in METRICS]
+            for g in groups for q in g["points"]]
+    table = markdown_table(["runs", "n", "iteration"] + [f"{m} mean [min, max]" for m in METRICS], rows)
     report = {"study": STUDY, "created": timestamp(), "runs": report_runs, "complete": True, "figures": [png.name],
-              **({} if groups is None else {"groups": groups})}
+              "groups": groups}
     md = ["# Fig. 6: AP against training iteration", "", table, "", f"![training curves]({png.name})"]
     write_study_outputs(out, STUDY, report, md, table)
     return report

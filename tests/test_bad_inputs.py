@@ -479,7 +479,7 @@ ROWS = [
     ("study-overrides-after-double-dash", study_args("lr_sweep", "--seeds", "0", "1", "--", "SOLVER.MAX_ITER", "10"), r"^\['SOLVER\.MAX_ITER', '10'\]$"),
     ("training-curves-default-output-dir", study_args("training_curves", "--run", "x", field="output_dir"), r"^'output/training_curves'$"),
     ("visualize-default-output-dir", study_args("visualize", "--run", "x", field="output_dir"), r"^'output/visualize'$"),
-    ("lr-sweep-no-detections-is-failed", lambda tmp: repr(_study("lr_sweep").run_status(0, "", {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")})), r"'status': 'failed', 'reason': 'no detections: AP, AP50, AP75 are NaN or missing'"),
+    ("lr-sweep-no-detections-is-failed", lambda tmp: repr(_study("common").run_status(0, "", {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")})), r"'status': 'failed', 'reason': 'no detections: AP, AP50, AP75 are NaN or missing'"),
     ("report-no-detections-is-failed", report_status_of_nan_ap, r"^failed: no detections \(AP, AP50, AP75 NaN or missing\)$"),
     ("cost-plot-entries-and-single-point", cost_figure_of_one_point, r"^anchor × class entries per batch; markers=\['o', 'o'\]$"),
     ("score-distribution-combined-legend", score_distribution_legends, r"^legends=\[True, True, True\]$"),

@@ -1,5 +1,5 @@
-"""Cost study (Fig. 10, 9, 11): tables from a hand-written metrics.json and a real
-``python -m tools.benchmark --quick`` benchmark.json."""
+"""Cost study (Fig. 10, 9, 11): tables from a hand-written metrics.json, and the page of a real
+``python -m tools.benchmark --quick`` run."""
 import json
 import subprocess
 import sys
@@ -79,71 +79,33 @@ def test_metrics_label_and_missing_keys(tmp_path):
 
 
 @pytest.mark.slow  # launches the benchmark in a process
-def test_benchmark_tables_equal_benchmark_json(tmp_path):
+def test_benchmark_table_and_figure_are_the_benchmarks_own(tmp_path):
     bench_dir = tmp_path / "bench"
     r = subprocess.run([sys.executable, "-m", "tools.benchmark", "--quick", "--device",
                         "cpu", "--output-dir", str(bench_dir)], cwd=str(REPO), capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    bench = json.loads((bench_dir / "benchmark.json").read_text())
     out = tmp_path / "cost"
-    report = cost.main(["--benchmark", str(bench_dir / "benchmark.json"), "--output-dir", str(out)])
-    saved = json.loads((out / "cost.json").read_text())
-    groups = saved["benchmark"]["groups"]
-    losses = bench["losses"]
-    assert saved["benchmark"]["losses"] == {n: bench["labels"][n] for n in losses}  # the benchmark's labels
+    report = cost.main(["--benchmark", str(bench_dir), "--output-dir", str(out)])
     md = (out / "cost.md").read_text()
-    n_rows = 0
-    for row in bench["results"]:
-        g = groups[f"{row['device']}, {row['anchors']} anchors, {row['positives']} positives"]
-        i = g["images"].index(row["images"])
-        mem_cells, time_cells = [], []
-        for name in losses:
-            e = row["losses"][name]
-            assert g["memory_mb"][name][i] == e.get("extra_peak_mb")
-            assert g["time_s"][name][i] == e["time_s"]
-            mb = e.get("extra_peak_mb")
-            mem_cells.append("-" if mb is None else f"{mb:.2f}")
-            time_cells.append(f"{e['time_s'] * 1e3:.2f}" + ("*" if e.get("extrapolated") else ""))
-        assert f"| {row['images']} | " + " | ".join(mem_cells) + " |" in md
-        assert f"| {row['images']} | " + " | ".join(time_cells) + " |" in md
-        n_rows += 1
-    assert n_rows == len(bench["results"]) > 0
-    assert "| batch size | " + " | ".join(bench["labels"][n] for n in losses) + " |" in md
-    assert report["benchmark"]["groups"] == groups
-    assert "* extrapolated from a subset of the positives" in md
-    assert (out / "cost_benchmark.png").stat().st_size > 0
+    assert "```\n" + (bench_dir / "benchmark.txt").read_text().rstrip() + "\n```" in md
+    assert (out / "cost_benchmark.png").read_bytes() == (bench_dir / "benchmark.png").read_bytes()
+    assert report["benchmark"] == str(bench_dir.resolve()) and "cost_benchmark.png" in report["figures"]
+    assert "![loss benchmark](cost_benchmark.png)" in md
 
 
-def test_both_sources_labelled_paper_anchors_first(run_dir, tmp_path):
-    """With a training run and a benchmark, the report says which numbers come from training
-    and which from synthetic logits, and lists the paper's 32,736 anchors first."""
-    from tools.benchmark import ANCHOR_NAMES, parse_args
-
-    anchors = parse_args([]).anchors
-    rows = [dict(device="cpu", anchors=a, positives=500, images=1,
-                 losses={"ap_loss": {"time_s": 1e-3, "extra_peak_mb": 2.0}}) for a in anchors]
-    bench = {"losses": ["ap_loss"], "results": rows,
-             "config": {"anchors_are": {str(a): ANCHOR_NAMES[a] for a in anchors}}}
-    f = tmp_path / "benchmark.json"
-    f.write_text(json.dumps(bench))
+def test_both_sources_labelled(run_dir, tmp_path):
+    """With a training run and a benchmark, the page says which numbers come from training
+    and which from synthetic logits; a folder without the benchmark's files is refused."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "benchmark.txt").write_text("device anchors ... (the benchmark's table)\n")
+    (bench / "benchmark.png").write_bytes(bytes.fromhex("89504e470d0a1a0a"))
     out = tmp_path / "cost"
-    report = cost.main(["--run-dir", str(run_dir), "--benchmark", str(f), "--output-dir", str(out)])
+    cost.main(["--run-dir", str(run_dir), "--benchmark", str(bench), "--output-dir", str(out)])
     md = (out / "cost.md").read_text()
-    assert md.index("## Measured during training") < md.index("## Synthetic logits: memory")
-    assert "## Synthetic logits: time cost of the losses (Fig. 11)" in md
-    assert "N(0, 1) logits" in md and "Anchors per image: 32736 = 6 anchors/location" in md
-    assert list(report["benchmark"]["groups"])[0].startswith("cpu, 32736 anchors")
-
-
-def test_benchmark_tables_keep_anchor_settings_apart():
-    """The benchmark measures two anchor counts (Detectron2's 9 and the paper's 6 per
-    location); rows of the same device, positives and batch size must not share a table."""
-    rows = [dict(device="cpu", anchors=a, positives=500, images=i,
-                 losses={"ap_loss": {"time_s": a * i * 1e-9}})
-            for a in (49104, 32736) for i in (1, 2)]
-    groups = cost.benchmark_tables({"losses": ["ap_loss"], "results": rows})
-    assert sorted(groups) == ["cpu, 32736 anchors, 500 positives", "cpu, 49104 anchors, 500 positives"]
-    for key, g in groups.items():
-        a = g["anchors"]
-        assert g["images"] == [1, 2] and g["time_s"]["ap_loss"] == [a * 1e-9, 2 * a * 1e-9]
+    assert md.index("## Measured during training") < md.index("## Synthetic logits: memory and time")
+    assert "N(0, 1) logits" in md and "(the benchmark's table)" in md
+    (bench / "benchmark.txt").unlink()
+    with pytest.raises(SystemExit, match="no benchmark.txt; give the --output-dir of python -m tools.benchmark"):
+        cost.main(["--benchmark", str(bench), "--output-dir", str(tmp_path / "cost2")])

@@ -337,7 +337,7 @@ def test_bad_input_is_refused_clearly(proposer_weights, tmp_path):
     with pytest.raises(ValueError, match="missing .* tensors: head"):
         study.load_proposer(_cfg(), str(tmp_path / "partial.pth"))
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read as a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="proposal weights: .*text.pth is not a PyTorch checkpoint.*make main"):
         study.load_proposer(_cfg(), str(tmp_path / "text.pth"))
     # nothing was trained or written by the refused studies
     assert not (tmp_path / "c" / "runs").exists() and not (tmp_path / "f" / "runs").exists()

@@ -118,11 +118,11 @@ def test_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             lr_sweep.parse_args(argv)
         assert msg in capsys.readouterr().err
-    assert lr_sweep.parse_divergence("x\nLoss became infinite or NaN at iteration=12!\n") == 12
-    assert lr_sweep.parse_divergence("all good") is None
+    assert common.parse_divergence("x\nLoss became infinite or NaN at iteration=12!\n") == 12
+    assert common.parse_divergence("all good") is None
     # the ranking losses refuse NaN logits before Detectron2's check: the iteration after the last logged
-    assert lr_sweep.parse_divergence("ranking.NonFiniteLogitsError: 3 of 3 logits are NaN or Inf", 4) == 5
-    assert lr_sweep.parse_divergence("ranking.NonFiniteLogitsError: 3 of 3 logits are NaN or Inf") == 0
+    assert common.parse_divergence("ranking.NonFiniteLogitsError: 3 of 3 logits are NaN or Inf", 4) == 5
+    assert common.parse_divergence("ranking.NonFiniteLogitsError: 3 of 3 logits are NaN or Inf") == 0
 
 
 @pytest.mark.slow

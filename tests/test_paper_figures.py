@@ -68,7 +68,7 @@ def test_training_curves(two_runs, tmp_path, monkeypatch):
     data = json.loads((out / "training_curves.json").read_text())
     assert data["complete"] and [r["label"] for r in data["runs"]] == ["AP", cls_loss_label("focal")]
     assert [[q["iteration"] for q in r["points"]] for r in data["runs"]] == [[2, 4], [2, 4]]
-    assert (out / "training_curves.png").stat().st_size > 0 and "| AP | 4 |" in (out / "training_curves.md").read_text()
+    assert (out / "training_curves.png").stat().st_size > 0 and "| AP | 1 | 4 |" in (out / "training_curves.md").read_text()
     subset = data["runs"][0]["points"][0]["dataset"]
     assert subset == "synth_shapes_val__first3"
     for run_dir, run in zip(two_runs, data["runs"]):

@@ -111,7 +111,7 @@ RUNS = {
     "studies.training_curves": "tests/test_paper_figures.py::test_training_curves",
     "studies.visualize": "tests/test_paper_figures.py::test_visualize",
     "studies.a2_example": "tests/test_a2_example.py::test_cli_writes_table_json_png",
-    "studies.cost": "tests/test_cost.py::test_both_sources_labelled_paper_anchors_first",
+    "studies.cost": "tests/test_cost.py::test_both_sources_labelled",
     "studies.roi_sampling": "tests/test_roi_study.py::test_report_files",
     "tools.benchmark": "tests/test_benchmark.py::test_benchmark_quick",
     "tools.env": "tests/test_readme.py::test_make_env_and_tools_env_run",

@@ -47,6 +47,11 @@ def _robustness_json(folder: Path):
         "figures": ["robustness.png"],
     }
     (folder / "robustness.json").write_text(json.dumps(data))
+    (folder / "robustness.md").write_text(
+        "## Robustness (Table 3): AP50 on `synth_shapes_voc_val`\n\n"
+        "| Training Loss | Original | Black Patch | Gaussian Noise |\n| :--- | ---: | ---: | ---: |\n"
+        "| AP-Loss | 82.3 | 65.2 | 68.8 |\n| Focal Loss | 80.9 | 60.9 | - |\n\n"
+        "![perturbation examples](robustness.png)\n")
 
 
 def _score_json(folder: Path):
@@ -97,13 +102,16 @@ def test_report_tables_contain_exactly_the_runs_numbers(tmp_path):
     assert f"| {L('auc')} | RetinaNet | b_val | 5 | 1.50 | 2.50 | 3.50 | ok |" in text
     assert f"| {L('ce_ohem')} | RetinaNet | voc_2007_test | - | - | - | - | no evaluation |" in text
 
-    # studies found in the run folder and in --studies, pictures linked relative to the report
-    assert "| AP-Loss | 82.30 | 65.20 | 68.80 |" in text
-    assert "| Focal Loss | 80.90 | 60.90 | - |" in text
-    assert "![robustness.png](../runs/voc_ap/robustness/robustness.png)" in text
-    assert "![score_distribution.png](../elsewhere/score/score_distribution.png)" in text
-    assert "| AP-Loss | 0.010 | 0.020 | 0.030 |" in text and "| 17 | 0.00125 |" in text
-    assert "![cost_training.png](../runs/voc_ap/cost/cost_training.png)" in text
+    # studies found in the run folder and in --studies: each one's own page, its headings one level
+    # down, its pictures linked relative to the report
+    page = (ap / "robustness" / "robustness.md").read_text()
+    assert "### Robustness (Table 3): AP50 on `synth_shapes_voc_val`" in text
+    assert page.split("\n\n")[1] in text  # the table as the study wrote it
+    assert "![perturbation examples](../runs/voc_ap/robustness/robustness.png)" in text
+    assert "Source: [`../runs/voc_ap/robustness/robustness.json`](../runs/voc_ap/robustness/robustness.json)" in text
+    assert "`../elsewhere/score/score_distribution.md` is missing: rerun the study" in text
+    assert "### Measured during training (Fig. 10)" in text  # cost.main's own page
+    assert "![training cost](../runs/voc_ap/cost/cost_training.png)" in text
     assert f"| {L('ap')} | cls_loss/time | 2 | 9-1999 | 0.2000 | 0.1000 | 0.1500 |" in text
     for link in ("../runs/voc_ap/robustness/robustness.png", "../runs/voc_ap/cost/cost_training.png"):
         assert (out.parent / link).is_file()

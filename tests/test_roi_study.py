@@ -1,9 +1,10 @@
 """python -m studies.roi_sampling end to end on a tiny setting (CPU, offline).
 
 Two RoI batch sizes x two losses, 3 iterations of ResNet-18-FPN on 64px images of the embedded
-synthetic dataset, evaluated on its first 6 validation images. The report's numbers are
-checked against an independent evaluation of each run's final model with the project's
-evaluator, then an interrupted run is resumed and finished runs are skipped.
+synthetic dataset, evaluated on its first 6 validation images (registered by a training script
+given as ``--train-net``). The report's numbers are checked against an independent evaluation
+of each run's final model with the project's evaluator, then an interrupted run is resumed and
+finished runs are skipped.
 """
 import json
 import math
@@ -52,16 +53,32 @@ def _load_tool():
 
 
 def _register_tiny_val():
-    """The first 6 images of synth_shapes_val (evaluation only, in this process: the training
-    subprocesses get ``DATASETS.TEST ()``)."""
+    """The first 6 images of synth_shapes_val, in this process (the independent evaluation)."""
     if TINY_VAL not in DatasetCatalog.list():
         DatasetCatalog.register(TINY_VAL, lambda: DatasetCatalog.get("synth_shapes_val")[:6])
         MetadataCatalog.get(TINY_VAL).set(thing_classes=list(CLASSES), evaluator_type="coco")
 
 
-def _argv(output_dir, iters=ITERS):
+@pytest.fixture(scope="module")
+def train_net(tmp_path_factory):
+    """A training script that registers the tiny val set, then runs the repository's train_net.py."""
+    path = tmp_path_factory.mktemp("train_net") / "train_net_tiny_val.py"
+    path.write_text(
+        "import runpy, sys\n"
+        "from detectron2.data import DatasetCatalog, MetadataCatalog\n"
+        "from ap_loss_d2.data import CLASSES, register_datasets\n"
+        "register_datasets()\n"
+        f"DatasetCatalog.register({TINY_VAL!r}, lambda: DatasetCatalog.get('synth_shapes_val')[:6])\n"
+        f"MetadataCatalog.get({TINY_VAL!r}).set(thing_classes=list(CLASSES), evaluator_type='coco')\n"
+        f"sys.argv[0] = {str(REPO / 'train_net.py')!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    return path
+
+
+def _argv(output_dir, train_net, iters=ITERS):
     # fmt: off
     return [
+        "--train-net", str(train_net),
         "--sizes", *map(str, SIZES),
         "--losses", *LOSSES,
         "--config-file", str(CONFIG),
@@ -94,10 +111,10 @@ def tool():
 
 
 @pytest.fixture(scope="module")
-def study(tool, tmp_path_factory, one_thread):
+def study(tool, tmp_path_factory, one_thread, train_net):
     _register_tiny_val()
     out = tmp_path_factory.mktemp("roi_study")
-    records = tool.main(_argv(out))
+    records = tool.main(_argv(out, train_net))
     return out, records
 
 
@@ -133,7 +150,7 @@ def test_report_files(study, capsys):
     assert len(report["runs"]) == len(SIZES) * len(LOSSES)
     table = (out / "roi_sampling_study.md").read_text()
     for r in report["runs"]:
-        run_dir = Path(r["output_dir"])
+        run_dir = Path(r["run_dir"])
         assert run_dir.parent == out and (run_dir / "model_final.pth").exists()
         # the study's settings reached the training run
         train_cfg = (run_dir / "config.yaml").read_text()
@@ -155,34 +172,34 @@ def test_reported_numbers_equal_the_evaluator(study, tmp_path, one_thread):
     out, _ = study
     report = json.loads((out / "roi_sampling_study.json").read_text())
     for r in report["runs"]:
-        run_dir = Path(r["output_dir"])
+        run_dir = Path(r["run_dir"])
         evaluated = _evaluate_independently(run_dir, r["loss"], tmp_path / run_dir.name)
         bbox = evaluated["bbox"]
         for m in METRICS:
             assert _same(r[m], bbox[m]), (r["loss"], r["batch_size_per_image"], m, r[m], bbox[m])
-        assert set(r["results"]["bbox"]) == set(bbox)
+        assert set(r["bbox"]) == set(bbox)
         for k, v in bbox.items():
-            assert _same(r["results"]["bbox"][k], v), k
+            assert _same(r["bbox"][k], v), k
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_and_resumes_interrupted(study, tool, capsys, one_thread):
+def test_rerun_skips_finished_and_resumes_interrupted(study, tool, train_net, capsys, one_thread):
     out, records = study
     finished = out / "ce_rois32"
     interrupted = out / "ap_rois64"
     # simulate an interruption of ap_rois64 after its checkpoint of iteration 2 (index 1)
     assert (interrupted / "model_0000001.pth").exists()
     (interrupted / "model_final.pth").unlink()
-    (interrupted / "study_eval.json").unlink()
+    (interrupted / "sweep_run.json").unlink()
     (interrupted / "last_checkpoint").write_text("model_0000001.pth")
     mtime = (finished / "model_final.pth").stat().st_mtime_ns
     capsys.readouterr()
 
-    again = tool.main(_argv(out))
+    again = tool.main(_argv(out, train_net))
 
-    printed = capsys.readouterr().out
-    assert "[1/4] ce rois=32: done before" in printed
-    assert "[4/4] ap rois=64: training (resuming from model_0000001.pth)" in printed
+    printed = capsys.readouterr().err
+    assert "[1/4] ce rois=32\n[roi_sampling_study] ce_rois32: finished earlier (ok)" in printed
+    assert "[4/4] ap rois=64\n[roi_sampling_study] ap_rois64: resuming from model_0000001.pth" in printed
     assert (finished / "model_final.pth").stat().st_mtime_ns == mtime  # not retrained
     log = (interrupted / "log.txt").read_text()
     assert "Starting training from iteration 2" in log
@@ -193,10 +210,10 @@ def test_rerun_skips_finished_and_resumes_interrupted(study, tool, capsys, one_t
 
 
 @pytest.mark.slow
-def test_rerun_with_other_settings_is_refused(study, tool):
+def test_rerun_with_other_settings_is_refused(study, tool, train_net):
     out, _ = study
     with pytest.raises(SystemExit, match="other settings"):
-        tool.main(_argv(out, iters=ITERS + 1))
+        tool.main(_argv(out, train_net, iters=ITERS + 1))
 
 
 def test_invalid_arguments(tool, tmp_path, capsys):

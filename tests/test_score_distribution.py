@@ -65,7 +65,7 @@ def test_json_bins_equal_recomputed_from_npz(tiny_ckpts, tmp_path, loss):
     assert saved == json.loads(json.dumps(report))  # what main returned is what it wrote
     run = saved["runs"][0]
     assert run["label"] == cls_loss_label(loss)
-    assert run["score_mode"] == ("softmax" if loss == "ce_ohem" else "sigmoid")
+    assert run["cls_loss"] == loss
     pairs = dict(np.load(out / run["pairs"]))
     totals = run["totals"]
     s = run["summary"]
@@ -111,14 +111,17 @@ def test_json_bins_equal_recomputed_from_npz(tiny_ckpts, tmp_path, loss):
         assert (out / fig).is_file()
 
 
-def test_softmax_scores_use_a_zero_background_logit(tiny_ckpts):
-    cfg = load_cfg(QUICK_CONFIG, OPTS)
-    model = build_model_for_run(cfg, tiny_ckpts["ap"])
+def test_scores_are_the_models_own(tiny_ckpts):
+    """The same weights: sigmoids under "ap", the softmax with a zero background logit under "ce_ohem"."""
     from detectron2.data import DatasetCatalog, DatasetMapper
 
-    inputs = DatasetMapper(cfg, is_train=False)(DatasetCatalog.get(f"{PREFIX}_val")[0])
-    _, p_sig = sd.image_scores(model, inputs, "sigmoid")
-    _, p_soft = sd.image_scores(model, inputs, "softmax")
+    scores = {}
+    for loss in ("ap", "ce_ohem"):
+        cfg = load_cfg(QUICK_CONFIG, OPTS + ["MODEL.CLS_LOSS.NAME", loss])
+        model = build_model_for_run(cfg, tiny_ckpts[loss])
+        inputs = DatasetMapper(cfg, is_train=False)(DatasetCatalog.get(f"{PREFIX}_val")[0])
+        scores[loss] = sd.image_scores(model, inputs)[1]
+    p_sig, p_soft = scores["ap"], scores["ce_ohem"]
     ok = ((p_sig > 1e-4) & (p_sig < 1 - 1e-4)).all(dim=1)  # sigmoid not saturated
     assert ok.sum() > 50
     p = p_sig[ok].double()

@@ -65,7 +65,7 @@ Host synchronisations (CUDA only): every loss's forward + backward is run once m
 (``null``; a CPU has no queue to stall).
 
 Outputs in ``--output-dir`` (default ``output/benchmark``): ``benchmark.json``, ``benchmark.txt``
-and ``benchmark.png`` (time vs batch size per loss), plus the table on stdout.
+and ``benchmark.png`` (time and extra peak memory vs batch size per loss: Fig. 11 and 9), plus the table on stdout.
 ``--device cuda`` needs a GPU (a clear message and exit status 2 otherwise).
 """
 import argparse
@@ -623,30 +623,34 @@ def plot(report, path):
 
     groups = sorted({(r["device"], r["anchors"], r["classes"], r["positives"])
                      for r in report["results"]})
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(6.5 * len(groups), 7.0), 4.8),
-                             squeeze=False)
-    for ax, (device, anchors, classes, positives) in zip(axes[0], groups):
+    fig, axes = plt.subplots(2, len(groups), figsize=(max(6.5 * len(groups), 7.0), 8.8), squeeze=False)
+    for col, (device, anchors, classes, positives) in enumerate(groups):
         rows = sorted((r for r in report["results"] if r["device"] == device
                        and r["anchors"] == anchors and r["classes"] == classes
                        and r["positives"] == positives), key=lambda r: r["images"])
-        for name in report["losses"]:
-            xs = [r["images"] for r in rows if name in r["losses"]]
-            ys = [r["losses"][name]["time_s"] for r in rows if name in r["losses"]]
-            extrap = any(r["losses"][name].get("extrapolated") for r in rows if name in r["losses"])
-            ax.plot(xs, ys, marker="o", linestyle="--" if extrap else "-",
-                    label=LABELS[name] + (" (extrapolated)" if extrap else ""))
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks([r["images"] for r in rows])
-        ax.set_xticklabels([str(r["images"]) for r in rows])
-        ax.set_xlabel("batch size (images)")
-        ax.set_ylabel("forward + backward time (s)")
-        ax.set_title(f"{device}, {anchors} anchors/img, {classes} classes, {positives} positives "
-                     "/ batch", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax, key, ylabel in ((axes[0][col], "time_s", "forward + backward time (s) (Fig. 11)"),
+                                (axes[1][col], "extra_peak_mb", "extra peak memory (MB) (Fig. 9)")):
+            for name in report["losses"]:
+                pts = [(r["images"], r["losses"][name].get(key)) for r in rows if name in r["losses"]]
+                pts = [(x, y) for x, y in pts if y is not None]
+                extrap = key == "time_s" and any(r["losses"][name].get("extrapolated") for r in rows
+                                                 if name in r["losses"])
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", linestyle="--" if extrap else "-",
+                            label=LABELS[name] + (" (extrapolated)" if extrap else ""))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks([r["images"] for r in rows])
+            ax.set_xticklabels([str(r["images"]) for r in rows])
+            ax.set_xlabel("batch size (images)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{device}, {anchors} anchors/img, {classes} classes, {positives} positives "
+                         "/ batch", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_lines():
+                ax.legend(fontsize=8)
     cfg = report["config"]
-    fig.suptitle(f"Time cost of classification losses, forward + backward\n"
+    fig.suptitle(f"Time and memory cost of classification losses, forward + backward\n"
                  f"({cfg['torch_threads']} thread(s), load average {cfg['loadavg_start'][0]} at "
                  "start; anchors per image: "
                  + "; ".join(f"{a} = {n}" for a, n in cfg.get("anchors_are", {}).items())
