@@ -1,4 +1,5 @@
 """The message that a bad-input row checks (``tests/test_bad_inputs*.py``): ``(id, call, pattern)``."""
+import contextlib
 import logging
 
 
@@ -21,15 +22,22 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def captured_warnings(fn, *loggers):
-    """Run fn(); return its warnings (from ``loggers``) joined, then ``result=<fn's result>``."""
+@contextlib.contextmanager
+def warning_lines(*loggers):
+    """The list of warnings ``loggers`` (default: fvcore, ap_loss_d2, detectron2) log inside."""
     handler = _Capture()
     loggers = [logging.getLogger(n) for n in loggers or ("fvcore", "ap_loss_d2", "detectron2")]
     for lg in loggers:
         lg.addHandler(handler)
     try:
-        result = fn()
+        yield handler.lines
     finally:
         for lg in loggers:
             lg.removeHandler(handler)
-    return "\n".join(handler.lines) + f"\nresult={result}"
+
+
+def captured_warnings(fn, *loggers):
+    """Run fn(); return its warnings (from ``loggers``) joined, then ``result=<fn's result>``."""
+    with warning_lines(*loggers) as lines:
+        result = fn()
+    return "\n".join(lines) + f"\nresult={result}"

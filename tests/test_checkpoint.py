@@ -1,7 +1,6 @@
 """SafeDetectionCheckpointer: atomic saves, no code execution when loading weights, resume
 fallback by iteration, loading options; fine-tuning across class counts as Detectron2."""
 import errno
-import logging
 import os
 import pickle
 
@@ -13,6 +12,7 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ap_loss_d2.engine.checkpoint import SafeDetectionCheckpointer, UnsafeCheckpointError
+from tests.bad_input import warning_lines
 
 
 class _Evil:
@@ -222,15 +222,6 @@ def test_unknown_option_is_rejected(tmp_path, suffix):
         SafeDetectionCheckpointer(_model()).load(f"{path}?matching_heuristics=yes")
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @pytest.mark.slow  # builds two RetinaNets and trains one iteration
 def test_finetune_3_class_retinanet_into_5_classes(synth_dataset_dir, tmp_path, one_thread):
     """MODEL.WEIGHTS from a 3-class RetinaNet into a 5-class one: the classifier is skipped with
@@ -256,13 +247,9 @@ def test_finetune_3_class_retinanet_into_5_classes(synth_dataset_dir, tmp_path, 
     for name, load in (("ours", lambda: trainer.resume_or_load(resume=False)),
                        ("stock", lambda: Stock(stock_model).load(weights, checkpointables=[]))):
         stock_model = Trainer.build_model(five)
-        handler = _Records()
-        logging.getLogger("fvcore").addHandler(handler)
-        try:
+        with warning_lines("fvcore") as lines:
             load()
-        finally:
-            logging.getLogger("fvcore").removeHandler(handler)
-        logs[name] = handler.lines
+        logs[name] = lines
     skipped = [line for line in logs["ours"] if line.startswith("Skip loading parameter")]
     assert [line.split("'")[1] for line in skipped] == ["head.cls_score.weight", "head.cls_score.bias"]
     assert "(18, 16, 3, 3) in the checkpoint but (30, 16, 3, 3) in the model" in skipped[0]
